@@ -1,0 +1,36 @@
+"""Shared rich helpers for the CLI."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def console() -> Console:
+    return Console()
+
+
+def console_err() -> Console:
+    return Console(stderr=True)
+
+
+def table(title: str, columns: list[str], rows: list[list[object]]) -> Table:
+    out = Table(title=title, title_justify="left")
+    for col in columns:
+        out.add_column(col, justify="right" if col.lower() in {"p", "prob", "score", "layer", "index", "rank"} else "left")
+    for row in rows:
+        out.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    return out
+
+
+def add_model_argument(parser, required: bool = False) -> None:
+    from ..provision import DEFAULT_MODEL
+
+    parser.add_argument(
+        "--model",
+        "-m",
+        default=None if required else DEFAULT_MODEL,
+        required=required,
+        help=f"offline model name (see `kn-edit models`), local folder, .gguf file or hub id (default: {DEFAULT_MODEL})",
+    )
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")

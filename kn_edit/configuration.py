@@ -1,0 +1,37 @@
+"""Typed configuration: OmegaConf structured configs (dataclasses) merged with YAML files and dot-list
+overrides, so a typo or a wrong type is an error naming the key. Nothing here runs at import time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+def load_config(schema: type[T], files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> T:
+    """An instance of dataclass ``schema``: defaults, then each YAML file, then ``key=value`` overrides."""
+    try:
+        merged = OmegaConf.structured(schema)
+        for file in files:
+            path = Path(file)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value, got {bad}")
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid configuration: {str(exc).splitlines()[0]}") from exc
+
+
+def to_yaml(config: object) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

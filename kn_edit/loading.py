@@ -1,0 +1,80 @@
+"""``load`` and ``wrap``: the two ways to get a :class:`KnModel`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .adapters import ArchitectureAdapter
+from .device import resolve_device
+from .errors import KnEditError, UnknownModelError
+from .model import KnModel
+from .progress import Reporter, default_reporter
+from .provision import OFFLINE_MODELS, provision
+
+
+def _model_class(config):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    architectures = getattr(config, "architectures", None) or []
+    if getattr(config, "model_type", None) == "bert" or any(a.endswith("ForMaskedLM") for a in architectures):
+        return AutoModelForMaskedLM
+    return AutoModelForCausalLM
+
+
+def _from_pretrained(source: str, gguf_file: str | None = None):
+    from transformers import AutoConfig, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = _model_class(config).from_pretrained(source, dtype=torch.float32, **kwargs)
+    return model, tokenizer
+
+
+def load(
+    name_or_path: str,
+    device: str | torch.device = "auto",
+    adapter: ArchitectureAdapter | None = None,
+    reporter: Reporter | None = None,
+) -> KnModel:
+    """Load a model by offline name (``kn-edit models`` lists them), local folder, ``.gguf`` file or hub id."""
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise UnknownModelError("empty model name")
+    target = resolve_device(device)
+    path = Path(name_or_path).expanduser()
+    if name_or_path in OFFLINE_MODELS:
+        source = provision(name_or_path, reporter or default_reporter())
+        model, tokenizer = _from_pretrained(str(source))
+        name = name_or_path
+    elif path.is_dir():
+        source = path
+        if not (path / "config.json").is_file():
+            raise UnknownModelError(f"{path} is a folder but holds no config.json (not a saved model)")
+        model, tokenizer = _from_pretrained(str(path))
+        name = str(path)
+    elif path.is_file() and path.suffix == ".gguf":
+        source = path
+        model, tokenizer = _from_pretrained(str(path.parent), gguf_file=path.name)
+        name = str(path)
+    elif path.suffix == ".gguf" or name_or_path.startswith((".", "/", "~")):
+        raise UnknownModelError(f"no such model file or folder: {name_or_path}")
+    else:
+        source = None
+        name = name_or_path
+        try:
+            model, tokenizer = _from_pretrained(name_or_path)
+        except (OSError, ValueError) as exc:
+            raise UnknownModelError(
+                f"unknown model {name_or_path!r}: not an offline model ({', '.join(OFFLINE_MODELS)}), not a local "
+                f"folder, and the Hugging Face hub could not provide it ({type(exc).__name__})"
+            ) from exc
+    return KnModel(model.to(target), tokenizer, adapter=adapter, name=name, source=source)
+
+
+def wrap(model, tokenizer, adapter: ArchitectureAdapter | None = None, name: str | None = None) -> KnModel:
+    """A KnModel around an in-memory Hugging Face model and tokenizer."""
+    if model is None or tokenizer is None:
+        raise KnEditError("wrap() needs both a model and its tokenizer")
+    return KnModel(model, tokenizer, adapter=adapter, name=name)

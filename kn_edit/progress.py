@@ -1,0 +1,51 @@
+"""Progress reporting without tying the library to a terminal: library code reports to a ``Reporter``;
+the default one draws rich progress bars on stderr, ``NullReporter`` stays silent (tests, servers)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Protocol
+
+
+class Task(Protocol):
+    def advance(self, amount: float = 1.0) -> None: ...
+
+
+class Reporter(Protocol):
+    def task(self, description: str, total: float | None = None): ...
+
+
+class _NullTask:
+    def advance(self, amount: float = 1.0) -> None:
+        pass
+
+
+class NullReporter:
+    @contextmanager
+    def task(self, description: str, total: float | None = None) -> Iterator[_NullTask]:
+        yield _NullTask()
+
+
+class RichReporter:
+    """rich progress bars on stderr; one live display per task."""
+
+    @contextmanager
+    def task(self, description: str, total: float | None = None) -> Iterator[Task]:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn()]
+        with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
+            task_id = progress.add_task(description, total=total)
+
+            class _Task:
+                def advance(self, amount: float = 1.0) -> None:
+                    progress.advance(task_id, amount)
+
+            yield _Task()
+            if total is None:
+                progress.update(task_id, total=1, completed=1)
+
+
+def default_reporter(quiet: bool = False) -> Reporter:
+    return NullReporter() if quiet else RichReporter()
