@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -12,6 +15,19 @@ from .errors import KnEditError, UnknownModelError
 from .model import KnModel
 from .progress import Reporter, default_reporter
 from .provision import OFFLINE_MODELS, provision
+
+
+def _hub_unreachable_reason() -> str | None:
+    """Why the Hugging Face hub cannot be asked, or None. Checked first so an offline machine fails at once
+    instead of after the hub client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return f"{host} cannot be resolved (offline?)"
+    return None
 
 
 def _model_class(config):
@@ -63,6 +79,12 @@ def load(
     else:
         source = None
         name = name_or_path
+        offline = _hub_unreachable_reason()
+        if offline is not None:
+            raise UnknownModelError(
+                f"unknown model {name_or_path!r}: not an offline model ({', '.join(OFFLINE_MODELS)}) nor a local "
+                f"folder, and the Hugging Face hub is out of reach: {offline}"
+            )
         try:
             model, tokenizer = _from_pretrained(name_or_path)
         except (OSError, ValueError) as exc:

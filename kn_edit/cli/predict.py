@@ -1,15 +1,20 @@
-"""`kn-edit models` and `kn-edit predict`."""
+"""`kn-edit models`, `kn-edit fetch` and `kn-edit predict`."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..provision import DEFAULT_MODEL
 from .ui import add_model_argument, console, table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     models = sub.add_parser("models", help="list the offline models and whether they are cached")
     models.set_defaults(func=run_models)
+
+    fetch = sub.add_parser("fetch", help="provision an offline model into the cache now (idempotent)")
+    fetch.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"offline model name (default: {DEFAULT_MODEL})")
+    fetch.set_defaults(func=run_fetch)
 
     predict = sub.add_parser("predict", help="top-k predictions at a prompt's answer slot")
     add_model_argument(predict)
@@ -40,4 +45,13 @@ def run_predict(args: argparse.Namespace) -> int:
     preds = km.predict(args.prompt, top_k=args.top_k)
     rows = [[rank + 1, repr(p.token), p.token_id, p.prob] for rank, p in enumerate(preds)]
     console().print(table(f"{km.name}: {args.prompt!r}", ["rank", "token", "id", "prob"], rows))
+    return 0
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    from ..progress import RichReporter
+    from ..provision import provision
+
+    path = provision(args.name, RichReporter())
+    console().print(f"{args.name}: cached at {path}")
     return 0
