@@ -5,6 +5,20 @@ adapter helpers. Importing kn_edit reads no config, sets no seeds and configures
 """
 
 from .adapters import ADAPTERS, ArchitectureAdapter, adapter_from_paths, supported_model_types
+from .attribution import attribute, attribute_prompts, attribute_steps
+from .attribution_loop import DatasetResult, locate_dataset
+from .editing import (
+    Edit,
+    EditRequest,
+    Editor,
+    KnowledgeNeuronEditor,
+    KnowledgeNeuronEraser,
+    apply_patch,
+    erase_fact,
+    erase_relation,
+    remove_patch,
+    update_fact,
+)
 from .errors import (
     ConfigError,
     DataError,
@@ -17,12 +31,48 @@ from .errors import (
     UnsupportedArchitectureError,
 )
 from .loading import load, wrap
+from .locate import (
+    AdaptiveShare,
+    LocateConfig,
+    LocateResult,
+    adaptive_share,
+    locate,
+    locate_detailed,
+    relation_neurons,
+)
+from .manipulate import amplify, suppress
 from .model import KnModel, Prediction
+from .neurons import Neuron
+from .probe import ProbeResult, probe
 from .provision import DEFAULT_MODEL, OFFLINE_MODELS
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Edit",
+    "EditRequest",
+    "Editor",
+    "KnowledgeNeuronEditor",
+    "KnowledgeNeuronEraser",
+    "apply_patch",
+    "erase_fact",
+    "erase_relation",
+    "remove_patch",
+    "update_fact",
+    "AdaptiveShare",
+    "LocateConfig",
+    "LocateResult",
+    "Neuron",
+    "ProbeResult",
+    "adaptive_share",
+    "amplify",
+    "locate",
+    "locate_detailed",
+    "locate_dataset",
+    "relation_neurons",
+    "DatasetResult",
+    "probe",
+    "suppress",
     "ADAPTERS",
     "ArchitectureAdapter",
     "ConfigError",
@@ -39,6 +89,9 @@ __all__ = [
     "UnknownModelError",
     "UnsupportedArchitectureError",
     "adapter_from_paths",
+    "attribute",
+    "attribute_prompts",
+    "attribute_steps",
     "load",
     "supported_model_types",
     "wrap",

@@ -200,6 +200,12 @@ class KnModel:
             self.model(input_ids=ids, attention_mask=mask)
         return torch.stack([captured[l] for l in layers], dim=1)
 
+    def save(self, path: str | Path) -> Path:
+        """Write this model (with its active edits) to the new folder ``path``; see kn_edit.saving."""
+        from .saving import save_model
+
+        return save_model(self, path)
+
     def __repr__(self) -> str:
         return (
             f"KnModel({self.name!r}, family={self.adapter.family}, n_layers={self.n_layers}, "

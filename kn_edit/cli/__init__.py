@@ -12,6 +12,9 @@ from typing import Sequence
 # Command modules, in the order `kn-edit --help` lists them.
 COMMAND_MODULES = (
     "kn_edit.cli.predict",
+    "kn_edit.cli.locate",
+    "kn_edit.cli.edit",
+    "kn_edit.cli.evaluate",
 )
 
 

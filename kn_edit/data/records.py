@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -23,3 +23,42 @@ class FactRecord:
     @property
     def all_prompts(self) -> tuple[str, ...]:
         return self.prompts + self.heldout_prompts
+
+
+@dataclass(frozen=True)
+class SkippedFact:
+    """A fact a loader or filter set aside, and why; runs count these instead of dropping facts silently."""
+
+    fact_id: str
+    relation: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass
+class FactSet:
+    """Facts read from one source, plus every fact that was set aside (with its reason)."""
+
+    name: str
+    records: list[FactRecord]
+    skipped: list[SkippedFact] = field(default_factory=list)
+
+    @property
+    def relations(self) -> list[str]:
+        return sorted({r.relation for r in self.records})
+
+    def by_relation(self) -> dict[str, list[FactRecord]]:
+        out: dict[str, list[FactRecord]] = {}
+        for record in self.records:
+            out.setdefault(record.relation, []).append(record)
+        return out
+
+    def skipped_counts(self) -> dict[str, int]:
+        """{reason: number of facts skipped for it}."""
+        counts: dict[str, int] = {}
+        for s in self.skipped:
+            counts[s.reason] = counts.get(s.reason, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def __len__(self) -> int:
+        return len(self.records)

@@ -1,5 +1,42 @@
 """Editing methods behind one interface: every editor turns EditRequests into a revertible Edit."""
 
 from .base import Edit, Editor, EditRequest, ParamPatch
+from .knowledge_neurons import (
+    KnowledgeNeuronEditor,
+    KnowledgeNeuronEraser,
+    Located,
+    default_locator,
+    erase_fact,
+    erase_relation,
+    update_fact,
+)
+from .ledger import SliceChange, active_edits, commit, ledger_for
+from .patchfile import apply_patch, read_patch, remove_patch, save_patch
+from .rules import RULES
+from .settings import EraseSettings, LocateSettings, UpdateSettings
 
-__all__ = ["Edit", "EditRequest", "Editor", "ParamPatch"]
+__all__ = [
+    "Edit",
+    "EditRequest",
+    "Editor",
+    "EraseSettings",
+    "KnowledgeNeuronEditor",
+    "KnowledgeNeuronEraser",
+    "LocateSettings",
+    "Located",
+    "ParamPatch",
+    "RULES",
+    "SliceChange",
+    "UpdateSettings",
+    "active_edits",
+    "apply_patch",
+    "commit",
+    "default_locator",
+    "erase_fact",
+    "erase_relation",
+    "ledger_for",
+    "read_patch",
+    "remove_patch",
+    "save_patch",
+    "update_fact",
+]

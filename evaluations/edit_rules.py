@@ -1,0 +1,251 @@
+"""Compare the knowledge-neuron update rules on smollm2-135m over ParaRel facts the model knows.
+
+For every rule (and filter setting): edit success (new object top-1 on every edit prompt; and on held-out
+paraphrases), the share of the other facts' prompts that keep their top-1 prediction, and the relative change
+of plain-text perplexity. Every edit is reverted (and checked bit for bit) before the next.
+
+    .venv/bin/python evaluations/edit_rules.py                 # writes evaluations/results/edit_rules.{json,md}
+    .venv/bin/python evaluations/edit_rules.py --facts 8 --steps 5 --out /tmp/quick   # a quick look
+
+Located neurons are cached in the results folder (edit_rules_neurons.json), so a rerun only re-edits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import kn_edit  # noqa: E402
+from kn_edit import EditError, Neuron  # noqa: E402
+from kn_edit.data import choose_new_object, expressible, load_pararel, relation_objects  # noqa: E402
+from kn_edit.data.requests import prompt_top1  # noqa: E402
+from kn_edit.editing import KnowledgeNeuronEditor, Located, ledger_for  # noqa: E402
+from kn_edit.editing.base import EditRequest  # noqa: E402
+from kn_edit.editing.targets import margins, update_target  # noqa: E402
+from kn_edit.locate import locate_detailed  # noqa: E402
+from kn_edit.prompts import AnswerStep, encode_prompt_only  # noqa: E402
+
+RELATIONS = ["P36", "P103", "P37", "P1412", "P30", "P17", "P364", "P140", "P495", "P27"]
+
+# Plain text for the perplexity drift: everyday prose, no facts of the edited kinds.
+PLAIN_TEXT = [
+    "On Saturday morning we walked to the market to buy vegetables, bread and a few flowers for the kitchen "
+    "table. It was sunny but cold, and most people were wearing scarves and gloves.",
+    "The recipe is simple: mix the flour with a pinch of salt, add the eggs one at a time, and stir slowly until "
+    "the batter is smooth. Let it rest for half an hour before cooking.",
+    "When you start a new job, it helps to ask questions early, write down what you learn, and get to know the "
+    "people you work with. Most problems are easier to solve together.",
+    "The children spent the whole afternoon building a small wooden boat. When it was finished, they carried it "
+    "down to the pond and watched it float across the water.",
+    "Regular exercise improves sleep, mood and concentration. Even a short walk after dinner can make a "
+    "difference, especially for people who sit at a desk all day.",
+]
+
+# name → (rule, settings overrides, use the shared-neuron filter)
+CONFIGS = {
+    "signed (default)": ("signed", {}, False),
+    "signed, no generic filter": ("signed", {"generic_filter": False}, False),
+    "signed + shared filter": ("signed", {}, True),
+    "signed, sign weighting": ("signed", {"weighting": "sign"}, False),
+    "paper (all neurons)": ("paper", {"generic_filter": False}, False),
+    "paper (generic filter)": ("paper", {}, False),
+    "unscaled (all neurons)": ("unscaled", {"generic_filter": False}, False),
+    "unscaled (generic filter)": ("unscaled", {}, False),
+}
+
+
+DEFAULT_CONFIGS = ["signed (default)", "signed, no generic filter", "signed + shared filter", "paper (all neurons)",
+                   "unscaled (all neurons)", "paper (generic filter)", "unscaled (generic filter)"]
+
+
+def select_facts(km, root: Path, n_facts: int, per_relation: int, scan: int, seed: int, max_prompts: int):
+    """Facts whose object the model predicts on some edit prompts; those prompts (at most max_prompts) are edited."""
+    facts = expressible(km, load_pararel(root, relations=RELATIONS, seed=seed))
+    pool = relation_objects(facts.records)
+    chosen = []
+    for relation in RELATIONS:
+        records = [r for r in facts.records if r.relation == relation]
+        random.Random(f"{seed}:{relation}").shuffle(records)
+        records = records[:scan]
+        flags = prompt_top1(km, [(p, r.object) for r in records for p in r.prompts])
+        at, got = 0, 0
+        for r in records:
+            good = [p for p, ok in zip(r.prompts, flags[at : at + len(r.prompts)]) if ok][:max_prompts]
+            at += len(r.prompts)
+            if not good or got >= per_relation:
+                continue
+            new = choose_new_object(r, pool[relation], seed)
+            try:
+                update_target(km, good, r.object, new)
+            except kn_edit.KnEditError:
+                continue
+            chosen.append({"fact_id": r.fact_id, "relation": relation, "subject": r.subject, "old": r.object,
+                           "new": new, "prompts": good, "heldout": list(r.heldout_prompts)})
+            got += 1
+    return chosen[:n_facts]
+
+
+def locate_all(km, facts, steps: int, cache: Path) -> dict[str, dict]:
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    for i, f in enumerate(facts):
+        key = f"{f['fact_id']}|steps={steps}|{'|'.join(f['prompts'])}"
+        if key not in known:
+            t = time.time()
+            r = locate_detailed(km, f["prompts"], f["old"], threshold=0.2, share=0.5, steps=steps)
+            known[key] = {"neurons": [[n.layer, n.index] for n in r.neurons], "scores": r.mean_scores}
+            cache.write_text(json.dumps(known))
+            print(f"  located {i + 1}/{len(facts)} {f['subject']!r} → {f['old']!r}: {len(r.neurons)} neurons "
+                  f"({time.time() - t:.0f}s)", flush=True)
+        f["located"] = known[key]
+    return {f["fact_id"]: f["located"] for f in facts}
+
+
+@torch.no_grad()
+def perplexity(km, texts) -> float:
+    ids, mask = km.pad([torch.tensor(km.tokenizer(t)["input_ids"]) for t in texts])
+    logits = km.model(input_ids=ids, attention_mask=mask).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    m = mask[:, 1:].float()
+    return math.exp(float(-(logp * m).sum() / m.sum()))
+
+
+def top1(km, prompts) -> list[int]:
+    steps = [AnswerStep(*encode_prompt_only(km.tokenizer, p, km.is_masked_lm), -1) for p in prompts]
+    return km.step_logits(steps).argmax(dim=-1).tolist()
+
+
+def heldout_success(km, fact) -> list[bool]:
+    out = []
+    for p in fact["heldout"]:
+        try:
+            t = update_target(km, [p], fact["old"], fact["new"])
+        except kn_edit.KnEditError:
+            continue
+        out.append(bool(margins(km, t.new_steps)[0] > 0))
+    return out
+
+
+def run_config(km, facts, name, rule, overrides, shared_filter, base_top, base_ppl, all_sets):
+    rows = []
+    for i, fact in enumerate(facts):
+        located = fact["located"]
+        neurons = [Neuron(l, j) for l, j in located["neurons"]]
+        loc = lambda *_a, _n=neurons, _s=located["scores"]: Located(list(_n), list(_s))  # noqa: E731
+        relation_neurons = {"all": all_sets} if shared_filter else None
+        editor = KnowledgeNeuronEditor(rule=rule, locator=loc, relation_neurons=relation_neurons, **overrides)
+        request = EditRequest(fact["prompts"], fact["old"], fact["new"], relation="all" if shared_filter else None)
+        state = {k: v.detach().clone() for k, v in km.model.named_parameters() if "down_proj" in k}
+        row = {"fact_id": fact["fact_id"], "old": fact["old"], "new": fact["new"]}
+        try:
+            edit = editor.apply(km, [request])
+        except EditError as exc:
+            rows.append({**row, "error": str(exc)})
+            continue
+        info = edit.info["requests"][0]
+        others = [p for g in facts if g is not fact for p in g["prompts"]]
+        now = top1(km, others)
+        before = [base_top[p] for p in others]
+        held = heldout_success(km, fact)
+        ppl = perplexity(km, PLAIN_TEXT)
+        edit.revert()
+        assert all(torch.equal(v, state[k]) for k, v in km.model.named_parameters() if k in state), "revert failed"
+        rows.append({**row, "success": info["success"], "prompt_success": sum(m > 0 for m in info["margins"]) / len(info["margins"]),
+                     "heldout_success": (sum(held) / len(held)) if held else None,
+                     "kept": sum(a == b for a, b in zip(now, before)) / len(others),
+                     "ppl_change": ppl / base_ppl - 1, "scale": info["scale"], "n_neurons": len(info["neurons"]),
+                     "n_dropped": len(info["dropped"]), "negative": info["negative_activations"]})
+    applied = [r for r in rows if "error" not in r]
+    held = [r["heldout_success"] for r in applied if r["heldout_success"] is not None]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    summary = {
+        "rule": rule, "overrides": overrides, "shared_filter": shared_filter, "n_facts": len(rows),
+        "n_errors": len(rows) - len(applied),
+        "success": sum(bool(r.get("success")) for r in rows) / len(rows),
+        "prompt_success": mean([r.get("prompt_success", 0.0) for r in rows]),
+        "heldout_success": mean(held),
+        "kept": mean([r["kept"] for r in applied]),
+        "ppl_change_mean": mean([r["ppl_change"] for r in applied]),
+        "ppl_change_median": sorted(r["ppl_change"] for r in applied)[len(applied) // 2] if applied else None,
+        "neurons_mean": mean([r["n_neurons"] for r in applied]),
+    }
+    return summary, rows
+
+
+def markdown(meta, summaries) -> str:
+    lines = [
+        "# Knowledge-neuron update rules on smollm2-135m",
+        "",
+        f"{meta['n_facts']} ParaRel facts the model knows ({', '.join(meta['relations'])}), 1–{meta['prompts']} edit "
+        "prompts each (those the model answers correctly), "
+        f"new object another object of the same relation; neurons located with integrated gradients "
+        f"(m = {meta['steps']} steps, t = 0.2, p = 0.5). Generated by `evaluations/edit_rules.py` "
+        f"({meta['seconds']:.0f} s on {meta['device']}).",
+        "",
+        "| rule | success | prompts flipped | held-out paraphrases | other facts kept | plain-text ppl change (mean / median) | neurons edited | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    fmt = lambda x, pct=True: "–" if x is None else (f"{100 * x:.1f} %" if pct else f"{x:.1f}")  # noqa: E731
+    for name, s in summaries.items():
+        lines.append(f"| {name} | {fmt(s['success'])} | {fmt(s['prompt_success'])} | {fmt(s['heldout_success'])} | "
+                     f"{fmt(s['kept'])} | {fmt(s['ppl_change_mean'])} / {fmt(s['ppl_change_median'])} | "
+                     f"{fmt(s['neurons_mean'], False)} | {s['n_errors']} |")
+    lines += ["", "success: the new object is the top-1 prediction on every edit prompt. Errors: edits refused "
+              "(no neuron left after filtering); they count as failures and are left out of kept/ppl.", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "pararel"))
+    parser.add_argument("--facts", type=int, default=24)
+    parser.add_argument("--per-relation", type=int, default=3)
+    parser.add_argument("--scan", type=int, default=20, help="facts read per relation to find known ones")
+    parser.add_argument("--prompts", type=int, default=2, help="edit prompts per fact (those the model gets right)")
+    parser.add_argument("--steps", type=int, default=5, help="integrated-gradients steps for locating")
+    parser.add_argument("--configs", help="comma-separated subset of: " + ", ".join(CONFIGS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "evaluations" / "results"))
+    args = parser.parse_args()
+    t0 = time.time()
+    torch.manual_seed(args.seed)
+    km = kn_edit.load(args.model, device="cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    facts = select_facts(km, Path(args.data), args.facts, args.per_relation, args.scan, args.seed, args.prompts)
+    print(f"{len(facts)} facts selected ({time.time() - t0:.0f}s)", flush=True)
+    locate_all(km, facts, args.steps, out / "edit_rules_neurons.json")
+    all_sets = [{Neuron(l, j) for l, j in f["located"]["neurons"]} for f in facts]
+    every = sorted({p for f in facts for p in f["prompts"]})
+    base_top = dict(zip(every, top1(km, every)))
+    base_ppl = perplexity(km, PLAIN_TEXT)
+    chosen = [c.strip() for c in args.configs.split(",")] if args.configs else DEFAULT_CONFIGS
+    summaries, details = {}, {}
+    for name in chosen:
+        rule, overrides, shared = CONFIGS[name]
+        t = time.time()
+        summaries[name], details[name] = run_config(km, facts, name, rule, overrides, shared, base_top, base_ppl, all_sets)
+        print(f"{name}: {json.dumps(summaries[name])} ({time.time() - t:.0f}s)", flush=True)
+    assert not ledger_for(km).active_edits
+    meta = {"model": args.model, "n_facts": len(facts), "relations": sorted({f["relation"] for f in facts}),
+            "steps": args.steps, "prompts": args.prompts, "seed": args.seed, "base_ppl": base_ppl, "device": "CPU",
+            "seconds": time.time() - t0, "facts": [{k: f[k] for k in ("fact_id", "subject", "old", "new", "prompts")}
+                                                    for f in facts]}
+    (out / "edit_rules.json").write_text(json.dumps({"meta": meta, "summary": summaries, "facts": details}, indent=1))
+    (out / "edit_rules.md").write_text(markdown(meta, summaries))
+    print(markdown(meta, summaries))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

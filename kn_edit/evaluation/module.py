@@ -1,0 +1,288 @@
+"""The evaluation LightningModule: its test loop edits each fact through the Editor interface, measures,
+and reverts, so any editor runs on one CPU or under Lightning's distributed strategies.
+
+Per fact (one batch = one EditCase): score every prompt before the edit (edit prompts with old and new
+object, held-out paraphrases, interference facts with their gold object) in one batched pass; apply the
+edit (with gradients enabled: editors may attribute); score again and measure held-out text perplexity;
+revert, and check that the touched values are back bit for bit; then, with the model restored, probe the
+fact's knowledge neurons (suppress/amplify, random same-layer control). An editor that raises a KnEditError
+for a fact leaves the model unchanged: the fact counts as a failed edit (after = before) and is reported.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Sequence
+
+import pytorch_lightning as pl
+import torch
+from torchmetrics import SumMetric
+
+from ..data.records import FactRecord
+from ..editing.base import Edit, Editor
+from ..errors import EditError, KnEditError
+from . import functional as Fn
+from .config import ProbeConfig
+from .datamodule import EditCase
+from .metrics import EditSuccess, GroupedMean, PerplexityDrift, Retention
+
+PROBE_CONDITIONS = ("suppressed", "amplified", "control_suppressed", "control_amplified")
+
+
+@torch.no_grad()
+def parameter_sums(km) -> dict[str, float]:
+    """A float64 sum per parameter: a cheap fingerprint to notice changes an editor did not declare."""
+    return {name: float(p.detach().double().sum()) for name, p in km.model.named_parameters()}
+
+
+def check_reverted(km, edit: Edit) -> None:
+    """Every patched slice holds its ``before`` values again, bit for bit."""
+    for patch in edit.patches:
+        param = km.model.get_parameter(patch.name).detach()
+        now = param.index_select(patch.dim, patch.index.to(param.device)).cpu()
+        if not torch.equal(now, patch.before.to(now.dtype)):
+            raise EditError(f"{edit.editor}: revert() left {patch.name} changed")
+
+
+class EditEvaluation(pl.LightningModule):
+    """Evaluate ``editor`` on the cases of a FactDataModule. ``passages``: held-out text for perplexity drift
+    (causal LMs; empty: not measured). Results land in ``self.results`` after ``trainer.test``."""
+
+    def __init__(
+        self,
+        km,
+        editor: Editor,
+        passages: Sequence[str] = (),
+        probe: ProbeConfig | None = None,
+        max_text_tokens: int = 128,
+        text_batch_size: int = 8,
+        batch_size: int = 64,
+        verify_revert: bool = True,
+    ) -> None:
+        super().__init__()
+        self.km = km
+        self.net = km.model  # registered so Lightning moves it to the process's device
+        self.editor = editor
+        self.passages = list(passages) if not km.is_masked_lm else []
+        self.probe_config = probe or ProbeConfig()
+        self.max_text_tokens = max_text_tokens
+        self.text_batch_size = text_batch_size
+        self.batch_size = batch_size
+        self.verify_revert = verify_revert
+        self.edit_metric = EditSuccess()
+        self.generalization = EditSuccess()
+        self.intra = Retention()
+        self.inter = Retention()
+        self.drift = PerplexityDrift()
+        self.edit_errors = SumMetric()
+        self.probed = SumMetric()
+        self.relations: list[str] = []
+        self.rows: list[dict] = []
+        self.results: dict = {}
+
+    # ----- setup ------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self.relations = list(getattr(datamodule, "relations", []) or ["all"])
+        # One change-ratio metric per condition, with a slot per relation.
+        self.probe_metrics = torch.nn.ModuleDict({c: GroupedMean(len(self.relations)) for c in PROBE_CONDITIONS})
+
+    def on_test_start(self) -> None:
+        self.rows = []
+        self._sums = parameter_sums(self.km) if self.verify_revert else None
+        ids = [self.km.tokenizer(p, add_special_tokens=True)["input_ids"][: self.max_text_tokens] for p in self.passages]
+        self._text = [torch.tensor(i, dtype=torch.long) for i in ids if len(i) >= 2]
+        self._text_before = self._text_nll() if self._text else None
+
+    # ----- measuring --------------------------------------------------------------------------------
+    def _score(self, pairs: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log P(target) [n], target top-1 [n]) of (prompt, target) pairs, in one batched pass."""
+        steps, owner = [], []
+        for i, (prompt, target) in enumerate(pairs):
+            for step in self.km.encode(prompt, target).steps:
+                steps.append(step)
+                owner.append(i)
+        logits = self.km.step_logits(steps, batch_size=self.batch_size)
+        targets = torch.tensor([s.target_id for s in steps], device=logits.device)
+        return Fn.answer_scores(logits, targets, torch.tensor(owner, device=logits.device), len(pairs))
+
+    @torch.no_grad()
+    def _text_nll(self) -> tuple[torch.Tensor, torch.Tensor]:
+        nll = torch.zeros((), device=self.km.device)
+        count = torch.zeros((), device=self.km.device)
+        for start in range(0, len(self._text), self.text_batch_size):
+            ids, mask = self.km.pad(self._text[start : start + self.text_batch_size])
+            logits = self.km.model(input_ids=ids, attention_mask=mask).logits
+            batch_nll, batch_count = Fn.token_nll(logits, ids, mask)
+            nll, count = nll + batch_nll, count + batch_count
+        return nll, count
+
+    @staticmethod
+    def _pairs(case: EditCase) -> tuple[list[tuple[str, str]], dict[str, slice]]:
+        fact, new = case.fact, case.new
+        parts = {
+            "edit_old": [(p, fact.object) for p in fact.prompts],
+            "edit_new": [(p, new) for p in fact.prompts],
+            "held_old": [(p, fact.object) for p in fact.heldout_prompts],
+            "held_new": [(p, new) for p in fact.heldout_prompts],
+            "intra": [(p, r.object) for r in case.same_relation for p in r.all_prompts],
+            "inter": [(p, r.object) for r in case.other_relation for p in r.all_prompts],
+        }
+        pairs, where = [], {}
+        for name, items in parts.items():
+            where[name] = slice(len(pairs), len(pairs) + len(items))
+            pairs += items
+        return pairs, where
+
+    def _neurons(self, edit: Edit | None, fact: FactRecord):
+        """The fact's knowledge neurons: those the editor reports in ``info["neurons"]`` (Neuron objects or
+        {"layer", "index"} rows), else located with the probe settings."""
+        from ..neurons import Neuron
+
+        found = (edit.info or {}).get("neurons") if edit is not None else None
+        if found:
+            try:
+                return [n if isinstance(n, Neuron) else Neuron(int(n["layer"]), int(n["index"])) for n in found]
+            except (KeyError, TypeError, ValueError):
+                pass  # an editor with its own notion of "neurons": locate instead
+        from ..locate import locate
+
+        cfg = self.probe_config
+        with torch.enable_grad():
+            return locate(self.km, fact.prompts, fact.object, cfg.threshold, cfg.share, cfg.steps)
+
+    def _probe(self, case: EditCase, edit: Edit | None, row: dict) -> None:
+        from ..probe import probe
+
+        try:
+            neurons = self._neurons(edit, case.fact)
+        except KnEditError as exc:
+            row["probe_error"] = str(exc)
+            return
+        if not neurons:
+            row["probe_error"] = "no knowledge neurons"
+            return
+        self.probed.update(torch.tensor(1.0, device=self.device))
+        cfg = self.probe_config
+        seed = zlib.crc32(case.fact.fact_id.encode())
+        result = probe(self.km, list(case.fact.all_prompts), case.fact.object, neurons, cfg.n_controls, seed, cfg.factor)
+        means = result.mean_ratios()
+        group = torch.tensor([case.relation_index], device=self.device)
+        for condition in PROBE_CONDITIONS:
+            self.probe_metrics[condition].update(torch.tensor([means[condition]], device=self.device), group)
+        row["probe"] = {"neurons": [str(n) for n in neurons], **{k: float(v) for k, v in means.items()}}
+
+    # ----- the loop ---------------------------------------------------------------------------------
+    def test_step(self, case: EditCase, batch_idx: int) -> None:
+        pairs, at = self._pairs(case)
+        logp_before, top1_before = self._score(pairs)
+        edit, error = None, None
+        try:
+            with torch.enable_grad():
+                edit = self.editor.apply(self.km, [case.request])
+        except KnEditError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        if edit is not None:
+            try:
+                logp_after, top1_after = self._score(pairs)
+                text_after = self._text_nll() if self._text else None
+            finally:
+                edit.revert()
+            if self.verify_revert:
+                check_reverted(self.km, edit)
+        else:
+            # The editor raised, so the model is unchanged: this fact is a failed edit.
+            logp_after, top1_after, text_after = logp_before, top1_before, self._text_before
+        self.edit_errors.update(torch.tensor(float(edit is None), device=self.device))
+
+        row = self._row(case, edit, error)
+        for name, metric in (("edit", self.edit_metric), ("held", self.generalization)):
+            old, new = at[f"{name}_old"], at[f"{name}_new"]
+            args = (top1_after[new], logp_after[new], logp_after[old], logp_before[new])
+            metric.update(*args)
+            if len(args[0]):
+                row["edit" if name == "edit" else "generalization"] = {
+                    k: float(v) for k, v in Fn.edit_success(*args).items()
+                } | {"p_new_before": float(logp_before[new].exp().mean()), "p_new_after": float(logp_after[new].exp().mean()),
+                     "p_old_before": float(logp_before[old].exp().mean()), "p_old_after": float(logp_after[old].exp().mean())}  # fmt: skip
+        for name, metric in (("intra", self.intra), ("inter", self.inter)):
+            s = at[name]
+            if s.stop > s.start:
+                args = (top1_before[s], top1_after[s], logp_before[s], logp_after[s])
+                metric.update(*args)
+                counts = Fn.retention_counts(*args)
+                row[name] = {k: float(v) for k, v in counts.items()}
+        if text_after is not None:
+            self.drift.update(*self._text_before, *text_after)
+            before = Fn.perplexity(*self._text_before)
+            row["text_ppl"] = {"before": float(before), "after": float(Fn.perplexity(*text_after))}
+        if self.probe_config.enabled:
+            self.probed.update(torch.tensor(0.0, device=self.device))  # so every process has a state to reduce
+            self._probe(case, edit, row)
+        self.rows.append(row)
+
+    def _row(self, case: EditCase, edit: Edit | None, error: str | None) -> dict:
+        fact = case.fact
+        row = {
+            "index": case.index,
+            "fact_id": fact.fact_id,
+            "relation": fact.relation,
+            "subject": fact.subject,
+            "old": fact.object,
+            "new": case.new,
+            "n_edit_prompts": len(fact.prompts),
+            "n_heldout_prompts": len(fact.heldout_prompts),
+        }
+        if error is not None:
+            row["error"] = error
+        if edit is not None:
+            row["editor"] = {"name": edit.editor, "touched": edit.touched_parameters, "info": _jsonable(edit.info)}
+        return row
+
+    def on_test_end(self) -> None:
+        if self._sums is not None:
+            now = parameter_sums(self.km)
+            changed = [k for k, v in self._sums.items() if now[k] != v]
+            if changed:
+                raise EditError(f"{self.editor.name}: the model is not as before the run; changed: {changed[:5]}")
+
+    def on_test_epoch_end(self) -> None:
+        metrics: dict[str, float] = {}
+        for prefix, metric in (("edit", self.edit_metric), ("generalization", self.generalization),
+                               ("intra", self.intra), ("inter", self.inter)):  # fmt: skip
+            metrics |= {f"{prefix}/{k}": float(v) for k, v in metric.compute().items()}
+        if self._text:
+            metrics |= {f"drift/{k}": float(v) for k, v in self.drift.compute().items()}
+        metrics["run/edit_errors"] = float(self.edit_errors.compute())
+        per_relation: dict[str, dict[str, float]] = {}
+        if self.probe_config.enabled:
+            metrics["probe/facts"] = float(self.probed.compute())
+            for condition, metric in self.probe_metrics.items():
+                values = metric.compute().reshape(-1).tolist()  # torchmetrics squeezes a single group
+                finite = [v for v in values if not math.isnan(v)]
+                metrics[f"probe/{condition}"] = sum(finite) / len(finite) if finite else float("nan")
+                for relation, value in zip(self.relations, values):
+                    per_relation.setdefault(relation, {})[condition] = value
+        rows = self.rows
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, rows)
+            rows = [r for part in parts for r in part]
+        self.results = {"metrics": metrics, "probe_per_relation": per_relation, "rows": sorted(rows, key=lambda r: r["index"])}
+        for metric in (self.edit_metric, self.generalization, self.intra, self.inter, self.drift, self.edit_errors,
+                       self.probed, *self.probe_metrics.values()):  # fmt: skip
+            metric.reset()
+
+
+def _jsonable(value):
+    """Editor info for the per-fact JSONL: tensors become lists, objects become strings."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist() if value.numel() <= 64 else f"tensor{list(value.shape)}"
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

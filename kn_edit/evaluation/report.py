@@ -1,0 +1,107 @@
+"""Writing a run directory: per-fact JSONL, metrics JSON, markdown report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+# (metric, label) of the summary table, in display order.
+SUMMARY = (
+    ("edit/top1", "edit success: new object top-1 (edit prompts)"),
+    ("edit/new_beats_old", "edit: P(new) > P(old)"),
+    ("edit/delta_p_new", "edit: mean ΔP(new)"),
+    ("generalization/top1", "generalization: new top-1 (held-out paraphrases)"),
+    ("generalization/new_beats_old", "generalization: P(new) > P(old)"),
+    ("generalization/delta_p_new", "generalization: mean ΔP(new)"),
+    ("intra/retained", "intra-relation: top-1 answers kept"),
+    ("intra/acc_before", "intra-relation: accuracy before"),
+    ("intra/acc_after", "intra-relation: accuracy after"),
+    ("intra/ppl_before", "intra-relation PPL before"),
+    ("intra/ppl_after", "intra-relation PPL after"),
+    ("inter/retained", "inter-relation: top-1 answers kept"),
+    ("inter/acc_before", "inter-relation: accuracy before"),
+    ("inter/acc_after", "inter-relation: accuracy after"),
+    ("inter/ppl_before", "inter-relation PPL before"),
+    ("inter/ppl_after", "inter-relation PPL after"),
+    ("drift/mean_change", "text perplexity: mean relative change per edit"),
+    ("drift/max_change", "text perplexity: largest relative change"),
+    ("drift/mean_log_ratio", "text perplexity: mean ln(after / before) per edit"),
+    ("drift/share_large", "text perplexity: share of edits raising it > 10 %"),
+    ("drift/ppl_before", "text perplexity before"),
+    ("probe/suppressed", "suppress knowledge neurons: ΔP/P"),
+    ("probe/control_suppressed", "suppress random neurons: ΔP/P"),
+    ("probe/amplified", "amplify knowledge neurons: ΔP/P"),
+    ("probe/control_amplified", "amplify random neurons: ΔP/P"),
+    ("edit/n_facts", "facts edited"),
+    ("run/edit_errors", "facts the editor refused"),
+)
+
+
+def fmt(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def summary_rows(metrics: dict[str, float]) -> list[tuple[str, str, str]]:
+    return [(label, name, fmt(metrics[name])) for name, label in SUMMARY if name in metrics]
+
+
+def per_relation(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per relation: edit success, generalization and interference retention, from the per-fact rows."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        rel = out.setdefault(row["relation"], {})
+        for section, key in (("edit", "top1"), ("generalization", "top1")):
+            if section in row:
+                rel.setdefault(f"{section}/{key}", []).append(row[section][key])
+        for section in ("intra", "inter"):
+            if section in row:
+                c = row[section]
+                rel.setdefault(f"{section}/kept", []).append(c["kept"])
+                rel.setdefault(f"{section}/correct_before", []).append(c["correct_before"])
+    table: dict[str, dict[str, float]] = {}
+    for relation, values in sorted(out.items()):
+        entry = {k: sum(v) / len(v) for k, v in values.items() if k.endswith("top1")}
+        for section in ("intra", "inter"):
+            before = sum(values.get(f"{section}/correct_before", []))
+            entry[f"{section}/retained"] = sum(values.get(f"{section}/kept", [])) / before if before else float("nan")
+        entry["facts"] = float(sum(1 for r in rows if r["relation"] == relation))
+        table[relation] = entry
+    return table
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def markdown(name: str, model: str, editor: str, metrics: dict, summary: dict, relations: dict, probe: dict,
+             regressions: list, plots: list[str], config_yaml: str) -> str:  # fmt: skip
+    lines = [f"# Evaluation `{name}`", "", f"- model: `{model}`", f"- editor: `{editor}`", f"- data: `{summary.get('data')}`",
+             f"- facts: {summary.get('facts_loaded')} loaded, {summary.get('facts_checked')} checked, "
+             f"{summary.get('facts_edited')} edited, {summary.get('facts_not_selected_limit')} not selected (limits)"]  # fmt: skip
+    skipped = summary.get("skipped") or {}
+    lines += ["- skipped: " + (", ".join(f"{n} × {reason}" for reason, n in skipped.items()) or "none"), ""]
+    lines += ["## Summary", "", "| metric | key | value |", "| --- | --- | --- |"]
+    lines += [f"| {label} | `{key}` | {value} |" for label, key, value in summary_rows(metrics)]
+    if regressions:
+        lines += ["", "## Regressions against the baseline", ""] + [f"- {r}" for r in regressions]
+    lines += ["", "## Per relation", "", "| relation | facts | edit top-1 | generalization top-1 | intra kept | inter kept |",
+              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for rel, v in relations.items():
+        lines.append(f"| {rel} | {int(v['facts'])} | {fmt(v.get('edit/top1'))} | {fmt(v.get('generalization/top1'))} | "
+                     f"{fmt(v.get('intra/retained'))} | {fmt(v.get('inter/retained'))} |")  # fmt: skip
+    if probe:
+        lines += ["", "## Suppress / amplify (ΔP/P of the correct answer, per relation)", "",
+                  "| relation | suppress KN | suppress random | amplify KN | amplify random |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        for rel, v in probe.items():
+            if any(not math.isnan(x) for x in v.values()):
+                lines.append(f"| {rel} | {fmt(v['suppressed'])} | {fmt(v['control_suppressed'])} | {fmt(v['amplified'])} | "
+                             f"{fmt(v['control_amplified'])} |")  # fmt: skip
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    lines += ["", "## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,170 @@
+"""One evaluation run, end to end: model, editor, fact set and text from an EvalConfig; Lightning's test loop;
+a run directory with per-fact JSONL, metrics JSON, a markdown report and plots; the baseline comparison."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import pytorch_lightning as pl
+
+from ..configuration import to_yaml
+from ..data.records import FactSet
+from ..editing.base import Editor
+from ..errors import ConfigError
+from ..persist import atomic_dir
+from ..progress import NullReporter, Reporter
+from .config import EvalConfig
+from .regression import Regression, compare, load_metrics
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    rows: list[dict]
+    summary: dict
+    per_relation: dict[str, dict[str, float]]
+    probe_per_relation: dict[str, dict[str, float]]
+    regressions: list[Regression] = field(default_factory=list)
+    run_dir: Path | None = None
+
+
+def build_editor(config: EvalConfig) -> Editor:
+    """The Editor named by ``editor.target`` (an import path), built with ``editor.settings``."""
+    module_name, _, attr = config.editor.target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"editor.target {config.editor.target!r} is not an importable class") from exc
+    if not (isinstance(cls, type) and issubclass(cls, Editor)):
+        raise ConfigError(f"editor.target {config.editor.target!r} is not an Editor (kn_edit.editing.Editor)")
+    try:
+        return cls(**dict(config.editor.settings))
+    except TypeError as exc:
+        raise ConfigError(f"editor.settings do not fit {cls.__name__}: {exc}") from exc
+
+
+def load_passages(config: EvalConfig) -> list[str]:
+    from ..data.text import text_file_passages, wiki_passages
+
+    text = config.text
+    if text.source == "none":
+        return []
+    if text.source == "file":
+        return text_file_passages(text.path, text.passages)
+    return wiki_passages(text.passages, text.path)
+
+
+class ReporterProgress(pl.Callback):
+    """Advances a kn-edit Reporter task per evaluated fact (process 0 only)."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self._ctx = None
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            total = len(trainer.datamodule.local_cases) if trainer.datamodule is not None else None
+            self._ctx = self.reporter.task(f"editing and measuring facts (process 0: {total})", total)
+            self._task = self._ctx.__enter__()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._ctx is not None:
+            self._task.advance()
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+            self._ctx = None
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.on_test_end(trainer, pl_module)
+
+
+def evaluate(
+    config: EvalConfig,
+    km=None,
+    editor: Editor | None = None,
+    facts: FactSet | None = None,
+    passages: Sequence[str] | None = None,
+    reporter: Reporter | None = None,
+    write: bool = True,
+) -> EvalResult:
+    """Run the evaluation. ``km``, ``editor``, ``facts`` and ``passages`` replace what the config would load."""
+    from .datamodule import FactDataModule
+    from .module import EditEvaluation
+    from .report import per_relation
+
+    config.check()
+    if "spawn" in str(config.trainer.strategy):
+        # Spawned processes receive the model through shared memory: they would all edit the same weights.
+        raise ConfigError(f"strategy {config.trainer.strategy!r} is not supported: use ddp (or auto)")
+    reporter = reporter or NullReporter()
+    if km is None:
+        from ..loading import load
+
+        km = load(config.model, device="cpu", reporter=reporter)
+    editor = editor or build_editor(config)
+    passages = list(passages) if passages is not None else load_passages(config)
+    datamodule = FactDataModule(km, config.data, facts=facts)
+    module = EditEvaluation(km, editor, passages, probe=config.probe, max_text_tokens=config.text.max_tokens,
+                            text_batch_size=config.text.batch_size, batch_size=config.data.batch_size,
+                            verify_revert=config.verify_revert)  # fmt: skip
+    t = config.trainer
+    trainer = pl.Trainer(
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
+        inference_mode=False,  # editors may need gradients (attribution)
+        use_distributed_sampler=False,  # the DataModule shards cases itself, without padding duplicates
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[ReporterProgress(reporter)],
+    )  # fmt: skip
+    started = time.time()
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    summary = dict(datamodule.summary)
+    summary |= {"seconds": round(time.time() - started, 1), "world_size": trainer.world_size,
+                "editor": f"{type(editor).__module__}.{type(editor).__qualname__}"}
+    rows = module.results["rows"]
+    result = EvalResult(
+        metrics=module.results["metrics"], rows=rows, summary=summary, per_relation=per_relation(rows),
+        probe_per_relation=module.results["probe_per_relation"],
+    )  # fmt: skip
+    if config.regression.baseline:
+        baseline = load_metrics(config.regression.baseline)
+        result.regressions = compare(result.metrics, baseline, config.regression.tolerances)
+    if write and trainer.is_global_zero:
+        result.run_dir = write_run(config, km, result)
+    return result
+
+
+def run_dir_for(config: EvalConfig) -> Path:
+    name = config.run_name or f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(config.output_dir) / name
+
+
+def write_run(config: EvalConfig, km, result: EvalResult) -> Path:
+    from .plots import probe_figure, relation_figure
+    from .report import markdown, write_jsonl
+
+    target = run_dir_for(config)
+    with atomic_dir(target) as tmp:
+        write_jsonl(tmp / "facts.jsonl", result.rows)
+        payload = {"metrics": result.metrics, "summary": result.summary, "per_relation": result.per_relation,
+                   "probe_per_relation": result.probe_per_relation,
+                   "regressions": [str(r) for r in result.regressions]}  # fmt: skip
+        (tmp / "metrics.json").write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=True))
+        config_yaml = to_yaml(config)
+        (tmp / "config.yaml").write_text(config_yaml)
+        plots = []
+        if config.plots:
+            plots.append(relation_figure(result.per_relation, tmp / "relations.png").name)
+            if result.probe_per_relation and result.metrics.get("probe/facts", 0) > 0:
+                plots.append(probe_figure(result.probe_per_relation, tmp / "suppress_amplify.png").name)
+        (tmp / "report.md").write_text(
+            markdown(config.name, km.name, result.summary["editor"], result.metrics, result.summary, result.per_relation,
+                     result.probe_per_relation, result.regressions, plots, config_yaml)  # fmt: skip
+        )
+    return target

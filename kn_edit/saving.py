@@ -1,0 +1,39 @@
+"""Saving a (usually edited) model as a folder that :func:`kn_edit.load` reads back: safetensors weights,
+config and tokenizer from Hugging Face's ``save_pretrained``, plus ``kn_edit.json`` recording which edits it
+carries. Written atomically into a new folder; never over the folder the model was loaded from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import EditError
+from .persist import atomic_dir
+
+MANIFEST = "kn_edit.json"
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def save_model(km, path: str | Path) -> Path:
+    """Write ``km`` to the new folder ``path`` and return it."""
+    from .editing.ledger import active_edits
+
+    target = Path(path).expanduser().resolve()
+    if km.source is not None and (_inside(target, km.source) or _inside(km.source, target)):
+        raise EditError(f"{target} would overwrite {km.source}, the folder this model was loaded from; choose a new path")
+    if target.exists():
+        raise EditError(f"{target} already exists; choose a new path (nothing was written)")
+    edits = [
+        {"editor": e.editor, "requests": [{"prompts": list(r.prompts), "old": r.old, "new": r.new} for r in e.requests],
+         "rule": e.info.get("rule"), "neurons": [[n["layer"], n["index"]] for n in e.info.get("neurons", [])]}
+        for e in active_edits(km)
+    ]
+    with atomic_dir(target) as tmp:
+        km.model.save_pretrained(str(tmp))  # safetensors is the default format
+        km.tokenizer.save_pretrained(str(tmp))
+        manifest = {"saved_by": "kn-edit", "base_model": km.name, "fingerprint": km.fingerprint(), "edits": edits}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return target

@@ -1,0 +1,96 @@
+"""`kn-edit update-fact`, `erase-fact`, `apply-patch`, `revert-patch` on a tiny saved model, and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import kn_edit
+from kn_edit import EditError, Neuron
+from kn_edit.cli import main
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "edit.yaml"
+
+
+@pytest.fixture
+def saved_tiny(tiny_factory, tmp_path) -> Path:
+    km = tiny_factory("llama")
+    return km.save(tmp_path / "tiny")
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in kn_edit.load(str(path), device="cpu").model.named_parameters()}
+
+
+def test_update_fact_shows_the_edit_and_writes_nothing(saved_tiny, capsys):
+    before = sorted(p.name for p in saved_tiny.parent.iterdir())
+    code = main(["update-fact", "--model", str(saved_tiny), "--prompt", "The capital of France is", "--old", "Paris",
+                 "--new", "Rome", "--force", "--neurons", "1:5,1:7", "--quiet", "--config", str(CONFIG),
+                 "update.max_scale=16", "update.bisect_steps=1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "P(Paris)" in out and "P(Rome)" in out and "control" in out and "2 neurons changed" in out
+    assert "nothing written" in out
+    assert sorted(p.name for p in saved_tiny.parent.iterdir()) == before
+
+
+def test_patch_commands_round_trip(saved_tiny, tmp_path, capsys):
+    patch = tmp_path / "edit.safetensors"
+    assert main(["update-fact", "--model", str(saved_tiny), "-p", "The capital of France is", "--old", "Paris",
+                 "--new", "Rome", "--force", "--neurons", "0:3,1:5", "--rule", "paper", "--quiet",
+                 "--save-patch", str(patch)]) == 0
+    assert patch.is_file()
+    assert main(["apply-patch", "--model", str(saved_tiny), "--patch", str(patch), "--save", str(tmp_path / "patched")]) == 0
+    assert main(["revert-patch", "--model", str(tmp_path / "patched"), "--patch", str(patch),
+                 "--save", str(tmp_path / "unpatched")]) == 0
+    capsys.readouterr()
+    original, patched, unpatched = weights(saved_tiny), weights(tmp_path / "patched"), weights(tmp_path / "unpatched")
+    assert any(not torch.equal(original[k], patched[k]) for k in original)
+    assert all(torch.equal(original[k], unpatched[k]) for k in original)
+    # the patched model does not hold the patch's original values any more
+    assert main(["apply-patch", "--model", str(tmp_path / "patched"), "--patch", str(patch)]) == 2
+    assert "original values" in capsys.readouterr().err
+
+
+def test_erase_fact_saves_the_model(saved_tiny, tmp_path, capsys):
+    out = tmp_path / "erased"
+    assert main(["erase-fact", "--model", str(saved_tiny), "-p", "The capital of France is", "--target", "Paris",
+                 "--force", "--neurons", "1:5", "--quiet", "--save", str(out)]) == 0
+    assert "edited model written" in capsys.readouterr().out
+    erased = kn_edit.load(str(out), device="cpu")
+    assert torch.equal(erased.value_vectors(1)[5], torch.zeros(erased.d_model))
+
+
+def test_cli_errors_are_one_line(saved_tiny, tmp_path, capsys):
+    args = ["update-fact", "--model", str(saved_tiny), "-p", "The capital of France is", "--quiet"]
+    assert main(args + ["--old", "Paris", "--new", "Paris"]) == 2
+    assert "same" in capsys.readouterr().err
+    assert main(args + ["--old", "Paris", "--new", "Rome", "--neurons", "1:5"]) == 2  # not predicted, no --force
+    assert "--force" in capsys.readouterr().err
+    assert main(args + ["--old", "Paris", "--new", "Rome", "update.nope=1"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(args + ["--old", "Paris", "--new", "Rome", "--force", "--neurons", "1:5",
+                        "--save", str(saved_tiny)]) == 2
+    assert "loaded from" in capsys.readouterr().err
+
+
+def test_library_bad_input(tiny_factory, tmp_path):
+    km = tiny_factory("gpt2")
+    state = {k: v.detach().clone() for k, v in km.model.named_parameters()}
+    with pytest.raises(EditError, match="same"):
+        kn_edit.update_fact(km, ["The capital of France is"], "Paris", " Paris", neurons=[Neuron(0, 1)])
+    with pytest.raises(EditError, match="does not predict 'Paris'"):
+        kn_edit.update_fact(km, ["The capital of France is"], "Paris", "Rome", neurons=[Neuron(0, 1)])
+    with pytest.raises(EditError, match="does not predict"):
+        kn_edit.erase_fact(km, ["The capital of France is"], "Paris", neurons=[Neuron(0, 1)])
+    with pytest.raises(kn_edit.KnEditError, match="does not exist"):
+        kn_edit.update_fact(km, ["The capital of France is"], "Paris", "Rome", neurons=[Neuron(9, 1)], force=True)
+    with pytest.raises(kn_edit.ConfigError, match="rule"):
+        kn_edit.update_fact(km, ["The capital of France is"], "Paris", "Rome", rule="magic", neurons=[Neuron(0, 1)])
+    with pytest.raises(kn_edit.ConfigError, match="unknown setting"):
+        kn_edit.update_fact(km, ["The capital of France is"], "Paris", "Rome", neurons=[Neuron(0, 1)], marginn=1)
+    with pytest.raises(EditError, match="prefix"):
+        kn_edit.update_fact(km, ["The capital of France is"], "Paris", "Paris, France", neurons=[Neuron(0, 1)], force=True)
+    assert all(torch.equal(v, state[k]) for k, v in km.model.named_parameters())

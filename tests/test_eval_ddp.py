@@ -1,0 +1,59 @@
+"""The evaluation loop under Lightning's DDP strategy on two CPU processes gives the single-process numbers,
+and leaves each process's model bit for bit unchanged.
+
+The two processes are started here (as a cluster launcher would) and each builds its own model: Lightning's
+``ddp_spawn`` would pickle the module into shared memory, so both processes would edit the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.multiprocessing as mp
+
+import kn_edit
+from kn_edit.evaluation import EditEvaluation, FactDataModule, evaluate
+from test_eval_loop import PASSAGES, ValueVectorEditor, assert_unchanged, snapshot, tiny_config, tiny_facts
+from tiny_models import build_model
+
+
+def _worker(rank: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
+    torch.set_num_threads(1)
+    from pathlib import Path
+
+    config = tiny_config(Path(tmp))
+    model, tokenizer = build_model("llama")
+    km = kn_edit.wrap(model, tokenizer)
+    before = snapshot(km)
+    datamodule = FactDataModule(km, config.data, facts=tiny_facts())
+    module = EditEvaluation(km, ValueVectorEditor(), PASSAGES, probe=config.probe)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", inference_mode=False, use_distributed_sampler=False,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    assert_unchanged(km, before)
+    torch.save({"metrics": module.results["metrics"], "facts": [r["fact_id"] for r in module.results["rows"]],
+                "local": len(datamodule.local_cases)}, os.path.join(tmp, f"rank{rank}.pt"))  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process(tiny_factory, tmp_path):
+    single = evaluate(tiny_config(tmp_path), km=tiny_factory("llama"), editor=ValueVectorEditor(), facts=tiny_facts(),
+                      passages=PASSAGES, write=False)  # fmt: skip
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["local"] for r in ranks] == [5, 5]  # each process edited its own half
+    for got in ranks:  # every process holds the reduced metrics and all per-fact rows
+        assert got["facts"] == [r["fact_id"] for r in single.rows]
+        assert got["metrics"].keys() == single.metrics.keys()
+        assert got["metrics"] == pytest.approx(single.metrics, rel=1e-6, abs=1e-9, nan_ok=True)
