@@ -19,6 +19,10 @@ replaced, everything else computes normally). Public implementations run, per la
   run the answer token against a batch-indexed copy of that cache. This is exact for every supported causal
   family (checked against a per-layer reference in tests, sliding-window Gemma 3 and Mistral included);
   masked LMs (BERT) see the whole sequence and use the full-sequence batched pass.
+* **Layer bands.** Rows are ordered step, layer, k and cut into passes, so a pass usually holds one step's
+  rows for a band of consecutive layers. The backward then stops at the band's lowest layer, and (cached
+  path) below that layer all rows would be the same clean forward: it runs once as a single row and is copied
+  into the rows at that block (a forward pre-hook on the block, removed in ``finally``).
 
 Answer steps are grouped by sequence length, so no row is ever padded: scores do not depend on which other
 prompts share a batch. Multi-token targets (not in the paper) are teacher-forced: each answer token is

@@ -44,7 +44,8 @@ def multi_token_target(km, prompt: str) -> str:
 
 
 def pre_hook_count(km) -> int:
-    return sum(len(km.value_proj(l)._forward_pre_hooks) for l in range(km.n_layers))
+    """Pre-hooks on any module (value projections and the blocks where cached rows are widened)."""
+    return sum(len(module._forward_pre_hooks) for module in km.model.modules())
 
 
 @pytest.mark.parametrize("prefix_cache", [None, False], ids=["auto", "full-sequence"])
@@ -153,6 +154,7 @@ def test_leaves_model_and_hooks_untouched(tiny_factory):
 
 def test_hooks_removed_after_exception(tiny_factory):
     km = tiny_factory("llama")
+    assert pre_hook_count(km) == 0
 
     def boom(_module, _args, _output):
         raise RuntimeError("boom")

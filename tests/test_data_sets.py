@@ -169,3 +169,14 @@ def test_empty_and_missing_user_files(tmp_path):
         load_jsonl_facts(empty)
     with pytest.raises(DataError, match="no such file"):
         load_jsonl_facts(tmp_path / "missing.jsonl")
+
+
+def test_known1000_downloads_into_the_cache(tmp_path, monkeypatch, shared_data):
+    monkeypatch.setenv("KN_EDIT_CACHE", str(tmp_path / "cache"))
+    url = (shared_data / "known_1000" / "known_1000.json").as_uri()
+    facts = load_known1000(url=url)
+    assert len(facts) == 1209 and (tmp_path / "cache" / "data" / "known_1000" / "known_1000.json").is_file()
+    assert len(load_known1000(download=False)) == 1209  # read from the cache now
+    with pytest.raises(DataError, match="not found"):
+        monkeypatch.setenv("KN_EDIT_CACHE", str(tmp_path / "other"))
+        load_known1000(url=(tmp_path / "missing.json").as_uri())

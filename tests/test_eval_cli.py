@@ -20,7 +20,7 @@ def setup(tmp_path):
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     facts = tmp_path / "facts.jsonl"
-    facts.write_text("".join(json.dumps({"subject": s, "relation": "capital", "object": o, "prompts": [f"The capital of [X] is"],
+    facts.write_text("".join(json.dumps({"subject": s, "relation": "capital", "object": o, "prompts": ["The capital of [X] is"],
                                          "heldout_prompts": ["[X]'s capital is"]}) + "\n" for s, o in SUBJECTS))  # fmt: skip
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(PASSAGES))

@@ -139,3 +139,18 @@ def test_an_editor_that_does_not_revert_fails_the_run(tiny_factory, tmp_path):
     config = tiny_config(tmp_path, **{"probe.enabled": False})
     with pytest.raises(EditError, match="not as before the run"):
         evaluate(config, km=km, editor=LeakyEditor(), facts=tiny_facts(), passages=PASSAGES, write=False)
+
+
+def test_masked_lm_run_measures_everything_but_text_perplexity(tiny_factory, tmp_path):
+    km = tiny_factory("bert")
+    before = snapshot(km)
+    records = [FactRecord(f"capital:{s}", s.lower(), "capital", o.lower(), (f"the capital of {s.lower()} is [MASK].",),
+                          (f"{s.lower()} has the capital [MASK].",)) for s, o in SUBJECTS[:4]]  # fmt: skip
+    records += [FactRecord(f"language:{s}", s.lower(), "language", o.lower(), (f"the official language of {s.lower()} is [MASK].",))
+                for s, o in LANGUAGES[:2]]  # fmt: skip
+    result = evaluate(tiny_config(tmp_path), km=km, editor=ValueVectorEditor(), facts=FactSet("masked", records),
+                      passages=PASSAGES, write=False)  # fmt: skip
+    assert_unchanged(km, before)
+    assert result.metrics["edit/n_facts"] == 6 and result.metrics["generalization/n_facts"] == 4
+    assert not any(k.startswith("drift/") for k in result.metrics)  # causal-LM perplexity only
+    assert math.isfinite(result.metrics["probe/suppressed"])

@@ -366,9 +366,10 @@ def erase_relation(km, facts: Sequence[EditRequest], share: float = 0.1, mode: s
         sets = [set(s) for s in neuron_sets]
         if len(sets) != len(facts):
             raise EditError(f"{len(sets)} neuron sets for {len(facts)} facts")
-    neurons = checked(km, shared_by(sets, share))
+    neurons = shared_by(sets, share)
     if not neurons:
         raise EditError(f"no neuron is shared by {share:.0%} of the {len(facts)} facts: nothing to erase")
+    neurons = checked(km, neurons)
     counts = {n: sum(n in s for s in sets) for n in neurons}
     edit = commit(km, f"knowledge-neurons-erase-relation:{mode}", facts,
                   value_changes(km, neurons, erase_values(km, len(neurons), mode), additive=False))

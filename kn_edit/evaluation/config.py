@@ -19,7 +19,7 @@ class DataConfig:
     heldout_fraction: float = 0.3  # ParaRel: share of each relation's patterns held out for generalization
     max_prompts: Optional[int] = None  # ParaRel: cap on edit prompts per fact (locating cost grows with them)
     only_known: bool = True  # the paper's way: edit only facts the model predicts correctly (top-1)
-    known_min_share: float = 0.5  # a fact is "known" if the model gets it top-1 on this share of its edit prompts
+    known_min_share: float = 1.0  # "known": top-1 on at least this share of its edit prompts (1.0: all, as the KN editor wants)
     neighbours: int = 5  # facts of the same / of other relations measured for interference (the paper: 5)
     neighbour_prompts: int = 2  # prompts per neighbour fact
     check_chunk: int = 256  # facts per batched top-1 check

@@ -20,12 +20,13 @@ def _bars(ax, relations, series: dict[str, list[float]], title: str, ylabel: str
     width = 0.8 / max(len(series), 1)
     for i, (label, values) in enumerate(series.items()):
         xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(relations))]
-        ax.bar(xs, [0.0 if math.isnan(v) else v for v in values], width, label=label)
+        ax.bar(xs, values, width, label=label)  # NaN (nothing measured) draws no bar
     ax.set_xticks(range(len(relations)))
     ax.set_xticklabels(relations, rotation=60, ha="right", fontsize=8)
     ax.set_title(title)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
+    # Below the relation labels, so it never hides a bar.
+    ax.legend(fontsize=8, ncol=len(series), loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)
     ax.grid(axis="y", alpha=0.3)
 
 
@@ -33,7 +34,7 @@ def relation_figure(per_relation: dict[str, dict[str, float]], path: Path) -> Pa
     plt = _pyplot()
     relations = list(per_relation)
     get = lambda key: [per_relation[r].get(key, float("nan")) for r in relations]  # noqa: E731
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.45 * len(relations) + 2), 7))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.45 * len(relations) + 2), 8))
     _bars(top, relations, {"edit prompts": get("edit/top1"), "held-out paraphrases": get("generalization/top1")},
           "Edit success per relation (new object top-1)", "share of prompts")  # fmt: skip
     top.set_ylim(0, 1.05)
@@ -50,7 +51,7 @@ def probe_figure(per_relation: dict[str, dict[str, float]], path: Path) -> Path:
     plt = _pyplot()
     relations = [r for r, v in per_relation.items() if any(not math.isnan(x) for x in v.values())]
     get = lambda key: [100 * per_relation[r][key] for r in relations]  # noqa: E731
-    fig, (left, right) = plt.subplots(1, 2, figsize=(max(8, 0.6 * len(relations) + 4), 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(8, 0.6 * len(relations) + 4), 4.6))
     _bars(left, relations, {"knowledge neurons": get("suppressed"), "random neurons": get("control_suppressed")},
           "Suppressing (activation set to 0)", "change of P(correct answer) [%]")  # fmt: skip
     _bars(right, relations, {"knowledge neurons": get("amplified"), "random neurons": get("control_amplified")},
