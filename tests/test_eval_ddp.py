@@ -56,4 +56,5 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tiny_factory, tmp_path):
     for got in ranks:  # every process holds the reduced metrics and all per-fact rows
         assert got["facts"] == [r["fact_id"] for r in single.rows]
         assert got["metrics"].keys() == single.metrics.keys()
-        assert got["metrics"] == pytest.approx(single.metrics, rel=1e-6, abs=1e-9, nan_ok=True)
+        # fp32 probabilities: ratios of ~1e-4 differ by ~1e-7 between batchings, hence abs=1e-6.
+        assert got["metrics"] == pytest.approx(single.metrics, rel=1e-6, abs=1e-6, nan_ok=True)

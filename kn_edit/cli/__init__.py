@@ -11,10 +11,10 @@ from typing import Sequence
 
 # Command modules, in the order `kn-edit --help` lists them.
 COMMAND_MODULES = (
-    "kn_edit.cli.predict",
+    "kn_edit.cli.edit",  # update-fact first: the toolkit's main job
     "kn_edit.cli.locate",
-    "kn_edit.cli.edit",
     "kn_edit.cli.evaluate",
+    "kn_edit.cli.predict",
 )
 
 
