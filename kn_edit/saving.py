@@ -17,15 +17,22 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def save_model(km, path: str | Path) -> Path:
-    """Write ``km`` to the new folder ``path`` and return it."""
-    from .editing.ledger import active_edits
-
+def check_model_path(km, path: str | Path) -> Path:
+    """The resolved new folder ``path`` for saving ``km``; an EditError where it exists or overlaps the source.
+    Callers check before long work so a bad path fails at once."""
     target = Path(path).expanduser().resolve()
     if km.source is not None and (_inside(target, km.source) or _inside(km.source, target)):
         raise EditError(f"{target} would overwrite {km.source}, the folder this model was loaded from; choose a new path")
     if target.exists():
         raise EditError(f"{target} already exists; choose a new path (nothing was written)")
+    return target
+
+
+def save_model(km, path: str | Path) -> Path:
+    """Write ``km`` to the new folder ``path`` and return it."""
+    from .editing.ledger import active_edits
+
+    target = check_model_path(km, path)
     edits = [
         {"editor": e.editor, "requests": [{"prompts": list(r.prompts), "old": r.old, "new": r.new} for r in e.requests],
          "rule": e.info.get("rule"), "neurons": [[n["layer"], n["index"]] for n in e.info.get("neurons", [])]}

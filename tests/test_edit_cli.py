@@ -28,7 +28,7 @@ def test_update_fact_shows_the_edit_and_writes_nothing(saved_tiny, capsys):
     before = sorted(p.name for p in saved_tiny.parent.iterdir())
     code = main(["update-fact", "--model", str(saved_tiny), "--prompt", "The capital of France is", "--old", "Paris",
                  "--new", "Rome", "--force", "--neurons", "1:5,1:7", "--quiet", "--config", str(CONFIG),
-                 "update.max_scale=16", "update.bisect_steps=1"])
+                 "update.max_scale=16", "update.bisect_steps=1", "update.on_failure=apply"])
     out = capsys.readouterr().out
     assert code == 0
     assert "P(Paris)" in out and "P(Rome)" in out and "control" in out and "2 neurons changed" in out

@@ -47,10 +47,11 @@ def test_search_scale_finds_the_smallest_scale():
         tries.append(scale)
         return scale - 10.0  # the margin 1.0 holds from scale 11 on
 
-    found = search_scale(margin, 1.0, initial=1.0, maximum=1000.0, bisect_steps=10)
+    found, reached = search_scale(margin, 1.0, initial=1.0, maximum=1000.0, bisect_steps=10)
+    assert reached
     assert 11.0 <= found < 11.02
     assert tries[:5] == [1, 2, 4, 8, 16]
-    assert search_scale(lambda s: -1.0, 0.0, 1.0, 8.0, 3) == 8.0  # never holds: the largest scale tried
+    assert search_scale(lambda s: -1.0, 0.0, 1.0, 8.0, 3) == (8.0, False)  # never holds: the largest scale tried
 
 
 def test_erase_relation_zeroes_the_shared_neurons(tiny_factory):

@@ -115,7 +115,7 @@ def test_signed_rule_formula(tiny):
     d = raw_E(tiny, [t_new[0]]) - raw_E(tiny, [t_old[0]])
     d = d / d.norm()
     edit = kn_edit.update_fact(tiny, [prompt], old, new, neurons=NEURONS, force=True, generic_filter=False,
-                               max_scale=64.0, bisect_steps=3)
+                               max_scale=64.0, bisect_steps=3, on_failure="apply")
     scale = edit.info["scale"]
     assert edit.info["rule"] == "signed" and 0 < scale <= 64.0
     expected = {n: v0[n] + scale * float(a) / float((acts**2).sum()) * d for n, a in zip(NEURONS, acts)}
@@ -181,3 +181,15 @@ def test_multi_token_objects_use_the_mean_embedding(tiny_factory):
     edit = kn_edit.update_fact(km, [prompt], old, new, rule="unscaled", neurons=[n], force=True)
     torch.testing.assert_close(raw_value(km, n), expected, atol=1e-6, rtol=1e-6)
     edit.revert()
+
+
+def test_signed_rule_that_cannot_reach_the_margin_raises_and_changes_nothing(tiny_factory):
+    km = tiny_factory("llama")
+    before = snapshot(km)
+    with pytest.raises(kn_edit.EditError, match="no scale up to max_scale=2"):
+        kn_edit.update_fact(km, ["The capital of France is"], "Paris", "Rome", neurons=NEURONS, force=True,
+                            generic_filter=False, margin=50.0, max_scale=2.0)
+    assert_same(km, before)
+    with pytest.raises(kn_edit.ConfigError, match="on_failure"):
+        kn_edit.update_fact(km, ["The capital of France is"], "Paris", "Rome", neurons=NEURONS, force=True,
+                            on_failure="maybe")

@@ -11,7 +11,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from ..editing.settings import EraseSettings, UpdateSettings
-from .ui import add_model_argument, console, table
+from .ui import add_model_argument, add_prompts_argument, add_settings_arguments, console, table
 
 # Facts unrelated to most edits: their top prediction should survive an edit.
 DEFAULT_CONTROLS = [
@@ -33,16 +33,11 @@ class EditCommandConfig:
 
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", action="append", default=[], metavar="FILE",
-                        help="YAML file(s) of edit settings (see configs/edit.yaml), applied in order")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="settings, e.g. update.margin=2 update.generic_filter=false erase.mode=unk")
+    add_settings_arguments(parser, "configs/edit.yaml", "update.margin=2 update.generic_filter=false erase.mode=unk")
 
 
 def _add_fact(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", "-p", action="append", required=True, dest="prompts", metavar="PROMPT",
-                        help="a prompt of the fact (repeat for paraphrases); causal: text before the answer, "
-                             "masked LM: with [MASK] or [Y]")
+    add_prompts_argument(parser)
     parser.add_argument("--neurons", metavar="L:I,L:I", help="edit these neurons instead of locating them")
     parser.add_argument("--force", action="store_true", help="edit even where the model does not predict the fact")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -136,6 +131,19 @@ def _neuron_table(title: str, neurons: list[dict]):
     return table(title, ["layer", "index", "score", "activation"], rows)
 
 
+def _check_save(km, args: argparse.Namespace) -> None:
+    """Refuse a bad --save/--save-patch path before the (slow) edit, not after it."""
+    from pathlib import Path
+
+    from ..errors import EditError
+    from ..saving import check_model_path
+
+    if getattr(args, "save", None):
+        check_model_path(km, args.save)
+    if getattr(args, "save_patch", None) and Path(args.save_patch).exists():
+        raise EditError(f"{args.save_patch} already exists; choose a new path (nothing was written)")
+
+
 def _save(km, edit, args: argparse.Namespace) -> str | None:
     if getattr(args, "save", None):
         path = km.save(args.save)
@@ -166,6 +174,7 @@ def run_update(args: argparse.Namespace) -> int:
         settings.force = True
     request = EditRequest(args.prompts, args.old, args.new)  # checks old != new before the model loads
     km = _load(args, args.quiet)
+    _check_save(km, args)
     controls = [_control_prompt(km, c) for c in cfg.controls]
     prompts = list(request.prompts) + controls
     kinds = ["edit"] * len(request.prompts) + ["control"] * len(controls)
@@ -207,6 +216,7 @@ def run_erase(args: argparse.Namespace) -> int:
         settings.force = True
     request = EditRequest(args.prompts, args.target)
     km = _load(args, args.quiet)
+    _check_save(km, args)
     controls = [_control_prompt(km, c) for c in cfg.controls]
     prompts = list(request.prompts) + controls
     kinds = ["edit"] * len(request.prompts) + ["control"] * len(controls)
@@ -236,6 +246,7 @@ def _patch_command(args: argparse.Namespace, reverse: bool) -> int:
 
     meta, _ = read_patch(args.patch)
     km = _load(args)
+    _check_save(km, args)
     prompts = [p for r in meta.get("requests", []) for p in r.get("prompts", [])]
     objects = list(dict.fromkeys(o for r in meta.get("requests", []) for o in (r.get("old"), r.get("new")) if o))
     before = _snapshot(km, prompts, objects) if prompts else []

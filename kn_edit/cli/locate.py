@@ -5,19 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from .ui import add_model_argument, console, table
+from .ui import add_model_argument, add_prompts_argument, add_settings_arguments, console, table
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", action="append", default=[], metavar="FILE",
-                        help="YAML file(s) of locate settings (see configs/locate.yaml), applied in order")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="settings, e.g. steps=20 threshold=0.2 share=0.5 'layers=[20,21]'")
+    add_settings_arguments(parser, "configs/locate.yaml", "steps=20 threshold=0.2 share=0.5 'layers=[20,21]'")
 
 
 def _add_fact(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", "-p", action="append", required=True, dest="prompts", metavar="PROMPT",
-                        help="a prompt of the fact (repeat for paraphrases); causal: text before the answer, "
-                             "masked LM: with [MASK] or [Y]")
+    add_prompts_argument(parser)
     parser.add_argument("--target", "-t", required=True, help="the answer the prompts share, e.g. Paris")
     parser.add_argument("--subject", help="the fact's subject; every prompt must mention it (catches mixed facts)")
     parser.add_argument("--json", action="store_true", help="print JSON only (for scripts)")

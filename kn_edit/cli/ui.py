@@ -34,3 +34,16 @@ def add_model_argument(parser, required: bool = False) -> None:
         help=f"offline model name (see `kn-edit models`), local folder, .gguf file or hub id (default: {DEFAULT_MODEL})",
     )
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+
+
+def add_settings_arguments(parser, config_file: str, example: str) -> None:
+    """--config FILE (repeatable) and trailing key=value overrides of a command's structured config."""
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help=f"YAML file(s) of settings (see {config_file}), applied in order")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"settings, e.g. {example}")
+
+
+def add_prompts_argument(parser) -> None:
+    parser.add_argument("--prompt", "-p", action="append", required=True, dest="prompts", metavar="PROMPT",
+                        help="a prompt of the fact (repeat for paraphrases); causal: text before the answer, "
+                             "masked LM: with [MASK] or [Y]")

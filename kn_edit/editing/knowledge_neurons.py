@@ -215,7 +215,13 @@ class KnowledgeNeuronEditor(_NeuronEditor):
                     finally:
                         trial.revert()
 
-                scale = search_scale(worst_margin, s.margin, s.initial_scale, s.max_scale, s.bisect_steps)
+                scale, reached = search_scale(worst_margin, s.margin, s.initial_scale, s.max_scale, s.bisect_steps)
+                if not reached and s.on_failure == "raise":
+                    raise EditError(
+                        f"no scale up to max_scale={s.max_scale:g} makes {plan.request.new!r} the top prediction with margin "
+                        f"{s.margin:g} on every edit prompt; the model is unchanged (raise update.max_scale, lower "
+                        "update.margin, or set update.on_failure=apply to keep the largest scale tried)"
+                    )
                 neurons, deltas = trial_neurons, torch.cat([deltas, scale * unit])
                 scales.append(scale)
                 task.advance()
@@ -247,10 +253,10 @@ class KnowledgeNeuronEditor(_NeuronEditor):
 
 
 def search_scale(worst_margin: Callable[[float], float], margin: float, initial: float, maximum: float,
-                 bisect_steps: int) -> float:
-    """Smallest scale (to bisection precision) with worst_margin(scale) >= margin: double from ``initial``
-    until it holds, then bisect between the last failure and the first success. If even ``maximum`` fails,
-    the largest scale tried is returned (the editor then reports failure)."""
+                 bisect_steps: int) -> tuple[float, bool]:
+    """(scale, reached): the smallest scale (to bisection precision) with worst_margin(scale) >= margin,
+    doubling from ``initial`` until it holds, then bisecting between the last failure and the first success.
+    If even ``maximum`` fails: (the largest scale tried, False)."""
     low, high, scale = 0.0, None, initial
     while scale <= maximum * (1 + 1e-9):
         if worst_margin(scale) >= margin:
@@ -258,14 +264,14 @@ def search_scale(worst_margin: Callable[[float], float], margin: float, initial:
             break
         low, scale = scale, scale * 2
     if high is None:
-        return low
+        return low, False
     for _ in range(bisect_steps):
         mid = (low + high) / 2
         if worst_margin(mid) >= margin:
             high = mid
         else:
             low = mid
-    return high
+    return high, True
 
 
 class KnowledgeNeuronEraser(_NeuronEditor):
