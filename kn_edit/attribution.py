@@ -108,6 +108,11 @@ def check_options(
         raise ConfigError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     if prefix_cache and km.is_masked_lm:
         raise ConfigError("prefix_cache=True needs a causal language model; a masked LM sees the whole sequence")
+    return check_layers(km, layers)
+
+
+def check_layers(km, layers: Sequence[int] | None) -> list[int]:
+    """The layer list to score: all layers for None, else distinct in-range indices (a ConfigError otherwise)."""
     if layers is None:
         return list(range(km.n_layers))
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):

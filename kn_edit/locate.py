@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .attribution import check_layers
 from .errors import ConfigError, PromptError
 from .neurons import Neuron
 
@@ -206,16 +207,6 @@ class LocateResult:
                 for n, s, k in zip(self.neurons, self.mean_scores, self.kept_by)
             ],
         }
-
-
-def check_layers(km, layers: Sequence[int] | None) -> list[int]:
-    if layers is None:
-        return list(range(km.n_layers))
-    layers = list(layers)
-    bad = [l for l in layers if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < km.n_layers]
-    if bad or not layers or len(set(layers)) != len(layers):
-        raise ConfigError(f"layers must be distinct layer numbers in [0, {km.n_layers}), got {layers}")
-    return layers
 
 
 def locate_detailed(
