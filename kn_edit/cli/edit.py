@@ -161,6 +161,24 @@ def _neurons(args: argparse.Namespace):
 
 
 # ----- commands ---------------------------------------------------------------------------------------------
+def _run_with_controls(args: argparse.Namespace, controls_text: list[str], editor, request, objects: list[str]):
+    """What update-fact and erase-fact share: load, refuse a bad save path, snapshot the edit and control prompts,
+    apply, snapshot again. Returns (km, edit, prompts, kinds, before, after)."""
+    km = _load(args, args.quiet)
+    _check_save(km, args)
+    controls = [_control_prompt(km, c) for c in controls_text]
+    prompts = list(request.prompts) + controls
+    kinds = ["edit"] * len(request.prompts) + ["control"] * len(controls)
+    before = _snapshot(km, prompts, objects)
+    edit = editor.apply(km, [request])
+    after = _snapshot(km, prompts, objects)
+    return km, edit, prompts, kinds, before, after
+
+
+def _controls_kept(before: list[dict], after: list[dict], kinds: list[str]) -> int:
+    return sum(b["top"] == a["top"] for b, a, k in zip(before, after, kinds) if k == "control")
+
+
 def run_update(args: argparse.Namespace) -> int:
     from ..editing import KnowledgeNeuronEditor
     from ..editing.base import EditRequest
@@ -173,16 +191,9 @@ def run_update(args: argparse.Namespace) -> int:
     if args.force:
         settings.force = True
     request = EditRequest(args.prompts, args.old, args.new)  # checks old != new before the model loads
-    km = _load(args, args.quiet)
-    _check_save(km, args)
-    controls = [_control_prompt(km, c) for c in cfg.controls]
-    prompts = list(request.prompts) + controls
-    kinds = ["edit"] * len(request.prompts) + ["control"] * len(controls)
     objects = [args.old, args.new]
-    before = _snapshot(km, prompts, objects)
     editor = KnowledgeNeuronEditor(settings.check(), neurons=_neurons(args), reporter=default_reporter(args.quiet))
-    edit = editor.apply(km, [request])
-    after = _snapshot(km, prompts, objects)
+    km, edit, prompts, kinds, before, after = _run_with_controls(args, cfg.controls, editor, request, objects)
     info = edit.info["requests"][0]
     con = console()
     con.print(_before_after_table(f"{km.name}: {args.old!r} → {args.new!r} ({settings.rule} rule)", prompts, kinds,
@@ -193,11 +204,11 @@ def run_update(args: argparse.Namespace) -> int:
                   highlight=False)
     if info["unpredicted"]:
         con.print(f"[yellow]forced: the model did not predict {args.old!r} on {len(info['unpredicted'])} prompt(s)[/]")
-    kept = sum(b["top"] == a["top"] for b, a, k in zip(before, after, kinds) if k == "control")
+    kept = _controls_kept(before, after, kinds)
     scale = f", scale {info['scale']:.4g}" if info["scale"] is not None else ""
     verdict = "[bold green]success[/]" if info["success"] else "[bold red]failed[/]"
     con.print(f"{verdict}: {args.new!r} is top-1 on {sum(m > 0 for m in info['margins'])}/{len(info['margins'])} edit "
-              f"prompts{scale}; controls keeping their top prediction: {kept}/{len(controls)}")
+              f"prompts{scale}; controls keeping their top prediction: {kept}/{kinds.count('control')}")
     written = _save(km, edit, args)
     con.print(written or "nothing written (use --save DIR or --save-patch FILE to keep the edit)")
     return 0
@@ -215,15 +226,8 @@ def run_erase(args: argparse.Namespace) -> int:
     if args.force:
         settings.force = True
     request = EditRequest(args.prompts, args.target)
-    km = _load(args, args.quiet)
-    _check_save(km, args)
-    controls = [_control_prompt(km, c) for c in cfg.controls]
-    prompts = list(request.prompts) + controls
-    kinds = ["edit"] * len(request.prompts) + ["control"] * len(controls)
-    before = _snapshot(km, prompts, [args.target])
     editor = KnowledgeNeuronEraser(settings.check(), neurons=_neurons(args), reporter=default_reporter(args.quiet))
-    edit = editor.apply(km, [request])
-    after = _snapshot(km, prompts, [args.target])
+    km, edit, prompts, kinds, before, after = _run_with_controls(args, cfg.controls, editor, request, [args.target])
     info = edit.info["requests"][0]
     con = console()
     con.print(_before_after_table(f"{km.name}: erasing {args.target!r} ({settings.mode})", prompts, kinds,
@@ -233,9 +237,9 @@ def run_erase(args: argparse.Namespace) -> int:
     lowered = sum(a[args.target] < b[args.target] for b, a in zip(before[:n], after[:n]))
     mean_b = sum(b[args.target] for b in before[:n]) / n
     mean_a = sum(a[args.target] for a in after[:n]) / n
-    kept = sum(b["top"] == a["top"] for b, a, k in zip(before, after, kinds) if k == "control")
+    kept = _controls_kept(before, after, kinds)
     con.print(f"P({args.target!r}) lowered on {lowered}/{n} prompts (mean {mean_b:.4f} → {mean_a:.4f}); controls "
-              f"keeping their top prediction: {kept}/{len(controls)}")
+              f"keeping their top prediction: {kept}/{kinds.count('control')}")
     written = _save(km, edit, args)
     con.print(written or "nothing written (use --save DIR or --save-patch FILE to keep the edit)")
     return 0
