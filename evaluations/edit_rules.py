@@ -54,9 +54,12 @@ PLAIN_TEXT = [
 # name → (rule, settings overrides, use the shared-neuron filter)
 CONFIGS = {
     "signed (default)": ("signed", {}, False),
-    "signed, no generic filter": ("signed", {"generic_filter": False}, False),
+    "signed (no generic filter)": ("signed", {"generic_filter": False}, False),
     "signed + shared filter": ("signed", {}, True),
-    "signed, sign weighting": ("signed", {"weighting": "sign"}, False),
+    "signed (sign weighting)": ("signed", {"weighting": "sign"}, False),
+    "signed (gradient least-norm)": ("signed", {"preserve": False}, False),
+    "signed (contrast direction: earlier default)": ("signed", {"direction": "contrast"}, False),
+    "signed (margin 0.5)": ("signed", {"margin": 0.5}, False),
     "paper (all neurons)": ("paper", {"generic_filter": False}, False),
     "paper (generic filter)": ("paper", {}, False),
     "unscaled (all neurons)": ("unscaled", {"generic_filter": False}, False),
@@ -64,8 +67,8 @@ CONFIGS = {
 }
 
 
-DEFAULT_CONFIGS = ["signed (default)", "signed, no generic filter", "signed + shared filter", "paper (all neurons)",
-                   "unscaled (all neurons)", "paper (generic filter)", "unscaled (generic filter)"]
+DEFAULT_CONFIGS = ["signed (default)", "signed + shared filter", "signed (gradient least-norm)",
+                   "signed (contrast direction: earlier default)", "paper (all neurons)", "unscaled (all neurons)"]
 
 
 def select_facts(km, root: Path, n_facts: int, per_relation: int, scan: int, seed: int, max_prompts: int):
@@ -135,6 +138,12 @@ def heldout_success(km, fact) -> list[bool]:
     return out
 
 
+def share_kept(now, before, which) -> float | None:
+    """Share of the prompts picked by ``which`` whose top-1 prediction did not change (None: none picked)."""
+    picked = [a == b for a, b, w in zip(now, before, which) if w]
+    return sum(picked) / len(picked) if picked else None
+
+
 def run_config(km, facts, name, rule, overrides, shared_filter, base_top, base_ppl, all_sets):
     rows = []
     for i, fact in enumerate(facts):
@@ -143,7 +152,8 @@ def run_config(km, facts, name, rule, overrides, shared_filter, base_top, base_p
         loc = lambda *_a, _n=neurons, _s=located["scores"]: Located(list(_n), list(_s))  # noqa: E731
         relation_neurons = {"all": all_sets} if shared_filter else None
         editor = KnowledgeNeuronEditor(rule=rule, locator=loc, relation_neurons=relation_neurons, **overrides)
-        request = EditRequest(fact["prompts"], fact["old"], fact["new"], relation="all" if shared_filter else None)
+        request = EditRequest(fact["prompts"], fact["old"], fact["new"], subject=fact["subject"],
+                              relation="all" if shared_filter else None)
         state = {k: v.detach().clone() for k, v in km.model.named_parameters() if "down_proj" in k}
         row = {"fact_id": fact["fact_id"], "old": fact["old"], "new": fact["new"]}
         try:
@@ -155,6 +165,7 @@ def run_config(km, facts, name, rule, overrides, shared_filter, base_top, base_p
         others = [p for g in facts if g is not fact for p in g["prompts"]]
         now = top1(km, others)
         before = [base_top[p] for p in others]
+        same = [g["old"] == fact["old"] for g in facts if g is not fact for _ in g["prompts"]]
         held = heldout_success(km, fact)
         ppl = perplexity(km, PLAIN_TEXT)
         edit.revert()
@@ -162,6 +173,8 @@ def run_config(km, facts, name, rule, overrides, shared_filter, base_top, base_p
         rows.append({**row, "success": info["success"], "prompt_success": sum(m > 0 for m in info["margins"]) / len(info["margins"]),
                      "heldout_success": (sum(held) / len(held)) if held else None,
                      "kept": sum(a == b for a, b in zip(now, before)) / len(others),
+                     "kept_other_object": share_kept(now, before, [not x for x in same]),
+                     "kept_same_object": share_kept(now, before, same),
                      "ppl_change": ppl / base_ppl - 1, "scale": info["scale"], "n_neurons": len(info["neurons"]),
                      "n_dropped": len(info["dropped"]), "negative": info["negative_activations"]})
     applied = [r for r in rows if "error" not in r]
@@ -174,6 +187,8 @@ def run_config(km, facts, name, rule, overrides, shared_filter, base_top, base_p
         "prompt_success": mean([r.get("prompt_success", 0.0) for r in rows]),
         "heldout_success": mean(held),
         "kept": mean([r["kept"] for r in applied]),
+        "kept_other_object": mean([r["kept_other_object"] for r in applied if r["kept_other_object"] is not None]),
+        "kept_same_object": mean([r["kept_same_object"] for r in applied if r["kept_same_object"] is not None]),
         "ppl_change_mean": mean([r["ppl_change"] for r in applied]),
         "ppl_change_median": sorted(r["ppl_change"] for r in applied)[len(applied) // 2] if applied else None,
         "neurons_mean": mean([r["n_neurons"] for r in applied]),
@@ -191,16 +206,30 @@ def markdown(meta, summaries) -> str:
         f"(m = {meta['steps']} steps, t = 0.2, p = 0.5). Generated by `evaluations/edit_rules.py` "
         f"({meta['seconds']:.0f} s on {meta['device']}).",
         "",
-        "| rule | success | prompts flipped | held-out paraphrases | other facts kept | plain-text ppl change (mean / median) | neurons edited | errors |",
+        "| rule | success | prompts flipped | held-out paraphrases | other facts kept (all / other object / same object) | plain-text ppl change (mean / median) | neurons edited | errors |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    fmt = lambda x, pct=True: "–" if x is None else (f"{100 * x:.1f} %" if pct else f"{x:.1f}")  # noqa: E731
+    def fmt(x, pct=True) -> str:
+        if x is None:
+            return "–"
+        if pct and abs(x) >= 100:  # wrecked models: 1e40 % is clearer than 40 digits
+            return f"{100 * x:.1e} %"
+        return f"{100 * x:.1f} %" if pct else f"{x:.1f}"
+
     for name, s in summaries.items():
         lines.append(f"| {name} | {fmt(s['success'])} | {fmt(s['prompt_success'])} | {fmt(s['heldout_success'])} | "
-                     f"{fmt(s['kept'])} | {fmt(s['ppl_change_mean'])} / {fmt(s['ppl_change_median'])} | "
+                     f"{fmt(s['kept'])} / {fmt(s.get('kept_other_object'))} / {fmt(s.get('kept_same_object'))} | {fmt(s['ppl_change_mean'])} / {fmt(s['ppl_change_median'])} | "
                      f"{fmt(s['neurons_mean'], False)} | {s['n_errors']} |")
-    lines += ["", "success: the new object is the top-1 prediction on every edit prompt. Errors: edits refused "
-              "(no neuron left after filtering); they count as failures and are left out of kept/ppl.", ""]
+    lines += ["", "success: the new object is the top-1 prediction on every edit prompt. Other facts kept: the share of "
+              "the other facts' edit prompts whose top-1 prediction is unchanged, over all of them, those with another "
+              "object than the edited fact's old one, and those with the same object (e.g. other facts answered "
+              "'French' when one 'French' fact is edited). Errors: edits refused (no neuron left after filtering, or "
+              "the margin not reached within the limits); they count as failures and are left out of kept/ppl. "
+              "`signed + shared filter`: the paper's relation-share filter with all facts here as the relation (neurons "
+              "located for more than 10 % of them are not edited) and its default fallback (where the neurons left "
+              "cannot reach the margin, all located neurons are edited; without the fallback 8 of the 25 edits are "
+              "refused, success 68 %, other facts kept 91.5 % / 94.3 % / 41.7 %). `gradient least-norm`: the default without the "
+              "preservation metric (least plain norm). The `contrast` direction was the default before.", ""]
     return "\n".join(lines)
 
 
@@ -208,8 +237,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "pararel"))
-    parser.add_argument("--facts", type=int, default=24)
-    parser.add_argument("--per-relation", type=int, default=3)
+    parser.add_argument("--facts", type=int, default=40)
+    parser.add_argument("--per-relation", type=int, default=4)
     parser.add_argument("--scan", type=int, default=20, help="facts read per relation to find known ones")
     parser.add_argument("--prompts", type=int, default=2, help="edit prompts per fact (those the model gets right)")
     parser.add_argument("--steps", type=int, default=5, help="integrated-gradients steps for locating")

@@ -94,3 +94,18 @@ def test_library_bad_input(tiny_factory, tmp_path):
     with pytest.raises(EditError, match="prefix"):
         kn_edit.update_fact(km, ["The capital of France is"], "Paris", "Paris, France", neurons=[Neuron(0, 1)], force=True)
     assert all(torch.equal(v, state[k]) for k, v in km.model.named_parameters())
+
+
+def test_configs_edit_yaml_states_the_defaults():
+    """configs/edit.yaml documents the defaults: loading it changes nothing, and it names every setting."""
+    import yaml
+    from dataclasses import fields
+
+    from kn_edit.cli.edit import EditCommandConfig
+    from kn_edit.configuration import load_config
+
+    assert load_config(EditCommandConfig, [CONFIG]) == EditCommandConfig()
+    written = yaml.safe_load(CONFIG.read_text())
+    defaults = EditCommandConfig()
+    for section in ("update", "erase"):
+        assert set(written[section]) == {f.name for f in fields(getattr(defaults, section))}, section

@@ -72,3 +72,66 @@ def test_erase_relation_zeroes_the_shared_neurons(tiny_factory):
 def before_vector(km, before, n: Neuron) -> torch.Tensor:
     name = next(k for k, p in km.model.named_parameters() if p is km.value_weight(n.layer))
     return before[name][n.index]  # GPT-2 Conv1D: value vectors are rows
+
+
+# ----- the relation-share filter inside the editor, and its fallback ---------------------------------------
+LOCATED = [Neuron(1, i) for i in range(8)]
+SHARED = [set(LOCATED[1:])] * 10  # the relation's other facts: every located neuron but 1:0 is shared by all
+
+
+def _editor(**settings):
+    from kn_edit.editing import KnowledgeNeuronEditor, Located
+
+    locator = lambda *_: Located(list(LOCATED), [1.0] * len(LOCATED))  # noqa: E731
+    return KnowledgeNeuronEditor(locator=locator, relation_neurons={"P1": SHARED}, force=True, generic_filter=False,
+                                 margin=0.1, max_change=1e4, **settings)
+
+
+def test_relation_filter_edits_only_the_relation_specific_neurons(tiny_factory):
+
+    km = tiny_factory("llama")
+    edit = _editor().apply(km, [EditRequest(["The capital of France is"], "Paris", "Rome", relation="P1")])
+    info = edit.info["requests"][0]
+    assert [(r["layer"], r["index"]) for r in info["neurons"]] == [(1, 0)] and info["fallback"] is None
+    assert sorted((d["layer"], d["index"]) for d in info["dropped"]) == [(1, i) for i in range(1, 8)]
+    edit.revert()
+
+
+def test_relation_filter_falls_back_when_its_neurons_cannot_carry_the_edit(tiny_factory, monkeypatch):
+    from kn_edit.editing import KnowledgeNeuronEditor
+
+    km = tiny_factory("llama")
+    before = {k: v.detach().clone() for k, v in km.model.named_parameters()}
+    real = KnowledgeNeuronEditor._attempt
+
+    def weak_alone(self, km_, plan, neurons, deltas):  # the single relation-specific neuron "cannot" reach it
+        change, scale, reached = real(self, km_, plan, neurons, deltas)
+        return change, scale, reached and len(plan.neurons) > 1
+
+    monkeypatch.setattr(KnowledgeNeuronEditor, "_attempt", weak_alone)
+    request = EditRequest(["The capital of France is"], "Paris", "Rome", relation="P1")
+    edit = _editor().apply(km, [request])
+    info = edit.info["requests"][0]
+    assert len(info["neurons"]) == 8 and info["fallback"] == "the relation-specific neurons did not reach the margin"
+    assert info["success"]
+    edit.revert()
+    with pytest.raises(EditError, match="no change within"):
+        _editor(relation_fallback=False).apply(km, [request])
+    assert all(torch.equal(v, before[k]) for k, v in km.model.named_parameters())
+
+
+def test_relation_filter_falls_back_when_it_leaves_no_neuron(tiny_factory):
+
+    km = tiny_factory("llama")
+    request = EditRequest(["The capital of France is"], "Paris", "Rome", relation="P1")
+    everything = {"P1": [set(LOCATED)] * 10}
+    editor = _editor()
+    editor.relation_neurons = everything
+    edit = editor.apply(km, [request])
+    assert edit.info["requests"][0]["fallback"] == "the relation-share filter left no neuron"
+    assert len(edit.info["requests"][0]["neurons"]) == 8
+    edit.revert()
+    strict = _editor(relation_fallback=False)
+    strict.relation_neurons = everything
+    with pytest.raises(EditError, match="no knowledge neurons"):
+        strict.apply(km, [request])

@@ -106,7 +106,8 @@ def test_failure_half_way_through_apply_leaves_the_model_unchanged(tiny_factory,
     assert ledger_for(km).touched_rows == {}
 
 
-def test_interrupted_scale_search_leaves_the_model_unchanged(tiny_factory, monkeypatch):
+@pytest.mark.parametrize("direction", ["gradient", "contrast"])
+def test_interrupted_scale_search_leaves_the_model_unchanged(tiny_factory, monkeypatch, direction):
     from kn_edit.editing import knowledge_neurons
 
     km = tiny_factory("llama")
@@ -123,7 +124,7 @@ def test_interrupted_scale_search_leaves_the_model_unchanged(tiny_factory, monke
     monkeypatch.setattr(knowledge_neurons, "margins", interrupted)
     with pytest.raises(KeyboardInterrupt):
         kn_edit.update_fact(km, [PROMPT], "Paris", "Rome", neurons=[Neuron(1, i) for i in range(6)], force=True,
-                            generic_filter=False)
+                            generic_filter=False, direction=direction, max_change=1e6)
     assert same(km, state)
     assert ledger_for(km).active_edits == []
 

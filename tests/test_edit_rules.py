@@ -103,7 +103,7 @@ def test_unscaled_rule_formula(tiny):
 
 
 def test_signed_rule_formula(tiny):
-    """v_i += s * a_i / sum_j a_j^2 * unit(E(new) - E(old)), s the reported scale."""
+    """contrast direction: v_i += s * a_i / sum_j a_j^2 * unit(E(new) - E(old)), s the reported scale."""
     prompt, old = prompt_for(tiny.adapter.family)
     new = new_object(tiny)
     before = snapshot(tiny)
@@ -115,7 +115,7 @@ def test_signed_rule_formula(tiny):
     d = raw_E(tiny, [t_new[0]]) - raw_E(tiny, [t_old[0]])
     d = d / d.norm()
     edit = kn_edit.update_fact(tiny, [prompt], old, new, neurons=NEURONS, force=True, generic_filter=False,
-                               max_scale=64.0, bisect_steps=3, on_failure="apply")
+                               direction="contrast", max_scale=64.0, bisect_steps=3, on_failure="apply")
     scale = edit.info["scale"]
     assert edit.info["rule"] == "signed" and 0 < scale <= 64.0
     expected = {n: v0[n] + scale * float(a) / float((acts**2).sum()) * d for n, a in zip(NEURONS, acts)}
@@ -127,7 +127,7 @@ def test_signed_rule_formula(tiny):
 def test_signed_rule_reaches_the_margin_on_a_causal_model(tiny_factory):
     km = tiny_factory("llama")
     edit = kn_edit.update_fact(km, ["The capital of France is"], "Paris", "Rome", neurons=[Neuron(1, i) for i in range(8)],
-                               force=True, generic_filter=False, margin=0.1)
+                               force=True, generic_filter=False, margin=0.1, direction="contrast")
     assert edit.info["success"]
     assert min(edit.info["requests"][0]["margins"]) >= 0.1
     top = km.predict("The capital of France is", top_k=1)[0]
@@ -188,8 +188,13 @@ def test_signed_rule_that_cannot_reach_the_margin_raises_and_changes_nothing(tin
     before = snapshot(km)
     with pytest.raises(kn_edit.EditError, match="no scale up to max_scale=2"):
         kn_edit.update_fact(km, ["The capital of France is"], "Paris", "Rome", neurons=NEURONS, force=True,
-                            generic_filter=False, margin=50.0, max_scale=2.0)
+                            generic_filter=False, margin=50.0, max_scale=2.0, direction="contrast")
     assert_same(km, before)
+    for limits in ({"solve_steps": 1}, {"max_change": 1e-3}):
+        with pytest.raises(kn_edit.EditError, match="no change within"):
+            kn_edit.update_fact(km, ["The capital of France is"], "Paris", "Rome", neurons=NEURONS, force=True,
+                                margin=50.0, **limits)
+        assert_same(km, before)
     with pytest.raises(kn_edit.ConfigError, match="on_failure"):
         kn_edit.update_fact(km, ["The capital of France is"], "Paris", "Rome", neurons=NEURONS, force=True,
                             on_failure="maybe")

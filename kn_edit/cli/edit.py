@@ -205,7 +205,9 @@ def run_update(args: argparse.Namespace) -> int:
     if info["unpredicted"]:
         con.print(f"[yellow]forced: the model did not predict {args.old!r} on {len(info['unpredicted'])} prompt(s)[/]")
     kept = _controls_kept(before, after, kinds)
-    scale = f", scale {info['scale']:.4g}" if info["scale"] is not None else ""
+    scale = "" if info["scale"] is None else (
+        f", change {info['scale']:.3g} × the value vectors' norm" if settings.direction == "gradient" and settings.rule == "signed"
+        else f", scale {info['scale']:.4g}")
     verdict = "[bold green]success[/]" if info["success"] else "[bold red]failed[/]"
     con.print(f"{verdict}: {args.new!r} is top-1 on {sum(m > 0 for m in info['margins'])}/{len(info['margins'])} edit "
               f"prompts{scale}; controls keeping their top prediction: {kept}/{kinds.count('control')}")

@@ -80,17 +80,19 @@ def drop_relation_shared(
     return kept, [n for n in neurons if counts[n] > limit + 1e-9]
 
 
+def with_slot(km, prompt: str) -> str:
+    """The prompt with an answer slot: masked LMs get " [MASK]." appended where it has none."""
+    if km.is_masked_lm and km.tokenizer.mask_token not in prompt and "[Y]" not in prompt and "[MASK]" not in prompt:
+        return prompt + " [MASK]."
+    return prompt
+
+
 def slot_activations(km, prompts: Sequence[str], quantile: float = 0.75) -> torch.Tensor:
     """The ``quantile`` over the prompts of |a| at the answer slot of answer-slot prompts (masked LMs:
     " [MASK]." is appended where missing): [n_layers, d_ff], float32 CPU."""
     if not 0.0 <= quantile <= 1.0:
         raise ConfigError(f"generic_quantile must be in [0, 1], got {quantile}")
-    steps = []
-    for prompt in prompts:
-        if km.is_masked_lm and km.tokenizer.mask_token not in prompt and "[Y]" not in prompt and "[MASK]" not in prompt:
-            prompt = prompt + " [MASK]."
-        ids, pos = encode_prompt_only(km.tokenizer, prompt, km.is_masked_lm)
-        steps.append(AnswerStep(ids, pos, -1))
+    steps = [AnswerStep(*encode_prompt_only(km.tokenizer, with_slot(km, p), km.is_masked_lm), -1) for p in prompts]
     return km.activations(steps).abs().quantile(quantile, dim=0)
 
 
@@ -105,3 +107,4 @@ def drop_generic(
     for n, fact in zip(neurons, fact_activation.tolist()):
         (dropped if float(generic_activation[n.layer, n.index]) >= ratio * fact else kept).append(n)
     return kept, dropped
+

@@ -15,10 +15,12 @@ from ..neurons import Neuron
 from ..progress import NullReporter, Reporter
 from .base import Edit, Editor, EditRequest
 from .filters import GENERIC_PROMPTS, drop_generic, drop_relation_shared, shared_by, slot_activations
+from .preserve import preservation_metric
 from .ledger import commit
 from .rules import paper_deltas, signed_direction, signed_unit_deltas, unscaled_deltas
+from .sensitivity import least_norm_step, value_gradients
 from .settings import EraseSettings, LocateSettings, UpdateSettings, with_overrides
-from .targets import UpdateTarget, embedding, margins, require_predicted, update_target
+from .targets import UpdateTarget, embedding, margins, prompt_margins, require_predicted, update_target
 from .values import checked, value_changes, value_vectors
 
 
@@ -66,6 +68,9 @@ class _Plan:
     dropped: list[dict] = field(default_factory=list)
     unpredicted: list[tuple[str, str]] = field(default_factory=list)
     target: UpdateTarget | None = None
+    # with the relation-share filter on: the plan without it, to fall back on; and why it was used
+    without_relation_filter: Callable[[], "_Plan"] | None = None
+    fallback: str | None = None
 
 
 def _neuron_rows(plan: _Plan) -> list[dict]:
@@ -88,9 +93,9 @@ class _NeuronEditor(Editor):
         self.reporter = reporter or NullReporter()
 
     def _plan(self, km, request: EditRequest, given: Located | None, steps, generic: torch.Tensor | None,
-              unpredicted: list[tuple[str, str]]) -> _Plan:
+              unpredicted: list[tuple[str, str]], relation_filter: bool = True) -> _Plan:
         """Locate, then drop generic neurons (neurons given by the caller are edited as given).
-        steps: the answer steps whose activations count."""
+        steps: the answer steps whose activations count. relation_filter=False: skip the relation-share filter."""
         located = given if given is not None else self._locator(km, request.prompts, request.old, self.settings)
         if given is not None:
             located.neurons = checked(km, located.neurons)
@@ -98,7 +103,7 @@ class _NeuronEditor(Editor):
         by_neuron = lambda ns: acts[:, [n.layer for n in ns], [n.index for n in ns]]  # noqa: E731  [n_prompts, n]
         neurons, scores = list(located.neurons), list(located.scores)
         dropped: list[dict] = []
-        sets = self.relation_neurons.get(request.relation) if request.relation is not None else None
+        sets = self.relation_neurons.get(request.relation) if request.relation is not None and relation_filter else None
         if given is not None:
             sets, generic = None, None
         if sets and hasattr(self.settings, "relation_share"):
@@ -123,7 +128,7 @@ class _NeuronEditor(Editor):
                 f"no knowledge neurons to edit for {request.old!r} after {request.prompts[0]!r}{why}; lower the "
                 "locating threshold, give more prompts, or turn the filters off (generic_filter=false)"
             )
-        activation = by_neuron(neurons).mean(dim=0) if neurons else torch.zeros(0)
+        activation = by_neuron(neurons).mean(dim=0)
         return _Plan(request, neurons, scores, activation, dropped, unpredicted)
 
     def _generic(self, km) -> torch.Tensor | None:
@@ -163,8 +168,7 @@ class KnowledgeNeuronEditor(_NeuronEditor):
             for request, given in zip(requests, _given(self._neurons, len(requests))):
                 target = update_target(km, request.prompts, request.old, request.new)
                 misses = require_predicted(km, request.prompts, request.old, s.force)
-                plan = self._plan(km, request, given, target.new_steps, generic, misses)
-                plan.target = target
+                plan = self._plan_or_fallback(km, request, given, target, generic, misses)
                 plans.append(plan)
                 task.advance()
         if s.rule == "signed":
@@ -178,6 +182,31 @@ class KnowledgeNeuronEditor(_NeuronEditor):
             edit.revert()
             raise
         return edit
+
+    def _plan_or_fallback(self, km, request: EditRequest, given: Located | None, target: UpdateTarget,
+                          generic: torch.Tensor | None, misses) -> _Plan:
+        """The plan with the relation-share filter; where that filter applies and ``relation_fallback`` is on,
+        also the way back to the plan without it (used when the filter leaves no neuron, or, for the signed
+        rule, when the remaining neurons cannot reach the margin)."""
+        filtered = given is None and request.relation is not None and bool(self.relation_neurons.get(request.relation))
+        fallback = self.settings.relation_fallback and filtered
+
+        def without() -> _Plan:
+            plan = self._plan(km, request, given, target.new_steps, generic, misses, relation_filter=False)
+            plan.target = target
+            return plan
+
+        try:
+            plan = self._plan(km, request, given, target.new_steps, generic, misses)
+        except EditError:
+            if not fallback:
+                raise
+            plan = without()
+            plan.fallback = "the relation-share filter left no neuron"
+            return plan
+        plan.target = target
+        plan.without_relation_filter = without if fallback else None
+        return plan
 
     # ----- rules ---------------------------------------------------------------------------------------
     def _fixed(self, km, plans: list[_Plan]) -> tuple[list[Neuron], torch.Tensor, list[float | None]]:
@@ -195,48 +224,102 @@ class KnowledgeNeuronEditor(_NeuronEditor):
         return neurons, torch.cat(deltas), [None] * len(plans)
 
     def _signed(self, km, plans: list[_Plan]) -> tuple[list[Neuron], torch.Tensor, list[float | None]]:
-        """Per request in turn (on top of the earlier requests' deltas): the smallest scale that makes new
-        the top prediction with the margin on every edit prompt; each try applied and reverted exactly."""
+        """Per request in turn (on top of the earlier requests' deltas): the least change that makes new the
+        top prediction with the margin on every edit prompt, each try applied and reverted exactly; with the
+        relation-share filter's neurons first, then (relation_fallback) with all of them."""
         s = self.settings
         neurons: list[Neuron] = []
         deltas = torch.zeros(0, km.d_model)
         scales: list[float | None] = []
-        with self.reporter.task("searching the edit scale", total=len(plans)) as task:
-            for plan in plans:
-                t = plan.target
-                d_hat = signed_direction(embedding(km, [t.old_token]), embedding(km, [t.new_token]), s.direction)
-                unit = signed_unit_deltas(plan.activation, d_hat, s.weighting)  # [n, d_model]
-                trial_neurons = neurons + plan.neurons
-
-                def worst_margin(scale: float) -> float:
-                    trial = commit(km, "trial", [], value_changes(km, trial_neurons, torch.cat([deltas, scale * unit]), True))
-                    try:
-                        return float(margins(km, t.new_steps).min())
-                    finally:
-                        trial.revert()
-
-                scale, reached = search_scale(worst_margin, s.margin, s.initial_scale, s.max_scale, s.bisect_steps)
+        with self.reporter.task("finding the least change", total=len(plans)) as task:
+            for i, plan in enumerate(plans):
+                change, scale, reached = self._attempt(km, plan, neurons, deltas)
+                if not reached and plan.without_relation_filter is not None:
+                    plan = plans[i] = plan.without_relation_filter()
+                    plan.fallback = "the relation-specific neurons did not reach the margin"
+                    change, scale, reached = self._attempt(km, plan, neurons, deltas)
                 if not reached and s.on_failure == "raise":
+                    tried = (f"no change within {s.solve_steps} steps (update.solve_steps) and {s.max_change:g} × the "
+                             "value vectors' norm (update.max_change) makes" if s.direction == "gradient"
+                             else f"no scale up to max_scale={s.max_scale:g} (update.max_scale) makes")
                     raise EditError(
-                        f"no scale up to max_scale={s.max_scale:g} makes {plan.request.new!r} the top prediction with margin "
-                        f"{s.margin:g} on every edit prompt; the model is unchanged (raise update.max_scale, lower "
-                        "update.margin, or set update.on_failure=apply to keep the largest scale tried)"
+                        f"{tried} {plan.request.new!r} the top prediction with margin {s.margin:g} on every edit prompt; "
+                        "the model is unchanged (raise that limit, lower update.margin, give more neurons, or set "
+                        "update.on_failure=apply to keep the last change tried)"
                     )
-                neurons, deltas = trial_neurons, torch.cat([deltas, scale * unit])
+                neurons, deltas = neurons + plan.neurons, torch.cat([deltas, change])
                 scales.append(scale)
                 task.advance()
         return neurons, deltas, scales
+
+    def _attempt(self, km, plan: _Plan, neurons: list[Neuron], deltas: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+        """(change [n, d_model] of plan's neurons, scale, reached) on top of the earlier requests' deltas."""
+        s, t = self.settings, plan.target
+        trial_neurons = neurons + plan.neurons
+        if s.direction == "gradient":
+            return self._solve(km, plan, trial_neurons, deltas)
+        unit = self._signed_unit(km, plan)  # [n, d_model]
+
+        def worst_margin(scale: float) -> float:
+            trial = commit(km, "trial", [], value_changes(km, trial_neurons, torch.cat([deltas, scale * unit]), True))
+            try:
+                return float(margins(km, t.new_steps).min())
+            finally:
+                trial.revert()
+
+        scale, reached = search_scale(worst_margin, s.margin, s.initial_scale, s.max_scale, s.bisect_steps)
+        return scale * unit, scale, reached
+
+    def _solve(self, km, plan: _Plan, trial_neurons: list[Neuron], deltas: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+        """gradient direction: successive least-norm steps (kn_edit.editing.rules). Each step linearizes the
+        margin (logit of new's token minus the strongest other token) of every token of new after every edit
+        prompt (teacher-forced, so multi-token objects are edited whole) around the current change and takes
+        the least change that lifts the prompts below the margin to margin + 0.5 (the half logit ends the
+        iteration instead of creeping up on the margin). Where the margin saturates, the steps grow without
+        end, so the change may not exceed max_change × ‖V‖ (V: the neurons' value vectors).
+        Returns (change [n, d_model], ‖change‖ / ‖V‖, reached)."""
+        s, t = self.settings, plan.target
+        size = float(value_vectors(km, plan.neurons).norm())
+        change = torch.zeros(len(plan.neurons), km.d_model)
+        metric = preservation_metric(km, plan.neurons, self.generic_prompts, s.ridge) if s.preserve else None
+        steps = [step for group in t.token_steps for step in group]  # every token of new on every prompt
+        for it in range(s.solve_steps + 1):
+            trial = commit(km, "trial", [], value_changes(km, trial_neurons, torch.cat([deltas, change]), True))
+            try:
+                margin, rival = margins(km, steps, with_rivals=True)
+                if float(margin.min()) >= s.margin:
+                    return change, float(change.norm()) / size, True
+                if it == s.solve_steps:
+                    break
+                low = [j for j in range(len(steps)) if margin[j] < s.margin]
+                grads = torch.stack([value_gradients(km, [steps[j]], plan.neurons, [int(rival[j])]) for j in low])
+            finally:
+                trial.revert()
+            proposed = change + least_norm_step(grads, s.margin + 0.5 - margin[low], metric)
+            if float(proposed.norm()) > s.max_change * size:
+                break
+            change = proposed
+        return change, float(change.norm()) / size, False
+
+    def _signed_unit(self, km, plan: _Plan) -> torch.Tensor:
+        """The signed rule's deltas for s = 1 (before the earlier requests' deltas are applied)."""
+        s, t = self.settings, plan.target
+        d_hat = signed_direction(embedding(km, [t.old_token]), embedding(km, [t.new_token]), s.direction)
+        return signed_unit_deltas(plan.activation, d_hat, s.weighting)
 
     def _info(self, km, plans: list[_Plan], scales: list[float | None]) -> dict:
         s = self.settings
         per_request = []
         for plan, scale in zip(plans, scales):
-            m = margins(km, plan.target.new_steps)
+            # per prompt; the gradient direction aims at every token of new, the others at the first differing one
+            whole = s.rule == "signed" and s.direction == "gradient"
+            m = prompt_margins(km, plan.target.token_steps) if whole else margins(km, plan.target.new_steps)
             per_request.append({
                 "prompts": list(plan.request.prompts), "old": plan.request.old, "new": plan.request.new,
                 "neurons": _neuron_rows(plan), "dropped": plan.dropped,
                 "unpredicted": [list(x) for x in plan.unpredicted],
                 "scale": scale, "margins": [float(x) for x in m], "success": bool((m > 0).all()),
+                "fallback": plan.fallback,
                 "negative_activations": int((plan.activation < 0).sum()),
             })
         info = {

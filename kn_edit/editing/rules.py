@@ -3,13 +3,23 @@ each returning the deltas [n, d_model] that are *added* to the value vectors.
 
 * ``paper`` (Dai et al. 2022): v_i ← v_i − λ1·(‖v_i‖/‖E(old)‖)·E(old) + λ2·(‖v_i‖/‖E(new)‖)·E(new), λ1 = 1, λ2 = 8.
 * ``unscaled`` (EasyEdit and ROME's KN baseline): v_i ← v_i − f·E(old) + f·E(new), f = 2.
-* ``signed`` (kn-edit's default): neuron i adds a_i·v_i to the residual stream at the answer position, and in
-  gated FFNs a_i is often negative, so the two rules above can lower P(new). Here the deltas are
+* ``signed``: neuron i adds a_i·v_i to the residual stream at the answer position, and in gated FFNs a_i is
+  often negative, so the two rules above can lower P(new); the signed rule moves each value vector the way
+  that raises new, by just enough. With the ``contrast`` or ``new`` direction the deltas are
   δ_i = s · w_i · d̂ with d̂ the unit direction E(new) − E(old) (or E(new)) and w_i = a_i / Σ_j a_j²
   (``activation`` weighting, the least-norm deltas giving Σ_i a_i·δ_i = s·d̂) or w_i = sign(a_i) / Σ_j |a_j|
   (``sign`` weighting, same shift). So the scale s is the length of the shift of the residual stream at the
   answer position (with the activations held fixed); the editor searches the smallest s that makes new the
   top prediction with a margin.
+* ``signed`` with the ``gradient`` direction (kn-edit's default): no fixed direction. The change δ of the
+  neurons' value vectors is found by successive linearization (kn_edit.editing.knowledge_neurons): at each
+  step, every edit prompt still below the margin contributes the constraint ⟨k_p, δ⟩ = r_p, with k_p the
+  gradient of its margin (logit of new minus the strongest other token) with respect to the value vectors
+  (kn_edit.editing.sensitivity) and r_p the logits missing to margin + ½; the step is the δ of least
+  tr(δᵀ·M·δ) meeting them, M the preservation metric (kn_edit.editing.preserve: how much δ would move the
+  FFN output on generic prompts and on the subject's neighbours) or the identity (``preserve=False``). The
+  gradient sees what the layers above, attention and the final norm do to a change, which E(new) − E(old)
+  does not; the reported scale is ‖δ‖ (Frobenius norm over the neurons).
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from ..errors import ConfigError, EditError
 
 RULES = ("signed", "paper", "unscaled")
 WEIGHTINGS = ("activation", "sign")
-DIRECTIONS = ("contrast", "new")
+DIRECTIONS = ("gradient", "contrast", "new")
 
 
 def paper_deltas(values: torch.Tensor, e_old: torch.Tensor, e_new: torch.Tensor, lambda_old: float = 1.0,
@@ -37,7 +47,7 @@ def unscaled_deltas(n: int, e_old: torch.Tensor, e_new: torch.Tensor, factor: fl
 
 def signed_direction(e_old: torch.Tensor, e_new: torch.Tensor, direction: str = "contrast") -> torch.Tensor:
     """Unit vector d̂ [d_model]: along E(new) − E(old) (``contrast``) or E(new) (``new``)."""
-    if direction not in DIRECTIONS:
+    if direction not in ("contrast", "new"):
         raise ConfigError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     d = e_new - e_old if direction == "contrast" else e_new
     norm = d.norm()
@@ -60,3 +70,4 @@ def signed_unit_deltas(activations: torch.Tensor, direction: torch.Tensor, weigh
     if not torch.isfinite(total) or total == 0:
         raise EditError("the neurons do not fire at the answer position (all activations are 0): nothing to scale")
     return w[:, None] * direction[None, :]
+

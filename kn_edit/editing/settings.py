@@ -31,21 +31,33 @@ class UpdateSettings(LocateSettings):
     generic_ratio: float = 0.5  # drop a neuron when |a| on generic prompts >= ratio * |a| on the fact's prompts
     generic_quantile: float = 0.75  # ... |a| on generic prompts: this quantile over the prompts
     relation_share: float = 0.1  # with relation neurons given: drop neurons of more than this share of its facts
+    # ... and when the neurons left cannot carry the edit (none left, or the margin not reached), edit with
+    # the neurons the relation filter dropped too, rather than refuse
+    relation_fallback: bool = True
     max_neurons: Optional[int] = None  # keep at most this many (strongest attribution first)
     # paper / unscaled rules
     lambda_old: float = 1.0
     lambda_new: float = 8.0
     unscaled_factor: float = 2.0
     # signed rule
-    weighting: str = "activation"  # activation (delta ∝ a_i) | sign (delta ∝ sign(a_i))
-    direction: str = "contrast"  # contrast: E(new) - E(old) | new: E(new)
+    # gradient: least change along the margin's gradient (default) | contrast: E(new) - E(old) | new: E(new)
+    direction: str = "gradient"
     margin: float = 1.0  # new must lead every other token by this many logits on every edit prompt
+    # gradient direction
+    solve_steps: int = 12  # at most this many successive least-norm steps
+    preserve: bool = True  # least change of the FFN output on generic prompts (False: least Frobenius norm)
+    ridge: float = 0.1  # ... plus this share of the plain least-norm penalty (kn_edit.editing.preserve)
+    # The change may not exceed this many times the edited value vectors' own norm (Frobenius); on smollm2 the
+    # edits that succeed stay below 1, and a margin that saturates would otherwise grow the change without end.
+    max_change: float = 2.0
+    # contrast / new directions
+    weighting: str = "activation"  # activation (delta ∝ a_i) | sign (delta ∝ sign(a_i))
     initial_scale: float = 1.0
     # Beyond a few hundred the shift wrecks unrelated text (measured on smollm2: scales ~500-1000 multiplied
     # plain-text perplexity by orders of magnitude), so the search stops here.
     max_scale: float = 256.0
     bisect_steps: int = 6
-    # When no scale up to max_scale reaches the margin: raise (model unchanged) or apply the largest scale tried.
+    # When the margin is not reached: raise (model unchanged) or apply the last change tried.
     on_failure: str = "raise"
 
     def check(self) -> "UpdateSettings":
@@ -56,6 +68,9 @@ class UpdateSettings(LocateSettings):
             raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.direction not in DIRECTIONS:
             raise ConfigError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
+        if self.direction == "gradient" and self.weighting != "activation":
+            raise ConfigError("weighting=sign applies to the contrast and new directions; the gradient direction "
+                              "already weighs each neuron by its effect (use weighting=activation)")
         if self.generic_ratio <= 0:
             raise ConfigError(f"generic_ratio must be > 0, got {self.generic_ratio}")
         if not 0.0 <= self.generic_quantile <= 1.0:
@@ -70,6 +85,12 @@ class UpdateSettings(LocateSettings):
             raise ConfigError(f"need 0 < initial_scale <= max_scale, got {self.initial_scale} and {self.max_scale}")
         if self.on_failure not in ("raise", "apply"):
             raise ConfigError(f"on_failure must be raise or apply, got {self.on_failure!r}")
+        if self.solve_steps < 1:
+            raise ConfigError(f"solve_steps must be >= 1, got {self.solve_steps}")
+        if self.max_change <= 0:
+            raise ConfigError(f"max_change must be > 0, got {self.max_change}")
+        if self.ridge <= 0:
+            raise ConfigError(f"ridge must be > 0 (it keeps the metric invertible), got {self.ridge}")
         if self.bisect_steps < 0:
             raise ConfigError(f"bisect_steps must be >= 0, got {self.bisect_steps}")
         return self

@@ -4,8 +4,8 @@ embedding rows E(x) the rules use, and the checks "does the model predict old" a
 E(x) is the **output embedding** (unembedding) row of token x, the direction that raises x's logit; in models
 with tied embeddings (SmolLM2, GPT-2, BERT, Gemma) it equals the input word embedding the paper names.
 Multi-token objects: the ``paper`` and ``unscaled`` rules use the mean of the rows of all the object's tokens;
-the ``signed`` rule works at the first token where old and new differ (``split``): its activations are read,
-and success is checked, at that answer step, with the common prefix teacher-forced.
+the ``signed`` rule works at the first token where old and new differ (``split``): its activations and
+gradients are read, and success is checked, at that answer step, with the common prefix teacher-forced.
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ from ..prompts import AnswerStep
 
 @dataclass(frozen=True)
 class UpdateTarget:
-    """One request's update, encoded. ``new_steps[p]`` predicts ``new_ids[split]`` after prompt p."""
+    """One request's update, encoded. ``new_steps[p]`` predicts ``new_ids[split]`` after prompt p;
+    ``token_steps[p]`` predict every token of new after prompt p (teacher-forced)."""
 
     prompts: tuple[str, ...]
     old_ids: tuple[int, ...]
     new_ids: tuple[int, ...]
     split: int
     new_steps: tuple[AnswerStep, ...]
+    token_steps: tuple[tuple[AnswerStep, ...], ...]
 
     @property
     def new_token(self) -> int:
@@ -56,7 +58,8 @@ def update_target(km, prompts: Sequence[str], old: str, new: str) -> UpdateTarge
         if enc_new.target_ids[:split] != new_ids[:split] or len(enc_new.steps) <= split:
             raise TargetError(f"{new!r} tokenizes differently after prompt {p!r}; give prompts that end alike")
         steps.append(enc_new.steps[split])
-    return UpdateTarget(tuple(prompts), tuple(old_ids), tuple(new_ids), split, tuple(steps))
+    return UpdateTarget(tuple(prompts), tuple(old_ids), tuple(new_ids), split, tuple(steps),
+                        tuple(tuple(enc_new.steps) for _, enc_new in encodings))
 
 
 def embedding(km, ids: Sequence[int]) -> torch.Tensor:
@@ -64,14 +67,27 @@ def embedding(km, ids: Sequence[int]) -> torch.Tensor:
     return km.output_embedding(list(ids)).detach().float().cpu().mean(dim=0)
 
 
-def margins(km, steps: Sequence[AnswerStep]) -> torch.Tensor:
-    """[n_steps]: logit of each step's target minus the largest other logit (> 0 iff the target is top-1)."""
+def margins(km, steps: Sequence[AnswerStep], with_rivals: bool = False):
+    """[n_steps]: logit of each step's target minus the largest other logit (> 0 iff the target is top-1);
+    with_rivals: also the token of that largest other logit [n_steps]."""
     logits = km.step_logits(list(steps)).cpu()  # [n, vocab]
     gold = torch.tensor([s.target_id for s in steps])
     rows = torch.arange(len(steps))
     target = logits[rows, gold].clone()
     logits[rows, gold] = float("-inf")
-    return target - logits.max(dim=-1).values
+    best = logits.max(dim=-1)
+    return (target - best.values, best.indices) if with_rivals else target - best.values
+
+
+def prompt_margins(km, groups: Sequence[Sequence[AnswerStep]]) -> torch.Tensor:
+    """[n_groups]: per group (one prompt's answer steps), the smallest margin over its steps."""
+    flat = [step for group in groups for step in group]
+    m = margins(km, flat)
+    out, at = [], 0
+    for group in groups:
+        out.append(m[at : at + len(group)].min())
+        at += len(group)
+    return torch.stack(out)
 
 
 def unpredicted(km, prompts: Sequence[str], target: str) -> list[tuple[str, str]]:

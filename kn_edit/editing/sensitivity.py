@@ -1,0 +1,48 @@
+"""How the answer's logit gap responds to the value vectors: the gradient of the mean over the edit prompts of
+logit(new) − logit(old) with respect to each neuron's value vector v_i.
+
+v_i enters the model only through its layer's value projection, at every position where the neuron fires, so
+∂gap/∂v_i = Σ_t a_i(t)·∇_l(t): the activations at all positions times the gradient of the gap with respect to
+that layer's FFN output there. Everything between the neuron and the logits (the layers above, attention from
+the answer position back to earlier ones, the final norm's gain, Gemma's post-FFN norm) is inside it, which a
+fixed direction such as E(new) − E(old) ignores.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..neurons import Neuron
+from ..prompts import AnswerStep
+
+
+def value_gradients(km, steps: Sequence[AnswerStep], neurons: Sequence[Neuron], old_ids: Sequence[int]) -> torch.Tensor:
+    """[n_neurons, d_model] float32 CPU: ∂/∂v_i of the mean over ``steps`` of logit(step.target_id) −
+    logit(old_ids[k]) at each step's answer position."""
+    layers = sorted({n.layer for n in neurons})
+    ids, mask = km.pad([s.input_ids for s in steps])
+    rows = torch.arange(len(steps), device=km.device)
+    pos = torch.tensor([s.position for s in steps], device=km.device)
+    with torch.enable_grad():
+        logits = km.model(input_ids=ids, attention_mask=mask).logits[rows, pos].float()  # [n, vocab]
+        new = torch.tensor([s.target_id for s in steps], device=logits.device)
+        old = torch.tensor(list(old_ids), device=logits.device)
+        gap = (logits[rows, new] - logits[rows, old]).mean()
+        grads = torch.autograd.grad(gap, [km.value_weight(l) for l in layers])
+    # the gradient has the weight's layout; read it the way km.value_vectors reads the weight: [d_ff, d_model]
+    by_layer = {l: (g if km.adapter.value_weight_transposed else g.t()) for l, g in zip(layers, grads)}
+    return torch.stack([by_layer[n.layer][n.index].float().cpu() for n in neurons])
+
+
+def least_norm_step(gradients: torch.Tensor, residuals: torch.Tensor, metric: torch.Tensor | None = None) -> torch.Tensor:
+    """gradients [P, n, d_model] (one per constraint), residuals [P] → the δ [n, d_model] of least
+    tr(δᵀ·metric·δ) (metric [n, n] positive definite; None: the identity, the least Frobenius norm) with
+    ⟨gradients[p], δ⟩ = residuals[p] for every p: δ = Σ_p λ_p·metric⁻¹·gradients[p], G·λ = residuals."""
+    k = gradients.double()
+    pulled = k if metric is None else torch.linalg.solve(metric.double(), k)  # metric⁻¹·K_p  [P, n, d]
+    flat, pulled_flat = k.reshape(len(k), -1), pulled.reshape(len(k), -1)
+    gram = flat @ pulled_flat.T
+    lam = torch.linalg.lstsq(gram, residuals.double()[:, None]).solution[:, 0]  # lstsq: robust to parallel rows
+    return (lam @ pulled_flat).reshape(gradients.shape[1:]).float()
