@@ -206,7 +206,7 @@ def run_update(args: argparse.Namespace) -> int:
         con.print(f"[yellow]forced: the model did not predict {args.old!r} on {len(info['unpredicted'])} prompt(s)[/]")
     kept = _controls_kept(before, after, kinds)
     scale = "" if info["scale"] is None else (
-        f", change {info['scale']:.3g} × the value vectors' norm" if settings.direction == "gradient" and settings.rule == "signed"
+        f", change {info['scale']:.3g} × the value vectors' norm" if settings.direction == "gradient"
         else f", scale {info['scale']:.4g}")
     verdict = "[bold green]success[/]" if info["success"] else "[bold red]failed[/]"
     con.print(f"{verdict}: {args.new!r} is top-1 on {sum(m > 0 for m in info['margins'])}/{len(info['margins'])} edit "

@@ -107,4 +107,3 @@ def drop_generic(
     for n, fact in zip(neurons, fact_activation.tolist()):
         (dropped if float(generic_activation[n.layer, n.index]) >= ratio * fact else kept).append(n)
     return kept, dropped
-

@@ -92,21 +92,36 @@ class _NeuronEditor(Editor):
         self.relation_neurons = dict(relation_neurons or {})
         self.reporter = reporter or NullReporter()
 
-    def _plan(self, km, request: EditRequest, given: Located | None, steps, generic: torch.Tensor | None,
-              unpredicted: list[tuple[str, str]], relation_filter: bool = True) -> _Plan:
-        """Locate, then drop generic neurons (neurons given by the caller are edited as given).
-        steps: the answer steps whose activations count. relation_filter=False: skip the relation-share filter."""
-        located = given if given is not None else self._locator(km, request.prompts, request.old, self.settings)
+    def _plans(self, km, requests: list[EditRequest], plan_one: Callable) -> list[_Plan]:
+        """plan_one(request, given, generic) for each request in turn, with progress; given: the caller's
+        neurons for it (or None), generic: the generic-prompt activations (or None, filter off)."""
+        if not requests:
+            raise EditError("no edit requests")
+        generic = self._generic(km)
+        plans = []
+        with self.reporter.task("locating knowledge neurons", total=len(requests)) as task:
+            for request, given in zip(requests, _given(self._neurons, len(requests))):
+                plans.append(plan_one(request, given, generic))
+                task.advance()
+        return plans
+
+    def _locate(self, km, request: EditRequest, given: Located | None) -> Located:
+        """The caller's neurons (checked) or, without them, the located ones."""
         if given is not None:
-            located.neurons = checked(km, located.neurons)
-        acts = km.activations(list(steps))  # [n_prompts, n_layers, d_ff]
+            return Located(checked(km, given.neurons), given.scores)
+        return self._locator(km, request.prompts, request.old, self.settings)
+
+    def _plan(self, request: EditRequest, located: Located, acts: torch.Tensor, by_hand: bool,
+              generic: torch.Tensor | None, sets, unpredicted: list[tuple[str, str]]) -> _Plan:
+        """Filter the located neurons: relation-share (``sets``), generic (``generic``), max_neurons; neurons
+        given by hand (``by_hand``) are edited as given. acts [n_prompts, n_layers, d_ff]: the activations at
+        the answer steps that count."""
         by_neuron = lambda ns: acts[:, [n.layer for n in ns], [n.index for n in ns]]  # noqa: E731  [n_prompts, n]
         neurons, scores = list(located.neurons), list(located.scores)
         dropped: list[dict] = []
-        sets = self.relation_neurons.get(request.relation) if request.relation is not None and relation_filter else None
-        if given is not None:
+        if by_hand:
             sets, generic = None, None
-        if sets and hasattr(self.settings, "relation_share"):
+        if sets:
             kept, out = drop_relation_shared(neurons, sets, self.settings.relation_share)
             dropped += [{"layer": n.layer, "index": n.index, "reason": "relation-shared"} for n in out]
             scores = [s for n, s in zip(neurons, scores) if n in set(kept)]
@@ -116,7 +131,7 @@ class _NeuronEditor(Editor):
             dropped += [{"layer": n.layer, "index": n.index, "reason": "generic"} for n in out]
             scores = [s for n, s in zip(neurons, scores) if n in set(kept)]
             neurons = kept
-        if given is None and self.settings.max_neurons is not None and len(neurons) > self.settings.max_neurons:
+        if not by_hand and self.settings.max_neurons is not None and len(neurons) > self.settings.max_neurons:
             order = sorted(range(len(neurons)), key=lambda j: -scores[j] if scores[j] == scores[j] else 0.0)
             keep = sorted(order[: self.settings.max_neurons])
             dropped += [{"layer": neurons[j].layer, "index": neurons[j].index, "reason": "max_neurons"}
@@ -156,21 +171,11 @@ class KnowledgeNeuronEditor(_NeuronEditor):
 
     def apply(self, km, requests: Sequence[EditRequest]) -> Edit:
         requests = list(requests)
-        if not requests:
-            raise EditError("no edit requests")
         erasures = [r for r in requests if r.is_erasure]
         if erasures:
             raise EditError(f"request for {erasures[0].old!r} has no new object; use KnowledgeNeuronEraser to erase")
         s = self.settings
-        generic = self._generic(km)
-        plans = []
-        with self.reporter.task("locating knowledge neurons", total=len(requests)) as task:
-            for request, given in zip(requests, _given(self._neurons, len(requests))):
-                target = update_target(km, request.prompts, request.old, request.new)
-                misses = require_predicted(km, request.prompts, request.old, s.force)
-                plan = self._plan_or_fallback(km, request, given, target, generic, misses)
-                plans.append(plan)
-                task.advance()
+        plans = self._plans(km, requests, lambda request, given, generic: self._plan_or_fallback(km, request, given, generic))
         if s.rule == "signed":
             neurons, deltas, scales = self._signed(km, plans)
         else:
@@ -183,30 +188,41 @@ class KnowledgeNeuronEditor(_NeuronEditor):
             raise
         return edit
 
-    def _plan_or_fallback(self, km, request: EditRequest, given: Located | None, target: UpdateTarget,
-                          generic: torch.Tensor | None, misses) -> _Plan:
-        """The plan with the relation-share filter; where that filter applies and ``relation_fallback`` is on,
-        also the way back to the plan without it (used when the filter leaves no neuron, or, for the signed
-        rule, when the remaining neurons cannot reach the margin)."""
-        filtered = given is None and request.relation is not None and bool(self.relation_neurons.get(request.relation))
-        fallback = self.settings.relation_fallback and filtered
+    def _relation_sets(self, request: EditRequest, given: Located | None):
+        """The neuron sets of the request's relation for the relation-share filter, or None where it does not
+        apply (neurons given by hand, no relation, or no sets for it)."""
+        if given is not None or request.relation is None:
+            return None
+        return self.relation_neurons.get(request.relation) or None
 
-        def without() -> _Plan:
-            plan = self._plan(km, request, given, target.new_steps, generic, misses, relation_filter=False)
-            plan.target = target
-            return plan
+    def _plan_or_fallback(self, km, request: EditRequest, given: Located | None, generic: torch.Tensor | None) -> _Plan:
+        """The plan with the relation-share filter; where that filter applies, dropped neurons and
+        ``relation_fallback`` is on, also the way back to the plan without it (used when the filter leaves no
+        neuron, or, for the signed rule, when the remaining neurons cannot reach the margin). The fact is
+        located once for both."""
+        target = update_target(km, request.prompts, request.old, request.new)
+        misses = require_predicted(km, request.prompts, request.old, self.settings.force)
+        located = self._locate(km, request, given)
+        acts = km.activations(list(target.new_steps))  # [n_prompts, n_layers, d_ff]
+        sets = self._relation_sets(request, given)
+
+        def plan(with_sets) -> _Plan:
+            made = self._plan(request, located, acts, given is not None, generic, with_sets, misses)
+            made.target = target
+            return made
 
         try:
-            plan = self._plan(km, request, given, target.new_steps, generic, misses)
+            planned = plan(sets)
         except EditError:
-            if not fallback:
+            if not (sets and self.settings.relation_fallback):
                 raise
-            plan = without()
-            plan.fallback = "the relation-share filter left no neuron"
-            return plan
-        plan.target = target
-        plan.without_relation_filter = without if fallback else None
-        return plan
+            planned = plan(None)
+            planned.fallback = "the relation-share filter left no neuron"
+            return planned
+        filtered_out = any(d["reason"] == "relation-shared" for d in planned.dropped)
+        if filtered_out and self.settings.relation_fallback:
+            planned.without_relation_filter = lambda: plan(None)
+        return planned
 
     # ----- rules ---------------------------------------------------------------------------------------
     def _fixed(self, km, plans: list[_Plan]) -> tuple[list[Neuron], torch.Tensor, list[float | None]]:
@@ -310,9 +326,9 @@ class KnowledgeNeuronEditor(_NeuronEditor):
     def _info(self, km, plans: list[_Plan], scales: list[float | None]) -> dict:
         s = self.settings
         per_request = []
+        # per prompt; the gradient direction aims at every token of new, the others at the first differing one
+        whole = s.rule == "signed" and s.direction == "gradient"
         for plan, scale in zip(plans, scales):
-            # per prompt; the gradient direction aims at every token of new, the others at the first differing one
-            whole = s.rule == "signed" and s.direction == "gradient"
             m = prompt_margins(km, plan.target.token_steps) if whole else margins(km, plan.target.new_steps)
             per_request.append({
                 "prompts": list(plan.request.prompts), "old": plan.request.old, "new": plan.request.new,
@@ -370,20 +386,18 @@ class KnowledgeNeuronEraser(_NeuronEditor):
 
     def apply(self, km, requests: Sequence[EditRequest]) -> Edit:
         requests = list(requests)
-        if not requests:
-            raise EditError("no edit requests")
         updates = [r for r in requests if not r.is_erasure]
         if updates:
             raise EditError(f"request {updates[0].old!r} → {updates[0].new!r} is an update; use KnowledgeNeuronEditor")
         s = self.settings
-        generic = self._generic(km)
-        plans = []
-        with self.reporter.task("locating knowledge neurons", total=len(requests)) as task:
-            for request, given in zip(requests, _given(self._neurons, len(requests))):
-                misses = require_predicted(km, request.prompts, request.old, s.force)
-                steps = [km.encode(p, request.old).steps[0] for p in request.prompts]
-                plans.append(self._plan(km, request, given, steps, generic, misses))
-                task.advance()
+
+        def plan_one(request: EditRequest, given: Located | None, generic: torch.Tensor | None) -> _Plan:
+            misses = require_predicted(km, request.prompts, request.old, s.force)
+            located = self._locate(km, request, given)
+            acts = km.activations([km.encode(p, request.old).steps[0] for p in request.prompts])
+            return self._plan(request, located, acts, given is not None, generic, None, misses)
+
+        plans = self._plans(km, requests, plan_one)
         neurons = [n for plan in plans for n in plan.neurons]
         values = erase_values(km, len(neurons), s.mode)
         edit = commit(km, f"{self.name}:{s.mode}", requests, value_changes(km, neurons, values, additive=False))

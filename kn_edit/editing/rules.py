@@ -13,13 +13,14 @@ each returning the deltas [n, d_model] that are *added* to the value vectors.
   top prediction with a margin.
 * ``signed`` with the ``gradient`` direction (kn-edit's default): no fixed direction. The change δ of the
   neurons' value vectors is found by successive linearization (kn_edit.editing.knowledge_neurons): at each
-  step, every edit prompt still below the margin contributes the constraint ⟨k_p, δ⟩ = r_p, with k_p the
-  gradient of its margin (logit of new minus the strongest other token) with respect to the value vectors
-  (kn_edit.editing.sensitivity) and r_p the logits missing to margin + ½; the step is the δ of least
-  tr(δᵀ·M·δ) meeting them, M the preservation metric (kn_edit.editing.preserve: how much δ would move the
-  FFN output on generic prompts and on the subject's neighbours) or the identity (``preserve=False``). The
-  gradient sees what the layers above, attention and the final norm do to a change, which E(new) − E(old)
-  does not; the reported scale is ‖δ‖ (Frobenius norm over the neurons).
+  step, every answer token of new (on every edit prompt, teacher-forced) still below the margin contributes
+  the constraint ⟨k_p, δ⟩ = r_p, with k_p the gradient of its margin (logit of the token minus the strongest
+  other token) with respect to the value vectors (kn_edit.editing.sensitivity) and r_p the logits missing to
+  margin + ½; the step is the δ of least tr(δᵀ·M·δ) meeting them, M the preservation metric
+  (kn_edit.editing.preserve: how much δ would move the FFN output on generic prompts) or the identity
+  (``preserve=False``). The gradient sees what the layers above, attention and the final norm do to a change,
+  which E(new) − E(old) does not; the reported scale is ‖δ‖ / ‖V‖ (Frobenius norms over the edited neurons:
+  the change relative to their value vectors).
 """
 
 from __future__ import annotations
@@ -70,4 +71,3 @@ def signed_unit_deltas(activations: torch.Tensor, direction: torch.Tensor, weigh
     if not torch.isfinite(total) or total == 0:
         raise EditError("the neurons do not fire at the answer position (all activations are 0): nothing to scale")
     return w[:, None] * direction[None, :]
-

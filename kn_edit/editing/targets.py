@@ -4,8 +4,9 @@ embedding rows E(x) the rules use, and the checks "does the model predict old" a
 E(x) is the **output embedding** (unembedding) row of token x, the direction that raises x's logit; in models
 with tied embeddings (SmolLM2, GPT-2, BERT, Gemma) it equals the input word embedding the paper names.
 Multi-token objects: the ``paper`` and ``unscaled`` rules use the mean of the rows of all the object's tokens;
-the ``signed`` rule works at the first token where old and new differ (``split``): its activations and
-gradients are read, and success is checked, at that answer step, with the common prefix teacher-forced.
+the ``signed`` rule reads its activations at the first token where old and new differ (``split``), with the
+common prefix teacher-forced; the ``contrast`` and ``new`` directions also check success there, the
+``gradient`` direction on every token of new (``token_steps``).
 """
 
 from __future__ import annotations
