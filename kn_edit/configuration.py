@@ -4,7 +4,7 @@ overrides, so a typo or a wrong type is an error naming the key. Nothing here ru
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import Mapping, Sequence, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -14,15 +14,21 @@ from .errors import ConfigError
 T = TypeVar("T")
 
 
-def load_config(schema: type[T], files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> T:
-    """An instance of dataclass ``schema``: defaults, then each YAML file, then ``key=value`` overrides."""
+def load_config(schema: type[T], files: Sequence[str | Path] = (), overrides: Sequence[str] | Mapping = (),
+                defaults: Mapping | None = None) -> T:
+    """An instance of dataclass ``schema``: its defaults, then ``defaults``, then each YAML file, then
+    ``key=value`` overrides (or a mapping of them)."""
     try:
         merged = OmegaConf.structured(schema)
+        if defaults:
+            merged = OmegaConf.merge(merged, dict(defaults))
         for file in files:
             path = Path(file)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        if isinstance(overrides, Mapping):
+            return OmegaConf.to_object(OmegaConf.merge(merged, dict(overrides)))  # type: ignore[return-value]
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")

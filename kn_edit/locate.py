@@ -26,19 +26,29 @@ _SHARE_EPS = 1e-9
 
 
 @dataclass
-class LocateConfig:
-    """Settings of locating (``configs/locate.yaml`` holds the defaults; override with ``key=value``)."""
+class LocateSettings:
+    """How a fact's knowledge neurons are located: the one set of locating settings, used by every editor
+    that locates, by probing and (extended by LocateConfig) by data-set runs."""
 
     steps: int = 20  # integrated-gradients steps m
     threshold: float = 0.2  # t: per prompt, keep score > t * max(score)
     share: float = 0.5  # p: per fact, keep neurons kept by >= p of its prompts (fixed-share runs)
+    layers: Optional[list[int]] = None  # layers to score (None: all)
+
+    def check_locate(self) -> None:
+        check_settings(self.threshold, self.share, self.steps)
+
+
+@dataclass
+class LocateConfig(LocateSettings):
+    """Settings of locating (``configs/locate.yaml`` holds the defaults; override with ``key=value``)."""
+
     adaptive: bool = False  # data-set runs: adapt p per relation (the paper's rule) instead of a fixed share
     share_start: float = 0.7
     share_step: float = 0.05
     target_min: float = 2.0  # the adaptive rule aims at this many neurons per fact on average ...
     target_max: float = 5.0  # ... and at most this many
     min_prompts: int = 3  # facts with fewer prompts do not count towards the adaptive average
-    layers: Optional[list[int]] = None  # layers to score (None: all)
     # Data-set runs (kn-edit locate-dataset):
     facts_per_batch: int = 4  # facts per Lightning batch
     attribution_rows: Optional[int] = None  # rows (scaled copies) per attribution pass; None: sized from memory
@@ -50,7 +60,7 @@ class LocateConfig:
     strategy: str = "auto"
 
     def check(self) -> "LocateConfig":
-        check_settings(self.threshold, self.share, self.steps)
+        self.check_locate()
         if not 0.0 < self.share_start <= 1.0:
             raise ConfigError(f"share_start must be in (0, 1], got {self.share_start}")
         if not 0.0 < self.share_step < 1.0:

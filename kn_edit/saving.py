@@ -35,7 +35,8 @@ def save_model(km, path: str | Path) -> Path:
     target = check_model_path(km, path)
     edits = [
         {"editor": e.editor, "requests": [{"prompts": list(r.prompts), "old": r.old, "new": r.new} for r in e.requests],
-         "rule": e.info.get("rule"), "neurons": [[n["layer"], n["index"]] for n in e.info.get("neurons", [])]}
+         "method": e.report.method if e.report else None,
+         "neurons": [[n.layer, n.index] for n in e.report.neurons] if e.report else []}
         for e in active_edits(km)
     ]
     with atomic_dir(target) as tmp:

@@ -60,7 +60,7 @@ def test_erase_relation_zeroes_the_shared_neurons(tiny_factory):
     facts = [EditRequest(("The capital of France is",), "Paris"), EditRequest(("The capital of Italy is",), "Rome"),
              EditRequest(("The capital of Japan is",), "Tokyo")]
     edit = kn_edit.erase_relation(km, facts, share=0.5, neuron_sets=[{A, B}, {A}, {C}])
-    assert [(n["layer"], n["index"], n["facts"]) for n in edit.info["neurons"]] == [(0, 1, 2)]
+    assert [(n.layer, n.index, c) for n, c in zip(edit.report.neurons, edit.report.details.relation_counts)] == [(0, 1, 2)]
     assert torch.equal(km.value_vectors(0)[1], torch.zeros(km.d_model))
     assert torch.equal(km.value_vectors(0)[2], before_vector(km, before, B))
     edit.revert()
@@ -91,9 +91,9 @@ def test_relation_filter_edits_only_the_relation_specific_neurons(tiny_factory):
 
     km = tiny_factory("llama")
     edit = _editor().apply(km, [EditRequest(["The capital of France is"], "Paris", "Rome", relation="P1")])
-    info = edit.info["requests"][0]
-    assert [(r["layer"], r["index"]) for r in info["neurons"]] == [(1, 0)] and info["fallback"] is None
-    assert sorted((d["layer"], d["index"]) for d in info["dropped"]) == [(1, i) for i in range(1, 8)]
+    info = edit.report.details.requests[0]
+    assert [(r.layer, r.index) for r in info.neurons] == [(1, 0)] and info.fallback is None
+    assert sorted((d.layer, d.index) for d in info.dropped) == [(1, i) for i in range(1, 8)]
     edit.revert()
 
 
@@ -111,9 +111,9 @@ def test_relation_filter_falls_back_when_its_neurons_cannot_carry_the_edit(tiny_
     monkeypatch.setattr(KnowledgeNeuronEditor, "_attempt", weak_alone)
     request = EditRequest(["The capital of France is"], "Paris", "Rome", relation="P1")
     edit = _editor().apply(km, [request])
-    info = edit.info["requests"][0]
-    assert len(info["neurons"]) == 8 and info["fallback"] == "the relation-specific neurons did not reach the margin"
-    assert info["success"]
+    info = edit.report.details.requests[0]
+    assert len(info.neurons) == 8 and info.fallback == "the relation-specific neurons did not reach the margin"
+    assert edit.report.success
     edit.revert()
     with pytest.raises(EditError, match="no change within"):
         _editor(relation_fallback=False).apply(km, [request])
@@ -128,8 +128,8 @@ def test_relation_filter_falls_back_when_it_leaves_no_neuron(tiny_factory):
     editor = _editor()
     editor.relation_neurons = everything
     edit = editor.apply(km, [request])
-    assert edit.info["requests"][0]["fallback"] == "the relation-share filter left no neuron"
-    assert len(edit.info["requests"][0]["neurons"]) == 8
+    assert edit.report.details.requests[0].fallback == "the relation-share filter left no neuron"
+    assert len(edit.report.details.requests[0].neurons) == 8
     edit.revert()
     strict = _editor(relation_fallback=False)
     strict.relation_neurons = everything

@@ -147,7 +147,7 @@ def test_gradient_rule_one_step_formula(tiny, preserve):
     edit = kn_edit.update_fact(tiny, prompts, old, new, neurons=NEURONS, force=True, direction="gradient",
                                preserve=preserve, solve_steps=1, on_failure="apply", max_change=1e6)
     size = float(torch.stack([v0[n] for n in NEURONS]).norm())
-    assert edit.info["scale"] == pytest.approx(float(delta.norm()) / size, rel=1e-4)  # reported: |delta| / |V|
+    assert edit.report.details.scale == pytest.approx(float(delta.norm()) / size, rel=1e-4)  # reported: |delta| / |V|
     expected = {n: v0[n] + delta[j] for j, n in enumerate(NEURONS)}
     assert_only_neurons_changed(tiny, before, NEURONS, expected, atol=1e-5 * float(delta.abs().max()) + 1e-6)
     edit.revert()
@@ -174,7 +174,7 @@ def test_gradient_direction_reaches_the_margin_and_rejects_sign_weighting(tiny_f
     km = tiny_factory("llama")
     edit = kn_edit.update_fact(km, ["The capital of France is"], "Paris", "Rome", neurons=[Neuron(1, i) for i in range(8)],
                                force=True, generic_filter=False, margin=0.1, direction="gradient", max_change=1e3)
-    assert edit.info["success"] and min(edit.info["requests"][0]["margins"]) >= 0.1
+    assert edit.report.success and min(p.margin for p in edit.report.prompts) >= 0.1
     assert km.predict("The capital of France is", top_k=1)[0].token.strip() == "Rome"
     edit.revert()
     with pytest.raises(ConfigError, match="weighting=sign"):
@@ -184,7 +184,7 @@ def test_gradient_direction_reaches_the_margin_and_rejects_sign_weighting(tiny_f
 
 def test_gradient_direction_edits_every_token_of_a_multi_token_object(tiny_factory):
     """The gradient direction constrains every token of new (teacher-forced): after the edit, greedy decoding
-    gives the whole new object; success in the edit's info means exactly that."""
+    gives the whole new object; success in the edit's report means exactly that."""
     from kn_edit.editing.targets import unpredicted
 
     km = tiny_factory("gpt2")
@@ -193,7 +193,7 @@ def test_gradient_direction_edits_every_token_of_a_multi_token_object(tiny_facto
     before = snapshot(km)
     edit = kn_edit.update_fact(km, [prompt], "Paris", new, neurons=[Neuron(1, i) for i in range(12)], force=True,
                                generic_filter=False, margin=0.1, max_change=1e4)
-    assert edit.info["success"] and unpredicted(km, [prompt], new) == []
+    assert edit.report.success and unpredicted(km, [prompt], new) == []
     steps = km.encode(prompt, new).steps
     logits = km.step_logits(list(steps))
     assert all(int(row.argmax()) == s.target_id for row, s in zip(logits, steps))

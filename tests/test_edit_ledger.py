@@ -86,7 +86,7 @@ def test_failure_half_way_through_apply_leaves_the_model_unchanged(tiny_factory,
     km = tiny_factory(family)
     earlier = kn_edit.update_fact(km, [PROMPT], "Paris", "Rome", rule="unscaled", neurons=[Neuron(1, 5)], force=True)
     state = snapshot(km)
-    real = ledger_module._write_rows
+    real = ledger_module.Ledger._write
     calls = {"n": 0}
 
     def failing(*args, **kwargs):
@@ -95,10 +95,10 @@ def test_failure_half_way_through_apply_leaves_the_model_unchanged(tiny_factory,
             raise RuntimeError("injected failure")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ledger_module, "_write_rows", failing)
+    monkeypatch.setattr(ledger_module.Ledger, "_write", failing)
     with pytest.raises(RuntimeError, match="injected"):
         kn_edit.update_fact(km, [PROMPT], "Paris", "Tokyo", rule="paper", neurons=[Neuron(0, 2), Neuron(1, 5)], force=True)
-    monkeypatch.setattr(ledger_module, "_write_rows", real)
+    monkeypatch.setattr(ledger_module.Ledger, "_write", real)
     assert calls["n"] >= 2
     assert same(km, state)
     assert ledger_for(km).active_edits == [earlier]

@@ -81,7 +81,7 @@ def test_paper_rule_formula(tiny):
         v = raw_value(tiny, n)
         expected[n] = v - 1.0 * (v.norm() / e_old.norm()) * e_old + 8.0 * (v.norm() / e_new.norm()) * e_new
     edit = kn_edit.update_fact(tiny, [prompt], old, new, rule="paper", neurons=NEURONS, force=True)
-    assert edit.info["rule"] == "paper" and edit.active
+    assert edit.report.details.rule == "paper" and edit.active
     assert_only_neurons_changed(tiny, before, NEURONS, expected)
     names = {k for k, p in tiny.model.named_parameters() if p is tiny.value_proj(0).weight or p is tiny.value_proj(1).weight}
     assert set(edit.touched_parameters) == names
@@ -116,8 +116,8 @@ def test_signed_rule_formula(tiny):
     d = d / d.norm()
     edit = kn_edit.update_fact(tiny, [prompt], old, new, neurons=NEURONS, force=True, generic_filter=False,
                                direction="contrast", max_scale=64.0, bisect_steps=3, on_failure="apply")
-    scale = edit.info["scale"]
-    assert edit.info["rule"] == "signed" and 0 < scale <= 64.0
+    scale = edit.report.details.scale
+    assert edit.report.details.rule == "signed" and 0 < scale <= 64.0
     expected = {n: v0[n] + scale * float(a) / float((acts**2).sum()) * d for n, a in zip(NEURONS, acts)}
     assert_only_neurons_changed(tiny, before, NEURONS, expected, atol=1e-5)
     edit.revert()
@@ -128,8 +128,8 @@ def test_signed_rule_reaches_the_margin_on_a_causal_model(tiny_factory):
     km = tiny_factory("llama")
     edit = kn_edit.update_fact(km, ["The capital of France is"], "Paris", "Rome", neurons=[Neuron(1, i) for i in range(8)],
                                force=True, generic_filter=False, margin=0.1, direction="contrast")
-    assert edit.info["success"]
-    assert min(edit.info["requests"][0]["margins"]) >= 0.1
+    assert edit.report.success
+    assert min(p.margin for p in edit.report.prompts) >= 0.1
     top = km.predict("The capital of France is", top_k=1)[0]
     assert top.token.strip() == "Rome"
     edit.revert()
@@ -164,7 +164,7 @@ def test_batch_of_requests_adds_the_deltas_of_shared_neurons(tiny_factory):
     edit = editor.apply(km, [r1, r2])
     expected = v + (-2 * e["Paris"] + 2 * e["Rome"]) + (-2 * e["Rome"] + 2 * e["Tokyo"])
     torch.testing.assert_close(raw_value(km, shared), expected, atol=1e-5, rtol=1e-5)
-    assert len(edit.info["requests"]) == 2
+    assert len(edit.report.details.requests) == 2
     edit.revert()
     assert_same(km, before)
 

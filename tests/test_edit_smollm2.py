@@ -56,11 +56,11 @@ def test_default_rule_updates_known_facts_and_keeps_others(smollm2, cached_locat
     for prompts, old, new in FACTS:
         edit = kn_edit.update_fact(smollm2, prompts, old, new, locator=cached_locator)
         try:
-            info = edit.info["requests"][0]
-            assert edit.info["rule"] == "signed" and 0 < info["scale"] <= 2.0 and info["neurons"]
+            info = edit.report.details.requests[0]
+            assert edit.report.details.rule == "signed" and 0 < info.scale <= 2.0 and info.neurons
             if all(top1(smollm2, p).strip() == new for p in prompts):
                 flipped += 1
-                assert edit.info["success"]
+                assert edit.report.success
             others = [c for c in CONTROLS if old not in controls[c] and new not in controls[c]]
             kept.append(sum(top1(smollm2, c) == controls[c] for c in others) / len(others))
         finally:
@@ -76,6 +76,6 @@ def test_erasing_lowers_the_probability_of_the_target(smollm2, cached_locator):
     edit = kn_edit.erase_fact(smollm2, prompts, target, locator=cached_locator)
     after = [smollm2.prob(p, target) for p in prompts]
     edit.revert()
-    assert edit.info["neurons"]
+    assert edit.report.neurons
     assert all(a < b for a, b in zip(after, before)), (before, after)
     assert [smollm2.prob(p, target) for p in prompts] == before

@@ -2,8 +2,11 @@
 
 from .base import Edit, Editor, EditRequest, ParamPatch
 from .knowledge_neurons import (
+    KnDetails,
     KnowledgeNeuronEditor,
     KnowledgeNeuronEraser,
+    KnowledgeNeuronRelationEraser,
+    KnRequestDetails,
     Located,
     default_locator,
     erase_fact,
@@ -12,10 +15,28 @@ from .knowledge_neurons import (
 )
 from .ledger import SliceChange, active_edits, commit, ledger_for
 from .patchfile import apply_patch, read_patch, remove_patch, save_patch
+from .registry import METHODS, make_editor, method_config, method_names
+from .report import EditReport, ParameterChange, PromptOutcome
 from .rules import RULES
-from .settings import EraseSettings, LocateSettings, UpdateSettings
+from .settings import Direction, EraseMode, EraseSettings, LocateSettings, RelationEraseSettings, Rule, UpdateSettings
+from .values import whole_change
 
 __all__ = [
+    "Direction",
+    "EditReport",
+    "EraseMode",
+    "KnDetails",
+    "KnRequestDetails",
+    "KnowledgeNeuronRelationEraser",
+    "METHODS",
+    "ParameterChange",
+    "PromptOutcome",
+    "RelationEraseSettings",
+    "Rule",
+    "make_editor",
+    "method_config",
+    "method_names",
+    "whole_change",
     "Edit",
     "EditRequest",
     "Editor",

@@ -3,21 +3,24 @@
 An edit is a set of ParamPatches: for one parameter, the slices it touched along one dimension, with
 copies of the values before and after. Nothing else of the model is copied.
 
-Edits made through :func:`kn_edit.editing.ledger.commit` (every editor in kn-edit) are kept in the model's
-ledger, which holds the pristine value of every touched slice: they can be reverted in any order and the
-model comes back bit for bit. An ``Edit`` built by hand (``ledger=None``) reverts by writing ``before``
-back, which is exact only when it is the last edit still applied to those slices.
+Every edit is made through :func:`kn_edit.editing.ledger.commit`: the model's ledger holds the pristine value
+of every touched slice, so edits can be reverted in any order and the model comes back bit for bit. A patch
+may cover a whole parameter (ROME and fine-tuning change every column of a matrix).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 
 from ..errors import EditError
+
+if TYPE_CHECKING:
+    from .ledger import SliceChange
+    from .report import EditReport
 
 
 @dataclass(frozen=True)
@@ -67,31 +70,22 @@ class ParamPatch:
 
 @dataclass(eq=False)
 class Edit:
-    """Handle on an applied edit. ``revert()`` takes it back; once every edit of a slice is reverted, the
-    slice holds its original values bit for bit. ``info`` says what the editor did (JSON-friendly)."""
+    """Handle on an applied edit, made by the model's ledger (:func:`kn_edit.editing.ledger.commit`).
+    ``revert()`` takes it back; once every edit of a slice is reverted, the slice holds its original values
+    bit for bit, whatever the order. ``report`` says what the editor did (:class:`EditReport`)."""
 
     editor: str
     requests: tuple[EditRequest, ...]
     patches: list[ParamPatch]
     model: Any  # the KnModel the edit was applied to
-    info: dict[str, Any] = field(default_factory=dict)
+    ledger: Any = field(repr=False)  # the model's Ledger: the one way back
+    report: EditReport | None = None
     active: bool = True
-    ledger: Any = field(default=None, repr=False)  # the model's Ledger when made through ledger.commit
-
-    def _param(self, name: str) -> torch.nn.Parameter:
-        return self.model.model.get_parameter(name)
 
     def revert(self) -> None:
         if not self.active:
             raise EditError("this edit was already reverted")
-        if self.ledger is not None:
-            self.ledger.revert(self)
-            return
-        with torch.no_grad():
-            for patch in reversed(self.patches):
-                param = self._param(patch.name)
-                param.index_copy_(patch.dim, patch.index.to(param.device), patch.before.to(param.device, param.dtype))
-        self.active = False
+        self.ledger.revert(self)
 
     def save(self, path) -> None:
         """Write this edit as a patch file (safetensors + JSON metadata), atomically; see ``apply_patch``."""
@@ -105,10 +99,52 @@ class Edit:
 
 
 class Editor(ABC):
-    """An editing method. ``apply`` must leave the model unchanged if it raises."""
+    """An editing method. Subclasses implement :meth:`compute` (the changes, and the method's own details);
+    :meth:`apply` commits them through the model's ledger and fills the report the same way for every method.
 
-    name: str = "editor"
+    Class attributes: ``name`` (the registry name), ``can_update`` / ``can_erase`` (which requests it takes).
+    """
+
+    name: ClassVar[str] = "editor"
+    can_update: ClassVar[bool] = True
+    can_erase: ClassVar[bool] = False
+
+    def check_requests(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
+        requests = list(requests)
+        if not requests:
+            raise EditError("no edit requests")
+        for r in requests:
+            if not isinstance(r, EditRequest):
+                raise EditError(f"edit requests must be EditRequest objects, got {type(r).__name__}")
+            if r.is_erasure and not self.can_erase:
+                raise EditError(f"{self.name} cannot erase facts (request {r.old!r} has no new object); "
+                                "choose a method that can erase, e.g. kn-erase")
+            if not r.is_erasure and not self.can_update:
+                raise EditError(f"{self.name} only erases facts; request {r.old!r} → {r.new!r} is an update")
+        return requests
+
+    def apply(self, km, requests: Sequence[EditRequest]) -> Edit:
+        """Apply every request at once and return the handle that reverts them. If this raises (a refused
+        edit, an error, an interrupt), the model is left as it was."""
+        from .ledger import commit
+        from .report import EditReport, measured, parameter_changes, prompt_outcomes
+
+        requests = self.check_requests(requests)
+        with measured(km.device) as cost:
+            changes, details = self.compute(km, requests)
+            edit = commit(km, self.name, requests, changes)
+        try:
+            edit.report = EditReport(
+                method=self.name, prompts=prompt_outcomes(km, requests), parameters=parameter_changes(km, edit.patches),
+                seconds=cost.seconds, peak_memory_mb=cost.peak_memory_mb, memory_kind=cost.memory_kind,
+                neurons=list(getattr(details, "neurons", None) or []), details=details,
+            )
+        except BaseException:
+            edit.revert()
+            raise
+        return edit
 
     @abstractmethod
-    def apply(self, km, requests: Sequence[EditRequest]) -> Edit:
-        """Apply every request at once and return the handle that reverts them."""
+    def compute(self, km, requests: list[EditRequest]) -> tuple[list[SliceChange], Any]:
+        """(changes to make, the method's details). The model must be as before when this returns or raises
+        (trial changes go through the ledger and are reverted)."""

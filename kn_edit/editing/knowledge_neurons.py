@@ -6,6 +6,7 @@ the one-call forms. Every edit goes through the model's ledger, so it is reverti
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -19,9 +20,56 @@ from .preserve import preservation_metric
 from .ledger import commit
 from .rules import paper_deltas, signed_direction, signed_unit_deltas, unscaled_deltas
 from .sensitivity import least_norm_step, value_gradients
-from .settings import EraseSettings, LocateSettings, UpdateSettings, with_overrides
+from .settings import EraseSettings, LocateSettings, RelationEraseSettings, UpdateSettings, with_overrides
 from .targets import UpdateTarget, embedding, margins, prompt_margins, require_predicted, update_target
 from .values import checked, value_changes, value_vectors
+
+
+@dataclass
+class NeuronChange:
+    """An edited neuron: its mean attribution score (NaN when given by hand) and mean activation at the answer."""
+
+    layer: int
+    index: int
+    score: float
+    activation: float
+
+
+@dataclass
+class DroppedNeuron:
+    layer: int
+    index: int
+    reason: str  # generic | relation-shared | max_neurons
+
+
+@dataclass
+class KnRequestDetails:
+    """What the knowledge-neuron editor did for one request."""
+
+    old: str
+    new: str | None
+    neurons: list[NeuronChange]
+    dropped: list[DroppedNeuron] = field(default_factory=list)
+    unpredicted: list[tuple[str, str]] = field(default_factory=list)  # (prompt, predicted) where forced
+    scale: float | None = None  # signed rule: ‖δ‖/‖V‖ (gradient) or the shift s (contrast, new)
+    fallback: str | None = None  # why the relation-share filter was given up, if it was
+    negative_activations: int = 0
+
+
+@dataclass
+class KnDetails:
+    """The knowledge-neuron editors' details (``EditReport.details``)."""
+
+    rule: str  # signed | paper | unscaled | erase-zero | erase-unk | erase-relation-zero | ...
+    embedding: str
+    settings: dict
+    requests: list[KnRequestDetails]
+    neurons: list[Neuron]  # every edited neuron, in request order
+    relation_counts: list[int] = field(default_factory=list)  # erase-relation: facts that located each neuron
+
+    @property
+    def scale(self) -> float | None:
+        return self.requests[0].scale if len(self.requests) == 1 else None
 
 
 @dataclass
@@ -73,11 +121,22 @@ class _Plan:
     fallback: str | None = None
 
 
-def _neuron_rows(plan: _Plan) -> list[dict]:
-    return [
-        {"layer": n.layer, "index": n.index, "score": s, "activation": float(a)}
-        for n, s, a in zip(plan.neurons, plan.scores, plan.activation.tolist())
-    ]
+def _request_details(plan: _Plan, scale: float | None = None) -> KnRequestDetails:
+    return KnRequestDetails(
+        old=plan.request.old, new=plan.request.new,
+        neurons=[NeuronChange(n.layer, n.index, float(s), float(a))
+                 for n, s, a in zip(plan.neurons, plan.scores, plan.activation.tolist())],
+        dropped=[DroppedNeuron(**d) for d in plan.dropped], unpredicted=list(plan.unpredicted), scale=scale,
+        fallback=plan.fallback, negative_activations=int((plan.activation < 0).sum()),
+    )
+
+
+def _settings_dict(settings) -> dict:
+    return {k: (v.value if isinstance(v, Enum) else v) for k, v in vars(settings).items()}
+
+
+def _embedding_kind(km) -> str:
+    return "tied input/output embedding" if km.embeddings_tied else "output embedding (unembedding)"
 
 
 class _NeuronEditor(Editor):
@@ -95,8 +154,6 @@ class _NeuronEditor(Editor):
     def _plans(self, km, requests: list[EditRequest], plan_one: Callable) -> list[_Plan]:
         """plan_one(request, given, generic) for each request in turn, with progress; given: the caller's
         neurons for it (or None), generic: the generic-prompt activations (or None, filter off)."""
-        if not requests:
-            raise EditError("no edit requests")
         generic = self._generic(km)
         plans = []
         with self.reporter.task("locating knowledge neurons", total=len(requests)) as task:
@@ -160,7 +217,7 @@ class KnowledgeNeuronEditor(_NeuronEditor):
     neurons shared by more than ``relation_share`` of them. locator: how neurons are found (default: locate).
     """
 
-    name = "knowledge-neurons"
+    config_class = UpdateSettings
 
     def __init__(self, settings: UpdateSettings | None = None, *, neurons=None, locator: Locator | None = None,
                  generic_prompts: Sequence[str] | None = None,
@@ -169,24 +226,20 @@ class KnowledgeNeuronEditor(_NeuronEditor):
         super().__init__(with_overrides(settings or UpdateSettings(), overrides), neurons, locator, generic_prompts,
                          relation_neurons, reporter)
 
-    def apply(self, km, requests: Sequence[EditRequest]) -> Edit:
-        requests = list(requests)
-        erasures = [r for r in requests if r.is_erasure]
-        if erasures:
-            raise EditError(f"request for {erasures[0].old!r} has no new object; use KnowledgeNeuronEraser to erase")
+    @property
+    def name(self) -> str:  # the registry name of the rule
+        return "kn" if self.settings.rule == "signed" else f"kn-{self.settings.rule}"
+
+    def compute(self, km, requests: list[EditRequest]) -> tuple[list, KnDetails]:
         s = self.settings
         plans = self._plans(km, requests, lambda request, given, generic: self._plan_or_fallback(km, request, given, generic))
         if s.rule == "signed":
             neurons, deltas, scales = self._signed(km, plans)
         else:
             neurons, deltas, scales = self._fixed(km, plans)
-        edit = commit(km, f"{self.name}:{s.rule}", requests, value_changes(km, neurons, deltas, additive=True))
-        try:
-            edit.info.update(self._info(km, plans, scales))
-        except BaseException:
-            edit.revert()
-            raise
-        return edit
+        details = KnDetails(rule=str(s.rule), embedding=_embedding_kind(km), settings=_settings_dict(s),
+                            requests=[_request_details(p, scale) for p, scale in zip(plans, scales)], neurons=neurons)
+        return value_changes(km, neurons, deltas, additive=True), details
 
     def _relation_sets(self, request: EditRequest, given: Located | None):
         """The neuron sets of the request's relation for the relation-share filter, or None where it does not
@@ -323,33 +376,6 @@ class KnowledgeNeuronEditor(_NeuronEditor):
         d_hat = signed_direction(embedding(km, [t.old_token]), embedding(km, [t.new_token]), s.direction)
         return signed_unit_deltas(plan.activation, d_hat, s.weighting)
 
-    def _info(self, km, plans: list[_Plan], scales: list[float | None]) -> dict:
-        s = self.settings
-        per_request = []
-        # per prompt; the gradient direction aims at every token of new, the others at the first differing one
-        whole = s.rule == "signed" and s.direction == "gradient"
-        for plan, scale in zip(plans, scales):
-            m = prompt_margins(km, plan.target.token_steps) if whole else margins(km, plan.target.new_steps)
-            per_request.append({
-                "prompts": list(plan.request.prompts), "old": plan.request.old, "new": plan.request.new,
-                "neurons": _neuron_rows(plan), "dropped": plan.dropped,
-                "unpredicted": [list(x) for x in plan.unpredicted],
-                "scale": scale, "margins": [float(x) for x in m], "success": bool((m > 0).all()),
-                "fallback": plan.fallback,
-                "negative_activations": int((plan.activation < 0).sum()),
-            })
-        info = {
-            "rule": s.rule,
-            "embedding": "tied input/output embedding" if km.embeddings_tied else "output embedding (unembedding)",
-            "settings": {k: v for k, v in vars(s).items()},
-            "requests": per_request,
-            "neurons": [row for r in per_request for row in r["neurons"]],
-            "success": all(r["success"] for r in per_request),
-        }
-        if len(per_request) == 1:
-            info["scale"] = per_request[0]["scale"]
-        return info
-
 
 def search_scale(worst_margin: Callable[[float], float], margin: float, initial: float, maximum: float,
                  bisect_steps: int) -> tuple[float, bool]:
@@ -377,18 +403,16 @@ class KnowledgeNeuronEraser(_NeuronEditor):
     """Erase facts: set their knowledge neurons' value vectors to 0 (``mode="zero"``, the paper) or to the
     unknown token's embedding row (``mode="unk"``). Requests carry the target in ``old`` and no ``new``."""
 
-    name = "knowledge-neurons-erase"
+    name = "kn-erase"
+    config_class = EraseSettings
+    can_update, can_erase = False, True
 
     def __init__(self, settings: EraseSettings | None = None, *, neurons=None, locator: Locator | None = None,
                  generic_prompts: Sequence[str] | None = None, reporter: Reporter | None = None, **overrides) -> None:
         super().__init__(with_overrides(settings or EraseSettings(), overrides), neurons, locator, generic_prompts,
                          None, reporter)
 
-    def apply(self, km, requests: Sequence[EditRequest]) -> Edit:
-        requests = list(requests)
-        updates = [r for r in requests if not r.is_erasure]
-        if updates:
-            raise EditError(f"request {updates[0].old!r} → {updates[0].new!r} is an update; use KnowledgeNeuronEditor")
+    def compute(self, km, requests: list[EditRequest]) -> tuple[list, KnDetails]:
         s = self.settings
 
         def plan_one(request: EditRequest, given: Located | None, generic: torch.Tensor | None) -> _Plan:
@@ -400,15 +424,9 @@ class KnowledgeNeuronEraser(_NeuronEditor):
         plans = self._plans(km, requests, plan_one)
         neurons = [n for plan in plans for n in plan.neurons]
         values = erase_values(km, len(neurons), s.mode)
-        edit = commit(km, f"{self.name}:{s.mode}", requests, value_changes(km, neurons, values, additive=False))
-        edit.info.update({
-            "rule": f"erase-{s.mode}",
-            "settings": dict(vars(s)),
-            "requests": [{"prompts": list(p.request.prompts), "target": p.request.old, "neurons": _neuron_rows(p),
-                          "dropped": p.dropped, "unpredicted": [list(x) for x in p.unpredicted]} for p in plans],
-            "neurons": [row for p in plans for row in _neuron_rows(p)],
-        })
-        return edit
+        details = KnDetails(rule=f"erase-{s.mode}", embedding=_embedding_kind(km), settings=_settings_dict(s),
+                            requests=[_request_details(p) for p in plans], neurons=neurons)
+        return value_changes(km, neurons, values, additive=False), details
 
 
 def erase_values(km, n: int, mode: str) -> torch.Tensor:
@@ -449,35 +467,53 @@ def erase_fact(km, prompts: Sequence[str] | str, target: str, mode: str = "zero"
     return editor.apply(km, [EditRequest(prompts, target)])
 
 
+class KnowledgeNeuronRelationEraser(Editor):
+    """Erase a relation (the paper): the neurons located for at least ``relation_share`` of its facts get value
+    vectors 0 (or E(unk)). Requests: one erasure per fact of the relation (prompts, old = its object).
+    neuron_sets: the facts' neuron sets, where already located (one per request, in order)."""
+
+    name = "kn-erase-relation"
+    config_class = RelationEraseSettings
+    can_update, can_erase = False, True
+
+    def __init__(self, settings: RelationEraseSettings | None = None, *, neuron_sets: Sequence[Iterable[Neuron]] | None = None,
+                 locator: Locator | None = None, reporter: Reporter | None = None, **overrides) -> None:
+        self.settings = with_overrides(settings or RelationEraseSettings(), overrides)
+        self.neuron_sets = None if neuron_sets is None else [set(ns) for ns in neuron_sets]
+        self._locator = locator or default_locator
+        self.reporter = reporter or NullReporter()
+
+    def compute(self, km, requests: list[EditRequest]) -> tuple[list, KnDetails]:
+        s = self.settings
+        if self.neuron_sets is None:
+            sets = []
+            with self.reporter.task("locating the relation's neurons", total=len(requests)) as task:
+                for fact in requests:
+                    sets.append(set(self._locator(km, fact.prompts, fact.old, s).neurons))
+                    task.advance()
+        else:
+            sets = self.neuron_sets
+            if len(sets) != len(requests):
+                raise EditError(f"{len(sets)} neuron sets for {len(requests)} facts")
+        neurons = shared_by(sets, s.relation_share)
+        if not neurons:
+            raise EditError(f"no neuron is shared by {s.relation_share:.0%} of the {len(requests)} facts: nothing to erase")
+        neurons = checked(km, neurons)
+        details = KnDetails(rule=f"erase-relation-{s.mode}", embedding=_embedding_kind(km), settings=_settings_dict(s),
+                            requests=[], neurons=neurons, relation_counts=[sum(n in x for x in sets) for n in neurons])
+        return value_changes(km, neurons, erase_values(km, len(neurons), s.mode), additive=False), details
+
+
 def erase_relation(km, facts: Sequence[EditRequest], share: float = 0.1, mode: str = "zero",
                    neuron_sets: Sequence[Iterable[Neuron]] | None = None, *, locator: Locator | None = None,
                    settings: LocateSettings | None = None, reporter: Reporter | None = None) -> Edit:
-    """Erase a relation: the neurons located for at least ``share`` of its facts get value vectors 0 (or
-    E(unk)). facts: one EditRequest (prompts, old = object) per fact; neuron_sets: their neurons, if known."""
+    """Erase a relation (:class:`KnowledgeNeuronRelationEraser`). facts: one EditRequest (prompts, old =
+    object) per fact; neuron_sets: their neurons, if known; settings: how to locate them otherwise."""
     facts = list(facts)
     if not facts:
         raise EditError("erase_relation needs the relation's facts")
-    settings = settings or LocateSettings()
-    if neuron_sets is None:
-        locator = locator or default_locator
-        sets = []
-        with (reporter or NullReporter()).task("locating the relation's neurons", total=len(facts)) as task:
-            for fact in facts:
-                sets.append(set(locator(km, fact.prompts, fact.old, settings).neurons))
-                task.advance()
-    else:
-        sets = [set(s) for s in neuron_sets]
-        if len(sets) != len(facts):
-            raise EditError(f"{len(sets)} neuron sets for {len(facts)} facts")
-    neurons = shared_by(sets, share)
-    if not neurons:
-        raise EditError(f"no neuron is shared by {share:.0%} of the {len(facts)} facts: nothing to erase")
-    neurons = checked(km, neurons)
-    counts = {n: sum(n in s for s in sets) for n in neurons}
-    edit = commit(km, f"knowledge-neurons-erase-relation:{mode}", facts,
-                  value_changes(km, neurons, erase_values(km, len(neurons), mode), additive=False))
-    edit.info.update({
-        "rule": f"erase-relation-{mode}", "share": share, "n_facts": len(facts),
-        "neurons": [{"layer": n.layer, "index": n.index, "facts": counts[n]} for n in neurons],
-    })
-    return edit
+    base = settings or LocateSettings()
+    config = RelationEraseSettings(steps=base.steps, threshold=base.threshold, share=base.share, layers=base.layers,
+                                   mode=mode, relation_share=share)
+    editor = KnowledgeNeuronRelationEraser(config.check(), neuron_sets=neuron_sets, locator=locator, reporter=reporter)
+    return editor.apply(km, facts)

@@ -1,10 +1,11 @@
 """The edit ledger: one per model, so that edits can be stacked and reverted in any order, bit for bit.
 
-At the first touch of a slice (one row or column of a parameter, e.g. a value vector) the ledger keeps a copy
-of its pristine value. Every edit is stored as per-slice operations: *add* a delta (update rules, which then
-compose with other edits of the same neuron) or *set* a value (erasure, patch files). The value of a touched
-slice is always recomputed the same way: pristine, then every active edit's operation in the order the edits
-were applied. So
+At the first touch of a slice (one row or column of a parameter, e.g. a value vector; or every slice of it, for
+editors that change a whole matrix) the ledger keeps a copy of its pristine value. Every edit is stored as one
+operation per (parameter, dim): a block of slices, each either *added* (update rules, which then compose with
+other edits of the same neuron) or *set* (erasure, patch files). The value of a touched slice is always
+recomputed the same way: pristine, then every active edit's operation in the order the edits were applied,
+with tensor indexing (no loop over slices). So
 
 * applying edit B after A and reverting B gives exactly the state after A alone;
 * reverting A while B stays gives pristine + B (B as if A had never been applied);
@@ -55,23 +56,65 @@ def ledger_for(km) -> "Ledger":
     return ledger
 
 
-def commit(km, editor: str, requests: Sequence[EditRequest], changes: Sequence[SliceChange], info: dict | None = None) -> Edit:
+def commit(km, editor: str, requests: Sequence[EditRequest], changes: Sequence[SliceChange]) -> Edit:
     """Apply ``changes`` to ``km`` as one revertible Edit (nothing changes if this raises)."""
-    return ledger_for(km).commit(km, editor, requests, changes, info or {})
+    return ledger_for(km).commit(km, editor, requests, changes)
 
 
-def _write_rows(param: torch.nn.Parameter, dim: int, rows: list[int], values: list[torch.Tensor]) -> None:
-    """Write ``values`` (each param.select(dim, row)-shaped) into ``rows`` of ``param``."""
-    index = torch.tensor(rows, dtype=torch.long, device=param.device)
-    param.index_copy_(dim, index, torch.stack(values, dim=dim).to(param.device, param.dtype))
+@dataclass
+class _Op:
+    """One edit's change of one (parameter, dim): slices ``index`` [k] (sorted, unique), each set to or
+    increased by its slice of ``value`` (``param.index_select(dim, index)``-shaped, CPU)."""
+
+    index: torch.Tensor
+    setting: torch.Tensor  # [k] bool: True = write the value, False = add it
+    value: torch.Tensor
+
+
+def _merge(op: _Op | None, index: torch.Tensor, value: torch.Tensor, additive: bool, dim: int) -> _Op:
+    """``op`` followed by one more change: add+add sums, set replaces, set+add adds to the set value."""
+    if op is None:
+        order = torch.argsort(index)
+        setting = torch.full((index.numel(),), not additive, dtype=torch.bool)
+        return _Op(index[order], setting, value.index_select(dim, order).clone())
+    union = torch.unique(torch.cat([op.index, index]))  # sorted
+    where = torch.searchsorted(union, op.index)
+    shape = list(op.value.shape)
+    shape[dim] = union.numel()
+    merged = torch.zeros(shape, dtype=op.value.dtype)
+    merged.index_copy_(dim, where, op.value)
+    setting = torch.zeros(union.numel(), dtype=torch.bool)
+    setting[where] = op.setting
+    at = torch.searchsorted(union, index)
+    if additive:
+        merged.index_add_(dim, at, value)
+    else:
+        merged.index_copy_(dim, at, value)
+        setting[at] = True
+    return _Op(union, setting, merged)
+
+
+def _apply(block: torch.Tensor, rows: torch.Tensor, op: _Op, dim: int) -> torch.Tensor:
+    """``block`` (the values of sorted ``rows`` along ``dim``) with ``op`` applied to the rows it shares."""
+    pos = torch.searchsorted(rows, op.index).clamp(max=max(rows.numel() - 1, 0))
+    hit = rows[pos] == op.index if rows.numel() else torch.zeros(op.index.numel(), dtype=torch.bool)
+    if not bool(hit.any()):
+        return block
+    sets, adds = hit & op.setting, hit & ~op.setting
+    if bool(sets.any()):
+        block = block.index_copy(dim, pos[sets], op.value.index_select(dim, sets.nonzero().flatten()))
+    if bool(adds.any()):
+        block = block.index_add(dim, pos[adds], op.value.index_select(dim, adds.nonzero().flatten()))
+    return block
 
 
 class Ledger:
     def __init__(self, model: torch.nn.Module) -> None:
         self._model = model
-        self._pristine: dict[Key, dict[int, torch.Tensor]] = {}
-        # (edit, {key: {row: (additive, value)}}) in the order the edits were applied.
-        self._entries: list[tuple[Edit, dict[Key, dict[int, tuple[bool, torch.Tensor]]]]] = []
+        # (parameter, dim) → (sorted touched rows [k], their pristine values, index_select(dim, rows)-shaped)
+        self._pristine: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
+        # (edit, {key: op}) in the order the edits were applied.
+        self._entries: list[tuple[Edit, dict[Key, _Op]]] = []
 
     @property
     def active_edits(self) -> list[Edit]:
@@ -80,7 +123,7 @@ class Ledger:
     @property
     def touched_rows(self) -> dict[Key, list[int]]:
         """Rows that differ (or may differ) from pristine now, per (parameter, dim)."""
-        return {key: sorted(rows) for key, rows in self._pristine.items()}
+        return {key: rows.tolist() for key, (rows, _) in self._pristine.items()}
 
     def _param(self, name: str) -> torch.nn.Parameter:
         try:
@@ -89,93 +132,105 @@ class Ledger:
             raise EditError(f"the model has no parameter {name!r}") from exc
 
     # ----- building an edit ------------------------------------------------------------------------------
-    def _operations(self, changes: Sequence[SliceChange]) -> dict[Key, dict[int, tuple[bool, torch.Tensor]]]:
-        """Changes checked and merged per row (applied in order: add+add sums, set replaces, set+add adds)."""
-        ops: dict[Key, dict[int, tuple[bool, torch.Tensor]]] = {}
+    def _operations(self, changes: Sequence[SliceChange]) -> dict[Key, _Op]:
+        """Changes checked and merged per (parameter, dim), in order."""
+        ops: dict[Key, _Op] = {}
         for change in changes:
             param = self._param(change.name)
-            if change.dim not in range(param.dim()):
+            if isinstance(change.dim, bool) or change.dim not in range(param.dim()):
                 raise EditError(f"{change.name} has {param.dim()} dims; cannot edit along dim {change.dim}")
-            for name, dim in self._pristine:
+            for name, dim in list(self._pristine) + list(ops):
                 if name == change.name and dim != change.dim:
                     raise EditError(f"{change.name} is already edited along dim {dim}, not {change.dim}")
-            index = torch.as_tensor(change.index, dtype=torch.long).flatten().cpu()
+            index = torch.as_tensor(change.index).flatten().cpu()
+            if index.is_floating_point() or index.dtype == torch.bool:
+                raise EditError(f"rows of a change of {change.name} must be integers, got {index.dtype}")
+            index = index.to(torch.long)
             n_rows = param.shape[change.dim]
             if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n_rows):
-                raise EditError(f"rows {index.tolist()} out of range for {change.name} (size {n_rows} along dim {change.dim})")
-            if len(set(index.tolist())) != index.numel():
-                raise EditError(f"repeated rows in one change of {change.name}: {index.tolist()}")
+                raise EditError(f"rows out of range for {change.name} (size {n_rows} along dim {change.dim})")
+            if torch.unique(index).numel() != index.numel():
+                raise EditError(f"repeated rows in one change of {change.name}")
             expected = list(param.shape)
             expected[change.dim] = index.numel()
             if list(change.value.shape) != expected:
                 raise EditError(f"change of {change.name} has shape {tuple(change.value.shape)}, expected {tuple(expected)}")
+            if not index.numel():
+                continue
             value = change.value.detach().to("cpu", param.dtype)
-            rows = ops.setdefault((change.name, change.dim), {})
-            for j, row in enumerate(index.tolist()):
-                vec = value.select(change.dim, j).clone()
-                if row in rows and change.additive:
-                    was_additive, old = rows[row]
-                    rows[row] = (was_additive, old + vec)
-                else:
-                    rows[row] = (change.additive, vec)
+            key = (change.name, change.dim)
+            ops[key] = _merge(ops.get(key), index, value, change.additive, change.dim)
         return ops
 
-    def _value(self, key: Key, row: int) -> torch.Tensor:
-        """Pristine, then every active edit's operation on (key, row), in order."""
-        value = self._pristine[key][row]
+    def _value(self, key: Key, rows: torch.Tensor) -> torch.Tensor:
+        """Pristine values of ``rows`` (sorted, all touched), then every active edit's operation, in order."""
+        known, pristine = self._pristine[key]
+        block = pristine.index_select(key[1], torch.searchsorted(known, rows))
         for _, ops in self._entries:
-            op = ops.get(key, {}).get(row)
+            op = ops.get(key)
             if op is not None:
-                additive, vec = op
-                value = value + vec if additive else vec
-        return value
+                block = _apply(block, rows, op, key[1])
+        return block
 
-    def _rewrite(self, key: Key, rows: list[int]) -> None:
-        _write_rows(self._param(key[0]), key[1], rows, [self._value(key, r) for r in rows])
+    def _write(self, key: Key, rows: torch.Tensor, block: torch.Tensor) -> None:
+        param = self._param(key[0])
+        param.index_copy_(key[1], rows.to(param.device), block.to(param.device, param.dtype))
 
-    def commit(self, km, editor: str, requests: Sequence[EditRequest], changes: Sequence[SliceChange], info: dict) -> Edit:
+    def _read(self, key: Key, rows: torch.Tensor) -> torch.Tensor:
+        param = self._param(key[0])
+        return param.detach().index_select(key[1], rows.to(param.device)).cpu().clone()
+
+    def _remember(self, key: Key, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Add pristine copies of the rows not yet known (``values``: the current values of ``rows``)."""
+        dim = key[1]
+        if key not in self._pristine:
+            self._pristine[key] = (rows.clone(), values.clone())
+            return
+        known, pristine = self._pristine[key]
+        new = ~torch.isin(rows, known)
+        if not bool(new.any()):
+            return
+        union = torch.cat([known, rows[new]])
+        order = torch.argsort(union)
+        block = torch.cat([pristine, values.index_select(dim, new.nonzero().flatten())], dim=dim)
+        self._pristine[key] = (union[order], block.index_select(dim, order))
+
+    def _forget(self, key: Key, rows: torch.Tensor) -> None:
+        known, pristine = self._pristine[key]
+        keep = ~torch.isin(known, rows)
+        if not bool(keep.any()):
+            del self._pristine[key]
+        else:
+            self._pristine[key] = (known[keep], pristine.index_select(key[1], keep.nonzero().flatten()))
+
+    def commit(self, km, editor: str, requests: Sequence[EditRequest], changes: Sequence[SliceChange]) -> Edit:
         if km.model is not self._model:
             raise EditError("this ledger belongs to another model")
         ops = self._operations(changes)
         if not ops:
             raise EditError("the edit changes nothing")
-        edit = Edit(editor=editor, requests=tuple(requests), patches=[], model=km, info=dict(info), ledger=self)
-        befores: dict[Key, torch.Tensor] = {}
-        added: dict[Key, list[int]] = {}
+        edit = Edit(editor=editor, requests=tuple(requests), patches=[], model=km, ledger=self)
+        saved = dict(self._pristine)  # values are replaced, never mutated: a shallow copy restores them
         with torch.no_grad():
-            for key, rows in ops.items():
-                name, dim = key
-                idx = torch.tensor(sorted(rows), dtype=torch.long)
-                befores[key] = self._param(name).index_select(dim, idx.to(self._param(name).device)).detach().cpu().clone()
+            befores = {key: self._read(key, op.index) for key, op in ops.items()}
             try:
-                for key, rows in ops.items():
-                    known = self._pristine.setdefault(key, {})
-                    for j, row in enumerate(sorted(rows)):
-                        if row not in known:
-                            known[row] = befores[key].select(key[1], j).clone()
-                            added.setdefault(key, []).append(row)
+                for key, op in ops.items():
+                    self._remember(key, op.index, befores[key])
                 self._entries.append((edit, ops))
-                for key, rows in ops.items():
-                    self._rewrite(key, sorted(rows))
+                for key, op in ops.items():
+                    self._write(key, op.index, self._value(key, op.index))
             except BaseException:
                 # Put back exactly what was there, and forget this edit.
                 self._entries = [(e, o) for e, o in self._entries if e is not edit]
                 for key, before in befores.items():
-                    _write_rows(self._param(key[0]), key[1], sorted(ops[key]), list(before.unbind(key[1])))
-                for key, rows in added.items():
-                    for row in rows:
-                        self._pristine[key].pop(row, None)
-                    if not self._pristine[key]:
-                        del self._pristine[key]
+                    self._write(key, ops[key].index, before)
+                self._pristine = saved
                 raise
-            for key, rows in ops.items():
+            for key, op in ops.items():
                 name, dim = key
-                idx = torch.tensor(sorted(rows), dtype=torch.long)
-                param = self._param(name)
-                after = param.index_select(dim, idx.to(param.device)).detach().cpu().clone()
-                additive = all(rows[r][0] for r in sorted(rows))
-                delta = torch.stack([rows[r][1] for r in sorted(rows)], dim=dim) if additive else None
-                edit.patches.append(ParamPatch(name, dim, idx, befores[key], after, delta))
+                additive = not bool(op.setting.any())
+                edit.patches.append(ParamPatch(name, dim, op.index, befores[key], self._read(key, op.index),
+                                               op.value if additive else None))
         return edit
 
     # ----- reverting ---------------------------------------------------------------------------------------
@@ -186,15 +241,12 @@ class Ledger:
         ops = found[0]
         with torch.no_grad():
             self._entries = [(e, o) for e, o in self._entries if e is not edit]
-            for key, rows in ops.items():
-                still = {r for _, o in self._entries for r in o.get(key, {})}
-                rows = sorted(rows)
-                self._rewrite(key, rows)
-                for row in rows:
-                    if row not in still:
-                        del self._pristine[key][row]
-                if not self._pristine[key]:
-                    del self._pristine[key]
+            for key, op in ops.items():
+                self._write(key, op.index, self._value(key, op.index))
+                still = [o[key].index for _, o in self._entries if key in o]
+                idle = op.index[~torch.isin(op.index, torch.cat(still))] if still else op.index
+                if idle.numel():
+                    self._forget(key, idle)
         edit.active = False
 
     def revert_all(self) -> None:

@@ -6,6 +6,7 @@ editor and what it did). Written atomically; applied to, and removed from, a fre
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +15,18 @@ from ..errors import EditError
 from ..persist import atomic_file
 from .base import Edit
 from .ledger import SliceChange, commit
+from .report import EditReport, parameter_changes
+
+
+@dataclass
+class PatchDetails:
+    """The report details of applying (or removing) a patch file."""
+
+    path: str
+    action: str  # apply | remove
+    model: str | None  # the model the patch was made on
+    editor: str | None  # the method that made it
+    report: dict | None  # that edit's report, as saved
 
 FORMAT = "kn-edit-patch"
 VERSION = 1
@@ -43,7 +56,7 @@ def save_patch(edit: Edit, path: str | Path) -> Path:
         "requests": [{"prompts": list(r.prompts), "old": r.old, "new": r.new, "subject": r.subject,
                       "relation": r.relation} for r in edit.requests],
         "params": params,
-        "info": edit.info,
+        "report": edit.report.to_dict() if edit.report is not None else None,
     }
     path = Path(path)
     with atomic_file(path) as tmp:
@@ -119,9 +132,10 @@ def apply_patch(km, path: str | Path, reverse: bool = False, check_values: bool 
                 )
         changes.append(SliceChange(name, dim, index, written, additive=False))
     verb = "remove" if reverse else "apply"
-    info = {"patch": str(path), "action": verb, "model": meta.get("model"), "editor": meta.get("editor"),
-            "patch_info": meta.get("info", {})}
-    return commit(km, f"patch-{verb}:{meta.get('editor')}", [], changes, info)
+    edit = commit(km, f"patch-{verb}:{meta.get('editor')}", [], changes)
+    edit.report = EditReport(method=f"patch-{verb}", parameters=parameter_changes(km, edit.patches), details=PatchDetails(
+        str(path), verb, meta.get("model"), meta.get("editor"), meta.get("report")))
+    return edit
 
 
 def remove_patch(km, path: str | Path, check_values: bool = True) -> Edit:

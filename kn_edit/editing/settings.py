@@ -3,28 +3,58 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from enum import Enum
 from typing import Optional
 
 from ..errors import ConfigError
-from ..locate import check_settings
-from .rules import DIRECTIONS, RULES, WEIGHTINGS
-
-ERASE_MODES = ("zero", "unk")
+from ..locate import LocateSettings
 
 
-@dataclass
-class LocateSettings:
-    """How neurons are located when not given (see kn_edit.locate)."""
+class Choice(str, Enum):
+    """A setting with a fixed set of values: OmegaConf rejects any other value by its key, and the value
+    compares equal to its plain string (``Rule.paper == "paper"``)."""
 
-    threshold: float = 0.2
-    share: float = 0.5
-    steps: int = 20
-    layers: Optional[list[int]] = None
+    def __str__(self) -> str:
+        return self.value
+
+
+class Rule(Choice):
+    signed = "signed"
+    paper = "paper"
+    unscaled = "unscaled"
+
+
+class Direction(Choice):
+    gradient = "gradient"
+    contrast = "contrast"
+    new = "new"
+
+
+class Weighting(Choice):
+    activation = "activation"
+    sign = "sign"
+
+
+class EraseMode(Choice):
+    zero = "zero"
+    unk = "unk"
+
+
+# "raise" is a keyword, so the members are named through the functional API; OmegaConf matches names.
+OnFailure = Choice("OnFailure", [("raise", "raise"), ("apply", "apply")])
+
+
+def as_choice(kind: type[Enum], value, key: str):
+    """``value`` (a member or its string) as a member of ``kind``; a ConfigError naming ``key`` otherwise."""
+    try:
+        return value if isinstance(value, kind) else kind(value)
+    except ValueError:
+        raise ConfigError(f"{key} must be one of {[m.value for m in kind]}, got {value!r}") from None
 
 
 @dataclass
 class UpdateSettings(LocateSettings):
-    rule: str = "signed"  # signed | paper | unscaled
+    rule: Rule = Rule.signed  # signed | paper | unscaled
     force: bool = False  # edit even where the model does not predict old
     # generic-neuron filters (on by default for updates)
     generic_filter: bool = True
@@ -41,7 +71,7 @@ class UpdateSettings(LocateSettings):
     unscaled_factor: float = 2.0
     # signed rule
     # gradient: least change along the margin's gradient (default) | contrast: E(new) - E(old) | new: E(new)
-    direction: str = "gradient"
+    direction: Direction = Direction.gradient
     margin: float = 1.0  # new must lead every other token by this many logits on every edit prompt
     # gradient direction
     solve_steps: int = 12  # at most this many successive least-norm steps
@@ -51,23 +81,21 @@ class UpdateSettings(LocateSettings):
     # edits that succeed stay below 1, and a margin that saturates would otherwise grow the change without end.
     max_change: float = 2.0
     # contrast / new directions
-    weighting: str = "activation"  # activation (delta ∝ a_i) | sign (delta ∝ sign(a_i))
+    weighting: Weighting = Weighting.activation  # activation (delta ∝ a_i) | sign (delta ∝ sign(a_i))
     initial_scale: float = 1.0
     # Beyond a few hundred the shift wrecks unrelated text (measured on smollm2: scales ~500-1000 multiplied
     # plain-text perplexity by orders of magnitude), so the search stops here.
     max_scale: float = 256.0
     bisect_steps: int = 6
     # When the margin is not reached: raise (model unchanged) or apply the last change tried.
-    on_failure: str = "raise"
+    on_failure: OnFailure = OnFailure["raise"]
 
     def check(self) -> "UpdateSettings":
-        check_settings(self.threshold, self.share, self.steps)
-        if self.rule not in RULES:
-            raise ConfigError(f"rule must be one of {RULES}, got {self.rule!r}")
-        if self.weighting not in WEIGHTINGS:
-            raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        if self.direction not in DIRECTIONS:
-            raise ConfigError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
+        self.check_locate()
+        self.rule = as_choice(Rule, self.rule, "rule")
+        self.weighting = as_choice(Weighting, self.weighting, "weighting")
+        self.direction = as_choice(Direction, self.direction, "direction")
+        self.on_failure = as_choice(OnFailure, self.on_failure, "on_failure")
         if self.direction == "gradient" and self.weighting != "activation":
             raise ConfigError("weighting=sign applies to the contrast and new directions; the gradient direction "
                               "already weighs each neuron by its effect (use weighting=activation)")
@@ -83,8 +111,6 @@ class UpdateSettings(LocateSettings):
             raise ConfigError(f"margin must be >= 0 (logits), got {self.margin}")
         if not 0.0 < self.initial_scale <= self.max_scale:
             raise ConfigError(f"need 0 < initial_scale <= max_scale, got {self.initial_scale} and {self.max_scale}")
-        if self.on_failure not in ("raise", "apply"):
-            raise ConfigError(f"on_failure must be raise or apply, got {self.on_failure!r}")
         if self.solve_steps < 1:
             raise ConfigError(f"solve_steps must be >= 1, got {self.solve_steps}")
         if self.max_change <= 0:
@@ -98,7 +124,7 @@ class UpdateSettings(LocateSettings):
 
 @dataclass
 class EraseSettings(LocateSettings):
-    mode: str = "zero"  # zero | unk: value vectors set to 0, or to E(unknown token)
+    mode: EraseMode = EraseMode.zero  # zero | unk: value vectors set to 0, or to E(unknown token)
     force: bool = False
     generic_filter: bool = False  # the paper erases every located neuron
     generic_ratio: float = 0.5
@@ -106,15 +132,29 @@ class EraseSettings(LocateSettings):
     max_neurons: Optional[int] = None
 
     def check(self) -> "EraseSettings":
-        check_settings(self.threshold, self.share, self.steps)
-        if self.mode not in ERASE_MODES:
-            raise ConfigError(f"mode must be one of {ERASE_MODES}, got {self.mode!r}")
+        self.check_locate()
+        self.mode = as_choice(EraseMode, self.mode, "mode")
         if self.generic_ratio <= 0:
             raise ConfigError(f"generic_ratio must be > 0, got {self.generic_ratio}")
         if not 0.0 <= self.generic_quantile <= 1.0:
             raise ConfigError(f"generic_quantile must be in [0, 1], got {self.generic_quantile}")
         if self.max_neurons is not None and self.max_neurons < 1:
             raise ConfigError(f"max_neurons must be >= 1, got {self.max_neurons}")
+        return self
+
+
+@dataclass
+class RelationEraseSettings(LocateSettings):
+    """Erasing a relation: the neurons located for at least ``relation_share`` of its facts (the paper: 10 %)."""
+
+    mode: EraseMode = EraseMode.zero
+    relation_share: float = 0.1
+
+    def check(self) -> "RelationEraseSettings":
+        self.check_locate()
+        self.mode = as_choice(EraseMode, self.mode, "mode")
+        if not 0.0 < self.relation_share <= 1.0:
+            raise ConfigError(f"relation_share must be in (0, 1], got {self.relation_share}")
         return self
 
 

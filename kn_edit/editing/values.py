@@ -50,3 +50,23 @@ def value_changes(km, neurons: Sequence[Neuron], vectors: torch.Tensor, additive
         value = rows if dim == 0 else rows.t()
         changes.append(SliceChange(name, dim, torch.tensor(indices, dtype=torch.long), value, additive))
     return changes
+
+
+def slice_dim(km, name: str) -> int:
+    """The dim along which the ledger slices parameter ``name``: value weights along their value vectors (so
+    whole-matrix edits and knowledge-neuron edits of one layer stack), any other parameter along dim 0."""
+    param = km.model.get_parameter(name)
+    for layer in range(km.n_layers):
+        if km.value_weight(layer) is param:
+            return 0 if km.adapter.value_weight_transposed else 1
+    return 0
+
+
+def whole_change(km, name: str, value: torch.Tensor, additive: bool = True) -> SliceChange:
+    """A ledger change of every slice of parameter ``name``: ``value`` (the parameter's shape) is added to it
+    (``additive``) or written. One block, no per-slice loop."""
+    param = km.model.get_parameter(name)
+    if tuple(value.shape) != tuple(param.shape):
+        raise EditError(f"a change of {name} must have its shape {tuple(param.shape)}, got {tuple(value.shape)}")
+    dim = slice_dim(km, name)
+    return SliceChange(name, dim, torch.arange(param.shape[dim]), value, additive)
