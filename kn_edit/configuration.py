@@ -36,7 +36,15 @@ def load_config(schema: type[T], files: Sequence[str | Path] = (), overrides: Se
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"invalid configuration: {str(exc).splitlines()[0]}") from exc
+        raise ConfigError(f"invalid configuration: {describe(exc)}") from exc
+
+
+def describe(exc: OmegaConfBaseException) -> str:
+    """One line: the key at fault and OmegaConf's message (whose later lines repeat the key and types)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    message = " ".join(line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type=")))
+    key = getattr(exc, "full_key", None)
+    return f"{key}: {message}" if key and key not in message else message
 
 
 def to_yaml(config: object) -> str:

@@ -89,10 +89,28 @@ def test_hooked_activation_is_the_value_projection_input(tiny):
 
 
 def test_activations_match_hook_capture(tiny):
-    prompt, target = ("The capital of [MASK] is Paris.", "france") if tiny.is_masked_lm else ("The capital of France is", "Paris")
-    steps = tiny.encode(prompt, target).steps
+    """KnModel.activations (batched, padded) equals the value projection's input captured by a plain forward
+    pre-hook on the documented module, one prompt at a time, at the answer position."""
+    family = tiny.adapter.family if tiny.adapter.family in EXPECTED_VALUE_PROJ else tiny.model.config.model_type
+    if tiny.is_masked_lm:
+        pairs = [("The capital of [MASK] is Paris.", "france"), ("[MASK] is a country.", "france")]
+    else:
+        pairs = [("The capital of France is", "Paris"), ("Rome", "Italy")]  # different lengths: padding is exercised
+    steps = [s for prompt, target in pairs for s in tiny.encode(prompt, target).steps]
     acts = tiny.activations(steps)
     assert acts.shape == (len(steps), tiny.n_layers, tiny.d_ff)
+    for layer in range(tiny.n_layers):
+        module = tiny.model.get_submodule(EXPECTED_VALUE_PROJ[family].format(l=layer))
+        for j, step in enumerate(steps):
+            seen = {}
+            handle = module.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0].detach()))
+            try:
+                with torch.no_grad():
+                    tiny.model(input_ids=step.input_ids[None, :])
+            finally:
+                handle.remove()
+            want = seen["x"][0, step.position].float()
+            assert torch.allclose(acts[j, layer], want, rtol=1e-5, atol=1e-6), (layer, j)
     assert acts.abs().sum() > 0
 
 

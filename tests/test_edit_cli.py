@@ -11,7 +11,8 @@ import kn_edit
 from kn_edit import EditError, Neuron
 from kn_edit.cli import main
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "edit.yaml"
+METHODS_DIR = Path(__file__).resolve().parents[1] / "configs" / "methods"
+CONFIG = METHODS_DIR / "kn.yaml"
 
 
 @pytest.fixture
@@ -28,10 +29,11 @@ def test_update_fact_shows_the_edit_and_writes_nothing(saved_tiny, capsys):
     before = sorted(p.name for p in saved_tiny.parent.iterdir())
     code = main(["update-fact", "--model", str(saved_tiny), "--prompt", "The capital of France is", "--old", "Paris",
                  "--new", "Rome", "--force", "--neurons", "1:5,1:7", "--quiet", "--config", str(CONFIG),
-                 "update.max_scale=16", "update.bisect_steps=1", "update.on_failure=apply"])
+                 "direction=contrast", "max_scale=16", "bisect_steps=1", "on_failure=apply"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "P(Paris)" in out and "P(Rome)" in out and "control" in out and "2 neurons changed" in out
+    assert "P(Paris)" in out and "P(Rome)" in out and "control" in out and "kn: parameters changed" in out
+    assert "2 of 64" in out and "neurons (2)" in out  # one layer's value weight, two of its value vectors
     assert "nothing written" in out
     assert sorted(p.name for p in saved_tiny.parent.iterdir()) == before
 
@@ -39,7 +41,7 @@ def test_update_fact_shows_the_edit_and_writes_nothing(saved_tiny, capsys):
 def test_patch_commands_round_trip(saved_tiny, tmp_path, capsys):
     patch = tmp_path / "edit.safetensors"
     assert main(["update-fact", "--model", str(saved_tiny), "-p", "The capital of France is", "--old", "Paris",
-                 "--new", "Rome", "--force", "--neurons", "0:3,1:5", "--rule", "paper", "--quiet",
+                 "--new", "Rome", "--force", "--neurons", "0:3,1:5", "--method", "kn-paper", "--quiet",
                  "--save-patch", str(patch)]) == 0
     assert patch.is_file()
     assert main(["apply-patch", "--model", str(saved_tiny), "--patch", str(patch), "--save", str(tmp_path / "patched")]) == 0
@@ -69,8 +71,17 @@ def test_cli_errors_are_one_line(saved_tiny, tmp_path, capsys):
     assert "same" in capsys.readouterr().err
     assert main(args + ["--old", "Paris", "--new", "Rome", "--neurons", "1:5"]) == 2  # not predicted, no --force
     assert "--force" in capsys.readouterr().err
-    assert main(args + ["--old", "Paris", "--new", "Rome", "update.nope=1"]) == 2
+    assert main(args + ["--old", "Paris", "--new", "Rome", "nope=1"]) == 2
     assert "nope" in capsys.readouterr().err
+    assert main(args + ["--old", "Paris", "--new", "Rome", "rule=magic"]) == 2
+    assert "rule" in capsys.readouterr().err
+    assert main(args + ["--old", "Paris", "--new", "Rome", "--method", "romeo"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert main(args + ["--old", "Paris", "--new", "Rome", "--method", "os:path"]) == 2
+    assert "not an editor" in capsys.readouterr().err
+    assert main(["erase-fact", "--model", str(saved_tiny), "-p", "The capital of France is", "--target", "Paris",
+                 "--method", "kn", "--quiet"]) == 2
+    assert "cannot erase" in capsys.readouterr().err
     assert main(args + ["--old", "Paris", "--new", "Rome", "--force", "--neurons", "1:5",
                         "--save", str(saved_tiny)]) == 2
     assert "loaded from" in capsys.readouterr().err
@@ -96,16 +107,16 @@ def test_library_bad_input(tiny_factory, tmp_path):
     assert all(torch.equal(v, state[k]) for k, v in km.model.named_parameters())
 
 
-def test_configs_edit_yaml_states_the_defaults():
-    """configs/edit.yaml documents the defaults: loading it changes nothing, and it names every setting."""
+@pytest.mark.parametrize("name", list(kn_edit.editing.METHODS))
+def test_method_yaml_states_the_defaults(name):
+    """configs/methods/NAME.yaml documents the method's defaults: loading it changes nothing, and it names every
+    setting of the method's config dataclass."""
     import yaml
     from dataclasses import fields
 
-    from kn_edit.cli.edit import EditCommandConfig
-    from kn_edit.configuration import load_config
+    from kn_edit.editing.registry import method_config
 
-    assert load_config(EditCommandConfig, [CONFIG]) == EditCommandConfig()
-    written = yaml.safe_load(CONFIG.read_text())
-    defaults = EditCommandConfig()
-    for section in ("update", "erase"):
-        assert set(written[section]) == {f.name for f in fields(getattr(defaults, section))}, section
+    path = METHODS_DIR / f"{name}.yaml"
+    defaults = method_config(name)
+    assert method_config(name, [path]) == defaults
+    assert set(yaml.safe_load(path.read_text())) == {f.name for f in fields(defaults)}

@@ -30,7 +30,7 @@ name: cli
 model: {tmp_path / "model"}
 data: {{source: jsonl, path: {facts}, only_known: false, neighbours: 2}}
 text: {{source: file, path: {text}, passages: 2}}
-editor: {{target: test_eval_loop.ValueVectorEditor, settings: {{scale: 10.0}}}}
+editor: {{method: "test_eval_loop:ValueVectorEditor", settings: {{scale: 10.0}}}}
 probe: {{steps: 2}}
 trainer: {{accelerator: cpu}}
 output_dir: {tmp_path / "runs"}
@@ -61,7 +61,8 @@ def test_evaluate_command_writes_a_run_and_gates_on_a_baseline(setup, capsys):
 
 @pytest.mark.parametrize(
     "override, message",
-    [("data.sourcee=x", "sourcee"), ("data.source=wiki", "data.source"), ("editor.target=os.path", "is not an Editor"), ("editor.target=no_such.Editor", "not an importable class"),
+    [("data.sourcee=x", "sourcee"), ("data.source=wiki", "data.source"), ("editor.method=os:path", "is not an editor"), ("editor.method=no_such:Editor", "cannot import editor"),
+     ("editor.method=romeo", "unknown method"), ("editor.settings.scalee=1", "scalee"), ("editor.settings.scale=abc", "scale"),
     
      ("data.path=/nonexistent.jsonl", "no such file"), ("trainer.strategy=ddp_spawn", "not supported")],
 )  # fmt: skip

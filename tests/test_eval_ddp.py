@@ -57,4 +57,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tiny_factory, tmp_path):
         assert got["facts"] == [r["fact_id"] for r in single.rows]
         assert got["metrics"].keys() == single.metrics.keys()
         # fp32 probabilities: ratios of ~1e-4 differ by ~1e-7 between batchings, hence abs=1e-6.
-        assert got["metrics"] == pytest.approx(single.metrics, rel=1e-6, abs=1e-6, nan_ok=True)
+        timing = {"edit/seconds", "run/peak_memory_mb"}  # wall time and memory differ between runs
+        ours = {k: v for k, v in got["metrics"].items() if k not in timing}
+        assert ours == pytest.approx({k: v for k, v in single.metrics.items() if k not in timing}, rel=1e-6,
+                                     abs=1e-6, nan_ok=True)

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import pytest
 import torch
 
 from kn_edit.data.records import FactRecord, FactSet
-from kn_edit.editing.base import Edit, Editor, EditRequest, ParamPatch
+from kn_edit.editing.base import Editor, EditRequest
+from kn_edit.editing.values import value_changes
 from kn_edit.errors import EditError
 from kn_edit.evaluation import EvalConfig, evaluate
 from kn_edit.evaluation.report import SUMMARY
@@ -34,36 +36,42 @@ def tiny_facts() -> FactSet:
     return FactSet("tiny", records)
 
 
+@dataclass
+class ValueVectorSettings:
+    scale: float = 20.0
+    fail_on: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ValueVectorDetails:
+    neurons: list[Neuron]
+    scale: float
+
+
 class ValueVectorEditor(Editor):
     """A small real editor for the tests: for the request's first prompt, the last layer's most active neuron
     at the answer position gets ``scale`` · sign(a) · (E(new) − E(old)) / |a| added to its value vector."""
 
     name = "value-vector"
+    config_class = ValueVectorSettings
 
-    def __init__(self, scale: float = 20.0, fail_on: Sequence[str] = ()) -> None:
-        self.scale = scale
-        self.fail_on = set(fail_on)
+    def __init__(self, settings: ValueVectorSettings | None = None, *, reporter=None, **overrides) -> None:
+        self.settings = replace(settings or ValueVectorSettings(), **overrides)
 
-    def apply(self, km, requests: Sequence[EditRequest]) -> Edit:
+    def compute(self, km, requests: Sequence[EditRequest]):
         layer = km.n_layers - 1
-        param = km.value_weight(layer)
-        name = next(n for n, p in km.model.named_parameters() if p is param)
-        dim = 0 if km.adapter.value_weight_transposed else 1  # the axis that indexes neurons
-        patches, neurons = [], []
+        neurons, deltas = [], []
         for request in requests:
-            if request.subject in self.fail_on:
+            if request.subject in self.settings.fail_on:
                 raise EditError(f"refusing to edit {request.subject}")
             old, new = km.encode(request.prompts[0], request.old), km.encode(request.prompts[0], request.new)
             act = km.activations(old.steps[:1], [layer])[0, 0]  # [d_ff]
             i = int(act.abs().argmax())
             direction = km.output_embedding([new.target_ids[0]]) - km.output_embedding([old.target_ids[0]])
-            index = torch.tensor([i])
-            before = param.detach().index_select(dim, index).clone().cpu()
-            with torch.no_grad():
-                km.value_vectors(layer)[i] += (self.scale * torch.sign(act[i]) / act[i].abs().clamp(min=1e-3)) * direction[0]
-            patches.append(ParamPatch(name, dim, index, before, param.detach().index_select(dim, index).clone().cpu()))
             neurons.append(Neuron(layer, i))
-        return Edit(self.name, tuple(requests), patches, km, info={"neurons": neurons, "scale": self.scale})
+            deltas.append((self.settings.scale * torch.sign(act[i]) / act[i].abs().clamp(min=1e-3)) * direction[0])
+        changes = value_changes(km, neurons, torch.stack(deltas).detach().float().cpu(), additive=True)
+        return changes, ValueVectorDetails(neurons, self.settings.scale)
 
 
 def tiny_config(tmp_path, **overrides) -> EvalConfig:
@@ -124,14 +132,12 @@ def test_editor_failures_count_as_failed_edits(tiny_factory, tmp_path):
 
 
 class LeakyEditor(ValueVectorEditor):
-    """Declares its patch at the wrong neuron, so revert() does not undo the change."""
+    """Also writes to a weight behind the ledger's back, so revert() cannot undo that change."""
 
-    def apply(self, km, requests):
-        edit = super().apply(km, requests)
-        for patch in edit.patches:
-            patch.index = (patch.index + 1) % km.d_ff
-            patch.before = km.model.get_parameter(patch.name).detach().index_select(patch.dim, patch.index).clone()
-        return edit
+    def compute(self, km, requests):
+        with torch.no_grad():
+            km.value_vectors(0)[0] += 1.0
+        return super().compute(km, requests)
 
 
 def test_an_editor_that_does_not_revert_fails_the_run(tiny_factory, tmp_path):
@@ -154,3 +160,77 @@ def test_masked_lm_run_measures_everything_but_text_perplexity(tiny_factory, tmp
     assert result.metrics["edit/n_facts"] == 6 and result.metrics["generalization/n_facts"] == 4
     assert not any(k.startswith("drift/") for k in result.metrics)  # causal-LM perplexity only
     assert math.isfinite(result.metrics["probe/suppressed"])
+
+
+def _plain_scores(km, prompt: str, target: str) -> tuple[float, bool]:
+    """(log P(target), every token top-1) by one unbatched teacher-forced forward per answer token."""
+    logp, top1 = 0.0, True
+    with torch.no_grad():
+        for step in km.encode(prompt, target).steps:
+            logits = km.model(input_ids=step.input_ids[None, :]).logits[0, step.position].float()
+            logp += float(torch.log_softmax(logits, -1)[step.target_id])
+            top1 &= int(logits.argmax()) == step.target_id
+    return logp, top1
+
+
+def _plain_text_ppl(km, passages, max_tokens: int) -> float:
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for text in passages:
+            ids = km.tokenizer(text, add_special_tokens=True)["input_ids"][:max_tokens]
+            logits = km.model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum"))
+            count += len(ids) - 1
+    return math.exp(nll / count)
+
+
+def test_tiny_run_metrics_equal_a_plain_recomputation(tiny_factory, tmp_path):
+    """Every prompt slice reaches its metric: edit, generalization, intra (all / same object / other object),
+    inter and text drift, recomputed here one prompt at a time from the same cases."""
+    from kn_edit.evaluation.datamodule import FactDataModule
+
+    km = tiny_factory("llama")
+    config = tiny_config(tmp_path, **{"probe.enabled": False})
+    editor = ValueVectorEditor()
+    result = evaluate(config, km=km, editor=editor, facts=tiny_facts(), passages=PASSAGES, write=False)
+    datamodule = FactDataModule(km, config.data, facts=tiny_facts())
+    datamodule.setup("test")
+    edit_top1, held_top1, held_beats, drift = [], [], [], []
+    # [kept, correct before, correct after, n prompts, summed -log P(gold) after]
+    pooled = {k: [0, 0, 0, 0, 0.0] for k in ("intra", "intra_same", "intra_other", "inter")}
+    text_before = _plain_text_ppl(km, PASSAGES, config.text.max_tokens)
+    for case in datamodule.cases:
+        fact = case.fact
+        groups = {"intra_same": [r for r in case.same_relation if r.object == fact.object],
+                  "intra_other": [r for r in case.same_relation if r.object != fact.object],
+                  "inter": list(case.other_relation)}  # fmt: skip
+        before = {k: [_plain_scores(km, p, r.object) for r in rs for p in r.all_prompts] for k, rs in groups.items()}
+        edit = editor.apply(km, [case.request])
+        try:
+            edit_top1.append(sum(_plain_scores(km, p, case.new)[1] for p in fact.prompts) / len(fact.prompts))
+            if fact.heldout_prompts:
+                new = [_plain_scores(km, p, case.new) for p in fact.heldout_prompts]
+                old = [_plain_scores(km, p, fact.object)[0] for p in fact.heldout_prompts]
+                held_top1.append(sum(t for _, t in new) / len(new))
+                held_beats.append(sum(n > o for (n, _), o in zip(new, old)) / len(new))
+            after = {k: [_plain_scores(km, p, r.object) for r in rs for p in r.all_prompts] for k, rs in groups.items()}
+            drift.append(_plain_text_ppl(km, PASSAGES, config.text.max_tokens) / text_before - 1)
+        finally:
+            edit.revert()
+        for k in groups:
+            counts = [sum(b[1] and a[1] for b, a in zip(before[k], after[k])), sum(b[1] for b in before[k]),
+                      sum(a[1] for a in after[k]), len(after[k]), -sum(a[0] for a in after[k])]  # fmt: skip
+            for name in (k, "intra") if k.startswith("intra") else (k,):
+                pooled[name] = [x + y for x, y in zip(pooled[name], counts)]
+    m = result.metrics
+    assert m["edit/top1"] == pytest.approx(sum(edit_top1) / len(edit_top1), abs=1e-9)
+    assert m["generalization/top1"] == pytest.approx(sum(held_top1) / len(held_top1), abs=1e-9)
+    assert m["generalization/new_beats_old"] == pytest.approx(sum(held_beats) / len(held_beats), abs=1e-9)
+    for name, (kept, correct, correct_after, n, nll_after) in pooled.items():
+        assert n > 0 and m[f"{name}/n_prompts"] == n, name
+        want = kept / correct if correct else float("nan")
+        assert m[f"{name}/retained"] == pytest.approx(want, abs=1e-9, nan_ok=True), name
+        assert m[f"{name}/acc_after"] == pytest.approx(correct_after / n, abs=1e-9), name
+        assert m[f"{name}/ppl_after"] == pytest.approx(math.exp(nll_after / n), rel=1e-4), name
+    assert m["drift/mean_change"] == pytest.approx(sum(drift) / len(drift), rel=1e-4, abs=1e-6)
+    assert m["edit/seconds"] > 0

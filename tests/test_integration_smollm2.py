@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -24,9 +26,21 @@ def test_reload_from_cache_gives_identical_logits(smollm2):
 
 
 def test_multi_token_answer_probability(smollm2):
-    enc = smollm2.encode("The currency of Japan is the", "yen")
-    assert len(enc.target_ids) >= 1
-    assert 0.0 < smollm2.prob("The currency of Japan is the", "yen") <= 1.0
+    """A multi-token answer is teacher-forced: its probability is the product of each token's softmax
+    probability after the prompt and the tokens before it, here recomputed one plain forward per token."""
+    prompt, answer = "The currency of Japan is the", "yen"
+    enc = smollm2.encode(prompt, answer)
+    ids = smollm2.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    assert list(enc.target_ids) == ids and len(ids) >= 2
+    context = smollm2.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    logp = 0.0
+    with torch.no_grad():
+        for token in ids:
+            logits = smollm2.model(input_ids=torch.tensor([context])).logits[0, -1].double()
+            logp += float(torch.log_softmax(logits, -1)[token])
+            context = context + [token]
+    assert smollm2.prob(prompt, answer) == pytest.approx(math.exp(logp), rel=1e-4)
+    assert smollm2.log_prob(prompt, answer) == pytest.approx(logp, abs=1e-4)
 
 
 def test_cli_predict_on_the_default_model(capsys):

@@ -1,17 +1,17 @@
 """`kn-edit update-fact`, `kn-edit erase-fact`, `kn-edit apply-patch` and `kn-edit revert-patch`.
 
 Edits happen in memory; nothing is written unless --save DIR (the whole edited model) or --save-patch FILE
-(the edit alone) is given. Settings come from configs/edit.yaml (--config FILE) and key=value overrides
-such as update.margin=2 or erase.mode=unk.
+(the edit alone) is given. The method is chosen by name (--method; kn_edit.editing.registry); its settings
+come from its defaults (configs/methods/NAME.yaml states them), --config FILE and key=value overrides such as
+margin=2 (kn) or layer=6 (rome). Every table is read from the edit's report, the same for every method.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+import inspect
 
-from ..editing.settings import EraseSettings, UpdateSettings
-from .ui import add_model_argument, add_prompts_argument, add_settings_arguments, console, table
+from .ui import add_model_argument, add_prompts_argument, add_settings_arguments, console, report_tables, table
 
 # Facts unrelated to most edits: their top prediction should survive an edit.
 DEFAULT_CONTROLS = [
@@ -23,23 +23,22 @@ DEFAULT_CONTROLS = [
 ]
 
 
-@dataclass
-class EditCommandConfig:
-    """Schema of configs/edit.yaml."""
-
-    update: UpdateSettings = field(default_factory=UpdateSettings)
-    erase: EraseSettings = field(default_factory=EraseSettings)
-    controls: list[str] = field(default_factory=lambda: list(DEFAULT_CONTROLS))
+def _add_settings(parser: argparse.ArgumentParser, example: str) -> None:
+    add_settings_arguments(parser, "configs/methods/NAME.yaml", example)
 
 
-def _add_settings(parser: argparse.ArgumentParser) -> None:
-    add_settings_arguments(parser, "configs/edit.yaml", "update.margin=2 update.generic_filter=false erase.mode=unk")
+def _add_fact(parser: argparse.ArgumentParser, default_method: str) -> None:
+    from ..editing.registry import METHODS
 
-
-def _add_fact(parser: argparse.ArgumentParser) -> None:
     add_prompts_argument(parser)
-    parser.add_argument("--neurons", metavar="L:I,L:I", help="edit these neurons instead of locating them")
+    parser.add_argument("--method", default=default_method, metavar="NAME",
+                        help=f"editing method: {', '.join(METHODS)}, or module:Class (default: {default_method})")
+    parser.add_argument("--subject", "-s", help="the fact's subject as it appears in the prompts (needed by rome)")
+    parser.add_argument("--neurons", metavar="L:I,L:I", help="knowledge-neuron methods: edit these neurons instead of "
+                                                             "locating them")
     parser.add_argument("--force", action="store_true", help="edit even where the model does not predict the fact")
+    parser.add_argument("--control", action="append", dest="controls", metavar="PROMPT",
+                        help="an unrelated prompt whose top prediction should survive (repeat; default: five built in)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -51,24 +50,23 @@ def _add_save(parser: argparse.ArgumentParser, patch: bool = True) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    update = sub.add_parser("update-fact", help="change a fact the model knows (old → new) by editing its "
-                                                "knowledge neurons; shows predictions before and after")
+    update = sub.add_parser("update-fact", help="change a fact the model knows (old → new), by default by editing "
+                                                "its knowledge neurons; shows predictions before and after")
     add_model_argument(update)
-    _add_fact(update)
+    _add_fact(update, "kn")
     update.add_argument("--old", required=True, help="the object the model predicts now, e.g. Paris")
     update.add_argument("--new", required=True, help="the object it should predict, e.g. Rome")
-    update.add_argument("--rule", choices=["signed", "paper", "unscaled"], help="update rule (default: signed)")
     _add_save(update)
-    _add_settings(update)
+    _add_settings(update, "margin=2 generic_filter=false (kn), layer=6 (rome)")
     update.set_defaults(func=run_update)
 
-    erase = sub.add_parser("erase-fact", help="erase a fact: its knowledge neurons' value vectors set to 0 (or E(unk))")
+    erase = sub.add_parser("erase-fact", help="erase a fact: by default its knowledge neurons' value vectors set to 0 "
+                                              "(or E(unk))")
     add_model_argument(erase)
-    _add_fact(erase)
+    _add_fact(erase, "kn-erase")
     erase.add_argument("--target", "-t", required=True, help="the object to erase, e.g. Paris")
-    erase.add_argument("--mode", choices=["zero", "unk"], help="zero (default) or unk")
     _add_save(erase)
-    _add_settings(erase)
+    _add_settings(erase, "mode=unk")
     erase.set_defaults(func=run_erase)
 
     apply = sub.add_parser("apply-patch", help="apply a patch file to a model (and --save the patched model)")
@@ -86,13 +84,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # ----- helpers -----------------------------------------------------------------------------------------------
-def _config(args: argparse.Namespace) -> EditCommandConfig:
-    from ..configuration import load_config
+def _editor(args: argparse.Namespace):
+    """The --method editor with its settings (--config files, key=value overrides, --force, --neurons)."""
+    from dataclasses import fields
 
-    cfg = load_config(EditCommandConfig, args.config, args.overrides)
-    cfg.update.check()
-    cfg.erase.check()
-    return cfg
+    from ..editing.registry import make_editor, method_config, resolve
+    from ..errors import ConfigError
+    from ..progress import default_reporter
+
+    cls, _, name = resolve(args.method)
+    overrides = list(args.overrides)
+    extras = {"reporter": default_reporter(args.quiet)}
+    if args.force:
+        if "force" not in {f.name for f in fields(method_config(args.method))}:
+            raise ConfigError(f"--force does not apply to {name}: it does not check that the model knows the fact")
+        overrides.append("force=true")
+    if args.neurons:
+        if "neurons" not in inspect.signature(cls.__init__).parameters:
+            raise ConfigError(f"--neurons applies to the knowledge-neuron methods, not to {name}")
+        extras["neurons"] = _neurons(args)
+    return make_editor(args.method, args.config, overrides, **extras)
 
 
 def _load(args: argparse.Namespace, quiet: bool = False):
@@ -126,11 +137,6 @@ def _before_after_table(title: str, prompts: list[str], kinds: list[str], object
     return table(title, ["", "prompt", "top before", "top after"] + [f"P({o})" for o in objects], rows)
 
 
-def _neuron_table(title: str, neurons: list[dict]):
-    rows = [[n["layer"], n["index"], n.get("score", float("nan")), n.get("activation", float("nan"))] for n in neurons]
-    return table(title, ["layer", "index", "score", "activation"], rows)
-
-
 def _check_save(km, args: argparse.Namespace) -> None:
     """Refuse a bad --save/--save-patch path before the (slow) edit, not after it."""
     from pathlib import Path
@@ -161,12 +167,12 @@ def _neurons(args: argparse.Namespace):
 
 
 # ----- commands ---------------------------------------------------------------------------------------------
-def _run_with_controls(args: argparse.Namespace, controls_text: list[str], editor, request, objects: list[str]):
+def _run_with_controls(args: argparse.Namespace, editor, request, objects: list[str]):
     """What update-fact and erase-fact share: load, refuse a bad save path, snapshot the edit and control prompts,
     apply, snapshot again. Returns (km, edit, prompts, kinds, before, after)."""
     km = _load(args, args.quiet)
     _check_save(km, args)
-    controls = [_control_prompt(km, c) for c in controls_text]
+    controls = [_control_prompt(km, c) for c in (args.controls or DEFAULT_CONTROLS)]
     prompts = list(request.prompts) + controls
     kinds = ["edit"] * len(request.prompts) + ["control"] * len(controls)
     before = _snapshot(km, prompts, objects)
@@ -180,68 +186,53 @@ def _controls_kept(before: list[dict], after: list[dict], kinds: list[str]) -> i
 
 
 def run_update(args: argparse.Namespace) -> int:
-    from ..editing import KnowledgeNeuronEditor
     from ..editing.base import EditRequest
-    from ..progress import default_reporter
 
-    cfg = _config(args)
-    settings = cfg.update
-    if args.rule:
-        settings.rule = args.rule
-    if args.force:
-        settings.force = True
-    request = EditRequest(args.prompts, args.old, args.new)  # checks old != new before the model loads
+    # checks old != new before the model loads
+    request = EditRequest(args.prompts, args.old, args.new, subject=args.subject)
+    editor = _editor(args)
     objects = [args.old, args.new]
-    editor = KnowledgeNeuronEditor(settings.check(), neurons=_neurons(args), reporter=default_reporter(args.quiet))
-    km, edit, prompts, kinds, before, after = _run_with_controls(args, cfg.controls, editor, request, objects)
-    info = edit.info["requests"][0]
+    km, edit, prompts, kinds, before, after = _run_with_controls(args, editor, request, objects)
+    report = edit.report
     con = console()
-    con.print(_before_after_table(f"{km.name}: {args.old!r} → {args.new!r} ({settings.rule} rule)", prompts, kinds,
+    con.print(_before_after_table(f"{km.name}: {args.old!r} → {args.new!r} ({report.method})", prompts, kinds,
                                   objects, before, after))
-    con.print(_neuron_table(f"{len(info['neurons'])} neurons changed", info["neurons"]))
-    if info["dropped"]:
-        con.print(f"left out as generic: {', '.join(str(d['layer']) + ':' + str(d['index']) for d in info['dropped'])}",
-                  highlight=False)
-    if info["unpredicted"]:
-        con.print(f"[yellow]forced: the model did not predict {args.old!r} on {len(info['unpredicted'])} prompt(s)[/]")
+    for part in report_tables(report):
+        con.print(part)
     kept = _controls_kept(before, after, kinds)
-    scale = "" if info["scale"] is None else (
-        f", change {info['scale']:.3g} × the value vectors' norm" if settings.direction == "gradient"
-        else f", scale {info['scale']:.4g}")
-    verdict = "[bold green]success[/]" if info["success"] else "[bold red]failed[/]"
-    con.print(f"{verdict}: {args.new!r} is top-1 on {sum(m > 0 for m in info['margins'])}/{len(info['margins'])} edit "
-              f"prompts{scale}; controls keeping their top prediction: {kept}/{kinds.count('control')}")
+    verdict = "[bold green]success[/]" if report.success else "[bold red]failed[/]"
+    held = sum(p.success for p in report.prompts)
+    con.print(f"{verdict}: {args.new!r} is the greedy answer on {held}/{len(report.prompts)} edit prompts; controls "
+              f"keeping their top prediction: {kept}/{kinds.count('control')}")
     written = _save(km, edit, args)
     con.print(written or "nothing written (use --save DIR or --save-patch FILE to keep the edit)")
     return 0
 
 
 def run_erase(args: argparse.Namespace) -> int:
-    from ..editing import KnowledgeNeuronEraser
     from ..editing.base import EditRequest
-    from ..progress import default_reporter
 
-    cfg = _config(args)
-    settings = cfg.erase
-    if args.mode:
-        settings.mode = args.mode
-    if args.force:
-        settings.force = True
-    request = EditRequest(args.prompts, args.target)
-    editor = KnowledgeNeuronEraser(settings.check(), neurons=_neurons(args), reporter=default_reporter(args.quiet))
-    km, edit, prompts, kinds, before, after = _run_with_controls(args, cfg.controls, editor, request, [args.target])
-    info = edit.info["requests"][0]
+    request = EditRequest(args.prompts, args.target, subject=args.subject)
+    editor = _editor(args)
+    if not editor.can_erase:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{editor.name} cannot erase facts; use an erasing method (kn-erase)")
+    km, edit, prompts, kinds, before, after = _run_with_controls(args, editor, request, [args.target])
+    report = edit.report
     con = console()
-    con.print(_before_after_table(f"{km.name}: erasing {args.target!r} ({settings.mode})", prompts, kinds,
+    con.print(_before_after_table(f"{km.name}: erasing {args.target!r} ({report.method})", prompts, kinds,
                                   [args.target], before, after))
-    con.print(_neuron_table(f"{len(info['neurons'])} neurons erased", info["neurons"]))
+    for part in report_tables(report):
+        con.print(part)
     n = len(request.prompts)
     lowered = sum(a[args.target] < b[args.target] for b, a in zip(before[:n], after[:n]))
     mean_b = sum(b[args.target] for b in before[:n]) / n
     mean_a = sum(a[args.target] for a in after[:n]) / n
     kept = _controls_kept(before, after, kinds)
-    con.print(f"P({args.target!r}) lowered on {lowered}/{n} prompts (mean {mean_b:.4f} → {mean_a:.4f}); controls "
-              f"keeping their top prediction: {kept}/{kinds.count('control')}")
+    con.print(f"P({args.target!r}) lowered on {lowered}/{n} prompts (mean {mean_b:.4f} → {mean_a:.4f}); no longer top-1 on "
+              f"{sum(p.success for p in report.prompts)}/{n}; controls keeping their top prediction: "
+              f"{kept}/{kinds.count('control')}")
     written = _save(km, edit, args)
     con.print(written or "nothing written (use --save DIR or --save-patch FILE to keep the edit)")
     return 0

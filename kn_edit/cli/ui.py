@@ -47,3 +47,57 @@ def add_prompts_argument(parser) -> None:
     parser.add_argument("--prompt", "-p", action="append", required=True, dest="prompts", metavar="PROMPT",
                         help="a prompt of the fact (repeat for paraphrases); causal: text before the answer, "
                              "masked LM: with [MASK] or [Y]")
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)) and len(value) > 6:
+        return f"{len(value)} items"
+    return str(value)
+
+
+def _details_parts(title: str, details: object, depth: int = 0) -> list:
+    """Tables of a method's details dataclass, read generically: scalar fields as one key/value table, each
+    list of dataclasses as a table of its own (one level of nesting). Fields with metadata show=False are
+    skipped (e.g. copies of what the report already says)."""
+    import dataclasses
+
+    if details is None or not dataclasses.is_dataclass(details):
+        return []
+    scalars, parts = [], []
+    for f in dataclasses.fields(details):
+        if f.metadata.get("show", True) is False:
+            continue
+        value = getattr(details, f.name)
+        if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            if depth == 0 and len(value) == 1:  # one request: show its fields directly
+                parts += _details_parts(f"{title}: {f.name}", value[0], depth + 1)
+                continue
+            names = [g.name for g in dataclasses.fields(value[0]) if g.metadata.get("show", True) is not False]
+            flat = [n for n in names if not isinstance(getattr(value[0], n), (list, dict))]
+            parts.append(table(f"{title}: {f.name} ({len(value)})", flat, [[_cell(getattr(v, n)) for n in flat] for v in value]))
+            if depth == 0:
+                for i, item in enumerate(value):
+                    parts += [p for p in _details_parts(f"{title}: {f.name}[{i}]", item, depth + 1) if not isinstance(p, str)]
+        elif isinstance(value, dict) or (isinstance(value, list) and not value):
+            continue
+        else:
+            scalars.append([f.name, _cell(value)])
+    if scalars:
+        parts.insert(0, table(title, ["", "value"], scalars))
+    return parts
+
+
+def report_tables(report) -> list:
+    """What an edit did, from its EditReport alone (the same for every method): the parameters it changed,
+    each edit prompt's verdict and margin, cost, and the method's own details."""
+    params = [[p.name, "all" if p.whole else f"{p.slices} of {p.size}", p.elements] for p in report.parameters]
+    parts: list = [table(f"{report.method}: parameters changed", ["parameter", "slices", "elements"], params)]
+    prompts = [[p.prompt, repr(p.target), "yes" if p.success else "no", p.margin] for p in report.prompts]
+    verdict = "erased" if report.prompts and report.prompts[0].erasure else "holds"
+    parts.append(table("edit prompts after the edit", ["prompt", "target", verdict, "margin (logits)"], prompts))
+    parts += _details_parts(f"{report.method} details", report.details)
+    memory = "" if report.peak_memory_mb is None else f", peak memory {report.peak_memory_mb:.0f} MB ({report.memory_kind})"
+    parts.append(f"{report.method}: {report.seconds:.1f} s{memory}")
+    return parts

@@ -64,7 +64,7 @@ class KnDetails:
     embedding: str
     settings: dict
     requests: list[KnRequestDetails]
-    neurons: list[Neuron]  # every edited neuron, in request order
+    neurons: list[Neuron] = field(metadata={"show": False})  # every edited neuron, in request order (the report has them)
     relation_counts: list[int] = field(default_factory=list)  # erase-relation: facts that located each neuron
 
     @property

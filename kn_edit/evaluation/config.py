@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..errors import ConfigError
+from ..locate import LocateSettings
 
 
 @dataclass
@@ -38,18 +39,17 @@ class TextConfig:
 
 @dataclass
 class EditorConfig:
-    target: str = "kn_edit.editing.KnowledgeNeuronEditor"  # import path of an Editor class
-    settings: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its constructor
+    method: str = "kn"  # a registry name (kn_edit.editing.registry: kn, kn-paper, rome, ft, ...) or module:Class
+    settings: dict[str, Any] = field(default_factory=dict)  # overrides of the method's settings (its config dataclass)
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(LocateSettings):
+    """Suppress/amplify probing; the locate settings apply only when the editor reports no neurons."""
+
     enabled: bool = True  # suppress/amplify change ratios with the random-neuron control
     factor: float = 2.0  # amplification factor (the paper: doubled)
     n_controls: int = 1  # random same-layer control sets per fact
-    steps: int = 20  # locating (only when the editor reports no neurons)
-    threshold: float = 0.2
-    share: float = 0.5
 
 
 @dataclass
@@ -102,6 +102,7 @@ class EvalConfig:
             raise ConfigError("text.source=file needs text.path")
         if self.text.passages < 1 or self.text.max_tokens < 2 or self.text.batch_size < 1:
             raise ConfigError("text.passages >= 1, text.max_tokens >= 2, text.batch_size >= 1")
+        self.probe.check_locate()
         if self.probe.n_controls < 1:
             raise ConfigError(f"probe.n_controls must be at least 1, got {self.probe.n_controls}")
         return self

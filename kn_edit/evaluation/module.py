@@ -17,7 +17,7 @@ from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
-from torchmetrics import SumMetric
+from torchmetrics import MaxMetric, MeanMetric, SumMetric
 
 from ..data.records import FactRecord
 from ..editing.base import Edit, Editor
@@ -73,7 +73,11 @@ class EditEvaluation(pl.LightningModule):
         self.edit_metric = EditSuccess()
         self.generalization = EditSuccess()
         self.intra = Retention()
+        self.intra_same = Retention()  # same-relation facts whose object is the edited fact's old object
+        self.intra_other = Retention()  # ... and those with another object
         self.inter = Retention()
+        self.seconds = MeanMetric()
+        self.peak_memory = MaxMetric()
         self.drift = PerplexityDrift()
         self.edit_errors = SumMetric()
         self.probed = SumMetric()
@@ -126,7 +130,8 @@ class EditEvaluation(pl.LightningModule):
             "edit_new": [(p, new) for p in fact.prompts],
             "held_old": [(p, fact.object) for p in fact.heldout_prompts],
             "held_new": [(p, new) for p in fact.heldout_prompts],
-            "intra": [(p, r.object) for r in case.same_relation for p in r.all_prompts],
+            "intra_same": [(p, r.object) for r in case.same_relation if r.object == fact.object for p in r.all_prompts],
+            "intra_other": [(p, r.object) for r in case.same_relation if r.object != fact.object for p in r.all_prompts],
             "inter": [(p, r.object) for r in case.other_relation for p in r.all_prompts],
         }
         pairs, where = [], {}
@@ -136,21 +141,15 @@ class EditEvaluation(pl.LightningModule):
         return pairs, where
 
     def _neurons(self, edit: Edit | None, fact: FactRecord):
-        """The fact's knowledge neurons: those the editor reports in ``info["neurons"]`` (Neuron objects or
-        {"layer", "index"} rows), else located with the probe settings."""
-        from ..neurons import Neuron
-
-        found = (edit.info or {}).get("neurons") if edit is not None else None
-        if found:
-            try:
-                return [n if isinstance(n, Neuron) else Neuron(int(n["layer"]), int(n["index"])) for n in found]
-            except (KeyError, TypeError, ValueError):
-                pass  # an editor with its own notion of "neurons": locate instead
+        """The fact's knowledge neurons: those the edit's report names, else located with the probe settings
+        (editors such as ROME work on no neurons)."""
+        if edit is not None and edit.report is not None and edit.report.neurons:
+            return list(edit.report.neurons)
         from ..locate import locate
 
         cfg = self.probe_config
         with torch.enable_grad():
-            return locate(self.km, fact.prompts, fact.object, cfg.threshold, cfg.share, cfg.steps)
+            return locate(self.km, fact.prompts, fact.object, cfg.threshold, cfg.share, cfg.steps, cfg.layers)
 
     def _probe(self, case: EditCase, edit: Edit | None, row: dict) -> None:
         from ..probe import probe
@@ -195,6 +194,10 @@ class EditEvaluation(pl.LightningModule):
             # The editor raised, so the model is unchanged: this fact is a failed edit.
             logp_after, top1_after, text_after = logp_before, top1_before, self._text_before
         self.edit_errors.update(torch.tensor(float(edit is None), device=self.device))
+        if edit is not None and edit.report is not None:
+            self.seconds.update(torch.tensor(edit.report.seconds, device=self.device))
+            if edit.report.peak_memory_mb is not None:
+                self.peak_memory.update(torch.tensor(edit.report.peak_memory_mb, device=self.device))
 
         row = self._row(case, edit, error)
         for name, metric in (("edit", self.edit_metric), ("held", self.generalization)):
@@ -206,7 +209,10 @@ class EditEvaluation(pl.LightningModule):
                     k: float(v) for k, v in Fn.edit_success(*args).items()
                 } | {"p_new_before": float(logp_before[new].exp().mean()), "p_new_after": float(logp_after[new].exp().mean()),
                      "p_old_before": float(logp_before[old].exp().mean()), "p_old_after": float(logp_after[old].exp().mean())}  # fmt: skip
-        for name, metric in (("intra", self.intra), ("inter", self.inter)):
+        # intra: every same-relation fact (the two slices are adjacent), and split by object
+        at["intra"] = slice(at["intra_same"].start, at["intra_other"].stop)
+        for name, metric in (("intra", self.intra), ("intra_same", self.intra_same), ("intra_other", self.intra_other),
+                             ("inter", self.inter)):  # fmt: skip
             s = at[name]
             if s.stop > s.start:
                 args = (top1_before[s], top1_after[s], logp_before[s], logp_after[s])
@@ -237,7 +243,8 @@ class EditEvaluation(pl.LightningModule):
         if error is not None:
             row["error"] = error
         if edit is not None:
-            row["editor"] = {"name": edit.editor, "touched": edit.touched_parameters, "info": _jsonable(edit.info)}
+            row["editor"] = {"name": edit.editor, "touched": edit.touched_parameters,
+                             "report": edit.report.to_dict() if edit.report is not None else None}
         return row
 
     def on_test_end(self) -> None:
@@ -250,8 +257,11 @@ class EditEvaluation(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         metrics: dict[str, float] = {}
         for prefix, metric in (("edit", self.edit_metric), ("generalization", self.generalization),
-                               ("intra", self.intra), ("inter", self.inter)):  # fmt: skip
+                               ("intra", self.intra), ("intra_same", self.intra_same),
+                               ("intra_other", self.intra_other), ("inter", self.inter)):  # fmt: skip
             metrics |= {f"{prefix}/{k}": float(v) for k, v in metric.compute().items()}
+        metrics["edit/seconds"] = float(self.seconds.compute())
+        metrics["run/peak_memory_mb"] = float(self.peak_memory.compute())
         if self._text:
             metrics |= {f"drift/{k}": float(v) for k, v in self.drift.compute().items()}
         metrics["run/edit_errors"] = float(self.edit_errors.compute())
@@ -270,19 +280,7 @@ class EditEvaluation(pl.LightningModule):
             torch.distributed.all_gather_object(parts, rows)
             rows = [r for part in parts for r in part]
         self.results = {"metrics": metrics, "probe_per_relation": per_relation, "rows": sorted(rows, key=lambda r: r["index"])}
-        for metric in (self.edit_metric, self.generalization, self.intra, self.inter, self.drift, self.edit_errors,
-                       self.probed, *self.probe_metrics.values()):  # fmt: skip
+        for metric in (self.edit_metric, self.generalization, self.intra, self.intra_same, self.intra_other, self.inter,
+                       self.drift, self.edit_errors, self.probed, self.seconds, self.peak_memory,
+                       *self.probe_metrics.values()):  # fmt: skip
             metric.reset()
-
-
-def _jsonable(value):
-    """Editor info for the per-fact JSONL: tensors become lists, objects become strings."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.tolist() if value.numel() <= 64 else f"tensor{list(value.shape)}"
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)

@@ -3,7 +3,6 @@ a run directory with per-fact JSONL, metrics JSON, a markdown report and plots; 
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -33,19 +32,12 @@ class EvalResult:
     run_dir: Path | None = None
 
 
-def build_editor(config: EvalConfig) -> Editor:
-    """The Editor named by ``editor.target`` (an import path), built with ``editor.settings``."""
-    module_name, _, attr = config.editor.target.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"editor.target {config.editor.target!r} is not an importable class") from exc
-    if not (isinstance(cls, type) and issubclass(cls, Editor)):
-        raise ConfigError(f"editor.target {config.editor.target!r} is not an Editor (kn_edit.editing.Editor)")
-    try:
-        return cls(**dict(config.editor.settings))
-    except TypeError as exc:
-        raise ConfigError(f"editor.settings do not fit {cls.__name__}: {exc}") from exc
+def build_editor(config: EvalConfig, reporter: Reporter | None = None) -> Editor:
+    """The editor of ``editor.method`` (a registry name or module:Class) with ``editor.settings``."""
+    from ..editing.registry import make_editor
+
+    extras = {"reporter": reporter} if reporter is not None else {}
+    return make_editor(config.editor.method, overrides=dict(config.editor.settings), **extras)
 
 
 def load_passages(config: EvalConfig) -> list[str]:
@@ -126,7 +118,7 @@ def evaluate(
     trainer.test(module, datamodule=datamodule, verbose=False)
     summary = dict(datamodule.summary)
     summary |= {"seconds": round(time.time() - started, 1), "world_size": trainer.world_size,
-                "editor": f"{type(editor).__module__}.{type(editor).__qualname__}"}
+                "editor": editor.name}
     rows = module.results["rows"]
     result = EvalResult(
         metrics=module.results["metrics"], rows=rows, summary=summary, per_relation=per_relation(rows),
