@@ -161,7 +161,8 @@ def run_config(km, facts, name, rule, overrides, shared_filter, base_top, base_p
         except EditError as exc:
             rows.append({**row, "error": str(exc)})
             continue
-        info = edit.info["requests"][0]
+        report = edit.report
+        info = report.details.requests[0]
         others = [p for g in facts if g is not fact for p in g["prompts"]]
         now = top1(km, others)
         before = [base_top[p] for p in others]
@@ -170,13 +171,13 @@ def run_config(km, facts, name, rule, overrides, shared_filter, base_top, base_p
         ppl = perplexity(km, PLAIN_TEXT)
         edit.revert()
         assert all(torch.equal(v, state[k]) for k, v in km.model.named_parameters() if k in state), "revert failed"
-        rows.append({**row, "success": info["success"], "prompt_success": sum(m > 0 for m in info["margins"]) / len(info["margins"]),
+        rows.append({**row, "success": report.success, "prompt_success": report.prompt_success,
                      "heldout_success": (sum(held) / len(held)) if held else None,
                      "kept": sum(a == b for a, b in zip(now, before)) / len(others),
                      "kept_other_object": share_kept(now, before, [not x for x in same]),
                      "kept_same_object": share_kept(now, before, same),
-                     "ppl_change": ppl / base_ppl - 1, "scale": info["scale"], "n_neurons": len(info["neurons"]),
-                     "n_dropped": len(info["dropped"]), "negative": info["negative_activations"]})
+                     "ppl_change": ppl / base_ppl - 1, "scale": info.scale, "n_neurons": len(info.neurons),
+                     "n_dropped": len(info.dropped), "negative": info.negative_activations, "seconds": report.seconds})
     applied = [r for r in rows if "error" not in r]
     held = [r["heldout_success"] for r in applied if r["heldout_success"] is not None]
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731

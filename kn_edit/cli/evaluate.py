@@ -22,6 +22,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_evaluate)
 
+    compare = sub.add_parser(
+        "compare",
+        help="compare editing methods (kn, rome, ft, ...) on the same facts: one table, one report",
+        description="Runs every method listed in the config through the same evaluation on the same edit requests "
+        "and writes one report (markdown, JSON, plots). Exits 1 when a metric regressed beyond its tolerance.",
+    )
+    compare.add_argument("--config", "-c", action="append", default=[], metavar="FILE", required=True,
+                         help="YAML config(s), e.g. configs/compare/ci_smollm2.yaml, applied in order")  # fmt: skip
+    compare.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                         help="settings, e.g. data.facts_per_relation=2 'methods=[{method: kn}, {method: rome}]'")  # fmt: skip
+    compare.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    compare.set_defaults(func=run_compare)
+
 
 def _quiet_lightning() -> None:
     import logging
@@ -53,12 +66,35 @@ def run_evaluate(args: argparse.Namespace) -> int:
     skipped = ", ".join(f"{n} {reason}" for reason, n in s["skipped"].items()) or "none"
     out.print(f"facts: {s['facts_loaded']} loaded, {s['facts_checked']} checked, {s['facts_edited']} edited; skipped: {skipped}")
     out.print(f"results: {result.run_dir}/ (facts.jsonl, metrics.json, report.md, plots)")
-    if config.regression.baseline:
-        if result.regressions:
-            out.print(f"[bold red]{len(result.regressions)} metric(s) regressed from {config.regression.baseline}:[/]")
-            for r in result.regressions:
-                out.print(f"  [red]{r}[/]", highlight=False)
-            return 1
-        out.print(f"[green]no regression beyond tolerance against {config.regression.baseline} "
-                  f"({len(config.regression.tolerances)} metrics checked)[/]")  # fmt: skip
+    return _gate(out, result.regressions, config.regression.baseline, len(config.regression.tolerances))
+
+
+def _gate(out, regressions, baseline: str | None, n_checked: int) -> int:
+    if not baseline:
+        return 0
+    if regressions:
+        out.print(f"[bold red]{len(regressions)} metric(s) regressed from {baseline}:[/]")
+        for r in regressions:
+            out.print(f"  [red]{r}[/]", highlight=False)
+        return 1
+    out.print(f"[green]no regression beyond tolerance against {baseline} ({n_checked} metrics checked)[/]")
     return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from ..configuration import load_config
+    from ..evaluation.compare import COLUMNS, compare_methods
+    from ..evaluation.config import CompareConfig
+    from ..evaluation.report import fmt
+    from ..progress import default_reporter
+
+    _quiet_lightning()
+    config = load_config(CompareConfig, args.config, args.overrides).check()
+    result = compare_methods(config, reporter=default_reporter(args.quiet))
+    out = console()
+    first = next(iter(result.results.values())).summary
+    rows = [[title] + [fmt(r.metrics.get(k)) for k, _ in COLUMNS] for title, r in result.results.items()]
+    out.print(table(f"{config.name}: {config.model}, {first['facts_edited']} facts, every method on the same requests",
+                    ["method"] + [label for _, label in COLUMNS], rows))
+    out.print(f"results: {result.run_dir}/ (report.md, metrics.json, facts-METHOD.jsonl, methods.png)")
+    return _gate(out, result.regressions, config.regression.baseline, len(config.regression.tolerances))

@@ -68,12 +68,25 @@ class RegressionConfig:
 
 
 @dataclass
-class EvalConfig:
+class FluencyConfig:
+    """Generation fluency (Meng et al. 2022): after each edit, greedy continuations of short prompts that start
+    with the subject; their n-gram entropy before and after (causal LMs)."""
+
+    enabled: bool = True
+    prompts: int = 2  # generations per edited fact
+    max_new_tokens: int = 24
+    samples: int = 2  # before/after samples shown in the report
+
+
+@dataclass
+class RunConfig:
+    """What an evaluation and a comparison of methods share: model, data, text, measuring, output."""
+
     name: str = "eval"
     model: str = "smollm2-135m"
     data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    editor: EditorConfig = field(default_factory=EditorConfig)
+    fluency: FluencyConfig = field(default_factory=FluencyConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     regression: RegressionConfig = field(default_factory=RegressionConfig)
@@ -82,7 +95,7 @@ class EvalConfig:
     verify_revert: bool = True  # after each revert, check the touched values are back bit for bit
     plots: bool = True
 
-    def check(self) -> "EvalConfig":
+    def check(self):
         d = self.data
         if d.source not in ("pararel", "known1000", "jsonl"):
             raise ConfigError(f"data.source must be pararel, known1000 or jsonl, got {d.source!r}")
@@ -105,4 +118,43 @@ class EvalConfig:
         self.probe.check_locate()
         if self.probe.n_controls < 1:
             raise ConfigError(f"probe.n_controls must be at least 1, got {self.probe.n_controls}")
+        f = self.fluency
+        if f.prompts < 1 or f.max_new_tokens < 2 or f.samples < 0:
+            raise ConfigError("fluency.prompts >= 1, fluency.max_new_tokens >= 2, fluency.samples >= 0")
+        return self
+
+
+@dataclass
+class EvalConfig(RunConfig):
+    """One editor over a fact set (``configs/eval/*.yaml``)."""
+
+    editor: EditorConfig = field(default_factory=EditorConfig)
+
+
+@dataclass
+class MethodEntry:
+    method: str = "kn"  # registry name or module:Class
+    label: Optional[str] = None  # its name in the report (default: method)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        return self.label or self.method
+
+
+@dataclass
+class CompareConfig(RunConfig):
+    """Several editors on the same edit requests (``configs/compare/*.yaml``); regression tolerances are keyed
+    ``label:metric`` (e.g. ``rome:edit/top1``)."""
+
+    name: str = "compare"
+    methods: list[MethodEntry] = field(default_factory=lambda: [MethodEntry("kn"), MethodEntry("rome"), MethodEntry("ft")])
+
+    def check(self) -> "CompareConfig":
+        super().check()
+        if not self.methods:
+            raise ConfigError("methods: list at least one editing method")
+        titles = [m.title for m in self.methods]
+        if len(set(titles)) != len(titles):
+            raise ConfigError(f"methods: labels must differ, got {titles} (set label: for repeated methods)")
         return self

@@ -60,3 +60,33 @@ def probe_figure(per_relation: dict[str, dict[str, float]], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# (metric, label, panel) of the method comparison figure: shares in [0, 1] on top, costs below.
+_COMPARED = (
+    ("edit/top1", "edit top-1", 0),
+    ("generalization/top1", "paraphrase top-1", 0),
+    ("intra_same/retained", "same relation, same object kept", 0),
+    ("intra_other/retained", "same relation, other object kept", 0),
+    ("inter/retained", "other relations kept", 0),
+    ("drift/mean_change", "text ppl change (mean)", 1),
+    ("drift/max_change", "text ppl change (max)", 1),
+)
+
+
+def comparison_figure(methods: dict[str, dict[str, float]], path: Path) -> Path:
+    """Editing methods side by side: success, generalization and what they keep (top); text damage (bottom)."""
+    plt = _pyplot()
+    names = list(methods)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7, 1.2 * len(names) + 4), 8))
+    for ax, panel in ((top, 0), (bottom, 1)):
+        keys = [(k, label) for k, label, p in _COMPARED if p == panel]
+        series = {name: [methods[name].get(k, float("nan")) for k, _ in keys] for name in names}
+        _bars(ax, [label for _, label in keys], series,
+              "Editing methods on the same facts" if panel == 0 else "Plain-text perplexity change per edit",
+              "share" if panel == 0 else "relative change")  # fmt: skip
+    top.set_ylim(0, 1.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

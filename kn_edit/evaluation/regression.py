@@ -11,12 +11,15 @@ from pathlib import Path
 from ..errors import ConfigError
 
 # Direction of each metric family: +1 higher is better, -1 lower is better. Matched on the name's suffix.
-_HIGHER = ("top1", "new_beats_old", "delta_p_new", "acc_after", "retained")
-_LOWER = ("ppl_after", "ppl_change", "mean_change", "max_change", "mean_log_ratio", "share_large", "edit_errors")
+_HIGHER = ("top1", "new_beats_old", "delta_p_new", "acc_after", "retained", "entropy_after", "entropy_change")
+_LOWER = ("ppl_after", "ppl_change", "mean_change", "max_change", "mean_log_ratio", "share_large", "edit_errors",
+          "seconds", "peak_memory_mb")
 _SIGNED = {"probe/suppressed": -1, "probe/amplified": +1}  # the located neurons should matter
 
 
 def direction(metric: str) -> int:
+    """+1 (higher is better) or -1; a comparison's ``label:metric`` keys go by the metric."""
+    metric = metric.rpartition(":")[2]
     if metric in _SIGNED:
         return _SIGNED[metric]
     suffix = metric.rsplit("/", 1)[-1]

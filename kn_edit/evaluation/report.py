@@ -15,6 +15,8 @@ SUMMARY = (
     ("generalization/new_beats_old", "generalization: P(new) > P(old)"),
     ("generalization/delta_p_new", "generalization: mean ΔP(new)"),
     ("intra/retained", "intra-relation: top-1 answers kept"),
+    ("intra_same/retained", "intra-relation, same object as the edited fact: kept"),
+    ("intra_other/retained", "intra-relation, another object: kept"),
     ("intra/acc_before", "intra-relation: accuracy before"),
     ("intra/acc_after", "intra-relation: accuracy after"),
     ("intra/ppl_before", "intra-relation PPL before"),
@@ -29,13 +31,20 @@ SUMMARY = (
     ("drift/mean_log_ratio", "text perplexity: mean ln(after / before) per edit"),
     ("drift/share_large", "text perplexity: share of edits raising it > 10 %"),
     ("drift/ppl_before", "text perplexity before"),
+    ("fluency/entropy_before", "generation fluency (n-gram entropy) before"),
+    ("fluency/entropy_after", "generation fluency (n-gram entropy) after"),
     ("probe/suppressed", "suppress knowledge neurons: ΔP/P"),
     ("probe/control_suppressed", "suppress random neurons: ΔP/P"),
     ("probe/amplified", "amplify knowledge neurons: ΔP/P"),
     ("probe/control_amplified", "amplify random neurons: ΔP/P"),
+    ("edit/seconds", "seconds per edit"),
+    ("run/peak_memory_mb", "peak memory (MB)"),
     ("edit/n_facts", "facts edited"),
     ("run/edit_errors", "facts the editor refused"),
 )
+
+
+RETENTION = ("intra", "intra_same", "intra_other", "inter")  # the interference slices of a per-fact row
 
 
 def fmt(value: float) -> str:
@@ -56,7 +65,7 @@ def per_relation(rows: list[dict]) -> dict[str, dict[str, float]]:
         for section, key in (("edit", "top1"), ("generalization", "top1")):
             if section in row:
                 rel.setdefault(f"{section}/{key}", []).append(row[section][key])
-        for section in ("intra", "inter"):
+        for section in RETENTION:
             if section in row:
                 c = row[section]
                 rel.setdefault(f"{section}/kept", []).append(c["kept"])
@@ -64,7 +73,7 @@ def per_relation(rows: list[dict]) -> dict[str, dict[str, float]]:
     table: dict[str, dict[str, float]] = {}
     for relation, values in sorted(out.items()):
         entry = {k: sum(v) / len(v) for k, v in values.items() if k.endswith("top1")}
-        for section in ("intra", "inter"):
+        for section in RETENTION:
             before = sum(values.get(f"{section}/correct_before", []))
             entry[f"{section}/retained"] = sum(values.get(f"{section}/kept", [])) / before if before else float("nan")
         entry["facts"] = float(sum(1 for r in rows if r["relation"] == relation))

@@ -1,0 +1,143 @@
+"""Comparing editing methods: every method of a CompareConfig runs through the same Lightning evaluation on the
+same edit requests (one model, one fact set, one text sample), and one report puts them side by side:
+markdown + JSON + a comparison plot, per-relation breakdowns, the settings used, and the baseline gate."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ..configuration import to_yaml
+from ..data.records import FactSet
+from ..editing.registry import make_editor
+from ..persist import atomic_dir
+from ..progress import NullReporter, Reporter
+from .config import CompareConfig, EditorConfig, EvalConfig, RegressionConfig, RunConfig
+from .regression import Regression, compare as compare_metrics, load_metrics
+from .report import fmt
+from .runner import EvalResult, evaluate, load_passages, run_dir_for
+
+# (metric, column title) of the comparison table, in display order.
+COLUMNS = (
+    ("edit/top1", "edit top-1"),
+    ("generalization/top1", "paraphrase top-1"),
+    ("generalization/new_beats_old", "paraphrase P(new)>P(old)"),
+    ("intra_same/retained", "same relation, same object kept"),
+    ("intra_other/retained", "same relation, other object kept"),
+    ("inter/retained", "other relations kept"),
+    ("drift/mean_change", "text ppl change (mean)"),
+    ("drift/max_change", "text ppl change (max)"),
+    ("fluency/entropy_after", "fluency after"),
+    ("edit/seconds", "s / edit"),
+    ("run/peak_memory_mb", "peak MB"),
+    ("run/edit_errors", "refused"),
+)
+
+
+@dataclass
+class CompareResult:
+    results: dict[str, EvalResult]  # method title → its evaluation
+    config: CompareConfig
+    regressions: list[Regression] = field(default_factory=list)
+    run_dir: Path | None = None
+
+    def flat_metrics(self) -> dict[str, float]:
+        """``title:metric`` → value, the form baselines and tolerances use."""
+        return {f"{title}:{k}": v for title, r in self.results.items() for k, v in r.metrics.items()}
+
+
+def eval_config_for(config: CompareConfig, entry) -> EvalConfig:
+    """The evaluation settings of one method: everything the comparison shares, this method's editor."""
+    shared = {f: getattr(config, f) for f in RunConfig.__dataclass_fields__}
+    shared["regression"] = RegressionConfig()  # the comparison gates on its own baseline
+    return EvalConfig(**shared, editor=EditorConfig(entry.method, dict(entry.settings)))
+
+
+def compare_methods(config: CompareConfig, km=None, facts: FactSet | None = None, passages: Sequence[str] | None = None,
+                    reporter: Reporter | None = None, write: bool = True) -> CompareResult:
+    """Run every method of ``config`` on the same requests; write one report (``write``)."""
+    from ..loading import load
+    from .datamodule import load_facts
+
+    config.check()
+    reporter = reporter or NullReporter()
+    km = km if km is not None else load(config.model, device="cpu", reporter=reporter)
+    editors = [(entry.title, make_editor(entry.method, overrides=dict(entry.settings))) for entry in config.methods]
+    facts = facts if facts is not None else load_facts(config.data, km.is_masked_lm)
+    passages = list(passages) if passages is not None else load_passages(config)
+    results: dict[str, EvalResult] = {}
+    for (title, editor), entry in zip(editors, config.methods):
+        with reporter.task(f"method {title}", total=None):
+            results[title] = evaluate(eval_config_for(config, entry), km=km, editor=editor, facts=facts,
+                                      passages=passages, reporter=reporter, write=False)  # fmt: skip
+    result = CompareResult(results, config)
+    if config.regression.baseline:
+        baseline = load_metrics(config.regression.baseline)
+        result.regressions = compare_metrics(result.flat_metrics(), baseline, config.regression.tolerances)
+    if write:
+        result.run_dir = write_comparison(config, km, result)
+    return result
+
+
+def comparison_markdown(config: CompareConfig, model: str, result: CompareResult, plots: list[str]) -> str:
+    first = next(iter(result.results.values()))
+    s = first.summary
+    lines = [f"# Comparison `{config.name}`", "", f"- model: `{model}`", f"- data: `{s.get('data')}`",
+             f"- facts edited by every method: {s.get('facts_edited')} ({s.get('facts_checked')} checked)",
+             f"- methods: {', '.join(f'`{t}`' for t in result.results)}", "",
+             "## Every metric per method", "",
+             "| method | " + " | ".join(title for _, title in COLUMNS) + " |",
+             "| --- | " + " | ".join("---" for _ in COLUMNS) + " |"]  # fmt: skip
+    for title, r in result.results.items():
+        lines.append(f"| {title} | " + " | ".join(fmt(r.metrics.get(k)) for k, _ in COLUMNS) + " |")
+    if result.regressions:
+        lines += ["", "## Regressions against the baseline", ""] + [f"- {r}" for r in result.regressions]
+    relations = sorted({rel for r in result.results.values() for rel in r.per_relation})
+    for key, label in (("edit/top1", "edit top-1"), ("generalization/top1", "paraphrase top-1"),
+                       ("intra/retained", "same relation kept"), ("inter/retained", "other relations kept")):  # fmt: skip
+        lines += ["", f"## Per relation: {label}", "", "| relation | " + " | ".join(result.results) + " |",
+                  "| --- | " + " | ".join("---" for _ in result.results) + " |"]  # fmt: skip
+        for rel in relations:
+            cells = [fmt(r.per_relation.get(rel, {}).get(key)) for r in result.results.values()]
+            lines.append(f"| {rel} | " + " | ".join(cells) + " |")
+    samples = [(t, row) for t, r in result.results.items() for row in r.rows if row.get("fluency", {}).get("samples")]
+    if samples:
+        lines += ["", "## Generations before and after an edit (greedy)", ""]
+        for title, row in samples[: 2 * len(result.results)]:
+            for sample in row["fluency"]["samples"][:1]:
+                lines += [f"- `{title}`, {row['subject']!r}: {row['old']!r} → {row['new']!r}",
+                          f"  - before: {sample['before']!r}", f"  - after: {sample['after']!r}"]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    lines += ["", "## Configuration", "", "```yaml", to_yaml(config).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def write_comparison(config: CompareConfig, km, result: CompareResult) -> Path:
+    from .plots import comparison_figure
+    from .report import write_jsonl
+
+    target = run_dir_for(config)
+    with atomic_dir(target) as tmp:
+        for title, r in result.results.items():
+            write_jsonl(tmp / f"facts-{_safe(title)}.jsonl", r.rows)
+        payload = {"methods": {t: r.metrics for t, r in result.results.items()},
+                   "metrics": result.flat_metrics(),
+                   "per_relation": {t: r.per_relation for t, r in result.results.items()},
+                   "summary": {t: r.summary for t, r in result.results.items()},
+                   "regressions": [str(r) for r in result.regressions], "written": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+        (tmp / "metrics.json").write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=True))
+        (tmp / "config.yaml").write_text(to_yaml(config))
+        plots = [comparison_figure({t: r.metrics for t, r in result.results.items()}, tmp / "methods.png").name] if config.plots else []
+        (tmp / "report.md").write_text(comparison_markdown(config, km.name, result, plots))
+    return target
+
+
+def _safe(title: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in title)
+
+
+__all__ = ["COLUMNS", "CompareResult", "compare_methods", "eval_config_for", "write_comparison"]

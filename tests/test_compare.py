@@ -1,0 +1,88 @@
+"""`kn-edit compare` / compare_methods on a tiny model: every method on the same requests, every metric in the
+report, and each method's numbers equal to its own evaluation run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kn_edit.cli import main
+from kn_edit.evaluation import evaluate
+from kn_edit.evaluation.compare import COLUMNS, compare_methods, eval_config_for
+from kn_edit.evaluation.config import CompareConfig, MethodEntry
+from test_eval_loop import PASSAGES, tiny_facts
+
+TINY_METHODS = [
+    MethodEntry("kn-unscaled", settings={"force": True, "steps": 2, "generic_filter": False}),
+    MethodEntry("test_eval_loop:ValueVectorEditor", label="value-vector", settings={"scale": 10.0}),
+]
+
+
+def tiny_compare_config(tmp_path) -> CompareConfig:
+    config = CompareConfig(name="tiny", output_dir=str(tmp_path), run_name="cmp", methods=list(TINY_METHODS))
+    config.data.only_known = False
+    config.data.neighbours = 2
+    config.probe.steps = 2
+    config.trainer.accelerator = "cpu"
+    return config
+
+
+def test_compare_runs_every_method_on_the_same_requests(tiny_factory, tmp_path):
+    km = tiny_factory("llama")
+    config = tiny_compare_config(tmp_path)
+    result = compare_methods(config, km=km, facts=tiny_facts(), passages=PASSAGES)
+    assert list(result.results) == ["kn-unscaled", "value-vector"]
+    facts = [[r["fact_id"] for r in res.rows] for res in result.results.values()]
+    assert facts[0] == facts[1] and len(facts[0]) == len(tiny_facts().records)
+    # the same numbers as an evaluation of that method alone
+    alone = evaluate(eval_config_for(config, TINY_METHODS[1]), km=km, facts=tiny_facts(), passages=PASSAGES, write=False)
+    for key in ("edit/top1", "intra/retained", "inter/retained", "drift/mean_change"):
+        assert result.results["value-vector"].metrics[key] == pytest.approx(alone.metrics[key], nan_ok=True), key
+    run = result.run_dir
+    payload = json.loads((run / "metrics.json").read_text())
+    assert set(payload["methods"]) == {"kn-unscaled", "value-vector"}
+    for title in payload["methods"]:
+        for key, _ in COLUMNS:
+            assert key in payload["methods"][title], (title, key)
+            assert f"{title}:{key}" in payload["metrics"]
+    report = (run / "report.md").read_text()
+    assert "| kn-unscaled |" in report and "| value-vector |" in report and "methods.png" in report
+    assert (run / "methods.png").is_file() and (run / "facts-value-vector.jsonl").is_file()
+
+
+def test_compare_command_and_its_gate(tiny_factory, tmp_path, capsys):
+    model, folder = tiny_factory("llama"), tmp_path / "model"
+    model.save(folder)
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps({"subject": s, "relation": "capital", "object": o, "prompts": ["The capital of [X] is"],
+                                         "heldout_prompts": ["[X]'s capital is"]}) + "\n"
+                             for s, o in [("France", "Paris"), ("Italy", "Rome"), ("Japan", "Tokyo")]))  # fmt: skip
+    config = tmp_path / "cmp.yaml"
+    config.write_text(f"""
+name: cli
+model: {folder}
+data: {{source: jsonl, path: {facts}, only_known: false, neighbours: 1}}
+text: {{source: none}}
+probe: {{enabled: false}}
+trainer: {{accelerator: cpu}}
+output_dir: {tmp_path / "runs"}
+methods:
+  - {{method: kn-unscaled, settings: {{force: true, steps: 2, generic_filter: false}}}}
+  - {{method: "test_eval_loop:ValueVectorEditor", label: vv}}
+""")
+    assert main(["compare", "--quiet", "--config", str(config), "run_name=one"]) == 0
+    out = capsys.readouterr().out
+    assert "kn-unscaled" in out and "vv" in out
+    metrics = tmp_path / "runs" / "one" / "metrics.json"
+    assert main(["compare", "--quiet", "--config", str(config), "run_name=two", f"regression.baseline={metrics}",
+                 "regression.tolerances.vv:edit/top1=0.0"]) == 0
+    flat = json.loads(metrics.read_text())["metrics"]
+    (tmp_path / "better.json").write_text(json.dumps({"metrics": dict(flat, **{"vv:edit/top1": 2.0})}))
+    assert main(["compare", "--quiet", "--config", str(config), "run_name=three",
+                 f"regression.baseline={tmp_path / 'better.json'}", "regression.tolerances.vv:edit/top1=0.0"]) == 1
+    assert "vv:edit/top1" in capsys.readouterr().out
+    for bad, message in ((["methods=[]"], "at least one"), (["methods=[{method: romeo}]"], "unknown method"),
+                         (["methods=[{method: kn}, {method: kn}]"], "labels must differ")):  # fmt: skip
+        assert main(["compare", "--quiet", "--config", str(config)] + bad) == 2
+        assert message in capsys.readouterr().err
