@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kn-edit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                        help="accept prompts and targets of up to N tokens (default 512)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -70,6 +72,17 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def _token_limit(n: int | None) -> Iterator[None]:
+    if n is None:
+        yield
+        return
+    from ..prompts import token_limit
+
+    with token_limit(n):
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ..errors import KnEditError
     from .ui import console_err
@@ -81,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _quiet_libraries()
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), _token_limit(args.max_tokens):
             return int(args.func(args) or 0)
     except KnEditError as exc:
         if args.debug:
