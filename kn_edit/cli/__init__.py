@@ -84,6 +84,8 @@ def _token_limit(n: int | None) -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from rich.markup import escape
+
     from ..errors import KnEditError
     from .ui import console_err
 
@@ -99,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KnEditError as exc:
         if args.debug:
             raise
-        console_err().print(f"[bold red]error:[/] {exc}", highlight=False)
+        # soft_wrap: the message stays one line (for logs and scripts), however narrow the terminal
+        console_err().print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except Terminated:
         console_err().print("[bold red]terminated[/] (SIGTERM): stopped; nothing partial was left behind")
