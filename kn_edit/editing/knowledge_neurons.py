@@ -12,7 +12,7 @@ import torch
 
 from ..errors import EditError
 from ..neurons import Neuron
-from ..progress import NullReporter, Reporter
+from ..progress import NullReporter, Reporter, track
 from .base import Edit, Editor, EditRequest
 from .filters import GENERIC_PROMPTS, drop_generic, drop_relation_shared, shared_by, slot_activations
 from .preserve import preservation_metric
@@ -303,7 +303,7 @@ class KnowledgeNeuronEditor(_NeuronEditor):
         change = torch.zeros(len(plan.neurons), km.d_model)
         metric = preservation_metric(km, plan.neurons, self.generic_prompts, s.ridge) if s.preserve else None
         steps = [step for group in t.token_steps for step in group]  # every token of new on every prompt
-        for it in range(s.solve_steps + 1):
+        for it in track(self.reporter, range(s.solve_steps + 1), f"least change for {plan.request.new!r}: steps"):
             trial = commit(km, "trial", [], value_changes(km, trial_neurons, torch.cat([deltas, change]), True))
             try:
                 margin, rival = margins(km, steps, with_rivals=True)
