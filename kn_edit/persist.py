@@ -40,7 +40,7 @@ def _renameat2():
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         func = libc.renameat2
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # not glibc >= 2.28 (macOS, musl, Windows)
         return None
     func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     func.restype = ctypes.c_int
@@ -98,7 +98,7 @@ def _lock(fd: int) -> bool:
 def _open_lock(path: Path) -> int | None:
     """An fd on ``path`` holding its lock, or None."""
     try:
-        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0))
     except OSError:
         return None
     if _lock(fd):

@@ -285,3 +285,14 @@ def test_read_only_folder_is_refused_before_the_edit(world, tmp_path, capsys):
         assert "not writable" in capsys.readouterr().err
     finally:
         locked.chmod(0o755)
+
+
+def test_update_on_zero_value_vectors_is_refused_with_the_model_unchanged(tiny_factory):
+    km = tiny_factory("llama")
+    neurons = [Neuron(1, 5), Neuron(1, 7)]
+    kn_edit.erase_fact(km, [PROMPT], "Paris", neurons=neurons, force=True)
+    state = {k: v.detach().clone() for k, v in km.model.named_parameters()}
+    with pytest.raises(kn_edit.EditError, match="value vectors of neurons 1:5,1:7 are all zero"):
+        kn_edit.update_fact(km, [PROMPT], "Paris", "Rome", neurons=neurons, force=True)
+    assert all(torch.equal(v, state[k]) for k, v in km.model.named_parameters())
+    assert len(kn_edit.editing.ledger.active_edits(km)) == 1  # only the erasure

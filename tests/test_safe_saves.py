@@ -74,7 +74,10 @@ def test_save_model_keeps_what_appeared_at_its_target(tmp_path, monkeypatch):
     assert [p.name for p in target.iterdir()] == ["notes.txt"]
 
 
-def test_rename_noreplace_refuses_an_empty_folder(tmp_path):
+@pytest.mark.parametrize("native", [True, False], ids=["renameat2", "fallback"])
+def test_rename_noreplace_refuses_an_empty_folder(tmp_path, monkeypatch, native):
+    if not native:
+        monkeypatch.setattr("kn_edit.persist._RENAMEAT2", None)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     with pytest.raises(FileExistsError):
@@ -86,6 +89,9 @@ def test_rename_noreplace_refuses_an_empty_folder(tmp_path):
     assert (tmp_path / "g").read_text() == "y"
     rename_noreplace(tmp_path / "f", tmp_path / "h")
     assert (tmp_path / "h").read_text() == "x" and not (tmp_path / "f").exists()
+    (tmp_path / "a" / "inside").write_text("z")
+    rename_noreplace(tmp_path / "a", tmp_path / "c")
+    assert (tmp_path / "c" / "inside").read_text() == "z" and (tmp_path / "b").is_dir()
 
 
 def test_leftovers_of_killed_saves_are_removed_next_time(tmp_path, caplog):
