@@ -48,6 +48,7 @@ from .manipulate import amplify, suppress
 from .model import KnModel, Prediction
 from .neurons import Neuron
 from .probe import ProbeResult, probe
+from .prompts import token_limit
 from .provision import DEFAULT_MODEL, OFFLINE_MODELS
 
 __version__ = "0.1.0"
@@ -81,6 +82,7 @@ __all__ = [
     "DatasetResult",
     "probe",
     "suppress",
+    "token_limit",
     "ADAPTERS",
     "ArchitectureAdapter",
     "ConfigError",

@@ -14,6 +14,25 @@ from .errors import ConfigError
 T = TypeVar("T")
 
 
+def _read_yaml(path: Path):
+    """A YAML file's top-level mapping; ConfigError (file:line) for bad syntax or another top-level type."""
+    import yaml
+
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from exc
+    if not OmegaConf.is_dict(loaded):
+        kind = "a list" if OmegaConf.is_list(loaded) else type(loaded).__name__
+        raise ConfigError(f"{path}: the top level must be a mapping of settings (key: value), not {kind}")
+    return loaded
+
+
 def load_config(schema: type[T], files: Sequence[str | Path] = (), overrides: Sequence[str] | Mapping = (),
                 defaults: Mapping | None = None) -> T:
     """An instance of dataclass ``schema``: its defaults, then ``defaults``, then each YAML file, then
@@ -26,7 +45,7 @@ def load_config(schema: type[T], files: Sequence[str | Path] = (), overrides: Se
             path = Path(file)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _read_yaml(path))
         if isinstance(overrides, Mapping):
             return OmegaConf.to_object(OmegaConf.merge(merged, dict(overrides)))  # type: ignore[return-value]
         bad = [o for o in overrides if "=" not in o]

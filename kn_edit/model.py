@@ -13,7 +13,7 @@ from torch import nn
 from .adapters import ArchitectureAdapter, find_adapter, first_submodule, get_submodule
 from .errors import UnsupportedArchitectureError
 from .hooks import value_input_hooks
-from .prompts import AnswerStep, EncodedFact, encode_causal, encode_masked, encode_prompt_only
+from .prompts import AnswerStep, EncodedFact, context_length, encode_causal, encode_masked, encode_prompt_only
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class KnModel:
     # ----- prompts -----------------------------------------------------------------------------------
     def encode(self, prompt: str, target: str) -> EncodedFact:
         enc = encode_masked if self.is_masked_lm else encode_causal
-        return enc(self.tokenizer, prompt, target)
+        return enc(self.tokenizer, prompt, target, context_length(self.model))
 
     def pad(self, sequences: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad 1-D id tensors: (input_ids, attention_mask), both [batch, seq], on the model's device.
@@ -175,7 +175,7 @@ class KnModel:
 
     def predict(self, prompt: str, top_k: int = 10) -> list[Prediction]:
         """The top_k next tokens (or mask fillers) at the prompt's answer slot."""
-        ids, pos = encode_prompt_only(self.tokenizer, prompt, self.is_masked_lm)
+        ids, pos = encode_prompt_only(self.tokenizer, prompt, self.is_masked_lm, context_length(self.model))
         step = AnswerStep(ids, pos, -1)
         probs = torch.softmax(self.step_logits([step])[0], dim=-1)
         values, indices = probs.topk(top_k)

@@ -4,7 +4,9 @@ the default one draws rich progress bars on stderr, ``NullReporter`` stays silen
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Iterable, Iterator, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class Task(Protocol):
@@ -45,6 +47,19 @@ class RichReporter:
             yield _Task()
             if total is None:
                 progress.update(task_id, total=1, completed=1)
+
+
+def track(reporter: Reporter, items: Iterable[T], description: str, total: float | None = None) -> Iterator[T]:
+    """``items``, advancing a task of ``reporter`` by one per item, so that long work shows progress even when
+    it is one request or one prompt. Leaving the loop early (break, return, an error) ends the task."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    with reporter.task(description, total=total) as task:
+        for item in items:
+            try:
+                yield item
+            finally:  # also when the loop is left during this item: its work was done
+                task.advance()
 
 
 def default_reporter(quiet: bool = False) -> Reporter:

@@ -15,13 +15,20 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
 from .errors import PromptError, TargetError
 
 SLOT_MARKERS = ("[Y]", "[MASK]")
+# Prompts and targets longer than this many tokens are refused: kn-edit's methods run the model many times
+# per prompt (integrated-gradient steps, solve steps), so a pasted document would run for hours.
+DEFAULT_MAX_TOKENS = 512
+_max_tokens: ContextVar[int] = ContextVar("kn_edit_max_tokens", default=DEFAULT_MAX_TOKENS)
 _TRAILING_AFTER_SLOT = re.compile(r"^[\s\.\,\;\:\!\?\"\')]*$")
 
 
@@ -76,6 +83,53 @@ def causal_prompt(prompt: str) -> str:
     return prompt
 
 
+def max_tokens() -> int:
+    """The longest prompt or target (in tokens) accepted now; see :func:`token_limit`."""
+    return _max_tokens.get()
+
+
+@contextmanager
+def token_limit(n: int) -> Iterator[None]:
+    """Accept prompts and targets of up to ``n`` tokens within the block (default DEFAULT_MAX_TOKENS)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise PromptError(f"the token limit must be a positive integer, got {n!r}")
+    token = _max_tokens.set(n)
+    try:
+        yield
+    finally:
+        _max_tokens.reset(token)
+
+
+def context_length(model) -> int | None:
+    """The longest input (tokens) ``model`` (a Hugging Face model) was built for, where its config says."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+def check_length(prompt: str, n_prompt: int, target: str | None = None, n_target: int = 0,
+                 context: int | None = None, total: int | None = None) -> None:
+    """PromptError / TargetError where the prompt or target exceeds the token limit, or the model's input
+    (``total`` tokens, default prompt + target) its context."""
+    limit = max_tokens()
+    how = "raise the limit with --max-tokens N (command line) or kn_edit.token_limit(N) (Python)"
+    if n_prompt > limit:
+        raise PromptError(f"prompt {_short(prompt)} is {n_prompt} tokens long, above the limit of {limit}; {how}")
+    if target is not None and n_target > limit:
+        raise TargetError(f"target {_short(target)} is {n_target} tokens long, above the limit of {limit}; {how}")
+    total = n_prompt + n_target if total is None else total
+    if context is not None and total > context:
+        raise PromptError(f"prompt {_short(prompt)} with its target is {total} tokens long, more than "
+                          f"the model's context of {context} tokens")
+
+
 def _tokenize(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
@@ -99,13 +153,14 @@ def _target_ids(tokenizer, prompt: str, target: str) -> list[int]:
     return ids
 
 
-def encode_causal(tokenizer, prompt: str, target: str) -> EncodedFact:
+def encode_causal(tokenizer, prompt: str, target: str, context: int | None = None) -> EncodedFact:
     check_text(prompt, target)
     prompt, target = join_target(causal_prompt(prompt), target)
     target_ids = _target_ids(tokenizer, prompt, target)
     prompt_ids = _tokenize(tokenizer, prompt, special=True)
     if not prompt_ids:
         raise PromptError(f"prompt {prompt!r} tokenizes to nothing")
+    check_length(prompt, len(prompt_ids), target, len(target_ids), context)
     full = torch.tensor(prompt_ids + target_ids, dtype=torch.long)
     steps = tuple(
         AnswerStep(input_ids=full[: len(prompt_ids) + j], position=len(prompt_ids) + j - 1, target_id=tid)
@@ -128,7 +183,7 @@ def masked_prompt(tokenizer, prompt: str) -> str:
     return prompt
 
 
-def encode_masked(tokenizer, prompt: str, target: str) -> EncodedFact:
+def encode_masked(tokenizer, prompt: str, target: str, context: int | None = None) -> EncodedFact:
     check_text(prompt, target)
     prompt = masked_prompt(tokenizer, prompt)
     target_ids = _tokenize(tokenizer, target.strip(), special=False)
@@ -138,6 +193,7 @@ def encode_masked(tokenizer, prompt: str, target: str) -> EncodedFact:
     if unk is not None and unk in target_ids:
         raise TargetError(f"the tokenizer cannot express target {target!r}: it becomes the unknown token")
     ids = _tokenize(tokenizer, prompt, special=True)
+    check_length(prompt, len(ids), target, len(target_ids), context, total=len(ids) + len(target_ids) - 1)
     slot = ids.index(tokenizer.mask_token_id)
     n = len(target_ids)
     steps = []
@@ -148,15 +204,17 @@ def encode_masked(tokenizer, prompt: str, target: str) -> EncodedFact:
     return EncodedFact(prompt=prompt, target=target.strip(), target_ids=tuple(target_ids), steps=tuple(steps))
 
 
-def encode_prompt_only(tokenizer, prompt: str, masked: bool) -> tuple[torch.Tensor, int]:
+def encode_prompt_only(tokenizer, prompt: str, masked: bool, context: int | None = None) -> tuple[torch.Tensor, int]:
     """(input_ids [seq], answer position) for a prompt without a target, as used by predict()."""
     check_text(prompt, None)
     if masked:
         prompt = masked_prompt(tokenizer, prompt)
         ids = _tokenize(tokenizer, prompt, special=True)
+        check_length(prompt, len(ids), context=context)
         return torch.tensor(ids, dtype=torch.long), ids.index(tokenizer.mask_token_id)
     prompt = causal_prompt(prompt).rstrip()
     ids = _tokenize(tokenizer, prompt, special=True)
     if not ids:
         raise PromptError(f"prompt {prompt!r} tokenizes to nothing")
+    check_length(prompt, len(ids), context=context)
     return torch.tensor(ids, dtype=torch.long), len(ids) - 1

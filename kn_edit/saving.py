@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from .errors import EditError
-from .persist import atomic_dir
+from .persist import atomic_dir, check_writable
 
 MANIFEST = "kn_edit.json"
 
@@ -18,14 +18,22 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def check_model_path(km, path: str | Path) -> Path:
-    """The resolved new folder ``path`` for saving ``km``; an EditError where it exists or overlaps the source.
-    Callers check before long work so a bad path fails at once."""
+    """The resolved new folder ``path`` for saving ``km``; an EditError where it exists, overlaps the source or
+    its folder is not writable. Callers check before long work so a bad path fails at once."""
     target = Path(path).expanduser().resolve()
     if km.source is not None and (_inside(target, km.source) or _inside(km.source, target)):
         raise EditError(f"{target} would overwrite {km.source}, the folder this model was loaded from; choose a new path")
     if target.exists():
         raise EditError(f"{target} already exists; choose a new path (nothing was written)")
-    return target
+    return check_writable(target)
+
+
+def check_new_file(path: str | Path) -> Path:
+    """``path`` for a new file (e.g. a patch): an EditError where it exists or its folder is not writable."""
+    target = Path(path).expanduser()
+    if target.exists() or target.is_symlink():
+        raise EditError(f"{target} already exists; choose a new path (nothing was written)")
+    return check_writable(target)
 
 
 def save_model(km, path: str | Path) -> Path:
@@ -39,7 +47,7 @@ def save_model(km, path: str | Path) -> Path:
          "neurons": [[n.layer, n.index] for n in e.report.neurons] if e.report else []}
         for e in active_edits(km)
     ]
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, what="model") as tmp:
         km.model.save_pretrained(str(tmp))  # safetensors is the default format
         km.tokenizer.save_pretrained(str(tmp))
         manifest = {"saved_by": "kn-edit", "base_model": km.name, "fingerprint": km.fingerprint(), "edits": edits}

@@ -35,7 +35,7 @@ def test_patch_round_trip_on_a_fresh_model(tiny_factory, tmp_path):
     edit.save(path)
     meta, entries = read_patch(path)
     assert meta["fingerprint"] == km.fingerprint() and meta["model"] == km.name
-    assert meta["report"]["details"]["rule"] == "paper" and meta["report"]["method"] == "kn-paper" and len(entries) == 2
+    assert meta["info"]["details"]["rule"] == "paper" and meta["info"]["method"] == "kn-paper" and len(entries) == 2
     assert path.stat().st_size < 20_000  # the touched rows only
     assert not list(tmp_path.glob(".*partial"))
 

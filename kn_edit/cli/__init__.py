@@ -6,8 +6,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
-from typing import Sequence
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 # Command modules, in the order `kn-edit --help` lists them.
 COMMAND_MODULES = (
@@ -27,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kn-edit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                        help="accept prompts and targets of up to N tokens (default 512)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -45,7 +50,42 @@ def _quiet_libraries() -> None:
         pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` (temporary save folders) runs on the way out."""
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises Terminated (once: a second one during the clean-up is ignored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _token_limit(n: int | None) -> Iterator[None]:
+    if n is None:
+        yield
+        return
+    from ..prompts import token_limit
+
+    with token_limit(n):
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from rich.markup import escape
+
     from ..errors import KnEditError
     from .ui import console_err
 
@@ -56,14 +96,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _quiet_libraries()
     try:
-        return int(args.func(args) or 0)
+        with _sigterm_as_interrupt(), _token_limit(args.max_tokens):
+            return int(args.func(args) or 0)
     except KnEditError as exc:
         if args.debug:
             raise
-        console_err().print(f"[bold red]error:[/] {exc}", highlight=False)
+        # soft_wrap: the message stays one line (for logs and scripts), however narrow the terminal
+        console_err().print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
+    except Terminated:
+        console_err().print("[bold red]terminated[/] (SIGTERM): stopped; nothing partial was left behind")
+        return 143
     except KeyboardInterrupt:
-        console_err().print("[bold red]interrupted[/]")
+        console_err().print("[bold red]interrupted[/]: stopped; nothing partial was left behind")
         return 130
 
 

@@ -139,15 +139,12 @@ def _before_after_table(title: str, prompts: list[str], kinds: list[str], object
 
 def _check_save(km, args: argparse.Namespace) -> None:
     """Refuse a bad --save/--save-patch path before the (slow) edit, not after it."""
-    from pathlib import Path
-
-    from ..errors import EditError
-    from ..saving import check_model_path
+    from ..saving import check_model_path, check_new_file
 
     if getattr(args, "save", None):
         check_model_path(km, args.save)
-    if getattr(args, "save_patch", None) and Path(args.save_patch).exists():
-        raise EditError(f"{args.save_patch} already exists; choose a new path (nothing was written)")
+    if getattr(args, "save_patch", None):
+        check_new_file(args.save_patch)
 
 
 def _save(km, edit, args: argparse.Namespace) -> str | None:

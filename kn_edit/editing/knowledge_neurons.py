@@ -13,7 +13,7 @@ import torch
 
 from ..errors import EditError
 from ..neurons import Neuron
-from ..progress import NullReporter, Reporter
+from ..progress import NullReporter, Reporter, track
 from .base import Edit, Editor, EditRequest
 from .filters import GENERIC_PROMPTS, drop_generic, drop_relation_shared, shared_by, slot_activations
 from .preserve import preservation_metric
@@ -349,10 +349,14 @@ class KnowledgeNeuronEditor(_NeuronEditor):
         Returns (change [n, d_model], ‖change‖ / ‖V‖, reached)."""
         s, t = self.settings, plan.target
         size = float(value_vectors(km, plan.neurons).norm())
+        if size == 0:  # e.g. neurons erased before: the change limit (max_change × ‖V‖) is measured in ‖V‖
+            names = ",".join(f"{n.layer}:{n.index}" for n in plan.neurons)
+            raise EditError(f"the value vectors of neurons {names} are all zero (erased?), so the gradient rule "
+                            "has no scale for its change; edit other neurons, or use --rule paper / unscaled")
         change = torch.zeros(len(plan.neurons), km.d_model)
         metric = preservation_metric(km, plan.neurons, self.generic_prompts, s.ridge) if s.preserve else None
         steps = [step for group in t.token_steps for step in group]  # every token of new on every prompt
-        for it in range(s.solve_steps + 1):
+        for it in track(self.reporter, range(s.solve_steps + 1), f"least change for {plan.request.new!r}: steps"):
             trial = commit(km, "trial", [], value_changes(km, trial_neurons, torch.cat([deltas, change]), True))
             try:
                 margin, rival = margins(km, steps, with_rivals=True)

@@ -1,13 +1,30 @@
-"""Patch files: an edit as a small safetensors file (for each touched parameter, the touched rows' indices and
-their values before and after) with JSON metadata (format version, the model's name and fingerprint, the
-editor and what it did). Written atomically; applied to, and removed from, a freshly loaded model.
+"""Patch files: an edit as a safetensors file with JSON metadata, applied to, and removed from, a freshly
+loaded model. Written atomically (see kn_edit.persist).
+
+Format version 2 (``"format": "kn-edit-patch", "version": 2``). Per touched parameter ``i`` the file holds
+
+* ``i.before`` and ``i.after``: the touched rows' values before and after the edit, shaped like the parameter
+  with ``rows`` rows along ``dim``;
+* ``i.index`` [rows] int64: which rows, except for a *whole-parameter* patch (``"whole": true``: every row
+  along ``dim`` in order, as editors that change a whole matrix produce), which stores no index.
+
+The metadata (one JSON string) records the model's name and fingerprint, the editor, its requests, and per
+parameter its name, dim, shape, rows, whole, and for every tensor its dtype, shape and sha256 digest. Reading
+checks the metadata against one schema (:class:`PatchMeta`) field by field, and every tensor against its
+recorded dtype, shape and digest, that before/after are finite floating-point values and the index lies in
+range, before anything is written to a model; any mismatch is an EditError naming the tensor.
+
+Version-1 files (index/before/after for every parameter, no digests) are still read, with every check except
+the digests.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,11 +43,177 @@ class PatchDetails:
     action: str  # apply | remove
     model: str | None  # the model the patch was made on
     editor: str | None  # the method that made it
-    report: dict | None  # that edit's report, as saved
+    report: dict | None  # that edit's report, as saved (the metadata's "info")
 
 FORMAT = "kn-edit-patch"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _META_KEY = "kn_edit_patch"
+_FLOAT_DTYPES = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of the tensor's bytes (row-major, native little-endian as safetensors stores them)."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+# ----- the metadata schema --------------------------------------------------------------------------------
+class _Bad(Exception):
+    """A schema violation; the reader turns it into an EditError naming the file."""
+
+
+def _want(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
+    # bool is an int in Python; no field here accepts a bool in place of a number or vice versa
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)))
+    if not ok:
+        raise _Bad(f"{where} must be {what}, got {value!r}"[:300])
+    return value
+
+
+def _int_list(value: Any, where: str) -> list[int]:
+    _want(value, list, where, "a list of non-negative integers")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise _Bad(f"{where} must be a list of non-negative integers, got {value!r}"[:300])
+    return value
+
+
+@dataclass
+class TensorMeta:
+    dtype: str
+    shape: list[int]
+    sha256: str
+
+    @classmethod
+    def parse(cls, raw: Any, where: str) -> "TensorMeta":
+        _want(raw, dict, where, "an object")
+        digest = _want(raw.get("sha256"), str, f"{where}.sha256", "a sha256 hex digest")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise _Bad(f"{where}.sha256 must be a sha256 hex digest, got {digest!r}")
+        return cls(_want(raw.get("dtype"), str, f"{where}.dtype", "a dtype name"),
+                   _int_list(raw.get("shape"), f"{where}.shape"), digest)
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "TensorMeta":
+        return cls(str(t.dtype), list(t.shape), tensor_digest(t))
+
+
+@dataclass
+class ParamMeta:
+    name: str
+    dim: int
+    rows: int
+    whole: bool = False
+    shape: list[int] | None = None  # the whole parameter's shape (version 2)
+    tensors: dict[str, TensorMeta] = field(default_factory=dict)  # "index" (unless whole), "before", "after"
+
+    @classmethod
+    def parse(cls, raw: Any, where: str, version: int) -> "ParamMeta":
+        _want(raw, dict, where, "an object")
+        name = _want(raw.get("name"), str, f"{where}.name", "a parameter name")
+        dim = _want(raw.get("dim"), int, f"{where}.dim", "a non-negative integer")
+        rows = _want(raw.get("rows"), int, f"{where}.rows", "a non-negative integer")
+        if dim < 0 or rows < 0:
+            raise _Bad(f"{where}: dim and rows must be non-negative, got dim={dim}, rows={rows}")
+        if version == 1:
+            return cls(name, dim, rows)
+        whole = _want(raw.get("whole"), bool, f"{where}.whole", "true or false")
+        shape = _int_list(raw.get("shape"), f"{where}.shape")
+        if dim >= len(shape):
+            raise _Bad(f"{where}: dim {dim} out of range for a parameter of shape {tuple(shape)}")
+        if rows > shape[dim] or (whole and rows != shape[dim]):
+            raise _Bad(f"{where}: {rows} rows do not fit size {shape[dim]} along dim {dim}")
+        raw_tensors = _want(raw.get("tensors"), dict, f"{where}.tensors", "an object")
+        needed = ("before", "after") if whole else ("index", "before", "after")
+        missing = [k for k in needed if k not in raw_tensors]
+        if missing:
+            raise _Bad(f"{where}.tensors lacks {missing}")
+        tensors = {k: TensorMeta.parse(raw_tensors[k], f"{where}.tensors.{k}") for k in needed}
+        return cls(name, dim, rows, whole, shape, tensors)
+
+
+@dataclass
+class RequestMeta:
+    prompts: list[str]
+    old: str
+    new: str | None = None
+    subject: str | None = None
+    relation: str | None = None
+
+    @classmethod
+    def parse(cls, raw: Any, where: str) -> "RequestMeta":
+        _want(raw, dict, where, "an object")
+        prompts = _want(raw.get("prompts"), list, f"{where}.prompts", "a list of strings")
+        if not all(isinstance(p, str) for p in prompts):
+            raise _Bad(f"{where}.prompts must be a list of strings")
+        opt = {k: _want(raw.get(k), (str, type(None)), f"{where}.{k}", "a string or null")
+               for k in ("new", "subject", "relation")}
+        return cls(prompts, _want(raw.get("old"), str, f"{where}.old", "a string"), **opt)
+
+
+@dataclass
+class PatchMeta:
+    """The metadata of a patch file, checked field by field (:meth:`parse`)."""
+
+    format: str
+    version: int
+    model: str
+    fingerprint: dict[str, Any]
+    editor: str
+    requests: list[RequestMeta]
+    params: list[ParamMeta]
+    info: dict[str, Any]
+
+    @classmethod
+    def parse(cls, raw: Any) -> "PatchMeta":
+        _want(raw, dict, "the metadata", "a JSON object")
+        if raw.get("format") != FORMAT:
+            raise _Bad(f"format is {raw.get('format')!r}, not {FORMAT!r}")
+        version = raw.get("version")
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
+            raise _Bad(f"unsupported format version {version!r} (this kn-edit reads versions "
+                       f"{', '.join(map(str, READABLE_VERSIONS))}; a newer kn-edit may read it)")
+        params = _want(raw.get("params"), list, "params", "a list of parameter entries")
+        if not params:
+            raise _Bad("params is empty: the patch changes nothing")
+        requests = _want(raw.get("requests", []), list, "requests", "a list")
+        fingerprint = _want(raw.get("fingerprint"), dict, "fingerprint", "an object")
+        return cls(
+            FORMAT, version, _want(raw.get("model"), str, "model", "a string"), fingerprint,
+            _want(raw.get("editor"), str, "editor", "a string"),
+            [RequestMeta.parse(r, f"requests[{i}]") for i, r in enumerate(requests)],
+            [ParamMeta.parse(p, f"params[{i}]", version) for i, p in enumerate(params)],
+            _want(raw.get("info", {}), dict, "info", "an object"),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PatchEntry:
+    """One parameter's part of a patch: rows ``index`` [rows] along ``dim``, their values before and after."""
+
+    name: str
+    dim: int
+    index: torch.Tensor
+    before: torch.Tensor
+    after: torch.Tensor
+    whole: bool = False
+
+    def __iter__(self):  # (name, dim, index, before, after), as read_patch has always returned
+        return iter((self.name, self.dim, self.index, self.before, self.after))
+
+
+# ----- writing --------------------------------------------------------------------------------------------
+def _edit_metadata(edit: Edit) -> dict:
+    """The free-form part of the metadata: the edit's report (EditReport.to_dict), JSON-friendly."""
+    return edit.report.to_dict() if edit.report is not None else {}
+
+
+def _is_whole(index: torch.Tensor, size: int) -> bool:
+    return index.numel() == size and bool(torch.equal(index.cpu().to(torch.long), torch.arange(size)))
 
 
 def save_patch(edit: Edit, path: str | Path) -> Path:
@@ -39,14 +222,20 @@ def save_patch(edit: Edit, path: str | Path) -> Path:
 
     if not edit.patches:
         raise EditError("the edit has no patches to save")
+    km = edit.model
     tensors: dict[str, torch.Tensor] = {}
     params = []
     for i, p in enumerate(edit.patches):
-        tensors[f"{i}.index"] = p.index.to(torch.long).contiguous()
-        tensors[f"{i}.before"] = p.before.contiguous()
-        tensors[f"{i}.after"] = p.after.contiguous()
-        params.append({"name": p.name, "dim": p.dim, "rows": int(p.index.numel())})
-    km = edit.model
+        shape = list(km.model.get_parameter(p.name).shape)
+        index = p.index.to(torch.long).cpu().contiguous()
+        whole = _is_whole(index, shape[p.dim])
+        own = {"before": p.before.detach().cpu().contiguous(), "after": p.after.detach().cpu().contiguous()}
+        if not whole:
+            own["index"] = index
+        for k, t in own.items():
+            tensors[f"{i}.{k}"] = t
+        params.append({"name": p.name, "dim": p.dim, "rows": int(index.numel()), "whole": whole, "shape": shape,
+                       "tensors": {k: asdict(TensorMeta.of(t)) for k, t in own.items()}})
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -56,16 +245,68 @@ def save_patch(edit: Edit, path: str | Path) -> Path:
         "requests": [{"prompts": list(r.prompts), "old": r.old, "new": r.new, "subject": r.subject,
                       "relation": r.relation} for r in edit.requests],
         "params": params,
-        "report": edit.report.to_dict() if edit.report is not None else None,
+        "info": _edit_metadata(edit),
     }
     path = Path(path)
-    with atomic_file(path) as tmp:
+    with atomic_file(path, what="patch") as tmp:
         save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta, default=str)})
     return path
 
 
-def read_patch(path: str | Path) -> tuple[dict, list[tuple[str, int, torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """(metadata, [(param name, dim, index, before, after)]) of a patch file."""
+# ----- reading --------------------------------------------------------------------------------------------
+def _check_tensor(path: Path, key: str, t: torch.Tensor, meta: TensorMeta | None) -> None:
+    if meta is None:
+        return
+    if str(t.dtype) != meta.dtype:
+        raise EditError(f"{path}: tensor {key!r} is {t.dtype}, the metadata says {meta.dtype}; the file is damaged")
+    if list(t.shape) != meta.shape:
+        raise EditError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, the metadata says {tuple(meta.shape)}; "
+                        "the file is damaged")
+    if tensor_digest(t) != meta.sha256:
+        raise EditError(f"{path}: tensor {key!r} does not match its sha256 digest; the file is damaged")
+
+
+def _entry(path: Path, i: int, p: ParamMeta, tensors: dict[str, torch.Tensor]) -> PatchEntry:
+    def get(k: str) -> torch.Tensor:
+        if f"{i}.{k}" not in tensors:
+            raise EditError(f"{path} is damaged: tensor '{i}.{k}' ({p.name}) is missing")
+        t = tensors[f"{i}.{k}"]
+        _check_tensor(path, f"{i}.{k}", t, p.tensors.get(k))
+        return t
+
+    before, after = get("before"), get("after")
+    for k, t in (("before", before), ("after", after)):
+        if str(t.dtype) not in _FLOAT_DTYPES:
+            raise EditError(f"{path}: tensor '{i}.{k}' ({p.name}) is {t.dtype}, not floating point")
+        if not bool(torch.isfinite(t).all()):
+            raise EditError(f"{path}: tensor '{i}.{k}' ({p.name}) holds NaN or infinite values")
+    if p.whole:
+        index = torch.arange(p.rows)
+    else:
+        index = get("index")
+        if index.dtype != torch.long or index.dim() != 1:
+            raise EditError(f"{path}: tensor '{i}.index' ({p.name}) must be a 1-D int64 tensor, got "
+                            f"{index.dtype} {tuple(index.shape)}")
+        if index.numel() and int(index.min()) < 0:
+            raise EditError(f"{path}: tensor '{i}.index' ({p.name}) holds negative rows")
+        if p.shape is not None and index.numel() and int(index.max()) >= p.shape[p.dim]:
+            raise EditError(f"{path}: tensor '{i}.index' ({p.name}) holds rows beyond size {p.shape[p.dim]}")
+        if torch.unique(index).numel() != index.numel():
+            raise EditError(f"{path}: tensor '{i}.index' ({p.name}) repeats rows")
+    if index.numel() != p.rows:
+        raise EditError(f"{path}: {p.name} has {index.numel()} rows, the metadata says {p.rows}")
+    if before.dim() != after.dim() or p.dim >= before.dim():
+        raise EditError(f"{path}: {p.name}: dim {p.dim} out of range for its tensors of shape {tuple(before.shape)}")
+    for k, t in (("before", before), ("after", after)):
+        expected = list(p.shape) if p.shape is not None else list(t.shape)
+        expected[p.dim] = p.rows
+        if list(t.shape) != expected:
+            raise EditError(f"{path}: tensor '{i}.{k}' ({p.name}) has shape {tuple(t.shape)}, expected {tuple(expected)}")
+    return PatchEntry(p.name, p.dim, index, before, after, p.whole)
+
+
+def read_patch_file(path: str | Path) -> tuple[PatchMeta, list[PatchEntry]]:
+    """The checked metadata and entries of a patch file; EditError (naming the tensor or field) otherwise."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -79,62 +320,78 @@ def read_patch(path: str | Path) -> tuple[dict, list[tuple[str, int, torch.Tenso
         raise EditError(f"{path} is not a kn-edit patch file ({type(exc).__name__}: {exc})") from exc
     if raw is None:
         raise EditError(f"{path} is a safetensors file but not a kn-edit patch (no {_META_KEY} metadata)")
-    meta = json.loads(raw)
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise EditError(f"{path}: unsupported patch format {meta.get('format')!r} version {meta.get('version')!r}")
-    entries = []
-    for i, p in enumerate(meta["params"]):
-        try:
-            entries.append((p["name"], int(p["dim"]), tensors[f"{i}.index"], tensors[f"{i}.before"], tensors[f"{i}.after"]))
-        except KeyError as exc:
-            raise EditError(f"{path} is damaged: tensor {exc} missing") from exc
-    return meta, entries
+    try:
+        meta = PatchMeta.parse(json.loads(raw))
+    except json.JSONDecodeError as exc:
+        raise EditError(f"{path}: the patch metadata is not valid JSON ({exc.msg} at character {exc.pos})") from exc
+    except _Bad as exc:
+        raise EditError(f"{path}: bad patch metadata: {exc}") from exc
+    return meta, [_entry(path, i, p, tensors) for i, p in enumerate(meta.params)]
 
 
-def check_model(km, meta: dict, path: str | Path) -> None:
+def read_patch(path: str | Path) -> tuple[dict, list[PatchEntry]]:
+    """(metadata as a dict, entries) of a patch file, checked as :func:`read_patch_file` does; each entry also
+    unpacks as (param name, dim, index, before, after)."""
+    meta, entries = read_patch_file(path)
+    return meta.to_dict(), entries
+
+
+# ----- applying -------------------------------------------------------------------------------------------
+def check_model(km, meta: dict | PatchMeta, path: str | Path) -> None:
     """Refuse a patch made for a different model, naming what differs."""
+    if isinstance(meta, PatchMeta):
+        meta = meta.to_dict()
     ours = km.fingerprint()
-    theirs = meta.get("fingerprint", {})
+    theirs = meta.get("fingerprint")
+    if not isinstance(theirs, dict):
+        raise EditError(f"{path}: bad patch metadata: fingerprint must be an object, got {theirs!r}")
     diffs = [f"{k}: patch {theirs.get(k)!r}, model {ours.get(k)!r}" for k in sorted(set(ours) | set(theirs))
              if theirs.get(k) != ours.get(k)]
     if diffs:
-        raise EditError(
-            f"{path} was made for a different model ({meta.get('model')!r}) than {km.name!r}: " + "; ".join(diffs)
-        )
+        made_for = meta.get("model")
+        who = (f"a model also named {made_for!r} but with a different layout" if made_for == km.name
+               else f"a different model ({made_for!r}) than {km.name!r}")
+        raise EditError(f"{path} was made for {who}: " + "; ".join(diffs))
 
 
 def apply_patch(km, path: str | Path, reverse: bool = False, check_values: bool = True) -> Edit:
     """Apply the patch file to ``km`` (``reverse``: take it off a model that has it) and return the Edit.
 
-    The touched rows must hold the patch's values before (after, when reversing) bit for bit, so a patch is
-    never laid over a different state of the model; ``check_values=False`` skips that check."""
+    The file is checked completely (see the module docstring) before anything is written. The touched rows must
+    hold the patch's values before (after, when reversing) bit for bit, so a patch is never laid over a different
+    state of the model; ``check_values=False`` skips that check."""
     path = Path(path)
-    meta, entries = read_patch(path)
+    meta, entries = read_patch_file(path)
     check_model(km, meta, path)
     changes = []
-    for name, dim, index, before, after in entries:
+    for e in entries:
         try:
-            param = km.model.get_parameter(name)
+            param = km.model.get_parameter(e.name)
         except AttributeError as exc:
-            raise EditError(f"{path} patches {name!r}, which this model does not have") from exc
-        expected, written = (after, before) if reverse else (before, after)
+            raise EditError(f"{path} patches {e.name!r}, which this model does not have") from exc
+        if e.dim >= param.dim():
+            raise EditError(f"{path}: {e.name} has {param.dim()} dims; the patch edits it along dim {e.dim}")
+        if e.index.numel() and int(e.index.max()) >= param.shape[e.dim]:
+            raise EditError(f"{path}: {e.name} rows {int(e.index.max())} out of range (size {param.shape[e.dim]})")
+        expected, written = (e.after, e.before) if reverse else (e.before, e.after)
         shape = list(param.shape)
-        shape[dim] = index.numel()
+        shape[e.dim] = e.index.numel()
         if list(written.shape) != shape:
-            raise EditError(f"{path}: {name} rows have shape {tuple(written.shape)}, the model needs {tuple(shape)}")
+            raise EditError(f"{path}: {e.name} rows have shape {tuple(written.shape)}, the model needs {tuple(shape)}")
         if check_values:
-            current = param.detach().index_select(dim, index.to(param.device)).cpu()
+            current = param.detach().index_select(e.dim, e.index.to(param.device)).cpu()
             if not torch.equal(current, expected.to(current.dtype)):
                 state = "patched" if reverse else "original"
                 raise EditError(
-                    f"{path}: {name} does not hold the patch's {state} values (the model is already "
-                    f"{'unpatched' if reverse else 'patched'} or was edited otherwise); nothing was changed"
+                    f"{path}: {e.name} does not hold the patch's {state} values: the model is already "
+                    f"{'unpatched' if reverse else 'patched'}, was edited otherwise, or its weights differ from "
+                    f"those of the {meta.model!r} the patch was made on; nothing was changed"
                 )
-        changes.append(SliceChange(name, dim, index, written, additive=False))
+        changes.append(SliceChange(e.name, e.dim, e.index, written, additive=False))
     verb = "remove" if reverse else "apply"
-    edit = commit(km, f"patch-{verb}:{meta.get('editor')}", [], changes)
-    edit.report = EditReport(method=f"patch-{verb}", parameters=parameter_changes(km, edit.patches), details=PatchDetails(
-        str(path), verb, meta.get("model"), meta.get("editor"), meta.get("report")))
+    edit = commit(km, f"patch-{verb}:{meta.editor}", [], changes)
+    edit.report = EditReport(method=f"patch-{verb}", parameters=parameter_changes(km, edit.patches),
+                             details=PatchDetails(str(path), verb, meta.model, meta.editor, meta.info))
     return edit
 
 

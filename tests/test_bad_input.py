@@ -1,0 +1,306 @@
+"""Bad input through the CLI entry point, in process: every case exits 2 with one line on stderr and no
+traceback, and leaves every file (models, patches, data, the cache) byte for byte as it was.
+
+To add a case, append a ``Case`` to CASES: argv (``{name}`` placeholders are paths of the WORLD files built
+below, ``{w}`` the world folder itself) and a fragment the message must contain. Cases that need a file of
+their own add a ``setup(world) -> None`` that writes it under the world folder before the snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+import kn_edit
+from kn_edit import Neuron
+from kn_edit.cli import main
+from tiny_models import build_model
+
+PROMPT = "The capital of France is"
+EDIT = ["-p", PROMPT, "--old", "Paris", "--new", "Rome", "--force", "--neurons", "1:5,1:7", "--quiet",
+        "on_failure=apply", "solve_steps=1"]
+
+
+# ----- the world: files the cases read ---------------------------------------------------------------------
+def _rewrite_patch(src: Path, dst: Path, edit_tensors=None, edit_meta=None, raw_meta: str | None = None) -> None:
+    """Copy patch ``src`` to ``dst``, changing tensors (dict → dict) and/or the metadata (dict → dict)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if edit_tensors:
+        tensors = edit_tensors(tensors)
+    if raw_meta is not None:
+        meta["kn_edit_patch"] = raw_meta
+    elif edit_meta:
+        meta["kn_edit_patch"] = json.dumps(edit_meta(json.loads(meta["kn_edit_patch"])))
+    save_file(tensors, str(dst), metadata=meta)
+
+
+def _redigest(meta: dict, tensors: dict) -> dict:
+    """Metadata whose recorded dtype/shape/digest match ``tensors`` (so only the other checks can refuse)."""
+    from kn_edit.editing.patchfile import tensor_digest
+
+    for i, p in enumerate(meta["params"]):
+        for k, m in p["tensors"].items():
+            t = tensors[f"{i}.{k}"]
+            m.update(dtype=str(t.dtype), shape=list(t.shape), sha256=tensor_digest(t))
+    return meta
+
+
+def _flip_last_byte(src: Path, dst: Path) -> None:
+    data = bytearray(src.read_bytes())
+    (n,) = struct.unpack("<Q", bytes(data[:8]))
+    assert len(data) > 8 + n  # the last byte belongs to a tensor, not to the header
+    data[-1] ^= 0x01
+    dst.write_bytes(bytes(data))
+
+
+def _tampered(world: Path, name: str, **kw) -> Path:
+    dst = world / f"{name}.safetensors"
+    _rewrite_patch(world / "patch.safetensors", dst, **kw)
+    return dst
+
+
+def _with_tensor(key: str, fn: Callable[[torch.Tensor], torch.Tensor], redigest: bool):
+    """(edit_tensors, edit_meta) replacing tensor ``key`` by fn(it); ``redigest``: the metadata follows."""
+    state: dict = {}
+
+    def tensors(ts: dict) -> dict:
+        ts = dict(ts)
+        ts[key] = fn(ts[key])
+        state["ts"] = ts
+        return ts
+
+    def meta(m: dict) -> dict:
+        return _redigest(m, state["ts"]) if redigest else m
+
+    return tensors, meta
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """A tiny saved model, an erased copy (value vectors 1:5 and 1:7 zero), a patch of the model, a 3-layer
+    model, an evaluation config over a Latin-1 fact file, and malformed YAML files."""
+    w = tmp_path_factory.mktemp("world")
+    model, tok = build_model("llama")
+    km = kn_edit.wrap(model, tok, name="tiny")
+    km.save(w / "model")
+    edit = kn_edit.update_fact(km, [PROMPT], "Paris", "Rome", rule="paper", neurons=[Neuron(1, 5), Neuron(1, 7)],
+                               force=True)
+    edit.save(w / "patch.safetensors")
+    edit.revert()
+    kn_edit.erase_fact(km, [PROMPT], "Paris", neurons=[Neuron(1, 5), Neuron(1, 7)], force=True)
+    km.save(w / "erased")
+    model3, tok3 = build_model("llama", n_layers=3)
+    kn_edit.wrap(model3, tok3, name="tiny3").save(w / "model3")
+    other, tok_o = build_model("llama", seed=1)
+    kn_edit.wrap(other, tok_o, name="other").save(w / "other")
+
+    (w / "bad.yaml").write_text("update:\n  margin: [1\n")
+    (w / "list.yaml").write_text("- update.margin=2\n- 3\n")
+    (w / "a-file").write_text("not a folder\n")
+    (w / "existing").mkdir()
+    (w / "latin1.jsonl").write_bytes(
+        json.dumps({"subject": "Japan", "relation": "capital", "object": "Tokyo",
+                    "prompts": ["The capital of [X] is"]}).encode() + b"\n"
+        + '{"subject": "Fran\u00e7e", "relation": "capital", "object": "Paris", "prompts": ["[X]"]}\n'.encode("latin-1")
+    )
+    (w / "text.txt").write_text("Paris is the capital of France. Rome is the capital of Italy.\n")
+    (w / "eval.yaml").write_text(f"""
+name: bad
+model: {w / "model"}
+data: {{source: jsonl, path: {w / "latin1.jsonl"}, only_known: false}}
+text: {{source: file, path: {w / "text.txt"}, passages: 1}}
+trainer: {{accelerator: cpu}}
+output_dir: {w / "runs"}
+""")
+
+    # patch files damaged in every way the reader must notice
+    _flip_last_byte(w / "patch.safetensors", w / "flipped.safetensors")
+    for name, key, fn, redigest in [
+        ("fp16", "0.after", lambda t: t.half(), False),
+        ("bool", "0.after", lambda t: t.bool(), True),
+        ("int", "0.after", lambda t: t.to(torch.int32), True),
+        ("nan", "0.after", lambda t: torch.full_like(t, float("nan")), True),
+        ("inf", "0.before", lambda t: torch.full_like(t, float("inf")), True),
+        ("index-far", "0.index", lambda t: t + 10_000, True),
+        ("index-negative", "0.index", lambda t: -t - 1, True),
+        ("index-float", "0.index", lambda t: t.float(), True),
+        ("index-repeated", "0.index", lambda t: torch.zeros_like(t), True),
+    ]:
+        tensors, meta = _with_tensor(key, fn, redigest)
+        _tampered(w, name, edit_tensors=tensors, edit_meta=meta)
+    _tampered(w, "not-json", raw_meta="{not json")
+    _tampered(w, "no-params", edit_meta=lambda m: {k: v for k, v in m.items() if k != "params"})
+    _tampered(w, "params-string", edit_meta=lambda m: {**m, "params": "all of them"})
+    _tampered(w, "fingerprint-list", edit_meta=lambda m: {**m, "fingerprint": [1, 2]})
+    _tampered(w, "dim-far", edit_meta=lambda m: {**m, "params": [{**p, "dim": 7} for p in m["params"]]})
+    _tampered(w, "dim-float", edit_meta=lambda m: {**m, "params": [{**p, "dim": 0.5} for p in m["params"]]})
+    _tampered(w, "version-99", edit_meta=lambda m: {**m, "version": 99})
+    _tampered(w, "no-digest", edit_meta=lambda m: {**m, "params": [
+        {**p, "tensors": {k: {kk: vv for kk, vv in t.items() if kk != "sha256"} for k, t in p["tensors"].items()}}
+        for p in m["params"]]})
+    _tampered(w, "missing-tensor", edit_tensors=lambda ts: {k: v for k, v in ts.items() if k != "0.before"})
+    (w / "not-a-patch.safetensors").write_bytes(b"\x00" * 64)
+    return w
+
+
+@dataclass
+class Case:
+    id: str
+    argv: list[str]
+    fragment: str
+    setup: Callable[[Path], None] | None = None
+    skip: Callable[[], str | None] | None = None  # a reason to skip on this machine, or None
+
+
+def _unwritable_skip() -> str | None:
+    try:
+        os.mkdir("/sys/kn-edit-write-test")
+    except OSError:
+        return None
+    os.rmdir("/sys/kn-edit-write-test")
+    return "/sys is writable here"
+
+
+def _apply(patch: str, fragment: str, model: str = "{model}") -> Case:
+    return Case(f"patch-{patch}", ["apply-patch", "-m", model, "--patch", f"{{w}}/{patch}.safetensors"], fragment)
+
+
+CASES: list[Case] = [
+    # configuration
+    Case("yaml-syntax", ["update-fact", "-m", "{model}", *EDIT, "--config", "{w}/bad.yaml"], "bad.yaml:3:1: not valid YAML"),
+    Case("yaml-list", ["update-fact", "-m", "{model}", *EDIT, "--config", "{w}/list.yaml"], "must be a mapping"),
+    Case("yaml-missing", ["update-fact", "-m", "{model}", *EDIT, "--config", "{w}/nope.yaml"], "config file not found"),
+    Case("unknown-key", ["update-fact", "-m", "{model}", *EDIT, "nope=1"], "nope"),
+    Case("bad-choice", ["update-fact", "-m", "{model}", *EDIT, "rule=magic"], "rule: Invalid value 'magic'"),
+    Case("bad-type", ["update-fact", "-m", "{model}", *EDIT, "margin=wide"], "margin"),
+    Case("unknown-method", ["update-fact", "-m", "{model}", *EDIT, "--method", "romeo"], "unknown method 'romeo'"),
+    Case("not-an-editor", ["update-fact", "-m", "{model}", *EDIT, "--method", "os:path"], "not an editor"),
+    Case("method-cannot-erase", ["erase-fact", "-m", "{model}", "-p", PROMPT, "-t", "Paris", "--method", "kn"],
+         "cannot erase"),
+    Case("neurons-for-rome", ["update-fact", "-m", "{model}", "-p", PROMPT, "--old", "Paris", "--new", "Rome",
+                              "--method", "rome", "--neurons", "1:5"], "--neurons applies"),
+    Case("old-equals-new", ["update-fact", "-m", "{model}", "-p", PROMPT, "--old", "Paris", "--new", "Paris"], "same"),
+    Case("not-predicted", ["update-fact", "-m", "{model}", "-p", PROMPT, "--old", "Paris", "--new", "Rome",
+                           "--neurons", "1:5", "--quiet"], "--force"),
+    Case("device", ["update-fact", "-m", "{model}", "--device", "cuda:7", *EDIT], "cuda:7",
+         skip=lambda: "CUDA is available" if torch.cuda.is_available() else None),
+    Case("device-unknown", ["update-fact", "-m", "{model}", "--device", "gpu9", *EDIT], "unknown device"),
+    # save targets, checked before the edit runs
+    Case("save-existing", ["update-fact", "-m", "{model}", *EDIT, "--save", "{w}/existing"], "already exists"),
+    Case("save-source", ["update-fact", "-m", "{model}", *EDIT, "--save", "{model}"], "loaded from"),
+    Case("save-unwritable", ["update-fact", "-m", "{model}", *EDIT, "--save", "/sys/kn-edit-test/out"],
+         "not writable", skip=_unwritable_skip),
+    Case("save-patch-unwritable", ["update-fact", "-m", "{model}", *EDIT, "--save-patch", "/sys/kn-edit-test.st"],
+         "not writable", skip=_unwritable_skip),
+    Case("save-under-a-file", ["erase-fact", "-m", "{model}", "-p", PROMPT, "-t", "Paris", "--force", "--neurons",
+                               "1:5", "--save", "{w}/a-file/out"], "is not a folder"),
+    Case("save-patch-existing", ["update-fact", "-m", "{model}", *EDIT, "--save-patch", "{w}/patch.safetensors"],
+         "already exists"),
+    # edits the model cannot make
+    Case("zero-value-vectors", ["update-fact", "-m", "{w}/erased", *EDIT], "all zero"),
+    Case("prompt-too-long", ["update-fact", "-m", "{model}", "-p", "word " * 600 + PROMPT, "--old", "Paris",
+                             "--new", "Rome", "--force", "--neurons", "1:5", "--quiet"], "--max-tokens N"),
+    Case("target-too-long", ["erase-fact", "-m", "{model}", "-p", PROMPT, "-t", "Paris " * 600, "--force",
+                             "--neurons", "1:5", "--quiet"], "above the limit of 512"),
+    Case("max-tokens-zero", ["--max-tokens", "0", "update-fact", "-m", "{model}", *EDIT], "positive integer"),
+    # data
+    Case("jsonl-not-utf8", ["evaluate", "--quiet", "--config", "{w}/eval.yaml"], "latin1.jsonl:2: not UTF-8"),
+    # patch files
+    _apply("flipped", "does not match its sha256 digest"),
+    _apply("fp16", "'0.after' is torch.float16, the metadata says torch.float32"),
+    _apply("bool", "'0.after'"),
+    _apply("int", "not floating point"),
+    _apply("nan", "'0.after' (model.layers.1.mlp.down_proj.weight) holds NaN"),
+    _apply("inf", "'0.before'"),
+    _apply("index-far", "rows beyond size"),
+    _apply("index-negative", "negative rows"),
+    _apply("index-float", "1-D int64"),
+    _apply("index-repeated", "repeats rows"),
+    _apply("not-json", "not valid JSON"),
+    _apply("no-params", "params must be a list"),
+    _apply("params-string", "params must be a list"),
+    _apply("fingerprint-list", "fingerprint must be an object"),
+    _apply("dim-far", "dim 7 out of range"),
+    _apply("dim-float", "dim must be a non-negative integer"),
+    _apply("version-99", "unsupported format version 99"),
+    _apply("no-digest", "sha256 must be a sha256 hex digest"),
+    _apply("missing-tensor", "'0.before'"),
+    _apply("not-a-patch", "not a kn-edit patch"),
+    _apply("patch", "weights differ", model="{w}/other"),
+    _apply("patch", "n_layers: patch 2, model 3", model="{w}/model3"),
+    Case("patch-missing", ["apply-patch", "-m", "{model}", "--patch", "{w}/nope.safetensors"], "no such patch"),
+    Case("revert-unpatched", ["revert-patch", "-m", "{model}", "--patch", "{w}/patch.safetensors"],
+         "does not hold the patch's patched values"),
+]
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every file (bytes) and folder (None) under ``root``."""
+    out: dict[str, bytes | None] = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        out[rel] = None if path.is_dir() else path.read_bytes()
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_clear_line(case: Case, world: Path, tmp_path, monkeypatch, capsys):
+    reason = case.skip() if case.skip else None
+    if reason:
+        pytest.skip(reason)
+    cache = tmp_path / "cache"
+    (cache / "attribution").mkdir(parents=True)
+    monkeypatch.setenv("KN_EDIT_CACHE", str(cache))
+    if case.setup:
+        case.setup(world)
+    argv = [a.replace("{model}", str(world / "model")).replace("{w}", str(world)) for a in case.argv]
+    before = _snapshot(world), _snapshot(cache)
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and lines[0].startswith("error: ")
+    assert case.fragment in lines[0], lines[0]
+    assert (_snapshot(world), _snapshot(cache)) == before
+
+
+def test_debug_shows_the_traceback(world):
+    with pytest.raises(kn_edit.ConfigError, match="not valid YAML"):
+        main(["--debug", "update-fact", "-m", str(world / "model"), *EDIT, "--config", str(world / "bad.yaml")])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_folder_is_refused_before_the_edit(world, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert main(["update-fact", "-m", str(world / "model"), *EDIT, "--save", str(locked / "out")]) == 2
+        assert "not writable" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o755)
+
+
+def test_update_on_zero_value_vectors_is_refused_with_the_model_unchanged(tiny_factory):
+    km = tiny_factory("llama")
+    neurons = [Neuron(1, 5), Neuron(1, 7)]
+    kn_edit.erase_fact(km, [PROMPT], "Paris", neurons=neurons, force=True)
+    state = {k: v.detach().clone() for k, v in km.model.named_parameters()}
+    with pytest.raises(kn_edit.EditError, match="value vectors of neurons 1:5,1:7 are all zero"):
+        kn_edit.update_fact(km, [PROMPT], "Paris", "Rome", neurons=neurons, force=True)
+    assert all(torch.equal(v, state[k]) for k, v in km.model.named_parameters())
+    assert len(kn_edit.editing.ledger.active_edits(km)) == 1  # only the erasure

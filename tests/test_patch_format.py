@@ -1,0 +1,199 @@
+"""Patch format 2: digests checked against a plain reference, tampered files refused with the model bit for bit
+unchanged, whole-parameter patches stored without an index, version-1 files still applied."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import kn_edit
+from kn_edit import EditError, Neuron
+from kn_edit.editing import apply_patch, read_patch
+from kn_edit.editing.ledger import SliceChange, commit
+from kn_edit.editing.patchfile import check_model, tensor_digest
+from tiny_models import build_model, prompt_for
+
+NEURONS = [Neuron(0, 3), Neuron(1, 5)]
+
+
+def snapshot(km) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in km.model.named_parameters()}
+
+
+def same(km, state) -> bool:
+    return all(torch.equal(p, state[name]) for name, p in km.model.named_parameters())
+
+
+def tiny(family: str = "gpt2", seed: int = 0):
+    model, tok = build_model(family, seed=seed)
+    return kn_edit.wrap(model, tok, name=f"tiny-{family}")
+
+
+def patch_of(tmp_path, family: str = "gpt2"):
+    km = tiny(family)
+    prompt, old = prompt_for(family)
+    edit = kn_edit.update_fact(km, [prompt], old, "rome" if km.is_masked_lm else "Rome", rule="paper",
+                               neurons=NEURONS, force=True)
+    path = tmp_path / "p.safetensors"
+    edit.save(path)
+    return km, edit, path
+
+
+def load(path):
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["kn_edit_patch"]), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def write(path, meta, tensors):
+    save_file(tensors, str(path), metadata={"kn_edit_patch": json.dumps(meta)})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
+def test_digest_is_the_sha256_of_the_little_endian_bytes(dtype):
+    t = (torch.arange(24, dtype=torch.float32).reshape(2, 3, 4) * 0.37 - 3).to(dtype)
+    if dtype == torch.bfloat16:  # numpy has no bfloat16: the same 16 bits through int16
+        raw = t.view(torch.int16).numpy().astype("<i2").tobytes()
+    else:
+        raw = t.numpy().astype(t.numpy().dtype.newbyteorder("<")).tobytes()
+    assert tensor_digest(t) == hashlib.sha256(raw).hexdigest()
+    assert tensor_digest(t.t() if t.dim() == 2 else t.transpose(0, 2).contiguous().transpose(0, 2)) == tensor_digest(t)
+
+
+def test_metadata_records_every_tensor(tmp_path):
+    km, edit, path = patch_of(tmp_path)
+    meta, tensors = load(path)
+    assert meta["version"] == 2 and len(meta["params"]) == 2
+    for i, p in enumerate(meta["params"]):
+        assert p["whole"] is False and p["shape"] == list(km.model.get_parameter(p["name"]).shape)
+        for k in ("index", "before", "after"):
+            t = tensors[f"{i}.{k}"]
+            assert p["tensors"][k] == {"dtype": str(t.dtype), "shape": list(t.shape),
+                                       "sha256": hashlib.sha256(t.numpy().tobytes()).hexdigest()}
+
+
+TAMPER = {
+    "flipped-bit": lambda meta, ts: (meta, {**ts, "1.after": _flip(ts["1.after"])}),
+    "fp16": lambda meta, ts: (meta, {**ts, "1.after": ts["1.after"].half()}),
+    "bool-redigested": lambda meta, ts: _redigest(meta, {**ts, "1.after": ts["1.after"].bool()}),
+    "int-redigested": lambda meta, ts: _redigest(meta, {**ts, "1.after": ts["1.after"].to(torch.int32)}),
+    "nan-redigested": lambda meta, ts: _redigest(meta, {**ts, "0.after": torch.full_like(ts["0.after"], float("nan"))}),
+    "shape": lambda meta, ts: _redigest(meta, {**ts, "0.after": ts["0.after"][..., :-1].contiguous()}),
+    "index-out-of-range": lambda meta, ts: _redigest(meta, {**ts, "0.index": ts["0.index"] + 10_000}),
+    "dim": lambda meta, ts: ({**meta, "params": [{**meta["params"][0], "dim": 2}, meta["params"][1]]}, ts),
+    "no-params": lambda meta, ts: ({k: v for k, v in meta.items() if k != "params"}, ts),
+    "fingerprint-list": lambda meta, ts: ({**meta, "fingerprint": ["gpt2"]}, ts),
+    "requests-string": lambda meta, ts: ({**meta, "requests": "x"}, ts),
+}
+
+
+def _flip(t: torch.Tensor) -> torch.Tensor:
+    flat = t.clone().contiguous().view(torch.int32).reshape(-1)
+    flat[0] ^= 1  # the lowest bit of one value
+    return flat.view(torch.float32).reshape(t.shape)
+
+
+def _redigest(meta, tensors):
+    meta = json.loads(json.dumps(meta))
+    for i, p in enumerate(meta["params"]):
+        for k, m in p["tensors"].items():
+            t = tensors[f"{i}.{k}"]
+            m.update(dtype=str(t.dtype), shape=list(t.shape), sha256=tensor_digest(t))
+    return meta, tensors
+
+
+@pytest.mark.parametrize("how", list(TAMPER))
+def test_tampered_patches_are_refused_before_anything_is_written(tmp_path, how):
+    _, _, path = patch_of(tmp_path)
+    meta, tensors = TAMPER[how](*load(path))
+    bad = tmp_path / "bad.safetensors"
+    write(bad, meta, tensors)
+    fresh = tiny()
+    original = snapshot(fresh)
+    with pytest.raises(EditError) as info:
+        apply_patch(fresh, bad)
+    assert "\n" not in str(info.value)
+    assert same(fresh, original)
+    assert not kn_edit.editing.ledger.active_edits(fresh)
+
+
+def test_the_untampered_patch_applies(tmp_path):
+    km, _, path = patch_of(tmp_path)
+    edited = snapshot(km)
+    meta, tensors = load(path)
+    write(tmp_path / "copy.safetensors", meta, tensors)  # rewriting alone is no tampering
+    fresh = tiny()
+    apply_patch(fresh, tmp_path / "copy.safetensors")
+    assert same(fresh, edited)
+
+
+def test_whole_parameter_patch(tmp_path):
+    km = tiny("llama")
+    original = snapshot(km)
+    name = "model.layers.0.mlp.down_proj.weight"
+    param = km.model.get_parameter(name)
+    new = torch.randn(param.shape, generator=torch.Generator().manual_seed(3))
+    edit = commit(km, "whole-test", [], [SliceChange(name, 1, torch.arange(param.shape[1]), new, additive=False)])
+    edit.save(tmp_path / "whole.safetensors")
+    meta, tensors = load(tmp_path / "whole.safetensors")
+    assert meta["params"][0]["whole"] is True and meta["params"][0]["rows"] == param.shape[1]
+    assert sorted(tensors) == ["0.after", "0.before"]  # no index stored
+    assert torch.equal(tensors["0.before"], original[name]) and torch.equal(tensors["0.after"], new)
+    edit.revert()
+    assert same(km, original)
+
+    fresh = tiny("llama")
+    applied = apply_patch(fresh, tmp_path / "whole.safetensors")
+    assert torch.equal(fresh.model.get_parameter(name), new)
+    others = {k for k in original if k != name}
+    assert all(torch.equal(dict(fresh.model.named_parameters())[k], original[k]) for k in others)
+    applied.revert()
+    assert same(fresh, original)
+    _, entries = read_patch(tmp_path / "whole.safetensors")
+    assert entries[0].whole and torch.equal(entries[0].index, torch.arange(param.shape[1]))
+
+
+def test_version_1_files_still_apply(tmp_path):
+    km, edit, path = patch_of(tmp_path)
+    edited = snapshot(km)
+    meta, tensors = load(path)
+    v1 = {**meta, "version": 1, "params": [{"name": p["name"], "dim": p["dim"], "rows": p["rows"]} for p in meta["params"]]}
+    write(tmp_path / "v1.safetensors", v1, tensors)
+    fresh = tiny()
+    original = snapshot(fresh)
+    applied = apply_patch(fresh, tmp_path / "v1.safetensors")
+    assert same(fresh, edited)
+    applied.revert()
+    # still checked for what a version-1 file can be checked for
+    write(tmp_path / "v1-nan.safetensors", v1, {**tensors, "0.after": torch.full_like(tensors["0.after"], float("nan"))})
+    with pytest.raises(EditError, match="NaN"):
+        apply_patch(fresh, tmp_path / "v1-nan.safetensors")
+    assert same(fresh, original)
+
+
+def test_foreign_patch_messages_say_what_differs(tmp_path):
+    _, _, path = patch_of(tmp_path)
+    meta, _ = read_patch(path)
+    same_name = kn_edit.wrap(*build_model("gpt2", n_layers=3), name="tiny-gpt2")
+    with pytest.raises(EditError, match=r"a model also named 'tiny-gpt2' but with a different layout: n_layers: patch 2, model 3"):
+        check_model(same_name, meta, path)
+    other_weights = tiny(seed=1)
+    with pytest.raises(EditError, match="weights differ from those of the 'tiny-gpt2'"):
+        apply_patch(other_weights, path)
+
+
+def test_patch_sizes_scale_with_rows_not_parameters(tmp_path):
+    _, _, path = patch_of(tmp_path)
+    km = tiny()
+    full = sum(km.model.get_parameter(p["name"]).numel() * 4 for p in load(path)[0]["params"])
+    assert path.stat().st_size < full / 4
+
+
+def test_digest_is_stable_across_numpy_views():
+    t = torch.tensor(np.arange(6, dtype="<f4").reshape(2, 3))
+    assert tensor_digest(t) == hashlib.sha256(np.arange(6, dtype="<f4").tobytes()).hexdigest()

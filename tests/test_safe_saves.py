@@ -1,0 +1,233 @@
+"""Saves never remove or replace what they did not create: a target that appears during a save survives, of
+two concurrent saves exactly one wins, SIGTERM cleans up, leftovers of killed saves are removed next time,
+results get the user's umask."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import kn_edit
+from kn_edit import EditError, Neuron
+from kn_edit.persist import atomic_dir, atomic_file, check_writable, clean_leftovers, rename_noreplace
+from tiny_models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "The capital of France is"
+
+
+def partials(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.endswith(".partial"))
+
+
+# ----- in process -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("empty", [False, True], ids=["folder-with-a-file", "empty-folder"])
+def test_a_folder_created_at_the_target_during_a_save_survives(tmp_path, empty):
+    target = tmp_path / "victim"
+    with pytest.raises(EditError, match="appeared while the folder was being saved") as info:
+        with atomic_dir(target) as tmp:
+            (tmp / "weights.bin").write_bytes(b"new model")
+            target.mkdir()  # the user, or another kn-edit, meanwhile
+            if not empty:
+                (target / "notes.txt").write_text("mine")
+    assert target.is_dir() and [p.name for p in target.iterdir()] == ([] if empty else ["notes.txt"])
+    if not empty:
+        assert (target / "notes.txt").read_text() == "mine"
+    kept = Path(str(info.value).split("the finished folder is at ")[1].split(" (move it")[0])
+    assert kept.parent == tmp_path and not kept.name.startswith(".")  # not mistaken for a leftover later
+    assert (kept / "weights.bin").read_bytes() == b"new model"
+    assert partials(tmp_path) == []
+
+
+def test_a_file_created_at_the_target_during_a_save_survives(tmp_path):
+    target = tmp_path / "edit.safetensors"
+    with pytest.raises(EditError, match="appeared while") as info:
+        with atomic_file(target) as tmp:
+            tmp.write_bytes(b"patch")
+            target.write_text("mine")
+    assert target.read_text() == "mine"
+    assert "edit.safetensors." in str(info.value) and partials(tmp_path) == []
+
+
+def test_save_model_keeps_what_appeared_at_its_target(tmp_path, monkeypatch):
+    model, tok = build_model("llama")
+    km = kn_edit.wrap(model, tok, name="tiny")
+    target = tmp_path / "victim"
+    real = type(km.model).save_pretrained
+
+    def save_and_race(self, path, *a, **kw):
+        real(self, path, *a, **kw)
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+
+    monkeypatch.setattr(type(km.model), "save_pretrained", save_and_race)
+    with pytest.raises(EditError, match=r"victim appeared while the model was being saved.*the finished model is at"):
+        km.save(target)
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["renameat2", "fallback"])
+def test_rename_noreplace_refuses_an_empty_folder(tmp_path, monkeypatch, native):
+    if not native:
+        monkeypatch.setattr("kn_edit.persist._RENAMEAT2", None)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(FileExistsError):
+        rename_noreplace(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "g").write_text("y")
+    with pytest.raises(FileExistsError):
+        rename_noreplace(tmp_path / "f", tmp_path / "g")
+    assert (tmp_path / "g").read_text() == "y"
+    rename_noreplace(tmp_path / "f", tmp_path / "h")
+    assert (tmp_path / "h").read_text() == "x" and not (tmp_path / "f").exists()
+    (tmp_path / "a" / "inside").write_text("z")
+    rename_noreplace(tmp_path / "a", tmp_path / "c")
+    assert (tmp_path / "c" / "inside").read_text() == "z" and (tmp_path / "b").is_dir()
+
+
+def test_leftovers_of_killed_saves_are_removed_next_time(tmp_path, caplog):
+    dead = tmp_path / ".model.abcd1234.partial"  # no process holds its lock: its writer is gone
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"\0" * 3_000_000)
+    dead_file = tmp_path / ".p.safetensors.zz_9abcd.partial"
+    dead_file.write_bytes(b"\0" * 10)
+    running = tmp_path / ".other.efgh5678.partial"  # a save in progress holds its lock
+    running.mkdir()
+    unrelated = tmp_path / ".notes.partial"  # not a name kn-edit writes
+    unrelated.write_text("keep")
+    fd = os.open(running, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with caplog.at_level(logging.WARNING, logger="kn_edit.persist"):
+            with atomic_file(tmp_path / "new.txt") as tmp:
+                tmp.write_text("hello")
+    finally:
+        os.close(fd)
+    assert not dead.exists() and not dead_file.exists()
+    assert running.is_dir() and unrelated.read_text() == "keep"
+    assert (tmp_path / "new.txt").read_text() == "hello"
+    assert any(".model.abcd1234.partial" in r.getMessage() and "3.0 MB" in r.getMessage() for r in caplog.records)
+    assert [p for p, _ in clean_leftovers(tmp_path)] == [running]  # unlocked now
+
+
+def test_results_get_the_users_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "x").write_text("x")
+        with atomic_file(tmp_path / "f") as tmp:
+            tmp.write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o640
+
+
+def test_check_writable(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(EditError, match="is not a folder"):
+        check_writable(tmp_path / "file" / "deeper" / "out")
+    assert check_writable(tmp_path / "new" / "deeper" / "out") == tmp_path / "new" / "deeper" / "out"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the probe is gone, nothing created
+
+
+# ----- across processes -----------------------------------------------------------------------------------
+CHILD = r"""
+import os, sys, time
+from pathlib import Path
+import transformers
+from kn_edit.cli import main
+
+real = transformers.PreTrainedModel.save_pretrained
+here = Path(sys.argv[1])
+
+def slow_save(self, path, *a, **kw):
+    real(self, path, *a, **kw)
+    (here / f"ready-{os.getpid()}").write_text(str(path))  # the model is written into the temporary folder
+    deadline = time.time() + 60
+    while not (here / "go").exists() and time.time() < deadline:
+        time.sleep(0.02)
+
+transformers.PreTrainedModel.save_pretrained = slow_save
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _child(tmp_path: Path, argv: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+
+
+def _wait_ready(tmp_path: Path, n: int, procs: list[subprocess.Popen]) -> None:
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("ready-*"))) < n:
+        assert time.time() < deadline, "children never reached the save"
+        for p in procs:
+            assert p.poll() is None, p.communicate()
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    model, tok = build_model("llama")
+    return kn_edit.wrap(model, tok, name="tiny").save(tmp_path / "model")
+
+
+def test_two_concurrent_saves_into_one_path_one_wins(saved, tmp_path):
+    target = tmp_path / "out"
+    argv = ["erase-fact", "-m", str(saved), "-p", PROMPT, "-t", "Paris", "--force", "--quiet", "--save", str(target)]
+    procs = [_child(tmp_path, argv + ["--neurons", n]) for n in ("1:5", "1:7")]
+    _wait_ready(tmp_path, 2, procs)
+    (tmp_path / "go").touch()
+    results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
+    codes = sorted(r[2] for r in results)
+    assert codes == [0, 2], results
+    winner = next(i for i, r in enumerate(results) if r[2] == 0)
+    loser_err = results[1 - winner][1]
+    assert "appeared while the model was being saved" in loser_err and "Traceback" not in loser_err
+    erased = kn_edit.load(str(target), device="cpu")  # the winner's model, whole
+    neuron = [Neuron(1, 5), Neuron(1, 7)][winner]
+    assert float(erased.value_vectors(neuron.layer)[neuron.index].abs().sum()) == 0
+    kept = Path(loser_err.split("the finished model is at ")[1].split(" (move it")[0])
+    loser = kn_edit.load(str(kept), device="cpu")  # the loser's model, whole, where the message says
+    other = [Neuron(1, 5), Neuron(1, 7)][1 - winner]
+    assert float(loser.value_vectors(other.layer)[other.index].abs().sum()) == 0
+    assert partials(tmp_path) == []
+
+
+def test_sigterm_during_a_save_cleans_up(saved, tmp_path):
+    target = tmp_path / "out"
+    proc = _child(tmp_path, ["erase-fact", "-m", str(saved), "-p", PROMPT, "-t", "Paris", "--force", "--neurons",
+                             "1:5", "--quiet", "--save", str(target)])
+    _wait_ready(tmp_path, 1, [proc])
+    assert len(partials(tmp_path)) == 1  # the save is under way
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "terminated" in err and "Traceback" not in err
+    assert not target.exists() and partials(tmp_path) == []
+
+
+def test_a_save_after_a_killed_one_removes_its_leftover(saved, tmp_path, capsys):
+    target = tmp_path / "out"
+    proc = _child(tmp_path, ["erase-fact", "-m", str(saved), "-p", PROMPT, "-t", "Paris", "--force", "--neurons",
+                             "1:5", "--quiet", "--save", str(target)])
+    _wait_ready(tmp_path, 1, [proc])
+    proc.kill()  # SIGKILL: nothing can clean up
+    proc.communicate(timeout=60)
+    assert len(partials(tmp_path)) == 1
+    from kn_edit.cli import main
+
+    assert main(["erase-fact", "-m", str(saved), "-p", PROMPT, "-t", "Paris", "--force", "--neurons", "1:5",
+                 "--quiet", "--save", str(target)]) == 0
+    assert partials(tmp_path) == [] and (target / "config.json").is_file()
