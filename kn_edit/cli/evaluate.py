@@ -93,8 +93,9 @@ def run_compare(args: argparse.Namespace) -> int:
     result = compare_methods(config, reporter=default_reporter(args.quiet))
     out = console()
     first = next(iter(result.results.values())).summary
-    rows = [[title] + [fmt(r.metrics.get(k)) for k, _ in COLUMNS] for title, r in result.results.items()]
+    # one row per metric, one column per method: stays readable in 80 columns for a handful of methods
+    rows = [[label] + [fmt(r.metrics.get(key)) for r in result.results.values()] for key, label in COLUMNS]
     out.print(table(f"{config.name}: {config.model}, {first['facts_edited']} facts, every method on the same requests",
-                    ["method"] + [label for _, label in COLUMNS], rows))
+                    ["metric"] + list(result.results), rows))
     out.print(f"results: {result.run_dir}/ (report.md, metrics.json, facts-METHOD.jsonl, methods.png)")
     return _gate(out, result.regressions, config.regression.baseline, len(config.regression.tolerances))

@@ -23,11 +23,14 @@ from ..data.records import FactRecord
 from ..editing.base import Edit, Editor
 from ..errors import EditError, KnEditError
 from . import functional as Fn
-from .config import ProbeConfig
+from .config import FluencyConfig, ProbeConfig
 from .datamodule import EditCase
+from .fluency import greedy_generations, ngram_entropy
 from .metrics import EditSuccess, GroupedMean, PerplexityDrift, Retention
 
 PROBE_CONDITIONS = ("suppressed", "amplified", "control_suppressed", "control_amplified")
+# Generation prompts for the fluency measure: the subject, then a short neutral start.
+GENERATION_TEMPLATES = ("{}", "{} is", "{} was", "The story of {}")
 
 
 @torch.no_grad()
@@ -55,6 +58,7 @@ class EditEvaluation(pl.LightningModule):
         editor: Editor,
         passages: Sequence[str] = (),
         probe: ProbeConfig | None = None,
+        fluency: FluencyConfig | None = None,
         max_text_tokens: int = 128,
         text_batch_size: int = 8,
         batch_size: int = 64,
@@ -66,6 +70,8 @@ class EditEvaluation(pl.LightningModule):
         self.editor = editor
         self.passages = list(passages) if not km.is_masked_lm else []
         self.probe_config = probe or ProbeConfig()
+        self.fluency_config = fluency or FluencyConfig(enabled=False)
+        self.fluency_on = self.fluency_config.enabled and not km.is_masked_lm
         self.max_text_tokens = max_text_tokens
         self.text_batch_size = text_batch_size
         self.batch_size = batch_size
@@ -78,6 +84,8 @@ class EditEvaluation(pl.LightningModule):
         self.inter = Retention()
         self.seconds = MeanMetric()
         self.peak_memory = MaxMetric()
+        self.entropy_before = MeanMetric()  # generation fluency (n-gram entropy), per edited fact
+        self.entropy_after = MeanMetric()
         self.drift = PerplexityDrift()
         self.edit_errors = SumMetric()
         self.probed = SumMetric()
@@ -176,6 +184,9 @@ class EditEvaluation(pl.LightningModule):
     def test_step(self, case: EditCase, batch_idx: int) -> None:
         pairs, at = self._pairs(case)
         logp_before, top1_before = self._score(pairs)
+        gen_prompts = self._generation_prompts(case) if self.fluency_on else []
+        gen_before = greedy_generations(self.km, gen_prompts, self.fluency_config.max_new_tokens) if gen_prompts else []
+        gen_after = gen_before
         edit, error = None, None
         try:
             with torch.enable_grad():
@@ -186,6 +197,8 @@ class EditEvaluation(pl.LightningModule):
             try:
                 logp_after, top1_after = self._score(pairs)
                 text_after = self._text_nll() if self._text else None
+                if gen_prompts:
+                    gen_after = greedy_generations(self.km, gen_prompts, self.fluency_config.max_new_tokens)
             finally:
                 edit.revert()
             if self.verify_revert:
@@ -223,10 +236,23 @@ class EditEvaluation(pl.LightningModule):
             self.drift.update(*self._text_before, *text_after)
             before = Fn.perplexity(*self._text_before)
             row["text_ppl"] = {"before": float(before), "after": float(Fn.perplexity(*text_after))}
+        if gen_prompts:
+            before = ngram_entropy([g.text for g in gen_before])
+            after = ngram_entropy([g.text for g in gen_after])
+            self.entropy_before.update(torch.tensor(before, device=self.device))
+            self.entropy_after.update(torch.tensor(after, device=self.device))
+            row["fluency"] = {"entropy_before": before, "entropy_after": after, "samples": [
+                {"prompt": b.prompt, "before": b.text, "after": a.text}
+                for b, a in list(zip(gen_before, gen_after))[: self.fluency_config.samples]]}
         if self.probe_config.enabled:
             self.probed.update(torch.tensor(0.0, device=self.device))  # so every process has a state to reduce
             self._probe(case, edit, row)
         self.rows.append(row)
+
+    def _generation_prompts(self, case: EditCase) -> list[str]:
+        """Short prompts that start with the subject (Meng et al. generate from the subject)."""
+        subject = case.fact.subject
+        return [t.format(subject) for t in GENERATION_TEMPLATES][: self.fluency_config.prompts]
 
     def _row(self, case: EditCase, edit: Edit | None, error: str | None) -> dict:
         fact = case.fact
@@ -261,6 +287,10 @@ class EditEvaluation(pl.LightningModule):
                                ("intra_other", self.intra_other), ("inter", self.inter)):  # fmt: skip
             metrics |= {f"{prefix}/{k}": float(v) for k, v in metric.compute().items()}
         metrics["edit/seconds"] = float(self.seconds.compute())
+        if self.fluency_on:
+            metrics["fluency/entropy_before"] = float(self.entropy_before.compute())
+            metrics["fluency/entropy_after"] = float(self.entropy_after.compute())
+            metrics["fluency/entropy_change"] = metrics["fluency/entropy_after"] - metrics["fluency/entropy_before"]
         metrics["run/peak_memory_mb"] = float(self.peak_memory.compute())
         if self._text:
             metrics |= {f"drift/{k}": float(v) for k, v in self.drift.compute().items()}
@@ -282,5 +312,6 @@ class EditEvaluation(pl.LightningModule):
         self.results = {"metrics": metrics, "probe_per_relation": per_relation, "rows": sorted(rows, key=lambda r: r["index"])}
         for metric in (self.edit_metric, self.generalization, self.intra, self.intra_same, self.intra_other, self.inter,
                        self.drift, self.edit_errors, self.probed, self.seconds, self.peak_memory,
+                       self.entropy_before, self.entropy_after,
                        *self.probe_metrics.values()):  # fmt: skip
             metric.reset()

@@ -103,7 +103,8 @@ def evaluate(
     editor = editor or build_editor(config)
     passages = list(passages) if passages is not None else load_passages(config)
     datamodule = FactDataModule(km, config.data, facts=facts)
-    module = EditEvaluation(km, editor, passages, probe=config.probe, max_text_tokens=config.text.max_tokens,
+    module = EditEvaluation(km, editor, passages, probe=config.probe, fluency=config.fluency,
+                            max_text_tokens=config.text.max_tokens,
                             text_batch_size=config.text.batch_size, batch_size=config.data.batch_size,
                             verify_revert=config.verify_revert)  # fmt: skip
     t = config.trainer
