@@ -234,3 +234,83 @@ def test_tiny_run_metrics_equal_a_plain_recomputation(tiny_factory, tmp_path):
         assert m[f"{name}/ppl_after"] == pytest.approx(math.exp(nll_after / n), rel=1e-4), name
     assert m["drift/mean_change"] == pytest.approx(sum(drift) / len(drift), rel=1e-4, abs=1e-6)
     assert m["edit/seconds"] > 0
+
+
+def test_sequential_run_measures_every_checkpoint_and_restores_the_model(tiny_factory, tmp_path):
+    """mode=sequential: checkpoint metrics equal a plain recomputation with the edits applied one after another
+    (an edit the editor refuses in the middle counts as not held), and the model is bit for bit the original."""
+    from kn_edit.evaluation.datamodule import FactDataModule
+    from kn_edit.evaluation.fluency import greedy_generations, ngram_entropy
+    from kn_edit.evaluation.module import GENERATION_TEMPLATES
+
+    km = tiny_factory("llama")
+    before = snapshot(km)
+    config = tiny_config(tmp_path, **{"probe.enabled": False})
+    config.mode, config.checkpoints = "sequential", [1, 3, 5]
+    editor = ValueVectorEditor(fail_on=["Japan"])
+    result = evaluate(config, km=km, editor=editor, facts=tiny_facts(), passages=PASSAGES)
+    assert_unchanged(km, before)
+    assert [c.n_edits for c in result.curve] == [0, 1, 3, 5]
+    assert result.metrics["edits/n"] == 5 and (result.run_dir / "curve.json").is_file()
+    assert result.metrics["edits/refused"] == 2  # Japan, in both relations, among the first five
+    assert "Sequential edits" in (result.run_dir / "report.md").read_text()
+
+    # plain recomputation: the same cases, edited one after another
+    datamodule = FactDataModule(km, config.data, facts=tiny_facts())
+    datamodule.setup("test")
+    cases = datamodule.cases[:5]
+    edited = {c.fact.fact_id for c in cases}
+    pools = {"intra": [], "inter": []}
+    for case in cases:
+        for name, records in (("intra", case.same_relation), ("inter", case.other_relation)):
+            for r in records:
+                if r.fact_id not in edited and all(r.fact_id != x.fact_id for x in pools[name]):
+                    pools[name].append(r)
+    right_before = {k: [_plain_scores(km, p, r.object)[1] for r in rs for p in r.all_prompts] for k, rs in pools.items()}
+    ppl_before = _plain_text_ppl(km, PASSAGES, config.text.max_tokens)
+    subjects = list(dict.fromkeys(c.fact.subject for c in cases))[: config.fluency.prompts]
+    gen_prompts = [GENERATION_TEMPLATES[1].format(s) for s in subjects]
+    edits, made = [], []
+    try:
+        for n, case in enumerate(cases, start=1):
+            try:
+                edits.append(editor.apply(km, [case.request]))
+                made.append((case, True))
+            except EditError:
+                made.append((case, False))
+            if n not in (1, 3, 5):
+                continue
+            got = next(c.metrics for c in result.curve if c.n_edits == n)
+            held = [all(_plain_scores(km, p, c.new)[1] for p in c.fact.prompts) for c, _ in made]
+            assert got["edits/held"] == pytest.approx(sum(held) / len(held)), n
+            assert got["edits/refused"] == sum(not ok for _, ok in made)
+            for name, rs in pools.items():
+                now = [_plain_scores(km, p, r.object)[1] for r in rs for p in r.all_prompts]
+                right = sum(right_before[name])
+                if right:
+                    assert got[f"{name}/retained"] == pytest.approx(
+                        sum(b and a for b, a in zip(right_before[name], now)) / right), (name, n)
+            assert got["drift/change"] == pytest.approx(_plain_text_ppl(km, PASSAGES, config.text.max_tokens) / ppl_before - 1,
+                                                        rel=1e-4, abs=1e-6)  # fmt: skip
+            texts = [g.text for g in greedy_generations(km, gen_prompts, config.fluency.max_new_tokens)]
+            assert got["fluency/entropy"] == pytest.approx(ngram_entropy(texts))
+    finally:
+        for edit in reversed(edits):
+            edit.revert()
+    assert_unchanged(km, before)
+
+
+def test_sequential_run_restores_the_model_when_it_stops_half_way(tiny_factory, tmp_path):
+    class Crashing(ValueVectorEditor):
+        def compute(self, km, requests):
+            if requests[0].subject == "Japan":
+                raise RuntimeError("editor crashed")
+            return super().compute(km, requests)
+
+    km = tiny_factory("llama")
+    before = snapshot(km)
+    config = tiny_config(tmp_path, **{"probe.enabled": False})
+    config.mode, config.checkpoints = "sequential", [2, 6]
+    with pytest.raises(RuntimeError, match="crashed"):
+        evaluate(config, km=km, editor=Crashing(), facts=tiny_facts(), passages=PASSAGES, write=False)
+    assert_unchanged(km, before)

@@ -61,8 +61,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return 0
     out = console()
     s = result.summary
-    out.print(table(f"{config.name}: {config.model}, {s['editor']}, {s['facts_edited']} facts edited "
-                    f"({s['seconds']} s)", ["metric", "key", "value"], [list(r) for r in summary_rows(result.metrics)]))  # fmt: skip
+    if result.curve:  # mode=sequential: one row per checkpoint
+        from ..evaluation.report import CURVE_COLUMNS, fmt
+
+        rows = [[c.n_edits] + [fmt(c.metrics.get(k)) for k, _ in CURVE_COLUMNS] for c in result.curve]
+        out.print(table(f"{config.name}: {config.model}, {s['editor']}, edits applied one after another ({s['seconds']} s)",
+                        ["edits"] + [t for _, t in CURVE_COLUMNS], rows))  # fmt: skip
+    else:
+        out.print(table(f"{config.name}: {config.model}, {s['editor']}, {s['facts_edited']} facts edited "
+                        f"({s['seconds']} s)", ["metric", "key", "value"], [list(r) for r in summary_rows(result.metrics)]))  # fmt: skip
     skipped = ", ".join(f"{n} {reason}" for reason, n in s["skipped"].items()) or "none"
     out.print(f"facts: {s['facts_loaded']} loaded, {s['facts_checked']} checked, {s['facts_edited']} edited; skipped: {skipped}")
     out.print(f"results: {result.run_dir}/ (facts.jsonl, metrics.json, report.md, plots)")

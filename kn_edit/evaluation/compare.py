@@ -17,7 +17,7 @@ from ..persist import atomic_dir
 from ..progress import NullReporter, Reporter
 from .config import CompareConfig, EditorConfig, EvalConfig, RegressionConfig, RunConfig
 from .regression import Regression, compare as compare_metrics, load_metrics
-from .report import fmt
+from .report import curve_markdown, fmt
 from .runner import EvalResult, evaluate, load_passages, run_dir_for
 
 # (metric, column title) of the comparison table, in display order.
@@ -95,6 +95,9 @@ def comparison_markdown(config: CompareConfig, model: str, result: CompareResult
         lines.append(f"| {title} | " + " | ".join(fmt(r.metrics.get(k)) for k, _ in COLUMNS) + " |")
     if result.regressions:
         lines += ["", "## Regressions against the baseline", ""] + [f"- {r}" for r in result.regressions]
+    curves = {t: r.curve for t, r in result.results.items() if r.curve}
+    if curves:
+        lines += ["", curve_markdown(curves)]
     relations = sorted({rel for r in result.results.values() for rel in r.per_relation})
     for key, label in (("edit/top1", "edit top-1"), ("generalization/top1", "paraphrase top-1"),
                        ("intra/retained", "same relation kept"), ("inter/retained", "other relations kept")):  # fmt: skip
@@ -117,7 +120,7 @@ def comparison_markdown(config: CompareConfig, model: str, result: CompareResult
 
 
 def write_comparison(config: CompareConfig, km, result: CompareResult) -> Path:
-    from .plots import comparison_figure
+    from .plots import comparison_figure, curve_figure
     from .report import write_jsonl
 
     target = run_dir_for(config)
@@ -132,6 +135,11 @@ def write_comparison(config: CompareConfig, km, result: CompareResult) -> Path:
         (tmp / "metrics.json").write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=True))
         (tmp / "config.yaml").write_text(to_yaml(config))
         plots = [comparison_figure({t: r.metrics for t, r in result.results.items()}, tmp / "methods.png").name] if config.plots else []
+        curves = {t: [{"n_edits": c.n_edits, **c.metrics} for c in r.curve] for t, r in result.results.items() if r.curve}
+        if curves:
+            (tmp / "curves.json").write_text(json.dumps(curves, indent=2, allow_nan=True))
+            if config.plots:
+                plots.append(curve_figure(curves, tmp / "curves.png").name)
         (tmp / "report.md").write_text(comparison_markdown(config, km.name, result, plots))
     return target
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
 from ..errors import ConfigError
@@ -78,11 +79,21 @@ class FluencyConfig:
     samples: int = 2  # before/after samples shown in the report
 
 
+class Mode(str, Enum):
+    single = "single"  # each fact edited, measured and reverted on its own
+    sequential = "sequential"  # edits applied one after another, measured at checkpoints, reverted at the end
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class RunConfig:
     """What an evaluation and a comparison of methods share: model, data, text, measuring, output."""
 
     name: str = "eval"
+    mode: Mode = Mode.single
+    checkpoints: list[int] = field(default_factory=lambda: [1, 10, 25, 50, 100])  # sequential: measure after n edits
     model: str = "smollm2-135m"
     data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -118,6 +129,8 @@ class RunConfig:
         self.probe.check_locate()
         if self.probe.n_controls < 1:
             raise ConfigError(f"probe.n_controls must be at least 1, got {self.probe.n_controls}")
+        if not self.checkpoints or min(self.checkpoints) < 1:
+            raise ConfigError(f"checkpoints must be edit counts >= 1, got {list(self.checkpoints)}")
         f = self.fluency
         if f.prompts < 1 or f.max_new_tokens < 2 or f.samples < 0:
             raise ConfigError("fluency.prompts >= 1, fluency.max_new_tokens >= 2, fluency.samples >= 0")

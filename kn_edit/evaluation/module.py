@@ -33,6 +33,36 @@ PROBE_CONDITIONS = ("suppressed", "amplified", "control_suppressed", "control_am
 GENERATION_TEMPLATES = ("{}", "{} is", "{} was", "The story of {}")
 
 
+def score_pairs(km, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log P(target) [n], target top-1 [n], every teacher-forced token) of (prompt, target) pairs, batched."""
+    steps, owner = [], []
+    for i, (prompt, target) in enumerate(pairs):
+        for step in km.encode(prompt, target).steps:
+            steps.append(step)
+            owner.append(i)
+    logits = km.step_logits(steps, batch_size=batch_size)
+    targets = torch.tensor([s.target_id for s in steps], device=logits.device)
+    return Fn.answer_scores(logits, targets, torch.tensor(owner, device=logits.device), len(pairs))
+
+
+def tokenized_text(km, passages: Sequence[str], max_tokens: int) -> list[torch.Tensor]:
+    ids = [km.tokenizer(p, add_special_tokens=True)["input_ids"][:max_tokens] for p in passages]
+    return [torch.tensor(i, dtype=torch.long) for i in ids if len(i) >= 2]
+
+
+@torch.no_grad()
+def text_nll(km, text: Sequence[torch.Tensor], batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token NLL, predicted tokens) of tokenized passages."""
+    nll = torch.zeros((), device=km.device)
+    count = torch.zeros((), device=km.device)
+    for start in range(0, len(text), batch_size):
+        ids, mask = km.pad(list(text[start : start + batch_size]))
+        logits = km.model(input_ids=ids, attention_mask=mask).logits
+        batch_nll, batch_count = Fn.token_nll(logits, ids, mask)
+        nll, count = nll + batch_nll, count + batch_count
+    return nll, count
+
+
 @torch.no_grad()
 def parameter_sums(km) -> dict[str, float]:
     """A float64 sum per parameter: a cheap fingerprint to notice changes an editor did not declare."""
@@ -103,32 +133,15 @@ class EditEvaluation(pl.LightningModule):
     def on_test_start(self) -> None:
         self.rows = []
         self._sums = parameter_sums(self.km) if self.verify_revert else None
-        ids = [self.km.tokenizer(p, add_special_tokens=True)["input_ids"][: self.max_text_tokens] for p in self.passages]
-        self._text = [torch.tensor(i, dtype=torch.long) for i in ids if len(i) >= 2]
+        self._text = tokenized_text(self.km, self.passages, self.max_text_tokens)
         self._text_before = self._text_nll() if self._text else None
 
     # ----- measuring --------------------------------------------------------------------------------
     def _score(self, pairs: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log P(target) [n], target top-1 [n]) of (prompt, target) pairs, in one batched pass."""
-        steps, owner = [], []
-        for i, (prompt, target) in enumerate(pairs):
-            for step in self.km.encode(prompt, target).steps:
-                steps.append(step)
-                owner.append(i)
-        logits = self.km.step_logits(steps, batch_size=self.batch_size)
-        targets = torch.tensor([s.target_id for s in steps], device=logits.device)
-        return Fn.answer_scores(logits, targets, torch.tensor(owner, device=logits.device), len(pairs))
+        return score_pairs(self.km, pairs, self.batch_size)
 
-    @torch.no_grad()
     def _text_nll(self) -> tuple[torch.Tensor, torch.Tensor]:
-        nll = torch.zeros((), device=self.km.device)
-        count = torch.zeros((), device=self.km.device)
-        for start in range(0, len(self._text), self.text_batch_size):
-            ids, mask = self.km.pad(self._text[start : start + self.text_batch_size])
-            logits = self.km.model(input_ids=ids, attention_mask=mask).logits
-            batch_nll, batch_count = Fn.token_nll(logits, ids, mask)
-            nll, count = nll + batch_nll, count + batch_count
-        return nll, count
+        return text_nll(self.km, self._text, self.text_batch_size)
 
     @staticmethod
     def _pairs(case: EditCase) -> tuple[list[tuple[str, str]], dict[str, slice]]:

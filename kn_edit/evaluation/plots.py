@@ -90,3 +90,26 @@ def comparison_figure(methods: dict[str, dict[str, float]], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+_CURVES = (("edits/held", "edits still held"), ("generalization/top1", "paraphrases top-1"),
+           ("intra/retained", "same relation kept"), ("inter/retained", "other relations kept"),
+           ("drift/change", "text perplexity change"), ("fluency/entropy", "generation fluency (n-gram entropy)"))
+
+
+def curve_figure(curves: dict[str, list[dict]], path: Path) -> Path:
+    """Sequential editing: each metric against the number of edits made, one line per method."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (key, title) in zip(axes.flat, _CURVES):
+        for method, points in curves.items():
+            xs = [p["n_edits"] for p in points if key in p]
+            ax.plot(xs, [p[key] for p in points if key in p], marker="o", label=method)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("edits made")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

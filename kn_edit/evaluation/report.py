@@ -114,3 +114,29 @@ def markdown(name: str, model: str, editor: str, metrics: dict, summary: dict, r
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+# (metric, column) of a sequential run's checkpoint table.
+CURVE_COLUMNS = (
+    ("edits/held", "edits still held"),
+    ("edits/top1", "edit prompts top-1"),
+    ("generalization/top1", "paraphrases top-1"),
+    ("intra/retained", "same relation kept"),
+    ("inter/retained", "other relations kept"),
+    ("drift/change", "text ppl change"),
+    ("fluency/entropy", "fluency"),
+    ("edits/refused", "refused"),
+)
+
+
+def curve_markdown(curves: dict) -> str:
+    """Sequential runs: one table per method, a row per checkpoint (number of edits made)."""
+    lines = []
+    for method, curve in curves.items():
+        lines += [f"## Sequential edits: `{method}`", "", "| edits | " + " | ".join(t for _, t in CURVE_COLUMNS) + " |",
+                  "| --- | " + " | ".join("---" for _ in CURVE_COLUMNS) + " |"]  # fmt: skip
+        for point in curve:
+            n, m = (point.n_edits, point.metrics) if hasattr(point, "n_edits") else (point["n_edits"], point)
+            lines.append(f"| {n} | " + " | ".join(fmt(m.get(k)) for k, _ in CURVE_COLUMNS) + " |")
+        lines.append("")
+    return "\n".join(lines)

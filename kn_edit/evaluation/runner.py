@@ -17,7 +17,7 @@ from ..editing.base import Editor
 from ..errors import ConfigError
 from ..persist import atomic_dir
 from ..progress import NullReporter, Reporter
-from .config import EvalConfig
+from .config import EvalConfig, Mode
 from .regression import Regression, compare, load_metrics
 
 
@@ -30,6 +30,7 @@ class EvalResult:
     probe_per_relation: dict[str, dict[str, float]]
     regressions: list[Regression] = field(default_factory=list)
     run_dir: Path | None = None
+    curve: list = field(default_factory=list)  # sequential runs: Checkpoint(n_edits, metrics) in order
 
 
 def build_editor(config: EvalConfig, reporter: Reporter | None = None) -> Editor:
@@ -103,18 +104,13 @@ def evaluate(
     editor = editor or build_editor(config)
     passages = list(passages) if passages is not None else load_passages(config)
     datamodule = FactDataModule(km, config.data, facts=facts)
+    if config.mode == Mode.sequential:
+        return _sequential(config, km, editor, datamodule, passages, reporter, write)
     module = EditEvaluation(km, editor, passages, probe=config.probe, fluency=config.fluency,
                             max_text_tokens=config.text.max_tokens,
                             text_batch_size=config.text.batch_size, batch_size=config.data.batch_size,
                             verify_revert=config.verify_revert)  # fmt: skip
-    t = config.trainer
-    trainer = pl.Trainer(
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
-        inference_mode=False,  # editors may need gradients (attribution)
-        use_distributed_sampler=False,  # the DataModule shards cases itself, without padding duplicates
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[ReporterProgress(reporter)],
-    )  # fmt: skip
+    trainer = _trainer(config, reporter)
     started = time.time()
     trainer.test(module, datamodule=datamodule, verbose=False)
     summary = dict(datamodule.summary)
@@ -133,14 +129,51 @@ def evaluate(
     return result
 
 
+def _trainer(config, reporter: Reporter, devices=None) -> pl.Trainer:
+    t = config.trainer
+    return pl.Trainer(
+        accelerator=t.accelerator, devices=devices or t.devices, strategy=t.strategy if devices is None else "auto",
+        num_nodes=t.num_nodes if devices is None else 1,
+        inference_mode=False,  # editors may need gradients (attribution)
+        use_distributed_sampler=False,  # the DataModule shards cases itself, without padding duplicates
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[ReporterProgress(reporter)],
+    )  # fmt: skip
+
+
+def _sequential(config, km, editor, datamodule, passages, reporter, write: bool) -> EvalResult:
+    """mode=sequential: one process, edits kept until the end, measured at the checkpoints."""
+    from .sequential import SequentialEvaluation
+
+    module = SequentialEvaluation(km, editor, passages, config.checkpoints, config.fluency,
+                                  max_text_tokens=config.text.max_tokens, text_batch_size=config.text.batch_size,
+                                  batch_size=config.data.batch_size)  # fmt: skip
+    trainer = _trainer(config, reporter, devices=1)
+    started = time.time()
+    try:
+        trainer.test(module, datamodule=datamodule, verbose=False)
+    finally:
+        module.restore()  # every edit reverted, bit for bit, also when the run stopped half-way
+    summary = dict(datamodule.summary) | {"seconds": round(time.time() - started, 1), "world_size": 1,
+                                          "editor": editor.name, "mode": "sequential"}  # fmt: skip
+    final = dict(module.curve[-1].metrics) | {"edits/n": float(module.curve[-1].n_edits)}
+    result = EvalResult(metrics=final, rows=module.rows(), summary=summary, per_relation={}, probe_per_relation={},
+                        curve=list(module.curve))  # fmt: skip
+    if config.regression.baseline:
+        result.regressions = compare(result.metrics, load_metrics(config.regression.baseline), config.regression.tolerances)
+    if write:
+        result.run_dir = write_run(config, km, result)
+    return result
+
+
 def run_dir_for(config: EvalConfig) -> Path:
     name = config.run_name or f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Path(config.output_dir) / name
 
 
 def write_run(config: EvalConfig, km, result: EvalResult) -> Path:
-    from .plots import probe_figure, relation_figure
-    from .report import markdown, write_jsonl
+    from .plots import curve_figure, probe_figure, relation_figure
+    from .report import curve_markdown, markdown, write_jsonl
 
     target = run_dir_for(config)
     with atomic_dir(target) as tmp:
@@ -152,12 +185,18 @@ def write_run(config: EvalConfig, km, result: EvalResult) -> Path:
         config_yaml = to_yaml(config)
         (tmp / "config.yaml").write_text(config_yaml)
         plots = []
-        if config.plots:
+        if result.curve:
+            curve = [{"n_edits": c.n_edits, **c.metrics} for c in result.curve]
+            (tmp / "curve.json").write_text(json.dumps(curve, indent=2, allow_nan=True))
+            if config.plots:
+                plots.append(curve_figure({result.summary["editor"]: curve}, tmp / "curves.png").name)
+        elif config.plots:
             plots.append(relation_figure(result.per_relation, tmp / "relations.png").name)
             if result.probe_per_relation and result.metrics.get("probe/facts", 0) > 0:
                 plots.append(probe_figure(result.probe_per_relation, tmp / "suppress_amplify.png").name)
-        (tmp / "report.md").write_text(
-            markdown(config.name, km.name, result.summary["editor"], result.metrics, result.summary, result.per_relation,
-                     result.probe_per_relation, result.regressions, plots, config_yaml)  # fmt: skip
-        )
+        text = markdown(config.name, km.name, result.summary["editor"], result.metrics, result.summary,
+                        result.per_relation, result.probe_per_relation, result.regressions, plots, config_yaml)
+        if result.curve:
+            text = text.replace("## Per relation", curve_markdown({result.summary["editor"]: result.curve}) + "\n## Per relation", 1)
+        (tmp / "report.md").write_text(text)
     return target
