@@ -7,19 +7,24 @@ import argparse
 from .ui import console, table
 
 
+def _run_arguments(parser: argparse.ArgumentParser, config_example: str, overrides_example: str) -> None:
+    parser.add_argument("--config", "-c", action="append", default=[], metavar="FILE", required=True,
+                        help=f"YAML config(s), e.g. {config_example}, applied in order")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"settings, e.g. {overrides_example}")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "evaluate",
         help="evaluate an editor on a fact set: edit success, generalization, interference, perplexity drift",
-        description="Edits each fact of a data set through the configured editor, measures, reverts; writes "
-        "per-fact JSONL, metrics JSON, a markdown report and plots to a run directory. Exits 1 when a metric "
-        "regressed beyond its tolerance from the configured baseline.",
+        description="Edits each fact of a data set through the configured editor, measures, reverts (or, with "
+        "mode=sequential, keeps the edits and measures at checkpoints); writes per-fact JSONL, metrics JSON, a "
+        "markdown report and plots to a run directory. Exits 1 when a metric regressed beyond its tolerance from "
+        "the configured baseline.",
     )
-    parser.add_argument("--config", "-c", action="append", default=[], metavar="FILE", required=True,
-                        help="YAML config(s), e.g. configs/eval/ci_smollm2.yaml, applied in order")  # fmt: skip
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="settings, e.g. data.facts_per_relation=2 model=gemma3-270m trainer.devices=4")  # fmt: skip
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    _run_arguments(parser, "configs/eval/ci_smollm2.yaml",
+                   "data.facts_per_relation=2 model=gemma3-270m trainer.devices=4 mode=sequential checkpoints=[1,10]")
     parser.set_defaults(func=run_evaluate)
 
     compare = sub.add_parser(
@@ -28,11 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Runs every method listed in the config through the same evaluation on the same edit requests "
         "and writes one report (markdown, JSON, plots). Exits 1 when a metric regressed beyond its tolerance.",
     )
-    compare.add_argument("--config", "-c", action="append", default=[], metavar="FILE", required=True,
-                         help="YAML config(s), e.g. configs/compare/ci_smollm2.yaml, applied in order")  # fmt: skip
-    compare.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                         help="settings, e.g. data.facts_per_relation=2 'methods=[{method: kn}, {method: rome}]'")  # fmt: skip
-    compare.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    _run_arguments(compare, "configs/compare/ci_smollm2.yaml",
+                   "data.facts_per_relation=2 'methods=[{method: kn}, {method: rome}]'")
     compare.set_defaults(func=run_compare)
 
 
