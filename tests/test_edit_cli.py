@@ -120,3 +120,56 @@ def test_method_yaml_states_the_defaults(name):
     defaults = method_config(name)
     assert method_config(name, [path]) == defaults
     assert set(yaml.safe_load(path.read_text())) == {f.name for f in fields(defaults)}
+
+
+def _facts_file(path: Path, lines: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+FACTS = [{"subject": "France", "relation": "capital", "object": "Paris", "new": "Rome", "prompts": ["The capital of [X] is"]},
+         {"subject": "Japan", "relation": "capital", "object": "Tokyo", "new": "Berlin", "prompts": ["The capital of [X] is"]}]  # fmt: skip
+
+
+def test_update_fact_with_a_facts_file_edits_them_all_in_one_patch(saved_tiny, tmp_path, capsys):
+    facts = _facts_file(tmp_path / "facts.jsonl", FACTS)
+    patch = tmp_path / "batch.safetensors"
+    assert main(["update-fact", "--model", str(saved_tiny), "--facts", str(facts), "--method", "kn-unscaled", "--force",
+                 "--quiet", "steps=2", "generic_filter=false", "--save-patch", str(patch)]) == 0
+    out = capsys.readouterr().out
+    assert "facts hold on every prompt" in out and "patch written" in out
+    from kn_edit.editing import read_patch
+
+    meta, _ = read_patch(patch)
+    assert [(r["subject"], r["new"]) for r in meta["requests"]] == [("France", "Rome"), ("Japan", "Berlin")]
+    km = kn_edit.load(str(saved_tiny), device="cpu")
+    state = {k: v.detach().clone() for k, v in km.model.named_parameters()}
+    edit = kn_edit.apply_patch(km, patch)
+    edit.revert()
+    assert all(torch.equal(v, state[k]) for k, v in km.model.named_parameters())
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([FACTS[0], {"subject": "Japan", "relation": "capital"}], "facts.jsonl:2: 'object' must be"),
+    ([FACTS[0], dict(FACTS[0], new="Madrid")], "facts.jsonl:2: 'France' (capital) is already edited to 'Rome' on line 1"),
+    ([dict(FACTS[0], new="Paris")], "nothing to edit"),
+    ([{k: v for k, v in FACTS[0].items() if k != "new"}], "'new' must be a non-empty string"),
+])  # fmt: skip
+def test_a_bad_facts_file_applies_nothing(saved_tiny, tmp_path, capsys, lines, message):
+    facts = _facts_file(tmp_path / "facts.jsonl", lines)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["update-fact", "--model", str(saved_tiny), "--facts", str(facts), "--method", "kn-unscaled", "--force",
+                 "--quiet", "--save-patch", str(tmp_path / "p.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no patch written
+
+
+def test_facts_file_or_one_fact_not_both(saved_tiny, tmp_path, capsys):
+    facts = _facts_file(tmp_path / "facts.jsonl", FACTS)
+    assert main(["update-fact", "--model", str(saved_tiny), "--facts", str(facts), "-p", "The capital of France is"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["update-fact", "--model", str(saved_tiny), "-p", "The capital of France is", "--old", "Paris"]) == 2
+    assert "missing --new" in capsys.readouterr().err

@@ -30,7 +30,9 @@ def _add_settings(parser: argparse.ArgumentParser, example: str) -> None:
 def _add_fact(parser: argparse.ArgumentParser, default_method: str) -> None:
     from ..editing.registry import METHODS
 
-    add_prompts_argument(parser)
+    add_prompts_argument(parser, required=False)
+    parser.add_argument("--facts", metavar="FILE.jsonl", help="edit every fact of this file in one batch (the user "
+                        "fact-file format of kn_edit/data/jsonl.py, plus \"new\" per line for update-fact); one patch")
     parser.add_argument("--method", default=default_method, metavar="NAME",
                         help=f"editing method: {', '.join(METHODS)}, or module:Class (default: {default_method})")
     parser.add_argument("--subject", "-s", help="the fact's subject as it appears in the prompts (needed by rome)")
@@ -54,8 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                 "its knowledge neurons; shows predictions before and after")
     add_model_argument(update)
     _add_fact(update, "kn")
-    update.add_argument("--old", required=True, help="the object the model predicts now, e.g. Paris")
-    update.add_argument("--new", required=True, help="the object it should predict, e.g. Rome")
+    update.add_argument("--old", help="the object the model predicts now, e.g. Paris")
+    update.add_argument("--new", help="the object it should predict, e.g. Rome")
     _add_save(update)
     _add_settings(update, "margin=2 generic_filter=false (kn), layer=6 (rome)")
     update.set_defaults(func=run_update)
@@ -64,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                               "(or E(unk))")
     add_model_argument(erase)
     _add_fact(erase, "kn-erase")
-    erase.add_argument("--target", "-t", required=True, help="the object to erase, e.g. Paris")
+    erase.add_argument("--target", "-t", help="the object to erase, e.g. Paris")
     _add_save(erase)
     _add_settings(erase, "mode=unk")
     erase.set_defaults(func=run_erase)
@@ -182,9 +184,56 @@ def _controls_kept(before: list[dict], after: list[dict], kinds: list[str]) -> i
     return sum(b["top"] == a["top"] for b, a, k in zip(before, after, kinds) if k == "control")
 
 
+def _one_fact_or_file(args: argparse.Namespace, needed: tuple[str, ...]) -> None:
+    """Either --facts FILE or the single fact's arguments (--prompt and ``needed``), not both."""
+    from ..errors import ConfigError
+
+    flags = {"prompts": "--prompt", "old": "--old", "new": "--new", "target": "--target"}
+    given = [flags[n] for n in ("prompts", *needed) if getattr(args, n, None)]
+    if args.facts and given:
+        raise ConfigError(f"give either --facts FILE or the fact itself ({', '.join(given)}), not both")
+    missing = [flags[n] for n in ("prompts", *needed) if not getattr(args, n, None)]
+    if not args.facts and missing:
+        raise ConfigError(f"missing {', '.join(missing)} (or give --facts FILE.jsonl to edit a list of facts)")
+
+
+def run_batch(args: argparse.Namespace, erase: bool) -> int:
+    """--facts FILE: every fact of the file in one edit (one patch), judged by the edit's report."""
+    from ..data.jsonl import load_edit_requests
+
+    editor = _editor(args)
+    km = _load(args, args.quiet)
+    _check_save(km, args)
+    requests = load_edit_requests(args.facts, km.is_masked_lm, erase=erase)  # a malformed line: nothing applied
+    controls = [_control_prompt(km, c) for c in (args.controls or DEFAULT_CONTROLS)]
+    before = _snapshot(km, controls, [])
+    edit = editor.apply(km, requests)
+    after = _snapshot(km, controls, [])
+    report = edit.report
+    con = console()
+    for part in report_tables(report):
+        con.print(part)
+    kept = _controls_kept(before, after, ["control"] * len(controls))
+    by_request, at = [], 0
+    for r in requests:
+        outcomes = report.prompts[at : at + len(r.prompts)]
+        at += len(r.prompts)
+        by_request.append(all(o.success for o in outcomes))
+    verdict = "[bold green]success[/]" if report.success else "[bold red]failed[/]"
+    con.print(f"{verdict}: {sum(by_request)}/{len(requests)} facts hold on every prompt "
+              f"({sum(p.success for p in report.prompts)}/{len(report.prompts)} prompts); controls keeping their top "
+              f"prediction: {kept}/{len(controls)}")
+    written = _save(km, edit, args)
+    con.print(written or "nothing written (use --save DIR or --save-patch FILE to keep the edit)")
+    return 0
+
+
 def run_update(args: argparse.Namespace) -> int:
     from ..editing.base import EditRequest
 
+    _one_fact_or_file(args, ("old", "new"))
+    if args.facts:
+        return run_batch(args, erase=False)
     # checks old != new before the model loads
     request = EditRequest(args.prompts, args.old, args.new, subject=args.subject)
     editor = _editor(args)
@@ -209,6 +258,9 @@ def run_update(args: argparse.Namespace) -> int:
 def run_erase(args: argparse.Namespace) -> int:
     from ..editing.base import EditRequest
 
+    _one_fact_or_file(args, ("target",))
+    if args.facts:
+        return run_batch(args, erase=True)
     request = EditRequest(args.prompts, args.target, subject=args.subject)
     editor = _editor(args)
     if not editor.can_erase:

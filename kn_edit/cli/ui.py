@@ -43,8 +43,8 @@ def add_settings_arguments(parser, config_file: str, example: str) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"settings, e.g. {example}")
 
 
-def add_prompts_argument(parser) -> None:
-    parser.add_argument("--prompt", "-p", action="append", required=True, dest="prompts", metavar="PROMPT",
+def add_prompts_argument(parser, required: bool = True) -> None:
+    parser.add_argument("--prompt", "-p", action="append", required=required, dest="prompts", metavar="PROMPT",
                         help="a prompt of the fact (repeat for paraphrases); causal: text before the answer, "
                              "masked LM: with [MASK] or [Y]")
 

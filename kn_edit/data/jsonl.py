@@ -7,7 +7,8 @@ User fact files (``source: jsonl``), one JSON object a line; blank lines are ign
      "heldout_prompts": ["The capital city of [X] is"],          # optional: generalization prompts
      "id": "capital-france"}                                    # optional: defaults to FILE:LINE
 
-``[X]`` in a prompt is replaced by the subject. A causal-LM prompt is the text before the answer (a trailing
+For a batch edit (``kn-edit update-fact --facts FILE``) each line also has ``"new"``: the object the fact
+should get. ``[X]`` in a prompt is replaced by the subject. A causal-LM prompt is the text before the answer (a trailing
 ``[Y]`` is cut); a masked-LM prompt holds ``[Y]`` or ``[MASK]`` where the answer goes. Every key except
 ``heldout_prompts`` and ``id`` is required; a malformed line is a DataError naming the file and line.
 """
@@ -77,21 +78,21 @@ def _prompt_list(obj: dict, key: str, where: str, required: bool) -> list[str]:
     return value
 
 
+def _fact_record(obj: dict, path: Path, number: int, masked: bool) -> FactRecord:
+    where = f"{path}:{number}"
+    subject = require_str(obj, "subject", where)
+    relation = require_str(obj, "relation", where)
+    obj_label = require_str(obj, "object", where)
+    prompts = [fill_prompt(p, subject, masked, where) for p in _prompt_list(obj, "prompts", where, True)]
+    heldout = [fill_prompt(p, subject, masked, where) for p in _prompt_list(obj, "heldout_prompts", where, False)]
+    fact_id = obj.get("id", f"{path.name}:{number}")
+    return FactRecord(str(fact_id), subject, relation, obj_label, tuple(dict.fromkeys(prompts)), tuple(dict.fromkeys(heldout)))
+
+
 def load_jsonl_facts(path: str | Path, masked: bool = False) -> FactSet:
     """Read a user's fact file (format in the module docstring)."""
     path = Path(path)
-    records = []
-    for number, obj in read_jsonl(path):
-        where = f"{path}:{number}"
-        subject = require_str(obj, "subject", where)
-        relation = require_str(obj, "relation", where)
-        obj_label = require_str(obj, "object", where)
-        prompts = [fill_prompt(p, subject, masked, where) for p in _prompt_list(obj, "prompts", where, True)]
-        heldout = [fill_prompt(p, subject, masked, where) for p in _prompt_list(obj, "heldout_prompts", where, False)]
-        fact_id = obj.get("id", f"{path.name}:{number}")
-        records.append(
-            FactRecord(str(fact_id), subject, relation, obj_label, tuple(dict.fromkeys(prompts)), tuple(dict.fromkeys(heldout)))
-        )
+    records = [_fact_record(obj, path, number, masked) for number, obj in read_jsonl(path)]
     ids = [r.fact_id for r in records]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
@@ -99,3 +100,36 @@ def load_jsonl_facts(path: str | Path, masked: bool = False) -> FactSet:
     if not records:
         raise DataError(f"{path}: no facts in the file")
     return FactSet(name=path.name, records=records)
+
+
+def load_edit_requests(path: str | Path, masked: bool = False, erase: bool = False) -> list:
+    """Edit requests from a fact file whose lines also carry ``"new"`` (the object each fact should get); with
+    ``erase``, no ``new`` (each fact's object is erased). A fact (subject and relation) given twice with different
+    new objects is a DataError naming both lines; exact repeats are kept once."""
+    from ..editing.base import EditRequest
+
+    path = Path(path)
+    requests, first = [], {}
+    for number, obj in read_jsonl(path):
+        where = f"{path}:{number}"
+        record = _fact_record(obj, path, number, masked)
+        if erase:
+            if "new" in obj:
+                raise DataError(f"{where}: 'new' is given, but erasing takes the facts' objects away (drop 'new')")
+            new = None
+        else:
+            new = require_str(obj, "new", where)
+            if new == record.object:
+                raise DataError(f"{where}: 'new' equals 'object' ({new!r}): nothing to edit")
+        key = (record.subject, record.relation)
+        if key in first:
+            seen_line, seen_new = first[key]
+            if seen_new != new:
+                raise DataError(f"{where}: {record.subject!r} ({record.relation}) is already edited to {seen_new!r} on line "
+                                f"{seen_line}; one batch cannot give a fact two new objects")
+            continue
+        first[key] = (number, new)
+        requests.append(EditRequest(record.prompts, record.object, new, subject=record.subject, relation=record.relation))
+    if not requests:
+        raise DataError(f"{path}: no facts in the file")
+    return requests
