@@ -199,3 +199,36 @@ def test_gradient_direction_edits_every_token_of_a_multi_token_object(tiny_facto
     assert all(int(row.argmax()) == s.target_id for row, s in zip(logits, steps))
     edit.revert()
     assert_same(km, before)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_batch_is_one_least_change_problem_whose_constraints_all_hold(tiny_factory, family):
+    """batch=joint: every request's prompts are constraints of one solve over the union of the neurons; after
+    it every fact's new object leads by the margin (checked with a plain forward), and revert is bit for bit."""
+    from kn_edit.editing import EditRequest, KnowledgeNeuronEditor
+
+    km = tiny_factory(family)
+    before = snapshot(km)
+    requests = [EditRequest(("The capital of France is",), "Paris", "Rome"),
+                EditRequest(("The official language of Italy is",), "Italian", "French")]  # fmt: skip
+    neurons = [[Neuron(1, i) for i in range(12)], [Neuron(1, i) for i in range(6, 18)]]  # overlapping sets
+    editor = KnowledgeNeuronEditor(neurons=neurons, force=True, generic_filter=False, margin=0.1, max_change=1e4)
+    edit = editor.apply(km, requests)
+    details = edit.report.details
+    assert edit.report.success and details.requests[0].scale == details.requests[1].scale  # one solve, one scale
+    assert sorted(edit.report.neurons) == [Neuron(1, i) for i in range(18)]  # the union, each neuron once
+    with torch.no_grad():
+        for request in requests:
+            step = km.encode(request.prompts[0], request.new).steps[0]
+            logits = km.model(input_ids=step.input_ids[None, :]).logits[0, step.position]
+            gold = float(logits[step.target_id])
+            logits[step.target_id] = float("-inf")
+            assert gold - float(logits.max()) >= 0.1
+    edit.revert()
+    assert_same(km, before)
+    # batch=sequential solves each request in turn on top of the ones before: two solves, two scales
+    sequential = KnowledgeNeuronEditor(neurons=neurons, force=True, generic_filter=False, margin=0.1, max_change=1e4,
+                                       batch="sequential", on_failure="apply").apply(km, requests)
+    assert sequential.report.details.requests[0].scale != sequential.report.details.requests[1].scale
+    sequential.revert()
+    assert_same(km, before)

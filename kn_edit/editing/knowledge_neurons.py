@@ -293,10 +293,13 @@ class KnowledgeNeuronEditor(_NeuronEditor):
         return neurons, torch.cat(deltas), [None] * len(plans)
 
     def _signed(self, km, plans: list[_Plan]) -> tuple[list[Neuron], torch.Tensor, list[float | None]]:
-        """Per request in turn (on top of the earlier requests' deltas): the least change that makes new the
-        top prediction with the margin on every edit prompt, each try applied and reverted exactly; with the
-        relation-share filter's neurons first, then (relation_fallback) with all of them."""
+        """The least change that makes new the top prediction with the margin on every edit prompt, each try
+        applied and reverted exactly; with the relation-share filter's neurons first, then (relation_fallback)
+        with all of them. Several requests: one joint solve (gradient direction, batch=joint), else per request
+        in turn, on top of the earlier requests' deltas."""
         s = self.settings
+        if s.direction == "gradient" and s.batch == "joint" and len(plans) > 1:
+            return self._joint(km, plans)
         neurons: list[Neuron] = []
         deltas = torch.zeros(0, km.d_model)
         scales: list[float | None] = []
@@ -308,14 +311,7 @@ class KnowledgeNeuronEditor(_NeuronEditor):
                     plan.fallback = "the relation-specific neurons did not reach the margin"
                     change, scale, reached = self._attempt(km, plan, neurons, deltas)
                 if not reached and s.on_failure == "raise":
-                    tried = (f"no change within {s.solve_steps} steps (update.solve_steps) and {s.max_change:g} × the "
-                             "value vectors' norm (update.max_change) makes" if s.direction == "gradient"
-                             else f"no scale up to max_scale={s.max_scale:g} (update.max_scale) makes")
-                    raise EditError(
-                        f"{tried} {plan.request.new!r} the top prediction with margin {s.margin:g} on every edit prompt; "
-                        "the model is unchanged (raise that limit, lower update.margin, give more neurons, or set "
-                        "update.on_failure=apply to keep the last change tried)"
-                    )
+                    raise EditError(self._refusal(repr(plan.request.new)))
                 neurons, deltas = neurons + plan.neurons, torch.cat([deltas, change])
                 scales.append(scale)
                 task.advance()
@@ -326,7 +322,8 @@ class KnowledgeNeuronEditor(_NeuronEditor):
         s, t = self.settings, plan.target
         trial_neurons = neurons + plan.neurons
         if s.direction == "gradient":
-            return self._solve(km, plan, trial_neurons, deltas)
+            steps = [step for group in t.token_steps for step in group]  # every token of new on every prompt
+            return self._solve(km, plan.neurons, steps, repr(plan.request.new), neurons, deltas)
         unit = self._signed_unit(km, plan)  # [n, d_model]
 
         def worst_margin(scale: float) -> float:
@@ -339,40 +336,76 @@ class KnowledgeNeuronEditor(_NeuronEditor):
         scale, reached = search_scale(worst_margin, s.margin, s.initial_scale, s.max_scale, s.bisect_steps)
         return scale * unit, scale, reached
 
-    def _solve(self, km, plan: _Plan, trial_neurons: list[Neuron], deltas: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
-        """gradient direction: successive least-norm steps (kn_edit.editing.rules). Each step linearizes the
-        margin (logit of new's token minus the strongest other token) of every token of new after every edit
-        prompt (teacher-forced, so multi-token objects are edited whole) around the current change and takes
-        the least change that lifts the prompts below the margin to margin + 0.5 (the half logit ends the
-        iteration instead of creeping up on the margin). Where the margin saturates, the steps grow without
-        end, so the change may not exceed max_change × ‖V‖ (V: the neurons' value vectors).
+    def _solve(self, km, neurons: list[Neuron], steps: list, what: str, prior_neurons: list[Neuron],
+               prior_deltas: torch.Tensor, hold: bool = False) -> tuple[torch.Tensor, float, bool]:
+        """gradient direction: successive least-norm steps (kn_edit.editing.rules) on ``neurons``, on top of
+        ``prior_deltas`` of ``prior_neurons``. Each step linearizes the margin (logit of the step's target
+        minus the strongest other token) of every answer step (every token of new after every edit prompt,
+        teacher-forced, so multi-token objects are edited whole; in a joint batch, every request's) around the
+        current change and takes the least change that lifts the steps below the margin to margin + 0.5 (the
+        half logit ends the iteration instead of creeping up on the margin). Where the margin saturates, the
+        steps grow without end, so the change may not exceed max_change × ‖V‖ (V: the neurons' value vectors).
+        hold: every step is a constraint of every iteration, those already past the margin with gain 0 (they may
+        not fall back); without it only the steps below the margin are (enough for one fact, whose steps agree;
+        the facts of a batch pull apart, and the ones left out fall back, iteration after iteration).
         Returns (change [n, d_model], ‖change‖ / ‖V‖, reached)."""
-        s, t = self.settings, plan.target
-        size = float(value_vectors(km, plan.neurons).norm())
+        s = self.settings
+        size = float(value_vectors(km, neurons).norm())
         if size == 0:  # e.g. neurons erased before: the change limit (max_change × ‖V‖) is measured in ‖V‖
-            names = ",".join(f"{n.layer}:{n.index}" for n in plan.neurons)
+            names = ",".join(f"{n.layer}:{n.index}" for n in neurons)
             raise EditError(f"the value vectors of neurons {names} are all zero (erased?), so the gradient rule "
-                            "has no scale for its change; edit other neurons, or use --rule paper / unscaled")
-        change = torch.zeros(len(plan.neurons), km.d_model)
-        metric = preservation_metric(km, plan.neurons, self.generic_prompts, s.ridge) if s.preserve else None
-        steps = [step for group in t.token_steps for step in group]  # every token of new on every prompt
-        for it in track(self.reporter, range(s.solve_steps + 1), f"least change for {plan.request.new!r}: steps"):
-            trial = commit(km, "trial", [], value_changes(km, trial_neurons, torch.cat([deltas, change]), True))
+                            "has no scale for its change; edit other neurons, or use --method kn-paper / kn-unscaled")
+        change = torch.zeros(len(neurons), km.d_model)
+        metric = preservation_metric(km, neurons, self.generic_prompts, s.ridge) if s.preserve else None
+        trial_neurons = prior_neurons + neurons
+        for it in track(self.reporter, range(s.solve_steps + 1), f"least change for {what}: steps"):
+            trial = commit(km, "trial", [], value_changes(km, trial_neurons, torch.cat([prior_deltas, change]), True))
             try:
                 margin, rival = margins(km, steps, with_rivals=True)
                 if float(margin.min()) >= s.margin:
                     return change, float(change.norm()) / size, True
                 if it == s.solve_steps:
                     break
-                low = [j for j in range(len(steps)) if margin[j] < s.margin]
-                grads = torch.stack([value_gradients(km, [steps[j]], plan.neurons, [int(rival[j])]) for j in low])
+                low = [j for j in range(len(steps)) if hold or margin[j] < s.margin]
+                grads = torch.stack([value_gradients(km, [steps[j]], neurons, [int(rival[j])]) for j in low])
             finally:
                 trial.revert()
-            proposed = change + least_norm_step(grads, s.margin + 0.5 - margin[low], metric)
+            gain = (s.margin + 0.5 - margin[low]).clamp(min=0.0)
+            proposed = change + least_norm_step(grads, gain, metric)
             if float(proposed.norm()) > s.max_change * size:
                 break
             change = proposed
         return change, float(change.norm()) / size, False
+
+    def _joint(self, km, plans: list[_Plan]) -> tuple[list[Neuron], torch.Tensor, list[float | None]]:
+        """batch=joint (gradient direction, several requests): one least-change problem whose constraints are
+        every request's answer steps, over the union of their neurons; where it fails and the relation filter
+        dropped neurons, once more with every located neuron (relation_fallback)."""
+        def solve(current: list[_Plan]):
+            neurons = list(dict.fromkeys(n for p in current for n in p.neurons))
+            steps = [step for p in current for group in p.target.token_steps for step in group]
+            return (neurons, *self._solve(km, neurons, steps, f"{len(current)} facts at once", [], torch.zeros(0, km.d_model),
+                                          hold=True))
+
+        neurons, change, scale, reached = solve(plans)
+        if not reached and any(p.without_relation_filter is not None for p in plans):
+            for i, plan in enumerate(plans):
+                if plan.without_relation_filter is not None:
+                    plans[i] = plan.without_relation_filter()
+                    plans[i].fallback = "the relation-specific neurons did not reach the margin"
+            neurons, change, scale, reached = solve(plans)
+        if not reached and self.settings.on_failure == "raise":
+            raise EditError(self._refusal(f"the {len(plans)} new objects"))
+        return neurons, change, [scale] * len(plans)
+
+    def _refusal(self, what: str) -> str:
+        s = self.settings
+        tried = (f"no change within {s.solve_steps} steps (solve_steps) and {s.max_change:g} × the value vectors' norm "
+                 "(max_change) makes" if s.direction == "gradient" else
+                 f"no scale up to max_scale={s.max_scale:g} makes")
+        return (f"{tried} {what} the top prediction with margin {s.margin:g} on every edit prompt; the model is "
+                "unchanged (raise that limit, lower margin, give more neurons, or set on_failure=apply to keep the "
+                "last change tried)")
 
     def _signed_unit(self, km, plan: _Plan) -> torch.Tensor:
         """The signed rule's deltas for s = 1 (before the earlier requests' deltas are applied)."""

@@ -35,6 +35,11 @@ class Weighting(Choice):
     sign = "sign"
 
 
+class BatchSolve(Choice):
+    joint = "joint"  # several requests: one least-change problem with every request's prompts as constraints
+    sequential = "sequential"  # each request solved in turn on top of the earlier ones
+
+
 class EraseMode(Choice):
     zero = "zero"
     unk = "unk"
@@ -80,6 +85,7 @@ class UpdateSettings(LocateSettings):
     # The change may not exceed this many times the edited value vectors' own norm (Frobenius); on smollm2 the
     # edits that succeed stay below 1, and a margin that saturates would otherwise grow the change without end.
     max_change: float = 2.0
+    batch: BatchSolve = BatchSolve.joint  # several requests at once (gradient direction)
     # contrast / new directions
     weighting: Weighting = Weighting.activation  # activation (delta ∝ a_i) | sign (delta ∝ sign(a_i))
     initial_scale: float = 1.0
@@ -96,6 +102,7 @@ class UpdateSettings(LocateSettings):
         self.weighting = as_choice(Weighting, self.weighting, "weighting")
         self.direction = as_choice(Direction, self.direction, "direction")
         self.on_failure = as_choice(OnFailure, self.on_failure, "on_failure")
+        self.batch = as_choice(BatchSolve, self.batch, "batch")
         if self.direction == "gradient" and self.weighting != "activation":
             raise ConfigError("weighting=sign applies to the contrast and new directions; the gradient direction "
                               "already weighs each neuron by its effect (use weighting=activation)")
