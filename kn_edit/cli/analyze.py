@@ -4,6 +4,7 @@ knowledge neurons as commands, and causal tracing beside attribution. Results go
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -308,6 +309,8 @@ def run_top_text(args: argparse.Namespace) -> int:
 
     neurons = check_neurons(neurons, km.n_layers, km.d_ff)
     texts = corpus_texts(args.corpus, args.limit, sentences=not args.passages)
+    # Read the first text now, so an empty or unreadable corpus fails before the scan starts.
+    texts = itertools.chain([next(texts)], texts)
     result = top_texts(km, neurons, texts, k=args.k, batch_size=args.batch_size, max_tokens=args.max_tokens,
                        reporter=NullReporter() if args.json else _TokenRate())  # fmt: skip
     result.settings.update({"corpus": args.corpus, "limit": args.limit, "unit": "passage" if args.passages else "sentence"})
