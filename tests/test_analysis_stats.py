@@ -129,3 +129,18 @@ def test_read_located_errors(tmp_path):
     (tmp_path / "facts.jsonl").write_text(json.dumps({"fact_id": "x"}) + "\n")
     with pytest.raises(DataError, match="malformed"):
         read_located(tmp_path)
+
+
+def test_other_prompts_can_come_from_a_data_set_pool(tiny_factory):
+    from kn_edit.data import FactRecord
+
+    km = tiny_factory("llama", n_layers=2)
+    pool = [FactRecord("p1", "Spain", "capital", "Madrid", ("The capital of Spain is",)),
+            FactRecord("p2", "Germany", "capital", "Berlin", ("Berlin is the capital of",)),
+            FactRecord("p3", "Dante", "language", "Italian", ("The mother tongue of Dante is",))]
+    result = activation_by_prompt_type(km, FACTS[:1], others=5, prompts_per_other=1, resamples=10, pool=pool)
+    texts = result.per_fact[0]["texts"]
+    assert sorted(texts["same_relation"]) == ["Berlin is the capital of", "The capital of Spain is"]
+    assert texts["other_relation"] == ["The mother tongue of Dante is"]
+    assert result.per_fact[0]["values"]["other_relation"] == pytest.approx(
+        [plain_activation(km, "The mother tongue of Dante is", sorted(FACTS[0].neurons), answer=True)], abs=1e-5)

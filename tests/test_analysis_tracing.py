@@ -99,6 +99,10 @@ def test_window_and_positions(tiny_factory):
     expected, _ = reference(km, step.input_ids, (3, 4), step.target_id, noise, ("mlp",), window=3)
     assert torch.allclose(got.effects["mlp"][:, 3:], expected["mlp"][:, 3:], atol=1e-6)
     assert torch.isnan(got.effects["mlp"][:, :3]).all()
+    # Hidden states are restored one layer at a time whatever the window (as in the paper).
+    h3 = trace(km, "The capital of France is", "France", "Paris", kinds=("hidden",), noise=noise, window=3)
+    h1 = trace(km, "The capital of France is", "France", "Paris", kinds=("hidden",), noise=noise, window=1)
+    assert torch.equal(h3.effects["hidden"], h1.effects["hidden"])
 
 
 def test_seeded_noise_is_reproducible_and_scaled(tiny_factory):

@@ -162,9 +162,11 @@ def activation_by_prompt_type(
     resamples: int = 2000,
     seed: int = 0,
     batch_size: int = 64,
+    pool: Sequence | None = None,
 ) -> ActivationResult:
-    """Activation of each fact's neurons on the four groups of texts (see the module docstring). ``facts`` are the
-    facts analysed and also the pool that the same- and other-relation prompts are drawn from."""
+    """Activation of each fact's neurons on the four groups of texts (see the module docstring). The same- and
+    other-relation prompts are drawn from ``pool`` (anything with ``fact_id``, ``relation``, ``prompts``, e.g. the
+    FactRecords of a whole data set; their neurons are not needed), by default from ``facts`` themselves."""
     if others < 1 or prompts_per_other < 1 or per_fact_sentences < 0 or resamples < 1:
         raise ConfigError("others, prompts per other fact and resamples must be at least 1")
     if not facts:
@@ -175,10 +177,11 @@ def activation_by_prompt_type(
     skipped = [f.fact_id for f in facts if not f.neurons]
     if not with_neurons:
         raise DataError("none of the facts has knowledge neurons")
+    pool = list(facts) if pool is None else list(pool)
     texts: list[dict[str, list[str]]] = []
     for f in with_neurons:
-        same = [g for g in facts if g.relation == f.relation and g.fact_id != f.fact_id]
-        other = [g for g in facts if g.relation != f.relation]
+        same = [g for g in pool if g.relation == f.relation and g.fact_id != f.fact_id]
+        other = [g for g in pool if g.relation != f.relation]
         rng = random.Random(f"{seed}:{f.fact_id}:others")
         groups = {
             "own": list(f.prompts),
@@ -211,7 +214,7 @@ def activation_by_prompt_type(
     relations = sorted({r["relation"] for r in per_fact})
     per_relation = {rel: summarize([r for r in per_fact if r["relation"] == rel]) for rel in relations}
     settings = {"others": others, "prompts_per_other": prompts_per_other, "per_fact_sentences": per_fact_sentences,
-                "resamples": resamples, "seed": seed}  # fmt: skip
+                "resamples": resamples, "seed": seed, "pool_facts": len(pool)}  # fmt: skip
     return ActivationResult(per_fact, per_relation, summarize(per_fact), skipped, settings)
 
 

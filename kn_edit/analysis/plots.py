@@ -28,8 +28,9 @@ def distribution_figure(d, path: str | Path, title: str = "") -> Path:
     right.set_xticks(range(len(rels)))
     right.set_xticklabels([r.relation for r in rels], rotation=60, ha="right", fontsize=8)
     right.set_ylabel("neurons per fact (mean ± sd)")
-    right.set_title(f"Per relation; pairs sharing ≥1 neuron: same relation {d.within.share:.0%}, "
-                    f"different {d.across.share:.0%}", fontsize=9)  # fmt: skip
+    pct = lambda s: "no pairs" if s.pairs == 0 else f"{s.share:.0%} of {s.pairs}"  # noqa: E731
+    right.set_title(f"Per relation; fact pairs sharing ≥1 neuron: same relation {pct(d.within)}, "
+                    f"different relations {pct(d.across)}", fontsize=9)  # fmt: skip
     if title:
         fig.suptitle(title)
     fig.savefig(path)

@@ -246,8 +246,9 @@ def trace(
     noise: torch.Tensor | None = None,
     batch_rows: int = 256,
 ) -> TraceResult:
-    """Causal tracing of one prompt (see the module docstring). ``window``: restore ``window`` consecutive layers
-    centred on each layer (the paper uses 10 for MLP and attention; 1 = the layer alone). ``positions``: token
+    """Causal tracing of one prompt (see the module docstring). ``window``: restore the MLP / attention output of
+    ``window`` consecutive layers around each layer, [layer - window//2, layer - window//2 + window) clipped (the
+    paper uses 10; 1 = the layer alone); hidden states are always restored at one layer. ``positions``: token
     positions to sweep (default all); the others are NaN. ``noise`` [samples, n_subject_tokens, d_model] replaces
     the seeded draw (tests)."""
     if samples < 1 or window < 1 or batch_rows < 1:
@@ -275,8 +276,9 @@ def trace(
     effects = {}
     for kind in kinds:
         spec = []
+        w = 1 if kind == "hidden" else window  # as in the paper: hidden states are restored one layer at a time
         for layer in range(L):
-            lo, hi = max(0, layer - window // 2), min(L - 1, layer - window // 2 + window - 1)
+            lo, hi = max(0, layer - w // 2), min(L - 1, layer - w // 2 + w - 1)
             for pos in positions:
                 for s in range(samples):
                     spec.append([s, lo, hi, pos])

