@@ -25,8 +25,9 @@ FACTS = [
 ]
 
 
-def plain_activation(km, text: str, neurons, answer: bool) -> float:
-    """Mean over ``neurons`` of the value-projection input: at the last token (answer) or its peak over tokens."""
+def plain_activation(km, text: str, neurons, answer: bool, signs=None) -> float:
+    """Mean over ``neurons`` of the value-projection input (times ``signs``): at the last token (answer) or its
+    peak over tokens."""
     ids = torch.tensor([km.tokenizer(text)["input_ids"]])
     seen = {}
     handles = [km.value_proj(l).register_forward_pre_hook(lambda _m, a, l=l: seen.__setitem__(l, a[0][0].clone()))
@@ -36,13 +37,21 @@ def plain_activation(km, text: str, neurons, answer: bool) -> float:
     for h in handles:
         h.remove()
     vals = [float(seen[n.layer][-1, n.index]) if answer else float(seen[n.layer][:, n.index].max()) for n in neurons]
-    return sum(vals) / len(vals)
+    signs = signs or [1.0] * len(vals)
+    return sum(v * s for v, s in zip(vals, signs)) / len(vals)
 
 
-def test_activation_by_prompt_type_equals_plain_recomputation(tiny_factory):
+def plain_signs(km, prompts, neurons) -> list[float]:
+    """Per neuron: -1 where its mean activation over ``prompts`` is negative, else +1."""
+    per = [[plain_activation(km, p, [n], answer=True) for p in prompts] for n in neurons]
+    return [-1.0 if sum(v) / len(v) < 0 else 1.0 for v in per]
+
+
+@pytest.mark.parametrize("measure", ["oriented", "raw"])
+def test_activation_by_prompt_type_equals_plain_recomputation(tiny_factory, measure):
     km = tiny_factory("llama", n_layers=2)
     result = activation_by_prompt_type(km, FACTS, CORPUS, others=2, prompts_per_other=1, per_fact_sentences=3,
-                                       resamples=200, seed=3)
+                                       resamples=200, seed=3, measure=measure)
     assert result.skipped == ["f5"] and len(result.per_fact) == 4
     for row, fact in zip(result.per_fact, FACTS):
         neurons = sorted(set(fact.neurons))
@@ -52,8 +61,10 @@ def test_activation_by_prompt_type_equals_plain_recomputation(tiny_factory):
                    for t in row["texts"]["other_relation"])
         assert row["texts"]["wiki"] == [s for s in CORPUS if fact.subject in s.replace(",", " ").split()
                                         or fact.subject in s][:3]
+        signs = plain_signs(km, fact.prompts, neurons) if measure == "oriented" else None
+        assert row["signs"] == (signs or [1.0] * len(neurons))
         for group, texts in row["texts"].items():
-            expected = [plain_activation(km, t, neurons, answer=group != "wiki") for t in texts]
+            expected = [plain_activation(km, t, neurons, answer=group != "wiki", signs=signs) for t in texts]
             assert row["values"][group] == pytest.approx(expected, abs=1e-5), group
     pooled = [v for r in result.per_fact for v in r["values"]["own"]]
     own = result.overall.groups["own"]
@@ -68,7 +79,7 @@ def test_activation_by_prompt_type_equals_plain_recomputation(tiny_factory):
     assert diff.low <= diff.estimate <= diff.high
     # Seeded: the same run gives the same numbers.
     again = activation_by_prompt_type(km, FACTS, CORPUS, others=2, prompts_per_other=1, per_fact_sentences=3,
-                                      resamples=200, seed=3)
+                                      resamples=200, seed=3, measure=measure)
     assert json.dumps(again.to_dict(), sort_keys=True) == json.dumps(result.to_dict(), sort_keys=True)  # NaN-safe
 
 
@@ -138,7 +149,7 @@ def test_other_prompts_can_come_from_a_data_set_pool(tiny_factory):
     pool = [FactRecord("p1", "Spain", "capital", "Madrid", ("The capital of Spain is",)),
             FactRecord("p2", "Germany", "capital", "Berlin", ("Berlin is the capital of",)),
             FactRecord("p3", "Dante", "language", "Italian", ("The mother tongue of Dante is",))]
-    result = activation_by_prompt_type(km, FACTS[:1], others=5, prompts_per_other=1, resamples=10, pool=pool)
+    result = activation_by_prompt_type(km, FACTS[:1], others=5, prompts_per_other=1, resamples=10, pool=pool, measure="raw")
     texts = result.per_fact[0]["texts"]
     assert sorted(texts["same_relation"]) == ["Berlin is the capital of", "The capital of Spain is"]
     assert texts["other_relation"] == ["The mother tongue of Dante is"]

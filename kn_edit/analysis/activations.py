@@ -9,6 +9,13 @@ For each fact, the mean activation over its neurons is taken on texts of four gr
   these have no answer position, so their value is the *peak* over their tokens (as in the top-text scan), which
   is not directly comparable with the answer-position groups.
 
+Measure (``measure``): ``"raw"``, the activation itself (the paper's, on BERT's GELU neurons, mostly positive);
+or ``"oriented"`` (default), each neuron's activation times the sign of its mean activation on the fact's own
+prompts. Gated (SwiGLU) FFNs such as Llama's have signed activations, and integrated gradients credits a neuron
+whose negative activation raises the answer as much as a positive one; the raw mean then mixes neurons pushing
+in opposite directions and is dominated by a few large-magnitude ones. Orienting by the own prompts favours the
+own group slightly for neurons whose own activation is near zero; the raw numbers are reported beside it.
+
 Per group: count, mean, spread (sample sd), quartiles; the difference of means own − other_relation with a
 percentile bootstrap interval (groups resampled independently, seeded); per relation and over the data set.
 """
@@ -163,10 +170,13 @@ def activation_by_prompt_type(
     seed: int = 0,
     batch_size: int = 64,
     pool: Sequence | None = None,
+    measure: str = "oriented",
 ) -> ActivationResult:
     """Activation of each fact's neurons on the four groups of texts (see the module docstring). The same- and
     other-relation prompts are drawn from ``pool`` (anything with ``fact_id``, ``relation``, ``prompts``, e.g. the
     FactRecords of a whole data set; their neurons are not needed), by default from ``facts`` themselves."""
+    if measure not in ("raw", "oriented"):
+        raise ConfigError(f"measure must be raw or oriented, got {measure!r}")
     if others < 1 or prompts_per_other < 1 or per_fact_sentences < 0 or resamples < 1:
         raise ConfigError("others, prompts per other fact and resamples must be at least 1")
     if not facts:
@@ -199,12 +209,15 @@ def activation_by_prompt_type(
     per_fact = []
     for f, groups in zip(with_neurons, texts):
         cols = torch.tensor([col[n] for n in sorted(set(f.neurons))])
+        own = torch.stack([prompt_acts[t][cols] for t in groups["own"]])  # [own prompts, neurons]
+        sign = torch.where(own.mean(dim=0) < 0, -1.0, 1.0) if measure == "oriented" else torch.ones(len(cols))
         values = {}
         for g in GROUPS:
             source = wiki_acts if g == "wiki" else prompt_acts
-            values[g] = [float(source[t][cols].mean()) for t in groups[g]]
+            values[g] = [float((source[t][cols] * sign).mean()) for t in groups[g]]
         per_fact.append({"fact_id": f.fact_id, "relation": f.relation, "subject": f.subject, "target": f.target,
-                         "neurons": [str(n) for n in sorted(set(f.neurons))], "values": values, "texts": groups})  # fmt: skip
+                         "neurons": [str(n) for n in sorted(set(f.neurons))], "signs": sign.tolist(), "values": values,
+                         "texts": groups})  # fmt: skip
 
     def summarize(rows: list[dict]) -> Summary:
         pooled = {g: [v for r in rows for v in r["values"][g]] for g in GROUPS}
@@ -214,13 +227,16 @@ def activation_by_prompt_type(
     relations = sorted({r["relation"] for r in per_fact})
     per_relation = {rel: summarize([r for r in per_fact if r["relation"] == rel]) for rel in relations}
     settings = {"others": others, "prompts_per_other": prompts_per_other, "per_fact_sentences": per_fact_sentences,
-                "resamples": resamples, "seed": seed, "pool_facts": len(pool)}  # fmt: skip
+                "resamples": resamples, "seed": seed, "pool_facts": len(pool), "measure": measure}  # fmt: skip
     return ActivationResult(per_fact, per_relation, summarize(per_fact), skipped, settings)
 
 
 def markdown(result: ActivationResult, model: str) -> str:
-    lines = [f"# Activation of knowledge neurons by prompt type ({model})", "",
-             "Mean activation of a fact's neurons; own / same relation / other relations: at the answer position; "
+    measure = result.settings.get("measure", "raw")
+    what = ("activation × the sign of the neuron's mean activation on the fact's own prompts" if measure == "oriented"
+            else "raw activation")  # fmt: skip
+    lines = [f"# Activation of knowledge neurons by prompt type ({model}, {measure})", "",
+             f"Mean over a fact's neurons of the {what}; own / same relation / other relations: at the answer position; "
              "wiki: peak over the tokens of sentences mentioning the subject. n = (fact, text) pairs.", "",
              "| relation | own mean ± sd (n) | same relation | other relations | wiki sentences (peak) | own − other [95 % CI] |",
              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip

