@@ -13,9 +13,12 @@ set -euo pipefail
 OUT=evaluations/results/analysis
 KN="nice kn-edit"
 $KN analyze distribution --data jsonl --data-dir $OUT/facts.jsonl --out $OUT/distribution --quiet steps=20 share=0.5
-# Other facts' prompts (same relation / other relations) come from all ParaRel facts of the 8 relations.
-$KN analyze activations --located $OUT/distribution/located --data pararel --data-dir ../shared/data/pararel \
-    --relations P103,P1412,P178,P176,P279,P37,P1001,P36 --out $OUT/activations --quiet
+# Other facts' prompts (same relation / other relations) come from all ParaRel facts of the 8 relations;
+# oriented activations (the default) and raw ones (the paper's measure).
+for MEASURE in oriented raw; do
+  $KN analyze activations --located $OUT/distribution/located --data pararel --data-dir ../shared/data/pararel \
+      --relations P103,P1412,P178,P176,P279,P37,P1001,P36 --measure $MEASURE --out $OUT/activations_$MEASURE --quiet
+done
 # Window 10 as in Meng et al.'s MLP traces (with window 1 single-layer restorations barely move P on this model).
 $KN analyze where --located $OUT/distribution/located --samples 3 --window 10 --out $OUT/where --quiet
 $KN trace -p "The capital of France is" -s France -t Paris --samples 3 --plot $OUT/trace_france.png --json \
