@@ -104,3 +104,14 @@ def test_bad_input_is_one_line_error(tiny_load, tmp_path, capsys, argv, message)
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in " ".join(err.split()), err
     assert "Traceback" not in err
+
+
+def test_top_text_locates_the_neurons_of_a_prompt(tiny_load, tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS), encoding="utf-8")
+    argv = ["analyze", "top-text", "-p", "The capital of France is", "-p", "France's capital is", "--target", "Paris",
+            "--corpus", str(corpus), "-k", "3", "--json", "steps=2", "share=0.5"]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    expected = kn_edit.locate(tiny_load, ["The capital of France is", "France's capital is"], "Paris", steps=2, share=0.5)
+    assert data["neurons"] == [str(n) for n in sorted(expected)] and data["n_texts"] == len(CORPUS)
