@@ -170,7 +170,11 @@ def _run(args, command: str, body) -> int:
     from ..persist import atomic_dir
     from ..progress import default_reporter
 
+    from ..errors import ConfigError
+
     _quiet_lightning()
+    if not args.located and not args.data:  # before anything is loaded or any folder made
+        raise ConfigError("give --located DIR (a locate-dataset output) or --data to locate facts now")
     out = _run_dir(args, command)
     km = _load(args, args.quiet)
     reporter = default_reporter(args.quiet)
