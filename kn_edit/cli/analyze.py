@@ -175,6 +175,10 @@ def _run(args, command: str, body) -> int:
     _quiet_lightning()
     if not args.located and not args.data:  # before anything is loaded or any folder made
         raise ConfigError("give --located DIR (a locate-dataset output) or --data to locate facts now")
+    if args.located:
+        from ..analysis.located import read_located
+
+        read_located(args.located)  # a bad folder is an error before any run folder is made
     out = _run_dir(args, command)
     km = _load(args, args.quiet)
     reporter = default_reporter(args.quiet)
