@@ -225,6 +225,8 @@ def markdown(result: ScanResult, title: str = "Top- and bottom-activating text")
         if hit.span is None or hit.span[1] <= hit.span[0]:
             return f"{hit.text} (token {hit.token!r})"
         a, b = hit.span
+        while a < b - 1 and hit.text[a].isspace():  # BPE tokens carry their leading space; bold needs none inside
+            a += 1
         return f"{hit.text[:a]}**{hit.text[a:b]}**{hit.text[b:]}"
 
     lines = [f"# {title}", "", f"{result.n_texts} texts, {result.n_tokens} tokens, "
