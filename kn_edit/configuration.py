@@ -36,7 +36,10 @@ def load_config(schema: type[T], files: Sequence[str | Path] = (), overrides: Se
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"invalid configuration: {str(exc).splitlines()[0]}") from exc
+        first = str(exc).splitlines()[0]
+        key = getattr(exc, "full_key", None)  # OmegaConf names the key on a later line; keep it on this one
+        where = f" (key {key})" if key and key not in first else ""
+        raise ConfigError(f"invalid configuration: {first}{where}") from exc
 
 
 def to_yaml(config: object) -> str:
