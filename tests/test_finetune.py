@@ -290,3 +290,17 @@ def test_weight_scale_and_default_layer(tiny_factory):
     from kn_edit.editing.finetune import MODEL_LAYERS
 
     assert default_layer(km) == MODEL_LAYERS["smollm2-135m"]
+
+
+def test_patch_file_round_trip(tiny_factory, tmp_path):
+    """A fine-tuning edit saved as a patch file applies to the pristine model and reverts bit for bit."""
+    km = tiny_factory("gpt2")
+    state = snapshot(km)
+    edit = FineTuneEditor(layer=1, steps=3, lr=1e-2).apply(km, [REQUEST])
+    edited = snapshot(km)
+    edit.save(tmp_path / "ft.kn-patch")
+    edit.revert()
+    applied = kn_edit.apply_patch(km, tmp_path / "ft.kn-patch")
+    assert changed(km, edited) == []
+    applied.revert()
+    assert changed(km, state) == []
