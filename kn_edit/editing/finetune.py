@@ -61,9 +61,10 @@ class BoundUnit(Choice):
     absolute = "absolute"
 
 
-# Layer fine-tuned by default, per model. smollm2-135m: chosen by a sweep on ParaRel facts it knows
-# (evaluations/ft_bounds.py, evaluations/results/ft_bounds.md). GPT-2 family: layer 0, the setting of the FT-L
-# hyper-parameter files distributed with ROME-derived code for GPT-2 medium / XL and GPT-J.
+# Layer fine-tuned by default, per model. smollm2-135m: a sweep over layers 0-25 on 15 ParaRel facts it knows at
+# norm_bound 0.05 (evaluations/results/ft_layers.md): layer 0 made 93 % of the edits succeed, layer 2 53 %,
+# layers 5-25 at most 40 %, with other facts kept alike. GPT-2 family and GPT-J: layer 0, the setting of the
+# FT-L hyper-parameter files distributed with ROME-derived code (GPT-2 medium / XL, GPT-J). Other models: 0 too.
 MODEL_LAYERS = {"smollm2-135m": 0}
 FAMILY_LAYERS = {"gpt2": 0, "gptj": 0}
 
