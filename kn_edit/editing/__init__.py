@@ -1,6 +1,7 @@
 """Editing methods behind one interface: every editor turns EditRequests into a revertible Edit."""
 
 from .base import Edit, Editor, EditRequest, ParamPatch
+from .finetune import FineTuneDetails, FineTuneEditor, FineTuneSettings
 from .knowledge_neurons import (
     KnDetails,
     KnowledgeNeuronEditor,
@@ -24,6 +25,9 @@ from .values import whole_change
 __all__ = [
     "Direction",
     "EditReport",
+    "FineTuneDetails",
+    "FineTuneEditor",
+    "FineTuneSettings",
     "EraseMode",
     "KnDetails",
     "KnRequestDetails",
