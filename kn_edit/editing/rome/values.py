@@ -10,10 +10,17 @@ optimised with Adam on
 
 with ‖δ‖ clamped to ``clamp_norm_factor · ‖W k*‖`` after every step (the paper's norm constraint). It stops
 after ``steps`` evaluations, or as soon as the NLL term is below ``stop_loss``; δ is the last one evaluated.
+
+Speed, exactly: δ changes nothing before the subject's last token (causal attention), so the tokens before it
+run once and their keys/values are reused (the model's cache) by every step, which then runs only the few
+tokens from the subject on; rows of one shape are batched. On smollm2 with context prefixes this cuts the
+tokens per step about fivefold.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -85,19 +92,61 @@ class ValueResult:
     clamped: bool = False  # the norm constraint was active at the end
 
 
-def objective(logits: torch.Tensor, token_rows: torch.Tensor, token_pos: torch.Tensor, token_ids: torch.Tensor,
-              n_rows: int, kl_at: tuple[int, int], kl_reference: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(NLL term, KL term) from logits [batch, seq, vocab]; answer token i is ``token_ids[i]`` at
-    (``token_rows[i]``, ``token_pos[i]``). Per rewrite row the mean NLL of its answer tokens,
-    averaged over rows; KL(P ‖ P_reference) at ``kl_at`` (row, position); kl_reference: log-probs [vocab]."""
-    logp = torch.log_softmax(logits[token_rows, token_pos].float(), dim=-1)  # [n_tokens, vocab]
+def objective(answer_logits: torch.Tensor, token_ids: torch.Tensor, token_rows: torch.Tensor, n_rows: int,
+              kl_logits: torch.Tensor, kl_reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLL term, KL term). answer_logits [n_tokens, vocab]: the logits that predict answer token ``token_ids[i]``
+    of rewrite row ``token_rows[i]``; per row the mean NLL of its tokens, averaged over the ``n_rows`` rows.
+    KL(P ‖ P_reference) of kl_logits [vocab] against the reference log-probs [vocab]."""
+    logp = torch.log_softmax(answer_logits.float(), dim=-1)  # [n_tokens, vocab]
     nll = -logp[torch.arange(len(token_ids), device=logp.device), token_ids]  # [n_tokens]
     per_row = torch.zeros(n_rows, device=nll.device).index_add(0, token_rows, nll)
     counts = torch.zeros(n_rows, device=nll.device).index_add(0, token_rows, torch.ones_like(nll))
-    kl_logp = torch.log_softmax(logits[kl_at[0], kl_at[1]].float(), dim=-1)
+    kl_logp = torch.log_softmax(kl_logits.float(), dim=-1)
     kl = (kl_logp.exp() * (kl_logp - kl_reference)).sum()
     return (per_row / counts).mean(), kl
+
+
+@dataclass
+class _Group:
+    """Rows of one shape: the subject's last token at ``start``, ``length`` tokens. Positions before ``start``
+    do not depend on δ, so they run once (``cache``: their keys and values) and every step runs only the rest."""
+
+    members: list[int]  # indices into the rows (the KL row last)
+    start: int
+    ids: torch.Tensor  # [g, length]
+    cache: object | None  # the model's past_key_values for ids[:, :start]; None when start == 0
+
+
+def _cache_keyword(model) -> str:
+    """The forward's keyword for past keys/values: ``cache`` in recent transformers, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _groups(km, rows: Sequence[Row]) -> list[_Group]:
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, r in enumerate(rows):
+        by_shape.setdefault((r.subject, len(r.input_ids)), []).append(i)
+    out = []
+    for (start, _), members in by_shape.items():
+        ids = torch.stack([rows[i].input_ids for i in members]).to(km.device)
+        cache = None
+        if start > 0:
+            with torch.no_grad():
+                head = km.model(input_ids=ids[:, :start], use_cache=True)
+                cache = head["cache"] if "cache" in head.keys() else head["past_key_values"]
+        out.append(_Group(members, start, ids, cache))
+    return out
+
+
+def _suffix_logits(km, module: torch.nn.Module, group: _Group, delta: torch.Tensor) -> torch.Tensor:
+    """Logits [g, length - start, vocab] of the group's positions from ``start`` on, δ added at ``start``."""
+    rows = torch.arange(len(group.members), device=km.device)
+    at = torch.zeros(len(group.members), dtype=torch.long, device=km.device)
+    # A fresh copy each step: the forward appends to the cache.
+    cache = copy.deepcopy(group.cache) if group.cache is not None else None
+    with added_output(module, rows, at, delta):
+        extra = {_cache_keyword(km.model): cache} if cache is not None else {}
+        return km.model(input_ids=group.ids[:, group.start :], use_cache=cache is not None, **extra).logits
 
 
 def optimise_value(km, layer: int, rows: Sequence[Row], kl: Row, init_norm: float, *, lr: float, steps: int,
@@ -107,15 +156,15 @@ def optimise_value(km, layer: int, rows: Sequence[Row], kl: Row, init_norm: floa
     reporter = reporter or NullReporter()
     device = km.device
     everything = list(rows) + [kl]
-    ids, mask = km.pad([r.input_ids for r in everything])
-    batch = torch.arange(len(everything), device=device)
-    subject_pos = torch.tensor([r.subject for r in everything], device=device)
+    groups = _groups(km, everything)
+    # where each answer token's logits are: (group, row in group, position - start)
+    place = {i: (g, j) for g, group in enumerate(groups) for j, i in enumerate(group.members)}
+    answers = [(place[i], p - everything[i].subject) for i, r in enumerate(rows) for p in r.answer]
     token_rows = torch.tensor([i for i, r in enumerate(rows) for _ in r.answer], device=device)
-    token_pos = torch.tensor([p for r in rows for p in r.answer], device=device)
     token_ids = torch.tensor([t for r in rows for t in r.targets], device=device)
-    kl_at = (len(rows), kl.answer[0])
+    kl_place, kl_pos = place[len(rows)], kl.answer[0] - kl.subject
     with torch.no_grad():
-        reference = km.model(input_ids=ids[-1:], attention_mask=mask[-1:]).logits[0, kl.answer[0]]
+        reference = km.model(input_ids=kl.input_ids[None].to(device)).logits[0, kl.answer[0]]
         reference = torch.log_softmax(reference.float(), dim=-1)
 
     delta = torch.zeros(km.d_model, device=device, requires_grad=True)
@@ -125,9 +174,10 @@ def optimise_value(km, layer: int, rows: Sequence[Row], kl: Row, init_norm: floa
     module = km.value_proj(layer)
     with reporter.task(f"optimising v* (layer {layer})", total=steps) as task:
         for step in range(steps):
-            with added_output(module, batch, subject_pos, delta):
-                logits = km.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            nll, kl_term = objective(logits, token_rows, token_pos, token_ids, len(rows), kl_at, reference)
+            logits = [_suffix_logits(km, module, group, delta) for group in groups]
+            answer_logits = torch.stack([logits[g][j, pos] for (g, j), pos in answers])
+            kl_logits = logits[kl_place[0]][kl_place[1], kl_pos]
+            nll, kl_term = objective(answer_logits, token_ids, token_rows, len(rows), kl_logits, reference)
             decay = weight_decay * delta.pow(2).sum() / max(init_norm, 1e-12) ** 2
             loss = nll + kl_factor * kl_term + decay
             result.losses.append(float(loss.detach()))
