@@ -13,8 +13,8 @@ after ``steps`` evaluations, or as soon as the NLL term is below ``stop_loss``; 
 
 Speed, exactly: δ changes nothing before the subject's last token (causal attention), so the tokens before it
 run once and their keys/values are reused (the model's cache) by every step, which then runs only the few
-tokens from the subject on; rows of one shape are batched. On smollm2 with context prefixes this cuts the
-tokens per step about fivefold.
+tokens from the subject on; rows of one shape are batched. The logits are the same (tests check it against the
+full forward); on smollm2 (2 prompts × 6 prefixes, 1 thread) a step takes 1.9 s instead of 2.3 s.
 """
 
 from __future__ import annotations
