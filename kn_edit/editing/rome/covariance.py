@@ -1,0 +1,179 @@
+"""Key statistics for rank-one (ROME) and mass (MEMIT) editing: the uncentred second moment C = E[k kᵀ] of
+layer l's value-projection input k (the FFN's post-activation hidden, [d_ff]) over the tokens of generic text.
+
+Computed once per (weights, layer, corpus, sample size, passage length) and cached on disk as safetensors
+under ``$KN_EDIT_CACHE/rome/key_statistics`` (or a given folder). The cache key holds a digest of the weights
+the keys depend on: the embeddings and every parameter of layers 0..l except layer l's value projection itself
+(and everything outside the layer list, to be safe). So statistics stay valid while that value projection is
+edited (ROME's own updates, knowledge-neuron edits of the same layer) and are recomputed when anything below
+it changes. The forward pass stops at layer l, so the cost grows with l, not with the model's depth.
+
+Corpus ``wikipedia``: the key slice of the Wikipedia extracts (kn_edit/data/text.py), disjoint from the
+held-out passages perplexity is measured on. Passages are cut at ``max_length`` tokens and taken in order
+until ``n_tokens`` tokens are reached (the last one cut to fit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ...adapters import first_submodule
+from ...errors import DataError
+from ...hooks import value_input_hooks
+from ...persist import atomic_file
+from ...progress import NullReporter, Reporter
+
+WIKIPEDIA = "wikipedia"
+_FORMAT = 1  # bump when the file layout or the way statistics are taken changes
+
+
+@dataclass
+class KeyStatistics:
+    """C = E[k kᵀ] of one layer's keys. mom2 [d_ff, d_ff] float32 (CPU); mean [d_ff] float32."""
+
+    layer: int
+    mom2: torch.Tensor
+    mean: torch.Tensor
+    n_tokens: int
+    corpus: str
+    from_cache: bool
+    seconds: float  # computing (or reading) them
+    path: str | None = None
+
+
+def key_weights_digest(km, layer: int) -> str:
+    """blake2b of the parameters layer's keys depend on (see the module docstring), by name, dtype, shape."""
+    blocks = first_submodule(km.model, km.adapter.layers)
+    later = {id(p) for block in list(blocks)[layer + 1 :] for p in block.parameters()}
+    proj = km.value_proj(layer)
+    later |= {id(p) for p in proj.parameters()}
+    h = hashlib.blake2b(digest_size=16)
+    for name, param in km.model.named_parameters():
+        if id(param) in later:
+            continue
+        data = param.detach().cpu().contiguous()
+        h.update(f"{name}|{data.dtype}|{tuple(data.shape)}".encode())
+        h.update(data.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def corpus_id(corpus: str, texts: Sequence[str] | None) -> str:
+    """A short name of the text, for the cache key (texts and files by the hash of their content)."""
+    if texts is not None:
+        return "texts-" + hashlib.sha256("\n\x00".join(texts).encode()).hexdigest()[:12]
+    if corpus == WIKIPEDIA:
+        return "wikipedia-keyslice"
+    path = Path(corpus)
+    if not path.is_file():
+        raise DataError(f"covariance corpus {corpus!r} is neither 'wikipedia' nor a text file")
+    return f"file-{re.sub(r'[^A-Za-z0-9_.-]', '_', path.stem)[:32]}-" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def corpus_texts(corpus: str) -> list[str]:
+    from ...data.text import text_file_passages, wiki_key_passages
+
+    return wiki_key_passages() if corpus == WIKIPEDIA else text_file_passages(corpus)
+
+
+def cache_path(km, layer: int, corpus: str, n_tokens: int, max_length: int, cache_dir: str | Path | None) -> Path:
+    from ...provision import cache_root
+
+    root = Path(cache_dir) if cache_dir is not None else cache_root() / "rome"
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(str(km.name)).name)[:48] or "model"
+    digest = key_weights_digest(km, layer)
+    return root / "key_statistics" / f"{tag}-{digest[:16]}" / f"layer{layer}-{corpus}-{n_tokens}tok-len{max_length}-v{_FORMAT}.safetensors"
+
+
+def token_batches(km, texts: Sequence[str], n_tokens: int, max_length: int, batch_size: int) -> list[list[torch.Tensor]]:
+    """Passages as id tensors (cut at max_length; the last one cut so the total is at most n_tokens), in
+    batches. Fewer tokens when the text runs out."""
+    seqs, total = [], 0
+    for text in texts:
+        ids = list(km.tokenizer(text, add_special_tokens=True)["input_ids"])[: max_length]
+        ids = ids[: n_tokens - total]
+        if len(ids) < 2:
+            if total >= n_tokens:
+                break
+            continue
+        seqs.append(torch.tensor(ids, dtype=torch.long))
+        total += len(ids)
+        if total >= n_tokens:
+            break
+    return [seqs[i : i + batch_size] for i in range(0, len(seqs), batch_size)]
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: nothing above the layer is needed."""
+
+
+@torch.no_grad()
+def compute_statistics(km, layer: int, batches: Sequence[Sequence[torch.Tensor]], reporter: Reporter) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(Σ k kᵀ [d_ff, d_ff] float64, Σ k [d_ff] float64, token count) over every real token of the batches."""
+    d = km.d_ff
+    mom2 = torch.zeros(d, d, dtype=torch.float64, device=km.device)
+    total = torch.zeros(d, dtype=torch.float64, device=km.device)
+    count = 0
+    with reporter.task(f"key statistics of layer {layer}", total=sum(len(s) for b in batches for s in b)) as task:
+        for batch in batches:
+            ids, mask = km.pad(list(batch))
+            got: dict[str, torch.Tensor] = {}
+
+            def capture(_layer: int, act: torch.Tensor) -> None:  # act [batch, seq, d_ff]
+                got["k"] = act[mask.bool()].to(torch.float64)  # [tokens, d_ff]
+                raise _Stop
+
+            try:
+                with value_input_hooks({layer: km.value_proj(layer)}, capture):
+                    km.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _Stop:
+                pass
+            keys = got["k"]
+            mom2 += keys.T @ keys
+            total += keys.sum(dim=0)
+            count += int(keys.shape[0])
+            task.advance(int(keys.shape[0]))
+    return mom2.cpu(), total.cpu(), count
+
+
+def key_statistics(km, layer: int, texts: Sequence[str] | None = None, *, corpus: str = WIKIPEDIA,
+                   n_tokens: int = 50000, max_length: int = 128, batch_size: int = 16,
+                   cache: bool = True, cache_dir: str | Path | None = None,
+                   reporter: Reporter | None = None) -> KeyStatistics:
+    """C = E[k kᵀ] of ``layer``'s keys over ``texts`` (given) or ``corpus`` (``wikipedia`` or a text file),
+    read from the cache when there (see the module docstring)."""
+    reporter = reporter or NullReporter()
+    name = corpus_id(corpus, texts)
+    start = time.perf_counter()
+    path = cache_path(km, layer, name, n_tokens, max_length, cache_dir) if cache else None
+    if path is not None and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            mom2, mean = f.get_tensor("mom2"), f.get_tensor("mean")
+        return KeyStatistics(layer, mom2, mean, int(meta.get("n_tokens", 0)), name, True,
+                             time.perf_counter() - start, str(path))
+    source = list(texts) if texts is not None else corpus_texts(corpus)
+    batches = token_batches(km, source, n_tokens, max_length, batch_size)
+    if not batches:
+        raise DataError(f"no text to take key statistics from (corpus {name})")
+    sums, total, count = compute_statistics(km, layer, batches, reporter)
+    # Rounded to float32 before use, so a first run and a cached rerun edit identically.
+    mom2, mean = (sums / count).float(), (total / count).float()
+    if path is not None:
+        from safetensors.torch import save_file
+
+        meta = {"n_tokens": str(count), "layer": str(layer), "corpus": name, "model": str(km.name),
+                "max_length": str(max_length), "requested_tokens": str(n_tokens), "format": str(_FORMAT)}
+        with atomic_file(path, overwrite=True) as tmp:
+            save_file({"mom2": mom2.contiguous(), "mean": mean.contiguous()}, str(tmp), metadata=meta)
+    return KeyStatistics(layer, mom2, mean, count, name, False, time.perf_counter() - start,
+                         str(path) if path is not None else None)
+

@@ -1,0 +1,118 @@
+"""ROME's key k*: the input of layer l's value projection (the FFN's post-activation hidden) at the subject's
+last token, averaged over the subject preceded by short context prefixes (Meng et al. 2022, eq. 3).
+
+Context prefixes (the paper's "context templates"): ``n`` texts of ``length`` tokens sampled from the model
+itself, starting from its BOS (or EOS) token, each next token drawn from the top-k with a seeded generator,
+plus the empty prefix. A prefix is joined to a text as ``"{prefix}. {text}"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ...errors import EditError
+from ...hooks import value_input_hooks
+from ...prompts import causal_prompt
+
+
+@torch.no_grad()
+def context_prefixes(km, n: int, length: int, top_k: int = 5, seed: int = 0) -> list[str]:
+    """``[""]`` followed by ``n`` short texts sampled from the model (see the module docstring)."""
+    if n == 0:
+        return [""]
+    tok = km.tokenizer
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if start is None:
+        raise EditError("the tokenizer has neither a BOS nor an EOS token to sample context prefixes from")
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.full((n, 1), int(start), dtype=torch.long)
+    for _ in range(length):
+        logits = km.model(input_ids=ids.to(km.device)).logits[:, -1].float().cpu()  # [n, vocab]
+        top = logits.topk(min(top_k, logits.shape[-1]))
+        pick = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=generator)  # [n, 1]
+        ids = torch.cat([ids, top.indices.gather(1, pick)], dim=1)
+    texts = [" ".join(tok.decode(row[1:], skip_special_tokens=True).split()) for row in ids]
+    return [""] + texts
+
+
+def with_prefix(prefix: str, text: str) -> str:
+    return f"{prefix}. {text}" if prefix else text
+
+
+def subject_end(prompt: str, subject: str) -> int:
+    """Character offset just after the subject's last occurrence in ``prompt`` (exact, else ignoring case)."""
+    if not isinstance(subject, str) or not subject.strip():
+        raise EditError("ROME needs the request's subject (the key is read at its last token); give subject=...")
+    subject = subject.strip()
+    at = prompt.rfind(subject)
+    if at < 0:
+        at = prompt.lower().rfind(subject.lower())
+    if at < 0:
+        raise EditError(f"the subject {subject!r} does not occur in prompt {prompt!r}; ROME reads the key at the "
+                        "subject's last token, so every prompt must contain it")
+    return at + len(subject)
+
+
+def token_at(tokenizer, text: str, char_end: int) -> tuple[list[int], int]:
+    """(ids of ``text`` with special tokens, index of the token holding character ``char_end - 1``)."""
+    try:
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):  # slow tokenizers have no offsets
+        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+        head = list(tokenizer(text[:char_end], add_special_tokens=True)["input_ids"])
+        return ids, len(head) - 1
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    last = char_end - 1
+    for j, (a, b) in enumerate(offsets):
+        if a <= last < b:
+            return ids, j
+    raise EditError(f"cannot find the token of character {last} of {text!r}")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class SubjectText:
+    """A text and the position of the subject's last token in its ids."""
+
+    input_ids: torch.Tensor  # [seq]
+    position: int
+
+
+def subject_texts(km, subject: str, prompts: Sequence[str], prefixes: Sequence[str], whole_subject: bool) -> list[SubjectText]:
+    """Texts k* is averaged over: each prefix followed by the subject (``whole_subject``) or by each prompt cut
+    just after the subject."""
+    out = []
+    heads = [subject.strip()] if whole_subject else [p[: subject_end(p, subject)] for p in prompts]
+    for head in heads:
+        for prefix in prefixes:
+            text = with_prefix(prefix, head)
+            ids, pos = token_at(km.tokenizer, text, len(text))
+            out.append(SubjectText(torch.tensor(ids, dtype=torch.long), pos))
+    return out
+
+
+def prompt_text(prompt: str) -> str:
+    """The prompt as kn-edit's encoding sees it (cut at a ``[Y]`` slot, trailing whitespace off)."""
+    return causal_prompt(prompt).rstrip()
+
+
+@torch.no_grad()
+def keys_at(km, layer: int, texts: Sequence[SubjectText], batch_size: int = 32) -> torch.Tensor:
+    """[n, d_ff] float32 CPU: layer's value-projection input at each text's position."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        ids, mask = km.pad([t.input_ids for t in chunk])
+        rows = torch.arange(len(chunk), device=km.device)
+        pos = torch.tensor([t.position for t in chunk], device=km.device)
+        got: dict[int, torch.Tensor] = {}
+
+        def capture(_layer: int, act: torch.Tensor) -> None:
+            got["k"] = act[rows, pos].float().cpu()
+
+        with value_input_hooks({layer: km.value_proj(layer)}, capture):
+            km.model(input_ids=ids, attention_mask=mask)
+        out.append(got["k"])
+    return torch.cat(out)
