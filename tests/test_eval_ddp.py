@@ -32,7 +32,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     km = kn_edit.wrap(model, tokenizer)
     before = snapshot(km)
     datamodule = FactDataModule(km, config.data, facts=tiny_facts())
-    module = EditEvaluation(km, ValueVectorEditor(), PASSAGES, probe=config.probe)
+    module = EditEvaluation(km, ValueVectorEditor(), PASSAGES, probe=config.probe, fluency=config.fluency)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", inference_mode=False, use_distributed_sampler=False,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.test(module, datamodule=datamodule, verbose=False)
