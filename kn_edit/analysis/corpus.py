@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+from ..data.jsonl import read_jsonl
 from ..errors import DataError
 
 # A sentence ends at . ! or ? followed by whitespace and an upper-case letter, digit or quote; good enough for
@@ -60,14 +61,8 @@ def file_texts(path: str | Path) -> Iterator[str]:
     if not path.is_file():
         raise DataError(f"corpus file not found: {path}")
     if path.suffix == ".jsonl":
-        for number, line in enumerate(_lines(path), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        for number, row in read_jsonl(path):  # lazily, with file:line errors for bad JSON or bytes
+            if not isinstance(row.get("text"), str):
                 raise DataError(f"{path}:{number}: expected an object with a \"text\" string")
             if row["text"].strip():
                 yield " ".join(row["text"].split())
