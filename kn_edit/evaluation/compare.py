@@ -60,19 +60,21 @@ def compare_methods(config: CompareConfig, km=None, facts: FactSet | None = None
                     reporter: Reporter | None = None, write: bool = True) -> CompareResult:
     """Run every method of ``config`` on the same requests; write one report (``write``)."""
     from ..loading import load
-    from .datamodule import load_facts
+    from .datamodule import FactDataModule
 
     config.check()
     reporter = reporter or NullReporter()
     km = km if km is not None else load(config.model, device="cpu", reporter=reporter)
     editors = [(entry.title, make_editor(entry.method, overrides=dict(entry.settings))) for entry in config.methods]
-    facts = facts if facts is not None else load_facts(config.data, km.is_masked_lm)
     passages = list(passages) if passages is not None else load_passages(config)
+    # The known-fact check and the neighbour draw run once: every method gets the very same cases.
+    datamodule = FactDataModule(km, config.data, facts=facts)
+    datamodule.setup("test")
     results: dict[str, EvalResult] = {}
     for (title, editor), entry in zip(editors, config.methods):
         with reporter.task(f"method {title}", total=None):
-            results[title] = evaluate(eval_config_for(config, entry), km=km, editor=editor, facts=facts,
-                                      passages=passages, reporter=reporter, write=False)  # fmt: skip
+            results[title] = evaluate(eval_config_for(config, entry), km=km, editor=editor, passages=passages,
+                                      reporter=reporter, write=False, datamodule=datamodule)  # fmt: skip
     result = CompareResult(results, config)
     if config.regression.baseline:
         baseline = load_metrics(config.regression.baseline)

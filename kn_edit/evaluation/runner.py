@@ -86,8 +86,10 @@ def evaluate(
     passages: Sequence[str] | None = None,
     reporter: Reporter | None = None,
     write: bool = True,
+    datamodule=None,
 ) -> EvalResult:
-    """Run the evaluation. ``km``, ``editor``, ``facts`` and ``passages`` replace what the config would load."""
+    """Run the evaluation. ``km``, ``editor``, ``facts`` and ``passages`` replace what the config would load;
+    ``datamodule``: a FactDataModule already set up for ``km`` (its cases are reused as they are)."""
     from .datamodule import FactDataModule
     from .module import EditEvaluation
     from .report import per_relation
@@ -103,7 +105,8 @@ def evaluate(
         km = load(config.model, device="cpu", reporter=reporter)
     editor = editor or build_editor(config)
     passages = list(passages) if passages is not None else load_passages(config)
-    datamodule = FactDataModule(km, config.data, facts=facts)
+    if datamodule is None:
+        datamodule = FactDataModule(km, config.data, facts=facts)
     if config.mode == Mode.sequential:
         return _sequential(config, km, editor, datamodule, passages, reporter, write)
     module = EditEvaluation(km, editor, passages, probe=config.probe, fluency=config.fluency,
