@@ -80,7 +80,7 @@ def test_update_maps_the_key_to_the_value(tiny_factory, tmp_path, family):
 def test_rank_one_formula_matches_a_plain_recomputation(tiny_factory, tmp_path, family):
     km = tiny_factory(family)
     before = plain_weight(km, 0)
-    edit = editor(tmp_path).apply(km, [REQUEST])
+    edit = editor(tmp_path, fit="mean").apply(km, [REQUEST])
     details = edit.report.details.requests[0]
     # C as the editor used it (its values are checked against a plain computation below; tiny models' C is
     # ill-conditioned, so a C recomputed in another summation order would move the update by ~1e-3).
@@ -97,6 +97,38 @@ def test_rank_one_formula_matches_a_plain_recomputation(tiny_factory, tmp_path, 
     scale = np.abs(expected - before).max()
     assert np.abs(after - expected).max() <= 1e-4 * scale + 1e-6
     assert edit.report.details.covariance_tokens == stats.n_tokens
+    edit.revert()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("fit", ["prompts", "rows"])
+def test_every_fitted_key_gets_the_whole_shift(tiny_factory, tmp_path, family, fit):
+    """fit=prompts|rows: ΔW = δ wᵀ with w = C⁻¹K (KᵀC⁻¹K)⁻¹ 1 over k* and the edit's own keys, written plainly;
+    every one of those keys is moved by exactly δ."""
+    km = tiny_factory(family)
+    before = plain_weight(km, 0)
+    edit = editor(tmp_path, fit=fit).apply(km, [REQUEST])
+    report = edit.report.details
+    details = report.requests[0]
+    c = key_statistics(km, 0, CORPUS, cache_dir=tmp_path / "cache").mom2.double().numpy()
+    bias = km.value_proj(0).bias
+    bias = bias.detach().double().numpy() if bias is not None else 0.0
+    k_star = details.key.double().numpy()
+    delta = details.value.double().numpy() - (before @ k_star + bias)
+    heads = [p[: p.rfind("France") + len("France")] for p in REQUEST.prompts]
+    prefixes = report.prefixes if fit == "rows" else [""]
+    texts = [f"{prefix}. {head}" if prefix else head for head in heads for prefix in prefixes]
+    own = [plain_keys(km, 0, [text])[-1] for text in texts]  # the subject's last token ends each text
+    keys = np.stack([k_star] + own, axis=1)  # K [d_ff, m]
+    solved = np.linalg.solve(c, keys)
+    w = solved @ np.linalg.pinv(keys.T @ solved, hermitian=True) @ np.ones(keys.shape[1])
+    expected = before + np.outer(delta, w)
+    after = plain_weight(km, 0)
+    scale = np.abs(expected - before).max()
+    assert scale > 0
+    assert np.abs(after - expected).max() <= 1e-4 * scale + 1e-6
+    for k in keys.T:  # each key gets the whole δ
+        assert np.allclose((after - before) @ k, delta, rtol=1e-3, atol=1e-4 * np.abs(delta).max())
     edit.revert()
 
 

@@ -5,9 +5,9 @@ MEMIT), values (v*), update (the closed form), editor (RomeEditor)."""
 
 from .covariance import KeyStatistics, key_statistics
 from .editor import RomeDetails, RomeEditor, RomeRequestDetails
-from .settings import DEFAULT_LAYERS, KeyText, RomeSettings, default_layer
+from .settings import DEFAULT_LAYERS, KeyFit, KeyText, RomeSettings, default_layer
 
 __all__ = [
-    "DEFAULT_LAYERS", "KeyStatistics", "KeyText", "RomeDetails", "RomeEditor", "RomeRequestDetails", "RomeSettings",
+    "DEFAULT_LAYERS", "KeyFit", "KeyStatistics", "KeyText", "RomeDetails", "RomeEditor", "RomeRequestDetails", "RomeSettings",
     "default_layer", "key_statistics",
 ]  # fmt: skip

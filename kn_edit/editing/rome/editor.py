@@ -20,8 +20,8 @@ from ..settings import with_overrides
 from ..values import value_location, whole_change
 from .covariance import KeyStatistics, key_statistics
 from .keys import context_prefixes, keys_at, prompt_text, subject_end, subject_texts
-from .settings import KeyText, RomeSettings
-from .update import rank_one_delta, solve_key, weight_change
+from .settings import KeyFit, KeyText, RomeSettings
+from .update import exact_direction, weight_change
 from .values import kl_row, optimise_value, rewrite_rows
 
 
@@ -145,8 +145,13 @@ class RomeEditor(Editor):
                                steps=s.steps, stop_loss=s.stop_loss, kl_factor=s.kl_factor,
                                weight_decay=s.weight_decay, clamp_norm_factor=s.clamp_norm_factor,
                                reporter=self.reporter)
-        u = solve_key(stats.mom2, key, s.cov_ridge)
-        delta = rank_one_delta(u, key, found.delta)  # [d_model, d_ff]
+        keys = key[None]
+        if s.fit != KeyFit.mean:  # the edit's own keys get the whole δ too (rome/update.py)
+            own = subject_texts(km, request.subject, [prompt_text(p) for p in request.prompts],
+                                prefixes if s.fit == KeyFit.rows else [""], whole_subject=False)
+            keys = torch.cat([keys, keys_at(km, layer, own)])
+        direction = exact_direction(stats.mom2, keys, s.cov_ridge)  # w [d_ff]
+        delta = torch.outer(found.delta.to(torch.float64), direction)  # ΔW = δ wᵀ [d_model, d_ff]
         norm = float(delta.norm())
         details = RomeRequestDetails(
             subject=request.subject, old=request.old, new=request.new, key_norm=float(key.norm()),

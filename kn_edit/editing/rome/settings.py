@@ -20,6 +20,19 @@ class KeyText(Choice):
     prompts = "prompts"
 
 
+class KeyFit(Choice):
+    """Which keys the rank-one update gives the whole shift δ (kn_edit/editing/rome/update.py).
+
+    mean: k* only, the paper's update (eq. 2); another key k gets the share wᵀk of δ.
+    prompts: k* and the key of each edit prompt as it is (no prefix).
+    rows: k* and the key of every rewrite row v* was optimised on (each edit prompt after each prefix).
+    """
+
+    mean = "mean"
+    prompts = "prompts"
+    rows = "rows"
+
+
 # (adapter family, n_layers, d_model) → edited layer (0-based). GPT-2 medium / large / XL: the layers ROME's
 # causal tracing chose (Meng et al. 2022); smollm2-135m: the reference sweep of issue 9 (layer 5 of 30, also
 # the layer commonly used for LLaMA models; evaluations/results/rome_layers: on 8 facts layer 3 edits more and
@@ -54,6 +67,7 @@ class RomeSettings:
     layer: Optional[int] = None  # edited layer; null: the model's default (DEFAULT_LAYERS, else the rule)
     # k*: the value projection's input at the subject's last token, averaged over context prefixes
     key_text: KeyText = KeyText.subject  # subject (paper: prefix + subject) | prompts (prefix + edit prompt)
+    fit: KeyFit = KeyFit.prompts  # keys mapped exactly to their value + δ: mean (paper: k* only) | prompts | rows
     n_prefixes: int = 5  # context prefixes sampled from the model (plus the empty prefix)
     prefix_length: int = 10  # tokens per prefix
     prefix_top_k: int = 5  # prefixes are sampled from the model's top-k next tokens ...
@@ -76,6 +90,7 @@ class RomeSettings:
 
     def check(self) -> "RomeSettings":
         self.key_text = as_choice(KeyText, self.key_text, "key_text")
+        self.fit = as_choice(KeyFit, self.fit, "fit")
         if self.layer is not None and (isinstance(self.layer, bool) or self.layer < 0):
             raise ConfigError(f"layer must be >= 0 (or null for the model's default), got {self.layer}")
         for key in ("n_prefixes", "steps", "cov_max_length", "cov_batch_size"):
