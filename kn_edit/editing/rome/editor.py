@@ -16,6 +16,7 @@ from ...errors import EditError
 from ...progress import NullReporter, Reporter
 from ..base import Editor, EditRequest
 from ..ledger import commit
+from ..nullspace import null_space_delta
 from ..settings import with_overrides
 from ..values import value_location, whole_change
 from .covariance import KeyStatistics, key_statistics
@@ -114,7 +115,7 @@ class RomeEditor(Editor):
         trials, done = [], []
         try:
             for request in requests:
-                details, delta = self._one(km, layer, stats, prefixes, request, weight_norm)
+                details, delta = self._one(km, layer, stats, prefixes, request, weight_norm, [d.key for d in done])
                 done.append(details)
                 total += delta
                 if len(done) < len(requests):  # the next request is edited on top of this one
@@ -131,7 +132,7 @@ class RomeEditor(Editor):
         return [whole_change(km, name, weight_change(km, total))], details
 
     def _one(self, km, layer: int, stats: KeyStatistics, prefixes: list[str], request: EditRequest,
-             weight_norm: float) -> tuple[RomeRequestDetails, torch.Tensor]:
+             weight_norm: float, earlier: Sequence[torch.Tensor] = ()) -> tuple[RomeRequestDetails, torch.Tensor]:
         """(details, ΔW [d_model, d_ff] float64) of one request on the model as it is now."""
         s = self.settings
         texts = subject_texts(km, request.subject, [prompt_text(p) for p in request.prompts], prefixes,
@@ -145,8 +146,12 @@ class RomeEditor(Editor):
                                steps=s.steps, stop_loss=s.stop_loss, kl_factor=s.kl_factor,
                                weight_decay=s.weight_decay, clamp_norm_factor=s.clamp_norm_factor,
                                reporter=self.reporter)
-        u = solve_key(stats.mom2, key, s.cov_ridge)
-        delta = rank_one_delta(u, key, found.delta)  # [d_model, d_ff]
+        if s.null_space:  # AlphaEdit; earlier: this call's earlier requests' keys, kept too
+            delta = null_space_delta(km, layer, stats.mom2, found.delta[:, None], key[:, None], s.null_space_threshold,
+                                     s.null_space_ridge, torch.stack(list(earlier)) if earlier else None)[0]
+        else:
+            u = solve_key(stats.mom2, key, s.cov_ridge)
+            delta = rank_one_delta(u, key, found.delta)  # [d_model, d_ff]
         norm = float(delta.norm())
         details = RomeRequestDetails(
             subject=request.subject, old=request.old, new=request.new, key_norm=float(key.norm()),
