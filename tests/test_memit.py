@@ -227,8 +227,9 @@ def test_bad_input_leaves_the_model_unchanged(tiny_factory, tmp_path):
     km = tiny_factory("llama", n_layers=3)
     original = snapshot(km)
     conflicting = EditRequest(prompts=("The capital of France is",), old="Paris", new="Berlin", subject="France")
-    with pytest.raises(EditError, match="asked for 'Rome' and for 'Berlin' in one batch"):
-        memit(tmp_path, layers=[0, 1]).apply(km, [FRANCE, conflicting])
+    for method in (memit(tmp_path, layers=[0, 1]), make_editor("kn"), make_editor("rome")):  # every editor
+        with pytest.raises(EditError, match="asked for 'Rome' and for 'Berlin' in one batch"):
+            method.apply(km, [FRANCE, conflicting])
     with pytest.raises(EditError, match="needs the subject"):
         memit(tmp_path, layers=[0]).apply(km, [EditRequest(prompts=FRANCE.prompts, old="Paris", new="Rome")])
     with pytest.raises(EditError, match="does not occur"):

@@ -104,20 +104,14 @@ def _settings_dict(settings: MemitSettings) -> dict:
     return {k: (v.value if isinstance(v, Enum) else v) for k, v in vars(settings).items()}
 
 
-def check_batch(requests: Sequence[EditRequest], method: str) -> None:
-    """Subjects given and in every prompt; one batch cannot ask one prompt for two new objects."""
-    wanted: dict[str, tuple[str, str]] = {}
+def check_subjects(requests: Sequence[EditRequest], method: str) -> None:
+    """Every request has a subject, and every prompt contains it (the key is read at its last token)."""
     for request in requests:
         if not request.subject or not request.subject.strip():
             raise EditError(f"{method} needs the subject of request {request.old!r} → {request.new!r} (subject=..., "
                             "--subject): the key is read at the subject's last token")
         for prompt in request.prompts:
             subject_end(prompt_text(prompt), request.subject)
-            text = prompt_text(prompt)
-            if text in wanted and wanted[text][0] != request.new:
-                raise EditError(f"prompt {text!r} is asked for {wanted[text][0]!r} and for {request.new!r} in one batch "
-                                f"(requests {wanted[text][1]!r} and {request.old!r}); give each fact one new object")
-            wanted[text] = (request.new, request.old)
 
 
 class MemitEditor(Editor):
@@ -151,7 +145,7 @@ class MemitEditor(Editor):
             raise EditError("MEMIT edits causal language models (the key is read at the subject's last token before "
                             "the answer); this is a masked language model")
         layers = s.layers_for(km)
-        check_batch(requests, "MEMIT")
+        check_subjects(requests, "MEMIT")
         stats = {layer: self.statistics(km, layer) for layer in layers}
         prefixes = context_prefixes(km, s.n_prefixes, s.prefix_length, s.prefix_top_k, s.prefix_seed)
         texts = [subject_texts(km, r.subject, [prompt_text(p) for p in r.prompts], prefixes,
