@@ -170,4 +170,6 @@ def test_settings():
         make_editor("rome", overrides=["null_space_ridge=0"])
     with pytest.raises(ConfigError, match="gradient"):
         make_editor("kn", overrides=["null_space=true", "direction=contrast"])
+    with pytest.raises(ConfigError, match="rule=signed"):
+        make_editor("kn-paper", overrides=["null_space=true"])
     assert make_editor("kn", overrides=["null_space=true"]).settings.null_space

@@ -131,8 +131,8 @@ class UpdateSettings(LocateSettings):
             raise ConfigError(f"ridge must be > 0 (it keeps the metric invertible), got {self.ridge}")
         if self.bisect_steps < 0:
             raise ConfigError(f"bisect_steps must be >= 0, got {self.bisect_steps}")
-        if self.null_space and self.direction != "gradient":
-            raise ConfigError("null_space applies to the gradient direction's least-change solve (direction=gradient)")
+        if self.null_space and (self.direction != "gradient" or self.rule != "signed"):
+            raise ConfigError("null_space applies to the signed rule's least-change solve (rule=signed, direction=gradient)")
         check_null_space(self)
         return self
 
