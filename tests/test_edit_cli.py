@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,42 @@ def test_facts_file_or_one_fact_not_both(saved_tiny, tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
     assert main(["update-fact", "--model", str(saved_tiny), "-p", "The capital of France is", "--old", "Paris"]) == 2
     assert "missing --new" in capsys.readouterr().err
+
+
+def _memit_args(tmp_path: Path) -> list[str]:
+    from tiny_models import CORPUS
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(CORPUS))
+    # tiny random models need a loose norm bound for the target to move the answer at all
+    return ["--method", "memit", "--quiet", f"cov_corpus={corpus}", f"cache_dir={tmp_path / 'cache'}", "layers=[0,1]",
+            "n_prefixes=1", "prefix_length=3", "steps=2", "clamp_norm_factor=10000"]
+
+
+def test_memit_edits_a_facts_file_in_one_patch_over_its_layers(saved_tiny, tmp_path, capsys):
+    facts = _facts_file(tmp_path / "facts.jsonl", FACTS)
+    patch = tmp_path / "memit.safetensors"
+    assert main(["update-fact", "--model", str(saved_tiny), "--facts", str(facts), *_memit_args(tmp_path),
+                 "--save-patch", str(patch)]) == 0
+    assert "facts hold on every prompt" in capsys.readouterr().out
+    from kn_edit.editing import read_patch
+
+    meta, _ = read_patch(patch)
+    assert [(r["subject"], r["new"]) for r in meta["requests"]] == [("France", "Rome"), ("Japan", "Berlin")]
+    km = kn_edit.load(str(saved_tiny), device="cpu")
+    state = {k: v.detach().clone() for k, v in km.model.named_parameters()}
+    edit = kn_edit.apply_patch(km, patch)
+    assert sorted(edit.touched_parameters) == sorted(kn_edit.editing.values.value_location(km, l)[0] for l in (0, 1))
+    edit.revert()
+    assert all(torch.equal(v, state[k]) for k, v in km.model.named_parameters())
+
+
+def test_memit_with_a_malformed_facts_line_applies_nothing(saved_tiny, tmp_path, capsys):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps(FACTS[0]) + "\n{\"subject\": \"Japan\",\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["update-fact", "--model", str(saved_tiny), "--facts", str(facts), *_memit_args(tmp_path),
+                 "--save-patch", str(tmp_path / "p.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "facts.jsonl:2: not valid JSON" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["corpus.txt"])  # no patch, no statistics

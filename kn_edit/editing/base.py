@@ -121,6 +121,14 @@ class Editor(ABC):
                                 "choose a method that can erase, e.g. kn-erase")
             if not r.is_erasure and not self.can_update:
                 raise EditError(f"{self.name} only erases facts; request {r.old!r} → {r.new!r} is an update")
+        wanted: dict[str, EditRequest] = {}  # one batch cannot ask one prompt for two new objects
+        for r in requests:
+            for prompt in r.prompts:
+                key = " ".join(prompt.split())
+                seen = wanted.setdefault(key, r)
+                if seen.new != r.new:
+                    raise EditError(f"prompt {prompt!r} is asked for {seen.new!r} and for {r.new!r} in one batch; give "
+                                    "each fact one new object")
         return requests
 
     def apply(self, km, requests: Sequence[EditRequest]) -> Edit:

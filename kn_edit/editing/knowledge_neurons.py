@@ -16,6 +16,7 @@ from ..neurons import Neuron
 from ..progress import NullReporter, Reporter, track
 from .base import Edit, Editor, EditRequest
 from .filters import GENERIC_PROMPTS, drop_generic, drop_relation_shared, shared_by, slot_activations
+from .nullspace import neuron_projector, project_neurons
 from .preserve import preservation_metric
 from .ledger import commit
 from .rules import paper_deltas, signed_direction, signed_unit_deltas, unscaled_deltas
@@ -357,6 +358,9 @@ class KnowledgeNeuronEditor(_NeuronEditor):
                             "has no scale for its change; edit other neurons, or use --method kn-paper / kn-unscaled")
         change = torch.zeros(len(neurons), km.d_model)
         metric = preservation_metric(km, neurons, self.generic_prompts, s.ridge) if s.preserve else None
+        projector = self._null_projector(km, neurons) if s.null_space else None
+        if projector is not None:
+            metric = None  # the projection takes the metric's place: least norm within the null space
         trial_neurons = prior_neurons + neurons
         for it in track(self.reporter, range(s.solve_steps + 1), f"least change for {what}: steps"):
             trial = commit(km, "trial", [], value_changes(km, trial_neurons, torch.cat([prior_deltas, change]), True))
@@ -371,11 +375,25 @@ class KnowledgeNeuronEditor(_NeuronEditor):
             finally:
                 trial.revert()
             gain = (s.margin + 0.5 - margin[low]).clamp(min=0.0)
-            proposed = change + least_norm_step(grads, gain, metric)
+            if projector is not None:  # ⟨g, P x⟩ = ⟨P g, x⟩: solve with projected gradients, keep the step in P's range
+                step = project_neurons(projector, least_norm_step(project_neurons(projector, grads), gain, None))
+            else:
+                step = least_norm_step(grads, gain, metric)
+            proposed = change + step
             if float(proposed.norm()) > s.max_change * size:
                 break
             change = proposed
         return change, float(change.norm()) / size, False
+
+    def _null_projector(self, km, neurons: list[Neuron]) -> torch.Tensor:
+        """P [n, n]: the null space of the neurons' co-activation over every token of the generic prompts and of
+        the edit prompts of the model's active edits (earlier edits in a sequence stay put on these neurons)."""
+        from .ledger import active_edits
+        from .preserve import token_activations
+
+        earlier = [p for edit in active_edits(km) for r in edit.requests for p in r.prompts]
+        acts = token_activations(km, list(self.generic_prompts) + list(dict.fromkeys(earlier)), neurons)  # [T, n]
+        return neuron_projector(acts.T.double() @ acts.double() / len(acts), self.settings.null_space_threshold)
 
     def _joint(self, km, plans: list[_Plan]) -> tuple[list[Neuron], torch.Tensor, list[float | None]]:
         """batch=joint (gradient direction, several requests): one least-change problem whose constraints are

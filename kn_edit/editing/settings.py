@@ -8,6 +8,7 @@ from typing import Optional
 
 from ..errors import ConfigError
 from ..locate import LocateSettings
+from .nullspace import check_null_space
 
 
 class Choice(str, Enum):
@@ -86,6 +87,10 @@ class UpdateSettings(LocateSettings):
     # edits that succeed stay below 1, and a margin that saturates would otherwise grow the change without end.
     max_change: float = 2.0
     batch: BatchSolve = BatchSolve.joint  # several requests at once (gradient direction)
+    # AlphaEdit-style (kn_edit.editing.nullspace): the change restricted to the null space of the neurons'
+    # co-activation over the generic prompts and the prompts of the model's active edits (instead of `preserve`)
+    null_space: bool = False
+    null_space_threshold: float = 0.01  # eigenvalues below this × the largest span the null space
     # contrast / new directions
     weighting: Weighting = Weighting.activation  # activation (delta ∝ a_i) | sign (delta ∝ sign(a_i))
     initial_scale: float = 1.0
@@ -126,6 +131,9 @@ class UpdateSettings(LocateSettings):
             raise ConfigError(f"ridge must be > 0 (it keeps the metric invertible), got {self.ridge}")
         if self.bisect_steps < 0:
             raise ConfigError(f"bisect_steps must be >= 0, got {self.bisect_steps}")
+        if self.null_space and (self.direction != "gradient" or self.rule != "signed"):
+            raise ConfigError("null_space applies to the signed rule's least-change solve (rule=signed, direction=gradient)")
+        check_null_space(self)
         return self
 
 

@@ -16,6 +16,7 @@ from ...errors import EditError
 from ...progress import NullReporter, Reporter
 from ..base import Editor, EditRequest
 from ..ledger import commit
+from ..nullspace import null_space_delta
 from ..settings import with_overrides
 from ..values import value_location, whole_change
 from .covariance import KeyStatistics, key_statistics
@@ -114,7 +115,7 @@ class RomeEditor(Editor):
         trials, done = [], []
         try:
             for request in requests:
-                details, delta = self._one(km, layer, stats, prefixes, request, weight_norm)
+                details, delta = self._one(km, layer, stats, prefixes, request, weight_norm, [d.key for d in done])
                 done.append(details)
                 total += delta
                 if len(done) < len(requests):  # the next request is edited on top of this one
@@ -131,7 +132,7 @@ class RomeEditor(Editor):
         return [whole_change(km, name, weight_change(km, total))], details
 
     def _one(self, km, layer: int, stats: KeyStatistics, prefixes: list[str], request: EditRequest,
-             weight_norm: float) -> tuple[RomeRequestDetails, torch.Tensor]:
+             weight_norm: float, earlier: Sequence[torch.Tensor] = ()) -> tuple[RomeRequestDetails, torch.Tensor]:
         """(details, ΔW [d_model, d_ff] float64) of one request on the model as it is now."""
         s = self.settings
         texts = subject_texts(km, request.subject, [prompt_text(p) for p in request.prompts], prefixes,
@@ -145,13 +146,18 @@ class RomeEditor(Editor):
                                steps=s.steps, stop_loss=s.stop_loss, kl_factor=s.kl_factor,
                                weight_decay=s.weight_decay, clamp_norm_factor=s.clamp_norm_factor,
                                reporter=self.reporter)
-        keys = key[None]
-        if s.fit != KeyFit.mean:  # the edit's own keys get the whole δ too (rome/update.py)
+        keys = key[None]  # [m, d_ff]: the keys that get the whole δ
+        if s.fit != KeyFit.mean:  # the edit's own keys too (rome/update.py)
             own = subject_texts(km, request.subject, [prompt_text(p) for p in request.prompts],
                                 prefixes if s.fit == KeyFit.rows else [""], whole_subject=False)
             keys = torch.cat([keys, keys_at(km, layer, own)])
-        direction = exact_direction(stats.mom2, keys, s.cov_ridge)  # w [d_ff]
-        delta = torch.outer(found.delta.to(torch.float64), direction)  # ΔW = δ wᵀ [d_model, d_ff]
+        if s.null_space:  # AlphaEdit; earlier: this call's earlier requests' keys, kept too
+            residuals = found.delta.to(torch.float64)[:, None].expand(-1, len(keys))  # [d_model, m]
+            delta = null_space_delta(km, layer, stats.mom2, residuals, keys.T, s.null_space_threshold,
+                                     s.null_space_ridge, torch.stack(list(earlier)) if earlier else None)[0]
+        else:
+            direction = exact_direction(stats.mom2, keys, s.cov_ridge)  # w [d_ff]
+            delta = torch.outer(found.delta.to(torch.float64), direction)  # ΔW = δ wᵀ [d_model, d_ff]
         norm = float(delta.norm())
         details = RomeRequestDetails(
             subject=request.subject, old=request.old, new=request.new, key_norm=float(key.norm()),

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ...errors import ConfigError, EditError
+from ..nullspace import check_null_space
 from ..settings import Choice, as_choice
 
 
@@ -87,6 +88,10 @@ class RomeSettings:
     cov_ridge: float = 0.0  # C + ridge · mean(diag C) · I before solving (0: C as estimated)
     cache: bool = True  # read / write the statistics under cache_dir
     cache_dir: Optional[str] = None  # null: $KN_EDIT_CACHE/rome
+    # AlphaEdit: the update projected onto the null space of the preserved keys (kn_edit.editing.nullspace)
+    null_space: bool = False
+    null_space_threshold: float = 0.01  # eigenvalues of C below this × the largest span the null space
+    null_space_ridge: float = 0.1  # α in (K_p K_pᵀ P + k kᵀ P + α I)⁻¹, in units of mean(diag C)
 
     def check(self) -> "RomeSettings":
         self.key_text = as_choice(KeyText, self.key_text, "key_text")
@@ -111,6 +116,7 @@ class RomeSettings:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if not isinstance(self.cov_corpus, str) or not self.cov_corpus.strip():
             raise ConfigError("cov_corpus must be 'wikipedia' or the path of a text file")
+        check_null_space(self)
         return self
 
     def layer_for(self, km) -> int:

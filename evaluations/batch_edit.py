@@ -1,0 +1,231 @@
+"""Many facts in one edit against one edit per fact, on smollm2-135m (issue 13): MEMIT's batch update and the
+knowledge-neuron editor's joint solve (``batch=joint``), each against the same method applied to every fact alone.
+
+Per method and way (batch: all N facts in one ``Editor.apply``; single: each fact alone, reverted before the next):
+
+* success: share of the facts whose new object is the greedy answer on every edit prompt, every token (the edit
+  report's per-prompt success, the same measure for every method);
+* held-out top-1: new object top-1 on the facts' held-out paraphrases;
+* kept: of other facts of the edited relations that the model answered right before (same old object / another
+  object; evaluations/rome_check.py's neighbours, never an edited fact), the share still answered right — after
+  the batch edit for ``batch``, after each fact's own edit for ``single`` (the same pairs, pooled);
+* text ppl: relative change of Wikipedia perplexity (held-out slice; batch: once; single: mean over the edits);
+* seconds: the edit's own time (batch: one edit; single: the sum over the N edits).
+
+Every edit is reverted and the model checked bit for bit before the next.
+
+    .venv/bin/python evaluations/batch_edit.py --facts 20               # evaluations/results/batch_edit.{json,md}
+    .venv/bin/python evaluations/batch_edit.py --facts 100 --methods memit --per-relation 10   # the issue's full run
+
+Facts: evaluations/rome_check.py's selection (evaluations/edit_rules.py's relations, seed and known prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "evaluations"))
+
+import kn_edit  # noqa: E402
+from kn_edit.data import wiki_passages  # noqa: E402
+from kn_edit.data.requests import prompt_top1  # noqa: E402
+from kn_edit.editing import EditRequest, ledger_for, make_editor  # noqa: E402
+from kn_edit.editing.knowledge_neurons import default_locator  # noqa: E402
+
+from edit_rules import select_facts  # noqa: E402
+from rome_check import neighbours, perplexity  # noqa: E402
+
+# method → settings that make its batch solve (the kn editor's default is already batch=joint)
+METHODS = {"memit": {}, "kn": {"batch": "joint"}, "rome": {}}
+
+
+def memo_locator():
+    """The default locator, each fact located once (batch and single edits edit the same neurons)."""
+    seen: dict = {}
+
+    def locate(km, prompts, target, settings):
+        key = (tuple(prompts), target, settings.steps, settings.threshold, settings.share)
+        if key not in seen:
+            seen[key] = default_locator(km, prompts, target, settings)
+        return seen[key]
+
+    return locate
+
+
+def request_of(fact) -> EditRequest:
+    return EditRequest(tuple(fact["prompts"]), fact["old"], fact["new"], subject=fact["subject"], relation=fact["relation"])
+
+
+def state_of(km) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in km.model.named_parameters()}
+
+
+def reverted(km, edit, state) -> None:
+    edit.revert()
+    changed = [k for k, v in km.model.named_parameters() if not torch.equal(v, state[k])]
+    assert not changed and not ledger_for(km).active_edits, f"revert failed: {changed[:3]}"
+
+
+def per_fact_success(report, facts) -> list[bool]:
+    out, at = [], 0
+    for f in facts:
+        n = len(f["prompts"])
+        out.append(all(p.success for p in report.prompts[at : at + n]))
+        at += n
+    return out
+
+
+def measure(km, facts, text, base_ppl) -> dict:
+    held = [(p, f["new"]) for f in facts for p in f["heldout"]]
+    same = [x for f in facts for x in f["same"]]
+    other = [x for f in facts for x in f["other"]]
+    return {"heldout_top1": prompt_top1(km, held) if held else [], "same_kept": prompt_top1(km, same) if same else [],
+            "other_kept": prompt_top1(km, other) if other else [], "ppl_change": perplexity(km, *text) / base_ppl - 1}
+
+
+def run_batch(km, name, facts, text, base_ppl, extras) -> dict:
+    editor = make_editor(name, overrides=METHODS[name], **extras)
+    state = state_of(km)
+    try:
+        edit = editor.apply(km, [request_of(f) for f in facts])
+    except kn_edit.KnEditError as exc:
+        return {"refused": str(exc)}
+    got = measure(km, facts, text, base_ppl)
+    got.update(success=per_fact_success(edit.report, facts), seconds=edit.report.seconds,
+               peak_memory_mb=edit.report.peak_memory_mb)
+    reverted(km, edit, state)
+    return got
+
+
+def run_single(km, name, facts, text, base_ppl, extras) -> dict:
+    editor = make_editor(name, overrides=METHODS[name], **extras)
+    rows = {"success": [], "heldout_top1": [], "same_kept": [], "other_kept": [], "ppl_change": [], "seconds": 0.0,
+            "refused": 0}
+    for i, f in enumerate(facts):
+        state = state_of(km)
+        try:
+            edit = editor.apply(km, [request_of(f)])
+        except kn_edit.KnEditError:
+            rows["refused"] += 1
+            rows["success"].append(False)
+            got = measure(km, [f], text, base_ppl)  # the model is unchanged: its neighbours are all kept
+        else:
+            rows["success"].append(per_fact_success(edit.report, [f])[0])
+            rows["seconds"] += edit.report.seconds
+            got = measure(km, [f], text, base_ppl)
+            reverted(km, edit, state)
+        for key in ("heldout_top1", "same_kept", "other_kept"):
+            rows[key] += got[key]
+        rows["ppl_change"].append(got["ppl_change"])
+        print(f"    single {name} [{i + 1}/{len(facts)}] {f['subject']!r} success={rows['success'][-1]}", flush=True)
+    return rows
+
+
+def summary(got: dict) -> dict:
+    if isinstance(got.get("refused"), str):
+        return {"refused": got["refused"]}
+    share = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    ppl = got["ppl_change"]
+    return {"success": share(got["success"]), "heldout_top1": share(got["heldout_top1"]),
+            "same_kept": share(got["same_kept"]), "n_same": len(got["same_kept"]),
+            "other_kept": share(got["other_kept"]), "n_other": len(got["other_kept"]),
+            "ppl_change": share(ppl) if isinstance(ppl, list) else ppl, "seconds": got["seconds"],
+            "refused": got.get("refused", 0) if not isinstance(got.get("refused"), str) else None}
+
+
+def markdown(meta, results) -> str:
+    pct = lambda x: "–" if x is None else f"{100 * x:.1f} %"  # noqa: E731
+    lines = [
+        "# Batch edits on smollm2-135m: N facts in one edit vs one edit per fact",
+        "",
+        f"{meta['n_facts']} ParaRel facts the model knows ({', '.join(meta['relations'])}), at most {meta['prompts']} "
+        "edit prompts each, new object another object of the same relation; neighbours: other facts of the edited "
+        f"relations the model answered right. Text perplexity: {meta['text_passages']} held-out Wikipedia passages "
+        f"cut at {meta['text_tokens']} tokens (before: {meta['base_ppl']:.2f}). `evaluations/batch_edit.py "
+        f"{meta['argv']}` (settings besides the defaults: {meta['settings']}), {meta['seconds']:.0f} s wall, CPU, {meta['threads']} thread, machine shared with other jobs.",
+        "",
+        "| method | way | success | held-out top-1 | same-object kept | other-object kept | text ppl change | seconds (all N) | refused |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, ways in results.items():
+        for way, s in ways.items():
+            if "success" not in s:
+                lines.append(f"| {name} | {way} | refused: {s['refused']} | | | | | | |")
+                continue
+            lines.append(f"| {name} | {way} | {pct(s['success'])} | {pct(s['heldout_top1'])} | {pct(s['same_kept'])} "
+                         f"(n={s['n_same']}) | {pct(s['other_kept'])} (n={s['n_other']}) | {100 * s['ppl_change']:+.2f} % | "
+                         f"{s['seconds']:.0f} | {s['refused'] if s['refused'] is not None else '–'} |")
+    lines += ["", "batch: one edit of all N facts (MEMIT: one update per critical layer; kn: one joint least-change "
+              "solve); single: each fact edited alone and reverted (kept and text ppl: mean over the N edits).", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "pararel"))
+    parser.add_argument("--facts", type=int, default=20)
+    parser.add_argument("--per-relation", type=int, default=2)
+    parser.add_argument("--scan", type=int, default=20)
+    parser.add_argument("--prompts", type=int, default=3)
+    parser.add_argument("--neighbours", type=int, default=2, help="per kind (same / other object) and fact")
+    parser.add_argument("--methods", default="memit,kn", help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--ways", default="batch,single")
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                        help="a setting of one method, e.g. memit:mom2_update_weight=150 (repeatable)")
+    parser.add_argument("--text-passages", type=int, default=12)
+    parser.add_argument("--text-tokens", type=int, default=96)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "evaluations" / "results"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    km = kn_edit.load(args.model, device="cpu")
+    facts = select_facts(km, Path(args.data), args.facts, args.per_relation, args.scan, args.seed, args.prompts)
+    neighbours(km, Path(args.data), facts, args.seed, args.neighbours, scan=60)
+    print(f"{len(facts)} facts selected ({time.time() - t0:.0f}s)", flush=True)
+    texts = wiki_passages(args.text_passages)
+    text = km.pad([torch.tensor(km.tokenizer(t)["input_ids"][: args.text_tokens]) for t in texts])
+    base_ppl = perplexity(km, *text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": args.model, "n_facts": len(facts), "relations": sorted({f["relation"] for f in facts}),
+            "prompts": args.prompts, "seed": args.seed, "base_ppl": base_ppl, "threads": args.threads,
+            "text_passages": args.text_passages, "text_tokens": args.text_tokens, "argv": " ".join(sys.argv[1:]),
+            "facts": [{k: f[k] for k in ("fact_id", "subject", "old", "new", "prompts", "heldout", "same", "other")}
+                      for f in facts]}
+    for item in args.set:
+        method, _, kv = item.partition(":")
+        key, _, value = kv.partition("=")
+        METHODS[method] = {**METHODS[method], key: json.loads(value) if value[:1] in "0123456789-[{tf" else value}
+    meta["settings"] = {m: METHODS[m] for m in args.methods.split(",")}
+    results: dict[str, dict] = {}
+    raw: dict[str, dict] = {}
+    for name in [m.strip() for m in args.methods.split(",")]:
+        extras = {"locator": memo_locator()} if name.startswith("kn") else {}
+        for way in [w.strip() for w in args.ways.split(",")]:
+            t = time.time()
+            print(f"{name} {way}:", flush=True)
+            run = run_batch if way == "batch" else run_single
+            got = run(km, name, facts, text, base_ppl, extras)
+            raw.setdefault(name, {})[way] = got
+            results.setdefault(name, {})[way] = summary(got)
+            print(f"{name} {way}: {json.dumps(results[name][way])} ({time.time() - t:.0f}s)", flush=True)
+            meta["seconds"] = time.time() - t0
+            (out / "batch_edit.json").write_text(json.dumps({"meta": meta, "summary": results, "raw": raw}, indent=1))
+            (out / "batch_edit.md").write_text(markdown(meta, results))
+    print(markdown(meta, results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

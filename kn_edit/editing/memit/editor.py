@@ -1,0 +1,226 @@
+"""The MEMIT editor (Meng et al. 2023, "Mass-Editing Memory in a Transformer"), implemented from the paper.
+
+For a batch of requests, over critical layers R = l_1 < ... < L:
+
+1. per request i, a target residual z_i = h_i^L + δ_i at the subject's last token after layer L: δ_i is
+   optimised like ROME's v* (kn_edit.editing.rome.values.optimise_value: added to layer L's FFN output, which
+   adds it to the residual stream), and h_i^L is the residual after layer L averaged over the rewrite rows (every
+   edit prompt after every context prefix);
+2. for each l in R in order, on the model with the earlier layers' updates applied: the keys K_l (each request's
+   value-projection input at the subject's last token, averaged over context prefixes as ROME's k*), the residual
+   still missing z_i − h_i^L spread over the layers left, R_l = (z_i − h_i^L) / (L − l + 1), and the update
+   ΔW_l = R_l K_lᵀ (λ C_l + K_l K_lᵀ)⁻¹ (kn_edit.editing.memit.solve), or with ``null_space`` AlphaEdit's
+   projected update (kn_edit.editing.nullspace).
+
+One edit: one whole-parameter change per layer of R. The key statistics C_l are the unedited model's: read (or
+computed and cached on disk, shared with ROME) the first time the editor edits a model, and kept for that model
+by the editor, so later edits in a sequence (which change the layers below l, and so the cache's digest) do not
+recompute them; C describes the knowledge to preserve, which is the unedited model's.
+
+Gemma 3 scales the FFN output with a norm before the residual, so there δ added to the FFN output is not the
+residual's change; MEMIT is exact for the pre-norm families (GPT-2, LLaMA, Mistral, Qwen2, GPT-NeoX, GPT-J).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Sequence
+
+import torch
+
+from ...errors import EditError
+from ...progress import NullReporter, Reporter
+from ..base import Editor, EditRequest
+from ..ledger import commit
+from ..nullspace import null_space_delta
+from ..rome.covariance import KeyStatistics, key_statistics
+from ..rome.keys import context_prefixes, keys_at, prompt_text, subject_end, subject_texts
+from ..rome.settings import KeyText
+from ..rome.update import weight_change
+from ..rome.values import kl_row, optimise_value, rewrite_rows
+from ..settings import with_overrides
+from ..values import value_location, whole_change
+from .hidden import hidden_at_subject
+from .settings import MemitSettings
+from .solve import memit_delta
+
+
+@dataclass
+class MemitRequestDetails:
+    """The target of one request: δ = z − h^L [d_model] (at the last critical layer, before the edit)."""
+
+    subject: str
+    old: str
+    new: str
+    target_norm: float  # ‖δ‖
+    output_norm: float  # ‖W_L k‖ of the last critical layer, the scale of the norm terms
+    clamped: bool
+    steps: int
+    stopped_early: bool
+    nll_first: float
+    nll_last: float
+    kl_last: float
+    remaining: float  # ‖z − h^L‖ / ‖δ‖ after the edit (0: the target is reached exactly)
+    delta: torch.Tensor = field(repr=False)
+    hidden: torch.Tensor = field(repr=False)  # h^L before the edit [d_model]
+
+
+@dataclass
+class MemitLayerDetails:
+    """One critical layer's update: keys K_l [n, d_ff] and residuals R_l [n, d_model] it was solved for."""
+
+    layer: int
+    parameter: str
+    update_norm: float  # ‖ΔW_l‖
+    relative_update: float  # ‖ΔW_l‖ / ‖W_l‖
+    covariance_tokens: int
+    covariance_from_cache: bool
+    null_space_dims: int | None  # with null_space: the dimension of the projector's range
+    keys: torch.Tensor = field(repr=False)
+    residuals: torch.Tensor = field(repr=False)
+
+
+@dataclass
+class MemitDetails:
+    """MEMIT's details (``EditReport.details``)."""
+
+    layers: list[int]
+    key_text: str
+    prefixes: list[str]
+    null_space: bool
+    relative_update: float  # ‖[ΔW_l]‖ / ‖[W_l]‖ over the layers
+    requests: list[MemitRequestDetails]
+    updates: list[MemitLayerDetails]
+    settings: dict
+
+    def keys_by_layer(self) -> dict[int, torch.Tensor]:
+        """{layer: keys [n, d_ff]} this edit wrote (read by the null-space option of later edits)."""
+        return {u.layer: u.keys for u in self.updates}
+
+
+def _settings_dict(settings: MemitSettings) -> dict:
+    return {k: (v.value if isinstance(v, Enum) else v) for k, v in vars(settings).items()}
+
+
+def check_subjects(requests: Sequence[EditRequest], method: str) -> None:
+    """Every request has a subject, and every prompt contains it (the key is read at its last token)."""
+    for request in requests:
+        if not request.subject or not request.subject.strip():
+            raise EditError(f"{method} needs the subject of request {request.old!r} → {request.new!r} (subject=..., "
+                            "--subject): the key is read at the subject's last token")
+        for prompt in request.prompts:
+            subject_end(prompt_text(prompt), request.subject)
+
+
+class MemitEditor(Editor):
+    """MEMIT. ``key_texts``: the text the key statistics are taken over, instead of ``cov_corpus``."""
+
+    name = "memit"
+    config_class = MemitSettings
+    can_update = True
+    can_erase = False
+
+    def __init__(self, settings: MemitSettings | None = None, *, key_texts: Sequence[str] | None = None,
+                 reporter: Reporter | None = None, **overrides) -> None:
+        self.settings = with_overrides(settings or MemitSettings(), overrides)
+        self.key_texts = list(key_texts) if key_texts is not None else None
+        self.reporter = reporter or NullReporter()
+        # per model: {layer: statistics of the unedited model} (see the module docstring)
+        self._statistics: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def statistics(self, km, layer: int) -> KeyStatistics:
+        held = self._statistics.setdefault(km.model, {})
+        if layer not in held:
+            s = self.settings
+            held[layer] = key_statistics(km, layer, self.key_texts, corpus=s.cov_corpus, n_tokens=s.cov_tokens,
+                                         max_length=s.cov_max_length, batch_size=s.cov_batch_size, cache=s.cache,
+                                         cache_dir=s.cache_dir, reporter=self.reporter)
+        return held[layer]
+
+    def compute(self, km, requests: list[EditRequest]) -> tuple[list, MemitDetails]:
+        s = self.settings
+        if km.is_masked_lm:
+            raise EditError("MEMIT edits causal language models (the key is read at the subject's last token before "
+                            "the answer); this is a masked language model")
+        layers = s.layers_for(km)
+        check_subjects(requests, "MEMIT")
+        stats = {layer: self.statistics(km, layer) for layer in layers}
+        prefixes = context_prefixes(km, s.n_prefixes, s.prefix_length, s.prefix_top_k, s.prefix_seed)
+        texts = [subject_texts(km, r.subject, [prompt_text(p) for p in r.prompts], prefixes,
+                               whole_subject=s.key_text == KeyText.subject) for r in requests]
+        rows = [rewrite_rows(km, r.prompts, r.subject, r.new, prefixes) for r in requests]
+        last = layers[-1]
+        targets = [self._target(km, last, r, t, w) for r, t, w in zip(requests, texts, rows)]
+        deltas = torch.stack([t.delta for t in targets])  # [n, d_model]
+        before = torch.stack([t.hidden for t in targets])  # h^L before the edit [n, d_model]
+
+        changes, updates, trials = [], [], []
+        try:
+            with self.reporter.task(f"MEMIT over layers {layers}", total=len(layers)) as task:
+                for j, layer in enumerate(layers):
+                    keys = torch.stack([keys_at(km, layer, t).mean(dim=0) for t in texts]).double()  # [n, d_ff]
+                    missing = deltas - (self._hidden(km, last, rows) - before)  # z − h^L now [n, d_model]
+                    residuals = missing / (len(layers) - j)
+                    delta, update = self._update(km, layer, stats[layer], keys, residuals)
+                    updates.append(update)
+                    changes.append(whole_change(km, update.parameter, weight_change(km, delta)))
+                    if j < len(layers) - 1:  # the next layers are solved on top of this one
+                        trials.append(commit(km, "trial", [], [changes[-1]]))
+                    task.advance()
+            # how much of each target the edit leaves missing (the last layer's update is applied for this)
+            trials.append(commit(km, "trial", [], [changes[-1]]))
+            remaining = deltas - (self._hidden(km, last, rows) - before)
+        finally:
+            for trial in reversed(trials):
+                trial.revert()
+        for target, miss in zip(targets, remaining):
+            target.remaining = float(miss.norm()) / max(float(target.delta.norm()), 1e-12)
+        weights = sum(float(km.value_weight(l).detach().double().norm()) ** 2 for l in layers) ** 0.5
+        total = sum(u.update_norm ** 2 for u in updates) ** 0.5
+        details = MemitDetails(layers=layers, key_text=str(s.key_text), prefixes=prefixes, null_space=s.null_space,
+                               relative_update=total / max(weights, 1e-12), requests=targets, updates=updates,
+                               settings=_settings_dict(s))
+        return changes, details
+
+    def _hidden(self, km, layer: int, rows: list[list]) -> torch.Tensor:
+        """h^L of each request now: the residual after ``layer`` averaged over its rewrite rows [n, d_model]."""
+        return torch.stack([hidden_at_subject(km, layer, r).mean(dim=0) for r in rows])
+
+    def _target(self, km, last: int, request: EditRequest, texts, rows) -> MemitRequestDetails:
+        """δ = z − h^L for one request on the model as it is (ROME's v* objective at layer L)."""
+        s = self.settings
+        key = keys_at(km, last, texts).mean(dim=0)
+        proj = km.value_proj(last)
+        with torch.no_grad():
+            output = proj(key.to(km.device, proj.weight.dtype)[None])[0].float().cpu()
+        found = optimise_value(km, last, rows, kl_row(km, request.subject), float(output.norm()), lr=s.lr, steps=s.steps,
+                               stop_loss=s.stop_loss, kl_factor=s.kl_factor, weight_decay=s.weight_decay,
+                               clamp_norm_factor=s.clamp_norm_factor, reporter=self.reporter)
+        hidden = hidden_at_subject(km, last, rows).mean(dim=0)
+        return MemitRequestDetails(
+            subject=request.subject, old=request.old, new=request.new, target_norm=float(found.delta.norm()),
+            output_norm=float(output.norm()), clamped=found.clamped, steps=len(found.losses),
+            stopped_early=found.stopped_early, nll_first=found.nll[0], nll_last=found.nll[-1], kl_last=found.kl[-1],
+            remaining=float("nan"), delta=found.delta.double(), hidden=hidden,
+        )
+
+    def _update(self, km, layer: int, stats: KeyStatistics, keys: torch.Tensor,
+                residuals: torch.Tensor) -> tuple[torch.Tensor, MemitLayerDetails]:
+        """(ΔW_l [d_model, d_ff] float64, its details) for keys [n, d_ff] and residuals [n, d_model]."""
+        s = self.settings
+        dims = None
+        if s.null_space:
+            delta, space = null_space_delta(km, layer, stats.mom2, residuals.T, keys.T, s.null_space_threshold,
+                                            s.null_space_ridge)
+            dims = space.kept
+        else:
+            delta = memit_delta(residuals.T, keys.T, stats.mom2, s.mom2_update_weight, s.cov_ridge)
+        norm = float(delta.norm())
+        return delta, MemitLayerDetails(
+            layer=layer, parameter=value_location(km, layer)[0], update_norm=norm,
+            relative_update=norm / max(float(km.value_weight(layer).detach().double().norm()), 1e-12),
+            covariance_tokens=stats.n_tokens, covariance_from_cache=stats.from_cache, null_space_dims=dims,
+            keys=keys.float(), residuals=residuals.float(),
+        )

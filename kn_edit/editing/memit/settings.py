@@ -1,0 +1,87 @@
+"""MEMIT's settings (``configs/methods/memit.yaml`` states the defaults) and the critical layers per model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+from ...errors import ConfigError, EditError
+from ..nullspace import check_null_space
+from ..rome.settings import KeyText, RomeSettings, default_layer
+
+# (adapter family, n_layers, d_model) → critical layers R (0-based, ascending). smollm2-135m: five layers around
+# ROME's layer 5 (its sweep: 3 edits more, 8 generalizes less), like MEMIT's five for GPT-2 XL (13–17 of 48) and
+# six for GPT-J (3–8 of 28), which also reach a little past ROME's single layer.
+DEFAULT_LAYERS: dict[tuple[str, int, int], list[int]] = {
+    ("llama", 30, 576): [3, 4, 5, 6, 7],  # smollm2-135m
+    ("gpt2", 48, 1600): [13, 14, 15, 16, 17],  # gpt2-xl (MEMIT)
+}
+
+
+def default_layers(km) -> list[int]:
+    """The critical layers for ``km``: the table above, else ROME's layer for the model and the two below it
+    (clipped at 0): R ends at the layer ROME edits, as MEMIT's R ends at (or just past) ROME's layer."""
+    found = DEFAULT_LAYERS.get((km.adapter.family, km.n_layers, km.d_model))
+    if found is not None:
+        return list(found)
+    top = default_layer(km)
+    return list(range(max(0, top - 2), top + 1))
+
+
+@dataclass
+class MemitSettings:
+    """MEMIT (Meng et al. 2023): for every layer l of R in turn, ΔW_l = R_l K_lᵀ (λ C_l + K_l K_lᵀ)⁻¹."""
+
+    layers: Optional[list[int]] = None  # critical layers R, ascending; null: the model's default (DEFAULT_LAYERS)
+    # k: the value projection's input at the subject's last token, averaged over context prefixes (as ROME)
+    key_text: KeyText = KeyText.subject  # subject (paper: prefix + subject) | prompts (prefix + edit prompt)
+    n_prefixes: int = 5
+    prefix_length: int = 10
+    prefix_top_k: int = 5
+    prefix_seed: int = 0
+    # z = h^L + δ: δ added to the last critical layer's FFN output, optimised as ROME's v* (Adam, KL, clamp)
+    lr: float = 0.5
+    steps: int = 25
+    stop_loss: float = 0.05
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    # λ: weight of the preserved keys' statistics C = E[k kᵀ] against the batch's own keys
+    mom2_update_weight: float = 1500.0
+    cov_corpus: str = "wikipedia"
+    cov_tokens: int = 50000
+    cov_max_length: int = 128
+    cov_batch_size: int = 16
+    cov_ridge: float = 0.0
+    cache: bool = True
+    cache_dir: Optional[str] = None
+    # AlphaEdit: project each layer's update onto the null space of its preserved keys (kn_edit.editing.nullspace)
+    null_space: bool = False
+    null_space_threshold: float = 0.01  # eigenvalues of C below this × the largest span the null space
+    null_space_ridge: float = 0.1  # α in (K_p K_pᵀ P + K Kᵀ P + α I)⁻¹, in units of mean(diag C)
+
+    def check(self) -> "MemitSettings":
+        # The settings MEMIT shares with ROME are checked by ROME's own rules.
+        shared = {f.name: getattr(self, f.name) for f in fields(RomeSettings) if hasattr(self, f.name)}
+        checked = RomeSettings(**shared).check()
+        self.key_text = checked.key_text
+        if self.layers is not None:
+            layers = list(self.layers)
+            if not layers:
+                raise ConfigError("layers must list at least one layer (or be null for the model's default)")
+            if any(isinstance(l, bool) or not isinstance(l, int) or l < 0 for l in layers):
+                raise ConfigError(f"layers must be layer numbers >= 0, got {layers}")
+            if layers != sorted(set(layers)):
+                raise ConfigError(f"layers must be ascending and distinct, got {layers}")
+            self.layers = layers
+        if self.mom2_update_weight < 0:
+            raise ConfigError(f"mom2_update_weight must be >= 0, got {self.mom2_update_weight}")
+        check_null_space(self)
+        return self
+
+    def layers_for(self, km) -> list[int]:
+        layers = default_layers(km) if self.layers is None else list(self.layers)
+        if layers[-1] >= km.n_layers:
+            raise EditError(f"layer {layers[-1]} does not exist: the model has {km.n_layers} layers (0..{km.n_layers - 1})")
+        return layers
+
