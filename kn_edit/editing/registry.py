@@ -41,6 +41,8 @@ METHODS: dict[str, MethodSpec] = {
                    "erase a relation: neurons shared by >= 10 % of its facts to 0"),
         MethodSpec("rome", "kn_edit.editing.rome:RomeEditor",
                    "ROME (Meng et al. 2022): rank-one update of one layer's FFN value projection"),
+        MethodSpec("kn-subject", "kn_edit.editing.subject_neurons:SubjectNeuronEditor",
+                   "knowledge neurons at the subject's last token, least change on general text (subject-specific)"),
         MethodSpec("ft", "kn_edit.editing.finetune:FineTuneEditor",
                    "FT-L: fine-tune one layer's FFN value projection under an L-infinity bound"),
         MethodSpec("ft-m", "kn_edit.editing.finetune:FineTuneEditor",

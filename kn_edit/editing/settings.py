@@ -95,6 +95,9 @@ class UpdateSettings(LocateSettings):
     bisect_steps: int = 6
     # When the margin is not reached: raise (model unchanged) or apply the last change tried.
     on_failure: OnFailure = OnFailure["raise"]
+    # Text-damage guard (signed rule): refuse the edit (model unchanged) when it changes perplexity on a small
+    # fixed Wikipedia sample by more than this share (kn_edit.editing.guard); null: measure and report only.
+    max_text_change: Optional[float] = 0.05
 
     def check(self) -> "UpdateSettings":
         self.check_locate()
@@ -126,7 +129,14 @@ class UpdateSettings(LocateSettings):
             raise ConfigError(f"ridge must be > 0 (it keeps the metric invertible), got {self.ridge}")
         if self.bisect_steps < 0:
             raise ConfigError(f"bisect_steps must be >= 0, got {self.bisect_steps}")
+        check_text_limit(self.max_text_change)
         return self
+
+
+def check_text_limit(limit) -> None:
+    """max_text_change: null or a share > 0."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
+        raise ConfigError(f"max_text_change must be > 0 (a share, e.g. 0.05) or null, got {limit!r}")
 
 
 @dataclass
