@@ -118,15 +118,15 @@ class SubjectRequestDetails:
     subject: str
     old: str
     new: str
-    neurons: list[int]  # indices in the layer, strongest attribution first
-    scores: list[float]
-    key_norm: float  # ‖k*‖ (whole layer)
-    delta_norm: float  # ‖δ‖ = ‖v* − W k*‖
-    clamped: bool
-    nll_first: float
-    nll_last: float
-    change_norm: float  # ‖D‖ (Frobenius)
-    relative_change: float  # ‖D‖ / ‖V_S‖
+    neurons: list[int] = field(metadata={"show": False})  # indices in the layer, strongest attribution first
+    scores: list[float] = field(metadata={"show": False})  # their attribution at the subject's last token
+    key_norm: float = 0.0  # ‖k*‖ (whole layer)
+    delta_norm: float = 0.0  # ‖δ‖ = ‖v* − W k*‖
+    clamped: bool = False
+    nll_first: float = 0.0  # mean NLL of new over the rewrite rows, before and after optimising δ
+    nll_last: float = 0.0
+    change_norm: float = 0.0  # ‖D‖ (Frobenius)
+    relative_change: float = 0.0  # ‖D‖ / ‖V_S‖
     preserved: int = 0  # preserved subjects' keys held in the solve
     key: torch.Tensor = field(default=None, repr=False, metadata={"show": False})  # k* [d_ff]
     delta: torch.Tensor = field(default=None, repr=False, metadata={"show": False})  # δ [d_model]
