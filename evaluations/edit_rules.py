@@ -75,7 +75,7 @@ CONFIGS = {
 }
 
 
-DEFAULT_CONFIGS = ["signed (default)", "signed + shared filter", "signed (gradient least-norm)",
+DEFAULT_CONFIGS = ["signed (default)", "kn-subject (64 neurons at the subject; layer 5)", "signed + shared filter", "signed (gradient least-norm)",
                    "signed (contrast direction: earlier default)", "paper (all neurons)", "unscaled (all neurons)"]
 
 
@@ -245,7 +245,10 @@ def markdown(meta, summaries) -> str:
               "located for more than 10 % of them are not edited) and its default fallback (where the neurons left "
               "cannot reach the margin, all located neurons are edited; without the fallback 8 of the 25 edits are "
               "refused, success 68 %, other facts kept 91.5 % / 94.3 % / 41.7 %). `gradient least-norm`: the default without the "
-              "preservation metric (least plain norm). The `contrast` direction was the default before.", ""]
+              "preservation metric (least plain norm). The `contrast` direction was the default before. `kn-subject`: "
+              "the knowledge neurons of layer 5 located at the subject's last token, their value vectors changed by "
+              "the least change on Wikipedia text that moves the layer's output by ROME's δ on the subject's key "
+              "(kn_edit/editing/subject_neurons.py); `rome`: ROME at the same layer.", ""]
     return "\n".join(lines)
 
 
