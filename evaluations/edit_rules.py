@@ -29,7 +29,7 @@ import kn_edit  # noqa: E402
 from kn_edit import EditError, Neuron  # noqa: E402
 from kn_edit.data import choose_new_object, expressible, load_pararel, relation_objects  # noqa: E402
 from kn_edit.data.requests import prompt_top1  # noqa: E402
-from kn_edit.editing import KnowledgeNeuronEditor, Located, ledger_for  # noqa: E402
+from kn_edit.editing import KnowledgeNeuronEditor, Located, ledger_for, make_editor  # noqa: E402
 from kn_edit.editing.base import EditRequest  # noqa: E402
 from kn_edit.editing.targets import margins, update_target  # noqa: E402
 from kn_edit.locate import locate_detailed  # noqa: E402
@@ -51,8 +51,16 @@ PLAIN_TEXT = [
     "difference, especially for people who sit at a desk all day.",
 ]
 
-# name → (rule, settings overrides, use the shared-neuron filter)
+# name → (rule, settings overrides, use the shared-neuron filter); a rule "method:NAME" is the registry's
+# method NAME (kn_edit.editing.registry) with those overrides, which locates on its own.
 CONFIGS = {
+    "kn-subject (64 neurons at the subject; layer 5)": ("method:kn-subject", {}, False),
+    "kn-subject (256 neurons)": ("method:kn-subject", {"neurons": 256}, False),
+    "kn-subject (16 neurons)": ("method:kn-subject", {"neurons": 16}, False),
+    "kn-subject (layer 3)": ("method:kn-subject", {"layer": 3}, False),
+    "kn-subject (no guard)": ("method:kn-subject", {"max_text_change": None}, False),
+    "rome (layer 5)": ("method:rome", {}, False),
+    "signed (no guard)": ("signed", {"max_text_change": None}, False),
     "signed (default)": ("signed", {}, False),
     "signed (no generic filter)": ("signed", {"generic_filter": False}, False),
     "signed + shared filter": ("signed", {}, True),
@@ -67,7 +75,7 @@ CONFIGS = {
 }
 
 
-DEFAULT_CONFIGS = ["signed (default)", "signed + shared filter", "signed (gradient least-norm)",
+DEFAULT_CONFIGS = ["signed (default)", "kn-subject (64 neurons at the subject; layer 5)", "signed + shared filter", "signed (gradient least-norm)",
                    "signed (contrast direction: earlier default)", "paper (all neurons)", "unscaled (all neurons)"]
 
 
@@ -151,7 +159,10 @@ def run_config(km, facts, name, rule, overrides, shared_filter, base_top, base_p
         neurons = [Neuron(l, j) for l, j in located["neurons"]]
         loc = lambda *_a, _n=neurons, _s=located["scores"]: Located(list(_n), list(_s))  # noqa: E731
         relation_neurons = {"all": all_sets} if shared_filter else None
-        editor = KnowledgeNeuronEditor(rule=rule, locator=loc, relation_neurons=relation_neurons, **overrides)
+        if rule.startswith("method:"):
+            editor = make_editor(rule.partition(":")[2], overrides=dict(overrides))
+        else:
+            editor = KnowledgeNeuronEditor(rule=rule, locator=loc, relation_neurons=relation_neurons, **overrides)
         request = EditRequest(fact["prompts"], fact["old"], fact["new"], subject=fact["subject"],
                               relation="all" if shared_filter else None)
         state = {k: v.detach().clone() for k, v in km.model.named_parameters() if "down_proj" in k}
@@ -163,6 +174,7 @@ def run_config(km, facts, name, rule, overrides, shared_filter, base_top, base_p
             continue
         report = edit.report
         info = report.details.requests[0]
+        text_change = getattr(report.details, "text_change", None)
         others = [p for g in facts if g is not fact for p in g["prompts"]]
         now = top1(km, others)
         before = [base_top[p] for p in others]
@@ -176,8 +188,10 @@ def run_config(km, facts, name, rule, overrides, shared_filter, base_top, base_p
                      "kept": sum(a == b for a, b in zip(now, before)) / len(others),
                      "kept_other_object": share_kept(now, before, [not x for x in same]),
                      "kept_same_object": share_kept(now, before, same),
-                     "ppl_change": ppl / base_ppl - 1, "scale": info.scale, "n_neurons": len(info.neurons),
-                     "n_dropped": len(info.dropped), "negative": info.negative_activations, "seconds": report.seconds})
+                     "ppl_change": ppl / base_ppl - 1, "guard_text_change": text_change,
+                     "scale": getattr(info, "scale", None), "n_neurons": len(report.neurons) or None,
+                     "n_dropped": len(getattr(info, "dropped", [])), "negative": getattr(info, "negative_activations", None),
+                     "seconds": report.seconds})
     applied = [r for r in rows if "error" not in r]
     held = [r["heldout_success"] for r in applied if r["heldout_success"] is not None]
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
@@ -192,7 +206,8 @@ def run_config(km, facts, name, rule, overrides, shared_filter, base_top, base_p
         "kept_same_object": mean([r["kept_same_object"] for r in applied if r["kept_same_object"] is not None]),
         "ppl_change_mean": mean([r["ppl_change"] for r in applied]),
         "ppl_change_median": sorted(r["ppl_change"] for r in applied)[len(applied) // 2] if applied else None,
-        "neurons_mean": mean([r["n_neurons"] for r in applied]),
+        "ppl_change_max": max((r["ppl_change"] for r in applied), default=None),
+        "neurons_mean": mean([r["n_neurons"] for r in applied if r["n_neurons"] is not None]),
     }
     return summary, rows
 
@@ -207,7 +222,7 @@ def markdown(meta, summaries) -> str:
         f"(m = {meta['steps']} steps, t = 0.2, p = 0.5). Generated by `evaluations/edit_rules.py` "
         f"({meta['seconds']:.0f} s on {meta['device']}).",
         "",
-        "| rule | success | prompts flipped | held-out paraphrases | other facts kept (all / other object / same object) | plain-text ppl change (mean / median) | neurons edited | errors |",
+        "| rule | success | prompts flipped | held-out paraphrases | other facts kept (all / other object / same object) | plain-text ppl change (mean / median / max) | neurons edited | errors |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     def fmt(x, pct=True) -> str:
@@ -219,7 +234,7 @@ def markdown(meta, summaries) -> str:
 
     for name, s in summaries.items():
         lines.append(f"| {name} | {fmt(s['success'])} | {fmt(s['prompt_success'])} | {fmt(s['heldout_success'])} | "
-                     f"{fmt(s['kept'])} / {fmt(s.get('kept_other_object'))} / {fmt(s.get('kept_same_object'))} | {fmt(s['ppl_change_mean'])} / {fmt(s['ppl_change_median'])} | "
+                     f"{fmt(s['kept'])} / {fmt(s.get('kept_other_object'))} / {fmt(s.get('kept_same_object'))} | {fmt(s['ppl_change_mean'])} / {fmt(s['ppl_change_median'])} / {fmt(s.get('ppl_change_max'))} | "
                      f"{fmt(s['neurons_mean'], False)} | {s['n_errors']} |")
     lines += ["", "success: the new object is the top-1 prediction on every edit prompt. Other facts kept: the share of "
               "the other facts' edit prompts whose top-1 prediction is unchanged, over all of them, those with another "
@@ -230,7 +245,10 @@ def markdown(meta, summaries) -> str:
               "located for more than 10 % of them are not edited) and its default fallback (where the neurons left "
               "cannot reach the margin, all located neurons are edited; without the fallback 8 of the 25 edits are "
               "refused, success 68 %, other facts kept 91.5 % / 94.3 % / 41.7 %). `gradient least-norm`: the default without the "
-              "preservation metric (least plain norm). The `contrast` direction was the default before.", ""]
+              "preservation metric (least plain norm). The `contrast` direction was the default before. `kn-subject`: "
+              "the knowledge neurons of layer 5 located at the subject's last token, their value vectors changed by "
+              "the least change on Wikipedia text that moves the layer's output by ROME's δ on the subject's key "
+              "(kn_edit/editing/subject_neurons.py); `rome`: ROME at the same layer.", ""]
     return "\n".join(lines)
 
 
@@ -252,7 +270,15 @@ def main() -> int:
     km = kn_edit.load(args.model, device="cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    facts = select_facts(km, Path(args.data), args.facts, args.per_relation, args.scan, args.seed, args.prompts)
+    # The chosen facts are cached too (choosing reads and checks all of ParaRel: minutes on CPU).
+    chosen_cache = out / "edit_rules_facts.json"
+    chosen_key = f"{args.model}|{args.data}|{args.facts}|{args.per_relation}|{args.scan}|{args.seed}|{args.prompts}"
+    known = json.loads(chosen_cache.read_text()) if chosen_cache.is_file() else {}
+    if chosen_key not in known:
+        known[chosen_key] = select_facts(km, Path(args.data), args.facts, args.per_relation, args.scan, args.seed,
+                                         args.prompts)
+        chosen_cache.write_text(json.dumps(known))
+    facts = known[chosen_key]
     print(f"{len(facts)} facts selected ({time.time() - t0:.0f}s)", flush=True)
     locate_all(km, facts, args.steps, out / "edit_rules_neurons.json")
     all_sets = [{Neuron(l, j) for l, j in f["located"]["neurons"]} for f in facts]

@@ -135,11 +135,26 @@ def attribute_steps(
     layers: Sequence[int] | None = None,
     batch_size: int | None = None,
     prefix_cache: bool | None = None,
+    positions: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Scores ``[n_answer_steps, L, d_ff]`` (float32, CPU) of already encoded answer steps, one per step."""
+    """Scores ``[n_answer_steps, L, d_ff]`` (float32, CPU) of already encoded answer steps, one per step.
+
+    positions: per step, the input position whose FFN activations are scaled and scored (e.g. the subject's
+    last token), instead of the answer position; the answer's probability is still read at the answer
+    position. Such steps run the full-sequence pass (the prefix cache needs the answer position)."""
     layers = check_options(km, steps, layers, batch_size, prefix_cache)
     if not answer_steps:
         return torch.zeros(0, len(layers), km.d_ff)
+    if positions is not None:
+        positions = list(positions)
+        if len(positions) != len(answer_steps):
+            raise ConfigError(f"{len(positions)} positions for {len(answer_steps)} answer steps")
+        for p, s in zip(positions, answer_steps):
+            if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= s.position:
+                raise PromptError(f"position {p!r} is not an input position at or before the answer position {s.position}")
+        if prefix_cache:
+            raise ConfigError("prefix_cache=True scores the answer position only; leave it unset with positions")
+        prefix_cache = False
     cache_kw = _cache_keyword(km.model)
     use_cache = (not km.is_masked_lm and cache_kw is not None) if prefix_cache is None else prefix_cache
     if use_cache and cache_kw is None:
@@ -157,7 +172,9 @@ def attribute_steps(
             if not km.is_masked_lm and any(s.position != seq_len - 1 for s in group):
                 raise PromptError("a causal answer step must predict the token after its last input token")
             rows = batch_size or _auto_rows(km, seq_len, cached, steps)
-            _attribute_group(km, group, torch.tensor(members), layers, steps, rows, cache_kw if cached else None, scores)
+            at = None if positions is None else torch.tensor([positions[i] for i in members])
+            _attribute_group(km, group, torch.tensor(members), layers, steps, rows, cache_kw if cached else None, scores,
+                             at)
     return (scores / steps).cpu()
 
 
@@ -288,12 +305,15 @@ def _attribute_group(
     max_rows: int,
     cache_kw: str | None,
     scores: torch.Tensor,
+    at_positions: torch.Tensor | None = None,
 ) -> None:
-    """Add ``sum_k w * grad`` of every (step, layer) of a group of equally long steps into ``scores``."""
+    """Add ``sum_k w * grad`` of every (step, layer) of a group of equally long steps into ``scores``.
+    at_positions [G]: where each step's activations are scored (None: its answer position; full pass only)."""
     device = km.device
     ids = torch.stack([s.input_ids for s in group]).to(device)  # [G, seq]
     gold = torch.tensor([s.target_id for s in group], device=device)  # [G]
     pos = torch.tensor([s.position for s in group], device=device)  # [G]
+    scored = pos if at_positions is None else at_positions.to(device)  # [G]
     out_index = out_index.to(device)
     n_layers = len(layers)
     blocks = first_submodule(km.model, km.adapter.layers)
@@ -335,6 +355,7 @@ def _attribute_group(
         else:
             kwargs = {"input_ids": ids[g]}
             row_pos = pos[g]
+        at_pos = row_pos if at_positions is None else scored[g]  # the scored position of each row
         if keep_last:
             kwargs["logits_to_keep"] = 1
         layer_rows = {layers[j]: (li == j).nonzero().squeeze(1) for j in torch.unique(li).tolist()}
@@ -344,7 +365,7 @@ def _attribute_group(
             idx = layer_rows.get(layer)
             if idx is None:
                 return None
-            at = row_pos[idx]
+            at = at_pos[idx]
             # Nothing below `layer` is altered in these rows, so this is the clean activation w.
             w = act[idx, at].detach()  # [n, d_ff]
             x = (alpha[idx].to(act.dtype).unsqueeze(1) * w).requires_grad_(True)

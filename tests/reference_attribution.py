@@ -33,16 +33,18 @@ def clean_activation(km, ids: torch.Tensor, position: int, layer: int) -> torch.
     return seen["w"]
 
 
-def reference_step(km, step, layer: int, m: int) -> torch.Tensor:
-    """IG scores [d_ff] of one answer step at one layer."""
-    w = clean_activation(km, step.input_ids, step.position, layer)
+def reference_step(km, step, layer: int, m: int, at: int | None = None) -> torch.Tensor:
+    """IG scores [d_ff] of one answer step at one layer; at: the position scaled and scored (default the answer
+    position; the probability is read at the answer position either way)."""
+    at = step.position if at is None else at
+    w = clean_activation(km, step.input_ids, at, layer)
     total = torch.zeros_like(w, dtype=torch.float32)
     for k in range(m):
         x = (k / m * w).clone().requires_grad_(True)
 
         def replace(_module, args):
             act = args[0].clone()
-            act[0, step.position] = x
+            act[0, at] = x
             return (act, *args[1:])
 
         handle = km.value_proj(layer).register_forward_pre_hook(replace)

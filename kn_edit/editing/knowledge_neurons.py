@@ -17,6 +17,7 @@ from ..progress import NullReporter, Reporter, track
 from .base import Edit, Editor, EditRequest
 from .filters import GENERIC_PROMPTS, drop_generic, drop_relation_shared, shared_by, slot_activations
 from .nullspace import neuron_projector, project_neurons
+from .guard import guard_edit
 from .preserve import preservation_metric
 from .ledger import commit
 from .rules import paper_deltas, signed_direction, signed_unit_deltas, unscaled_deltas
@@ -67,6 +68,7 @@ class KnDetails:
     requests: list[KnRequestDetails]
     neurons: list[Neuron] = field(metadata={"show": False})  # every edited neuron, in request order (the report has them)
     relation_counts: list[int] = field(default_factory=list)  # erase-relation: facts that located each neuron
+    text_change: float | None = None  # signed rule: perplexity change on the guard's text sample (kn_edit.editing.guard)
 
     @property
     def scale(self) -> float | None:
@@ -223,9 +225,10 @@ class KnowledgeNeuronEditor(_NeuronEditor):
     def __init__(self, settings: UpdateSettings | None = None, *, neurons=None, locator: Locator | None = None,
                  generic_prompts: Sequence[str] | None = None,
                  relation_neurons: Mapping[str, Sequence[Iterable[Neuron]]] | None = None,
-                 reporter: Reporter | None = None, **overrides) -> None:
+                 guard_texts: Sequence[str] | None = None, reporter: Reporter | None = None, **overrides) -> None:
         super().__init__(with_overrides(settings or UpdateSettings(), overrides), neurons, locator, generic_prompts,
                          relation_neurons, reporter)
+        self.guard_texts = tuple(guard_texts) if guard_texts is not None else None  # None: the guard's own sample
 
     @property
     def name(self) -> str:  # the registry name of the rule
@@ -238,9 +241,15 @@ class KnowledgeNeuronEditor(_NeuronEditor):
             neurons, deltas, scales = self._signed(km, plans)
         else:
             neurons, deltas, scales = self._fixed(km, plans)
+        changes = value_changes(km, neurons, deltas, additive=True)
+        text = None
+        if s.rule == "signed":  # the text-damage guard: refuses (model unchanged) beyond max_text_change
+            what = ", ".join(f"{r.old!r} → {r.new!r}" for r in requests)
+            text = guard_edit(km, changes, s.max_text_change, what, self.guard_texts).change
         details = KnDetails(rule=str(s.rule), embedding=_embedding_kind(km), settings=_settings_dict(s),
-                            requests=[_request_details(p, scale) for p, scale in zip(plans, scales)], neurons=neurons)
-        return value_changes(km, neurons, deltas, additive=True), details
+                            requests=[_request_details(p, scale) for p, scale in zip(plans, scales)], neurons=neurons,
+                            text_change=text)
+        return changes, details
 
     def _relation_sets(self, request: EditRequest, given: Located | None):
         """The neuron sets of the request's relation for the relation-share filter, or None where it does not

@@ -43,6 +43,8 @@ METHODS: dict[str, MethodSpec] = {
                    "ROME (Meng et al. 2022): rank-one update of one layer's FFN value projection"),
         MethodSpec("memit", "kn_edit.editing.memit:MemitEditor",
                    "MEMIT (Meng et al. 2023): many facts at once, spread over a range of layers' FFN value projections"),
+        MethodSpec("kn-subject", "kn_edit.editing.subject_neurons:SubjectNeuronEditor",
+                   "knowledge neurons at the subject's last token, least change on general text (subject-specific)"),
         MethodSpec("ft", "kn_edit.editing.finetune:FineTuneEditor",
                    "FT-L: fine-tune one layer's FFN value projection under an L-infinity bound"),
         MethodSpec("ft-m", "kn_edit.editing.finetune:FineTuneEditor",

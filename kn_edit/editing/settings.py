@@ -100,6 +100,9 @@ class UpdateSettings(LocateSettings):
     bisect_steps: int = 6
     # When the margin is not reached: raise (model unchanged) or apply the last change tried.
     on_failure: OnFailure = OnFailure["raise"]
+    # Text-damage guard (signed rule): refuse the edit (model unchanged) when it changes perplexity on a small
+    # fixed Wikipedia sample by more than this share (kn_edit.editing.guard); null: measure and report only.
+    max_text_change: Optional[float] = 0.05
 
     def check(self) -> "UpdateSettings":
         self.check_locate()
@@ -134,7 +137,14 @@ class UpdateSettings(LocateSettings):
         if self.null_space and (self.direction != "gradient" or self.rule != "signed"):
             raise ConfigError("null_space applies to the signed rule's least-change solve (rule=signed, direction=gradient)")
         check_null_space(self)
+        check_text_limit(self.max_text_change)
         return self
+
+
+def check_text_limit(limit) -> None:
+    """max_text_change: null or a share > 0."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
+        raise ConfigError(f"max_text_change must be > 0 (a share, e.g. 0.05) or null, got {limit!r}")
 
 
 @dataclass

@@ -1,0 +1,293 @@
+"""kn-subject (knowledge neurons at the subject's last token) and the text-damage guard, on tiny GPT-2 and LLaMA
+models: attribution at another position against the plain reference, the least-change solve against a plainly
+solved KKT system, the edit's constraints (edited key → target, preserved keys unmoved) recomputed plainly,
+reverts bit for bit, the guard's refusal (model unchanged), bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import kn_edit
+from kn_edit import ConfigError, EditError, Neuron
+from kn_edit.attribution import attribute_steps
+from kn_edit.editing import EditRequest, make_editor
+from kn_edit.editing.guard import text_change
+from kn_edit.editing.ledger import ledger_for
+from kn_edit.editing.rome import key_statistics
+from kn_edit.editing.subject_neurons import SubjectNeuronEditor, least_change, subject_positions
+from reference_attribution import reference_step
+from tiny_models import CORPUS
+
+FAMILIES = ["gpt2", "llama"]
+REQUEST = EditRequest(prompts=("The capital of France is", "Paris is the capital of France. The capital of France is"),
+                      old="Paris", new="Rome", subject="France")
+GUARD = ["The capital of France is Paris.", "Rome is located in Italy."]
+
+
+def editor(tmp_path, **overrides) -> SubjectNeuronEditor:
+    # Tiny random models: tiny FFN outputs need a loose norm bound; their key statistics are ill-conditioned,
+    # so a small ridge keeps the solve well posed.
+    settings = dict(layer=0, neurons=8, attribution_steps=3, n_prefixes=2, prefix_length=3, steps=4, lr=0.5,
+                    clamp_norm_factor=1e4, weight_decay=0.0, cov_ridge=1e-3, cache_dir=str(tmp_path / "cache"),
+                    max_text_change=None)
+    extras = {"preserve_subjects": overrides.pop("preserve_subjects", ())}
+    settings.update(overrides)
+    return SubjectNeuronEditor(key_texts=CORPUS, guard_texts=GUARD, **extras, **settings)
+
+
+def snapshot(km) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in km.model.named_parameters()}
+
+
+def same(km, state) -> bool:
+    return all(torch.equal(p, state[name]) for name, p in km.model.named_parameters())
+
+
+def plain_key(km, layer: int, subject: str, prefixes) -> np.ndarray:
+    """[d_ff] float64: the value projection's input at the last token of "{prefix}. {subject}" (or the subject
+    alone for the empty prefix), one text at a time, averaged over the prefixes."""
+    seen = []
+    handle = km.value_proj(layer).register_forward_pre_hook(lambda _m, args: seen.append(args[0][0, -1].double().numpy()))
+    try:
+        with torch.no_grad():
+            for prefix in prefixes:
+                text = f"{prefix}. {subject}" if prefix else subject
+                km.model(input_ids=torch.tensor([km.tokenizer(text, add_special_tokens=True)["input_ids"]]))
+    finally:
+        handle.remove()
+    return np.mean(seen, axis=0)
+
+
+def layer_output(km, layer: int, key: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return km.value_proj(layer)(torch.from_numpy(key).float()[None])[0].double().numpy()
+
+
+# ----- attribution at the subject's last token -------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attribution_at_the_subject_matches_the_plain_reference(tiny_factory, family):
+    km = tiny_factory(family)
+    steps, positions = subject_positions(km, REQUEST.prompts[1], "France", "Paris")
+    got = attribute_steps(km, steps, 4, [0, 1], positions=positions)  # [n_tokens, 2, d_ff]
+    for i, (step, at) in enumerate(zip(steps, positions)):
+        assert at < step.position
+        for j, layer in enumerate([0, 1]):
+            want = reference_step(km, step, layer, 4, at=at)
+            assert torch.allclose(got[i, j], want, rtol=1e-4, atol=1e-6 * float(want.abs().max()) + 1e-9)
+        # the subject's position is not the answer position: the scores differ
+        assert not torch.allclose(got[i, 0], reference_step(km, step, 0, 4), atol=1e-9)
+
+
+def test_attribution_positions_bad_input(tiny_factory):
+    km = tiny_factory("llama")
+    steps = km.encode("The capital of France is", "Paris").steps
+    with pytest.raises(ConfigError, match="positions for"):
+        attribute_steps(km, steps, 2, [0], positions=[0, 1, 2])
+    with pytest.raises(kn_edit.PromptError, match="not an input position"):
+        attribute_steps(km, steps, 2, [0], positions=[steps[0].position + 1])
+    with pytest.raises(ConfigError, match="prefix_cache"):
+        attribute_steps(km, steps, 2, [0], prefix_cache=True, positions=[0])
+
+
+# ----- the least-change solve --------------------------------------------------------------------------------
+def test_least_change_matches_a_plainly_solved_kkt_system():
+    rng = np.random.default_rng(0)
+    n, m, d = 7, 3, 5
+    x = rng.normal(size=(40, n))
+    c = x.T @ x / 40
+    keys, targets = rng.normal(size=(m, n)), rng.normal(size=(m, d))
+    got = least_change(torch.from_numpy(c), torch.from_numpy(keys), torch.from_numpy(targets)).numpy()  # [d, n]
+    # Each output row r: minimise d_r C d_rᵀ subject to keys d_r = t_r; stationarity 2 C d_r + keysᵀ λ = 0.
+    kkt = np.block([[2 * c, keys.T], [keys, np.zeros((m, m))]])
+    for r in range(d):
+        want = np.linalg.solve(kkt, np.concatenate([np.zeros(n), targets[:, r]]))[:n]
+        assert np.allclose(got[r], want, atol=1e-9)
+    assert np.allclose(got @ keys.T, targets.T, atol=1e-9)
+    # any other change meeting the constraints costs more
+    null = np.linalg.svd(keys)[2][m:]  # rows spanning {z : keys z = 0}
+    cost = lambda dd: np.trace(dd @ c @ dd.T)  # noqa: E731
+    for _ in range(5):
+        assert cost(got + rng.normal(size=(d, n - m)) @ null) > cost(got)
+    with pytest.raises(EditError, match="singular"):
+        least_change(torch.from_numpy(c), torch.from_numpy(np.stack([keys[0], keys[0]])), torch.from_numpy(targets[:2]))
+
+
+# ----- the edit -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_edit_moves_the_subject_s_key_by_delta_and_the_preserved_keys_by_nothing(tiny_factory, tmp_path, family):
+    km = tiny_factory(family)
+    before_weight = {n: p.detach().clone() for n, p in km.model.named_parameters()}
+    preserved = ["Japan", "Italy"]
+    edit = editor(tmp_path, preserve_subjects=preserved).apply(km, [REQUEST])
+    details = edit.report.details
+    info = details.requests[0]
+    assert len(info.neurons) == 8 and info.preserved == 2
+    assert edit.report.neurons == [Neuron(0, i) for i in info.neurons]
+    key = plain_key(km, 0, "France", details.prefixes)
+    assert np.allclose(key, info.key.double().numpy(), rtol=1e-5, atol=1e-6)
+    after = {k: layer_output(km, 0, plain_key(km, 0, k, details.prefixes)) for k in ["France", *preserved]}
+    heads = [p[: p.rfind("France") + len("France")] for p in REQUEST.prompts]  # fit=prompts: each prompt's own key
+    own = [plain_key(km, 0, head, [""]) for head in heads]
+    own_after = [layer_output(km, 0, k) for k in own]
+    edit.revert()
+    assert same(km, before_weight)
+    moved = layer_output(km, 0, key)
+    delta = info.delta.double().numpy()
+    scale = float(np.abs(delta).max())
+    assert np.abs((after["France"] - moved) - delta).max() <= 1e-4 * scale  # edited key → target
+    for k, out in zip(own, own_after):  # each edit prompt's own key moves by δ too
+        assert np.abs((out - layer_output(km, 0, k)) - delta).max() <= 1e-4 * scale
+    for subject in preserved:  # preserved keys' outputs unmoved (to float32 rounding)
+        assert np.abs(after[subject] - layer_output(km, 0, plain_key(km, 0, subject, details.prefixes))).max() <= 1e-4 * scale
+    # only the chosen neurons' value vectors change
+    v0 = km.value_vectors(0).detach().clone()
+    edit2 = editor(tmp_path, preserve_subjects=preserved).apply(km, [REQUEST])
+    changed = torch.nonzero((km.value_vectors(0).detach() != v0).any(dim=1)).flatten().tolist()
+    assert changed and set(changed) <= set(info.neurons)
+    edit2.revert()
+    assert same(km, before_weight)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_with_the_whole_layer_the_solve_is_rome_s_rank_one_update(tiny_factory, tmp_path, family):
+    km = tiny_factory(family)
+    edit = editor(tmp_path, neurons=None, cov_ridge=0.0, fit="mean").apply(km, [REQUEST])
+    info = edit.report.details.requests[0]
+    after = km.value_vectors(0).detach().double().numpy()  # [d_ff, d_model]
+    edit.revert()
+    before = km.value_vectors(0).detach().double().numpy()
+    c = key_statistics(km, 0, CORPUS, cache_dir=tmp_path / "cache").mom2.double().numpy()
+    k, delta = info.key.double().numpy(), info.delta.double().numpy()
+    u = np.linalg.solve(c, k)
+    expected = before + np.outer(u, delta) / (u @ k)  # value vectors are rows here: (ΔW)ᵀ
+    scale = np.abs(expected - before).max()
+    assert np.abs(after - expected).max() <= 1e-4 * scale + 1e-7
+    assert info.neurons == list(range(km.d_ff))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_revert_is_bit_for_bit_and_requests_stack(tiny_factory, tmp_path, family):
+    km = tiny_factory(family)
+    state = snapshot(km)
+    other = EditRequest(prompts=("The capital of Japan is",), old="Tokyo", new="Berlin", subject="Japan")
+    edit = editor(tmp_path).apply(km, [REQUEST, other])
+    assert len(edit.report.details.requests) == 2 and not same(km, state)
+    assert not ledger_for(km).active_edits[:-1]
+    edit.revert()
+    assert same(km, state)
+
+
+def test_an_exception_inside_compute_leaves_the_model_unchanged(tiny_factory, tmp_path, monkeypatch):
+    import kn_edit.editing.subject_neurons as module
+
+    km = tiny_factory("llama")
+    state = snapshot(km)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second request, after the first one's trial change
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    real = module.least_change
+    monkeypatch.setattr(module, "least_change", failing)
+    other = EditRequest(prompts=("The capital of Japan is",), old="Tokyo", new="Berlin", subject="Japan")
+    with pytest.raises(RuntimeError, match="boom"):
+        editor(tmp_path).apply(km, [REQUEST, other])
+    assert same(km, state) and not ledger_for(km).active_edits
+
+
+# ----- the text-damage guard -----------------------------------------------------------------------------------
+def plain_perplexity(km, texts) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for t in texts:
+            ids = km.tokenizer(t, add_special_tokens=True)["input_ids"][:48]
+            logp = torch.log_softmax(km.model(input_ids=torch.tensor([ids])).logits[0, :-1].double(), dim=-1)
+            total -= float(logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum())
+            count += len(ids) - 1
+    return math.exp(total / count)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_guard_reports_the_perplexity_change_measured_plainly(tiny_factory, tmp_path, family):
+    km = tiny_factory(family)
+    base = plain_perplexity(km, GUARD)
+    edit = editor(tmp_path).apply(km, [REQUEST])
+    measured = plain_perplexity(km, GUARD) / base - 1
+    assert edit.report.details.text_change == pytest.approx(measured, rel=1e-3, abs=1e-5)
+    edit.revert()
+    kn = kn_edit.update_fact(km, REQUEST.prompts[:1], "Paris", "Rome", neurons=[Neuron(0, 1), Neuron(1, 2)], force=True,
+                             guard_texts=GUARD, max_text_change=None, margin=0.1, on_failure="apply")
+    assert kn.report.details.text_change == pytest.approx(plain_perplexity(km, GUARD) / base - 1, rel=1e-3, abs=1e-5)
+    kn.revert()
+
+
+@pytest.mark.parametrize("method", ["kn", "kn-subject"])
+def test_the_guard_refuses_an_edit_past_its_limit_and_leaves_the_model_unchanged(tiny_factory, tmp_path, method):
+    km = tiny_factory("llama")
+    state = snapshot(km)
+    # The guard's text states the old fact, so the edit raises its perplexity: a tiny limit is exceeded.
+    if method == "kn":
+        run = lambda limit: kn_edit.update_fact(  # noqa: E731
+            km, REQUEST.prompts[:1], "Paris", "Rome", neurons=[Neuron(1, i) for i in range(16)], force=True,
+            guard_texts=["The capital of France is Paris"], max_text_change=limit, margin=5.0,
+            max_change=1e3, on_failure="apply")
+    else:
+        run = lambda limit: SubjectNeuronEditor(  # noqa: E731
+            key_texts=CORPUS, guard_texts=["The capital of France is Paris"], layer=0, neurons=8, attribution_steps=2,
+            n_prefixes=0, steps=4, clamp_norm_factor=1e4, weight_decay=0.0, cov_ridge=1e-3,
+            cache_dir=str(tmp_path / "cache"), max_text_change=limit).apply(km, [REQUEST])
+    edit = run(None)
+    change = edit.report.details.text_change
+    edit.revert()
+    assert change > 0
+    with pytest.raises(EditError, match="would change perplexity on the guard's text sample"):
+        run(change / 2)
+    assert same(km, state) and not ledger_for(km).active_edits
+    run(change * 2).revert()  # under the limit: applied
+    assert same(km, state)
+
+
+def test_text_change_reverts_its_trial(tiny_factory):
+    km = tiny_factory("gpt2")
+    state = snapshot(km)
+    from kn_edit.editing.values import value_changes
+
+    neurons = [Neuron(1, i) for i in range(km.d_ff)]
+    change = text_change(km, value_changes(km, neurons, torch.randn(km.d_ff, km.d_model), True), GUARD)
+    assert abs(change) > 1e-4 and same(km, state)
+
+
+# ----- bad input ---------------------------------------------------------------------------------------------
+def test_subject_missing_or_not_in_a_prompt_is_a_clear_error(tiny_factory, tmp_path):
+    km = tiny_factory("llama")
+    state = snapshot(km)
+    with pytest.raises(EditError, match="kn-subject needs the subject"):
+        editor(tmp_path).apply(km, [EditRequest(prompts=REQUEST.prompts, old="Paris", new="Rome")])
+    wrong = EditRequest(prompts=("The capital of France is", "Its capital is"), old="Paris", new="Rome", subject="France")
+    with pytest.raises(EditError, match="'France' does not occur in prompt 'Its capital is'"):
+        editor(tmp_path).apply(km, [wrong])
+    with pytest.raises(EditError, match="empty subject"):
+        SubjectNeuronEditor(preserve_subjects=[" "])
+    assert same(km, state)
+
+
+def test_bad_settings(tiny_factory, tmp_path):
+    for override, key in (("neurons=0", "neurons"), ("attribution_steps=0", "attribution_steps"),
+                          ("max_text_change=0", "max_text_change"), ("clamp_norm_factor=0", "clamp_norm_factor")):
+        with pytest.raises(ConfigError, match=key):
+            make_editor("kn-subject", overrides=[override])
+    with pytest.raises(ConfigError, match="max_text_change"):
+        make_editor("kn", overrides=["max_text_change=-1"])
+    with pytest.raises(EditError, match="cannot erase"):
+        SubjectNeuronEditor().apply(tiny_factory("llama"), [EditRequest(prompts=("The capital of France is",),
+                                                                         old="Paris", subject="France")])
+    with pytest.raises(EditError, match="causal"):
+        editor(tmp_path).apply(tiny_factory("bert"), [EditRequest(prompts=("France is [MASK].",), old="paris",
+                                                                  new="rome", subject="France")])
