@@ -112,8 +112,13 @@ def test_least_change_matches_a_plainly_solved_kkt_system():
     cost = lambda dd: np.trace(dd @ c @ dd.T)  # noqa: E731
     for _ in range(5):
         assert cost(got + rng.normal(size=(d, n - m)) @ null) > cost(got)
-    with pytest.raises(EditError, match="singular"):
+    with pytest.raises(EditError, match="singular"):  # one key asked for two targets
         least_change(torch.from_numpy(c), torch.from_numpy(np.stack([keys[0], keys[0]])), torch.from_numpy(targets[:2]))
+    # one key twice with one target (two prompts that start with the subject): one constraint, same solution
+    twice = least_change(torch.from_numpy(c), torch.from_numpy(np.stack([keys[0], keys[0], keys[1]])),
+                         torch.from_numpy(np.stack([targets[0], targets[0], targets[1]]))).numpy()
+    once = least_change(torch.from_numpy(c), torch.from_numpy(keys[:2]), torch.from_numpy(targets[:2])).numpy()
+    assert np.allclose(twice, once, atol=1e-9)
 
 
 # ----- the edit -----------------------------------------------------------------------------------------------

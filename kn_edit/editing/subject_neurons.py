@@ -84,16 +84,20 @@ def least_change(mom2: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, 
     if ridge:
         c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
     a = keys.to(torch.float64).t()  # [n, m]
+    t = targets.to(torch.float64)
     try:
         c_inv_a = torch.linalg.solve(c, a)  # [n, m]
-        gram = a.t() @ c_inv_a  # [m, m]
-        weights = torch.linalg.solve(gram, targets.to(torch.float64))  # [m, d_model]
     except RuntimeError as exc:  # torch.linalg.LinAlgError subclasses RuntimeError
-        raise EditError(f"the least-change solve is singular ({exc}); preserve fewer subjects, edit more neurons, "
-                        "or set cov_ridge > 0") from exc
+        raise EditError(f"the least-change solve is singular ({exc}); edit more neurons or set cov_ridge > 0") from exc
+    gram = a.t() @ c_inv_a  # [m, m]
+    # The pseudo-inverse: edit prompts that start with the subject share one key (the key depends only on the
+    # tokens up to the subject), so repeated keys with the same target are one constraint, not a singular one.
+    weights = torch.linalg.pinv((gram + gram.t()) / 2, hermitian=True, rtol=1e-10) @ t  # [m, d_model]
     out = (c_inv_a @ weights).t()  # [d_model, n]
-    if not bool(torch.isfinite(out).all()):
-        raise EditError("the least-change solve is singular; preserve fewer subjects, edit more neurons, or set cov_ridge > 0")
+    missed = float((out @ a - t.t()).abs().max()) if len(t) else 0.0
+    if not bool(torch.isfinite(out).all()) or missed > 1e-5 * max(float(t.abs().max()), 1e-12):
+        raise EditError("the least-change constraints are singular and conflict (a preserved subject gives the "
+                        "edited subject's key?); preserve fewer subjects, edit more neurons, or set cov_ridge > 0")
     return out
 
 
