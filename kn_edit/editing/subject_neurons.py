@@ -47,8 +47,8 @@ from .base import Editor, EditRequest
 from .guard import guard_edit
 from .ledger import commit
 from .rome.covariance import key_statistics
-from .rome.keys import context_prefixes, keys_at, prompt_text, subject_end, subject_texts, token_at
-from .rome.settings import KeyFit, KeyText, RomeSettings
+from .rome.keys import check_subjects, context_prefixes, fitted_keys, keys_at, prompt_text, subject_end, subject_texts, token_at
+from .rome.settings import KeyText, RomeSettings
 from .rome.values import kl_row, optimise_value, rewrite_rows
 from .settings import check_text_limit, with_overrides
 from .values import value_changes
@@ -181,12 +181,7 @@ class SubjectNeuronEditor(Editor):
             raise EditError("kn-subject edits causal language models (the subject comes before the answer); this is "
                             "a masked language model")
         layer = s.layer_for(km)
-        for request in requests:  # every subject checked before anything is computed
-            if not request.subject or not request.subject.strip():
-                raise EditError(f"kn-subject needs the subject of request {request.old!r} → {request.new!r} "
-                                "(subject=..., --subject): its neurons are located at the subject's last token")
-            for prompt in request.prompts:
-                subject_end(prompt_text(prompt), request.subject)
+        check_subjects(requests, "kn-subject", "its neurons are located at the subject's last token")
         stats = key_statistics(km, layer, self.key_texts, corpus=s.cov_corpus, n_tokens=s.cov_tokens,
                                max_length=s.cov_max_length, batch_size=s.cov_batch_size, cache=s.cache,
                                cache_dir=s.cache_dir, reporter=self.reporter)
@@ -239,11 +234,7 @@ class SubjectNeuronEditor(Editor):
                                kl_row(km, request.subject), float(output.norm()), lr=s.lr, steps=s.steps,
                                stop_loss=s.stop_loss, kl_factor=s.kl_factor, weight_decay=s.weight_decay,
                                clamp_norm_factor=s.clamp_norm_factor, reporter=self.reporter)
-        moved = key[None]  # [m, d_ff]: the keys that get the whole δ (ROME's fit, rome/update.py)
-        if s.fit != KeyFit.mean:
-            own = subject_texts(km, request.subject, [prompt_text(p) for p in request.prompts],
-                                prefixes if s.fit == KeyFit.rows else [""], whole_subject=False)
-            moved = torch.cat([moved, keys_at(km, layer, own)])
+        moved = fitted_keys(km, layer, key, request.subject, request.prompts, prefixes, s.fit)  # [m, d_ff]
         keys = torch.cat([moved, preserved])[:, index]  # [m + p, |S|]
         targets = torch.cat([found.delta[None].expand(len(moved), -1),
                              torch.zeros(len(preserved), km.d_model)])  # [m + p, d_model]

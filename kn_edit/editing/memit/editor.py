@@ -36,7 +36,7 @@ from ..base import Editor, EditRequest
 from ..ledger import commit
 from ..nullspace import null_space_delta
 from ..rome.covariance import KeyStatistics, key_statistics
-from ..rome.keys import context_prefixes, keys_at, prompt_text, subject_end, subject_texts
+from ..rome.keys import check_subjects, context_prefixes, keys_at, prompt_text, subject_texts
 from ..rome.settings import KeyText
 from ..rome.update import weight_change
 from ..rome.values import kl_row, optimise_value, rewrite_rows
@@ -102,16 +102,6 @@ class MemitDetails:
 
 def _settings_dict(settings: MemitSettings) -> dict:
     return {k: (v.value if isinstance(v, Enum) else v) for k, v in vars(settings).items()}
-
-
-def check_subjects(requests: Sequence[EditRequest], method: str) -> None:
-    """Every request has a subject, and every prompt contains it (the key is read at its last token)."""
-    for request in requests:
-        if not request.subject or not request.subject.strip():
-            raise EditError(f"{method} needs the subject of request {request.old!r} → {request.new!r} (subject=..., "
-                            "--subject): the key is read at the subject's last token")
-        for prompt in request.prompts:
-            subject_end(prompt_text(prompt), request.subject)
 
 
 class MemitEditor(Editor):

@@ -20,8 +20,8 @@ from ..nullspace import null_space_delta
 from ..settings import with_overrides
 from ..values import value_location, whole_change
 from .covariance import KeyStatistics, key_statistics
-from .keys import context_prefixes, keys_at, prompt_text, subject_end, subject_texts
-from .settings import KeyFit, KeyText, RomeSettings
+from .keys import check_subjects, context_prefixes, fitted_keys, keys_at, prompt_text, subject_texts
+from .settings import KeyText, RomeSettings
 from .update import exact_direction, weight_change
 from .values import kl_row, optimise_value, rewrite_rows
 
@@ -101,12 +101,7 @@ class RomeEditor(Editor):
             raise EditError("ROME edits causal language models (the key is read at the subject's last token before "
                             "the answer); this is a masked language model")
         layer = s.layer_for(km)
-        for request in requests:  # every subject checked before anything is computed
-            if not request.subject or not request.subject.strip():
-                raise EditError(f"ROME needs the subject of request {request.old!r} → {request.new!r} (subject=..., "
-                                "--subject): the key is read at the subject's last token")
-            for prompt in request.prompts:
-                subject_end(prompt_text(prompt), request.subject)
+        check_subjects(requests, "ROME")
         stats = self.statistics(km, layer)
         prefixes = context_prefixes(km, s.n_prefixes, s.prefix_length, s.prefix_top_k, s.prefix_seed)
         name = value_location(km, layer)[0]
@@ -146,11 +141,7 @@ class RomeEditor(Editor):
                                steps=s.steps, stop_loss=s.stop_loss, kl_factor=s.kl_factor,
                                weight_decay=s.weight_decay, clamp_norm_factor=s.clamp_norm_factor,
                                reporter=self.reporter)
-        keys = key[None]  # [m, d_ff]: the keys that get the whole δ
-        if s.fit != KeyFit.mean:  # the edit's own keys too (rome/update.py)
-            own = subject_texts(km, request.subject, [prompt_text(p) for p in request.prompts],
-                                prefixes if s.fit == KeyFit.rows else [""], whole_subject=False)
-            keys = torch.cat([keys, keys_at(km, layer, own)])
+        keys = fitted_keys(km, layer, key, request.subject, request.prompts, prefixes, s.fit)  # [m, d_ff]
         if s.null_space:  # AlphaEdit; earlier: this call's earlier requests' keys, kept too
             residuals = found.delta.to(torch.float64)[:, None].expand(-1, len(keys))  # [d_model, m]
             delta = null_space_delta(km, layer, stats.mom2, residuals, keys.T, s.null_space_threshold,

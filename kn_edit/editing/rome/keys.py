@@ -16,6 +16,7 @@ import torch
 from ...errors import EditError
 from ...hooks import value_input_hooks
 from ...prompts import causal_prompt
+from .settings import KeyFit
 
 
 @torch.no_grad()
@@ -116,3 +117,24 @@ def keys_at(km, layer: int, texts: Sequence[SubjectText], batch_size: int = 32) 
             km.model(input_ids=ids, attention_mask=mask)
         out.append(got["k"])
     return torch.cat(out)
+
+
+def check_subjects(requests, method: str, why: str = "the key is read at the subject's last token") -> None:
+    """Every request has a subject and every prompt contains it (checked before anything is computed)."""
+    for request in requests:
+        if not request.subject or not request.subject.strip():
+            raise EditError(f"{method} needs the subject of request {request.old!r} → {request.new!r} (subject=..., "
+                            f"--subject): {why}")
+        for prompt in request.prompts:
+            subject_end(prompt_text(prompt), request.subject)
+
+
+def fitted_keys(km, layer: int, key: torch.Tensor, subject: str, prompts: Sequence[str], prefixes: Sequence[str],
+                fit: KeyFit) -> torch.Tensor:
+    """[m, d_ff]: the keys an update gives the whole shift δ (kn_edit/editing/rome/update.py): k* [d_ff], and with
+    ``fit`` prompts / rows also each edit prompt's own key (no prefix / after every prefix)."""
+    if fit == KeyFit.mean:
+        return key[None]
+    own = subject_texts(km, subject, [prompt_text(p) for p in prompts], prefixes if fit == KeyFit.rows else [""],
+                        whole_subject=False)
+    return torch.cat([key[None], keys_at(km, layer, own)])
