@@ -86,3 +86,50 @@ methods:
                          (["methods=[{method: kn}, {method: kn}]"], "labels must differ")):  # fmt: skip
         assert main(["compare", "--quiet", "--config", str(config)] + bad) == 2
         assert message in capsys.readouterr().err
+
+
+def test_an_interrupted_comparison_resumes_from_its_finished_methods(tiny_factory, tmp_path, monkeypatch):
+    import kn_edit.evaluation.compare as compare_module
+
+    km = tiny_factory("llama")
+    config = tiny_compare_config(tmp_path)
+    config.plots = False
+    real, calls = compare_module.evaluate, []
+
+    def interrupted(eval_config, **kwargs):
+        calls.append(eval_config.editor.method)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user stops the run during the second method
+        return real(eval_config, **kwargs)
+
+    monkeypatch.setattr(compare_module, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compare_methods(config, km=km, facts=tiny_facts(), passages=PASSAGES)
+    parts = compare_module.parts_dir(config)
+    assert [p.name for p in parts.iterdir()] == ["kn-unscaled.json"]
+
+    calls.clear()
+    monkeypatch.setattr(compare_module, "evaluate", lambda c, **kw: calls.append(c.editor.method) or real(c, **kw))
+    config.resume = True
+    resumed = compare_methods(config, km=km, facts=tiny_facts(), passages=PASSAGES)
+    assert calls == ["test_eval_loop:ValueVectorEditor"]  # the finished method is not run again
+    assert not parts.exists()  # the report is written: the parts are gone
+
+    # the reused numbers are those of a fresh full run (all but the clock and memory readings)
+    config.run_name, config.resume, calls[:] = "fresh", False, []
+    fresh = compare_methods(config, km=km, facts=tiny_facts(), passages=PASSAGES)
+    assert calls == ["kn-unscaled", "test_eval_loop:ValueVectorEditor"]
+    measured = ("seconds", "memory")
+    for title in fresh.results:
+        ours, theirs = resumed.results[title].metrics, fresh.results[title].metrics
+        assert set(ours) == set(theirs)
+        for key in ours:
+            if not any(m in key for m in measured):
+                assert ours[key] == pytest.approx(theirs[key], nan_ok=True), (title, key)
+        assert [r["fact_id"] for r in resumed.results[title].rows] == [r["fact_id"] for r in fresh.results[title].rows]
+
+    # a part made under other settings is not reused
+    compare_module.save_part(parts / "kn-unscaled.json", "another key", fresh.results["kn-unscaled"])
+    config.run_name, config.resume, calls[:] = "stale", True, []
+    compare_methods(config, km=km, facts=tiny_facts(), passages=PASSAGES)
+    assert calls == ["kn-unscaled", "test_eval_loop:ValueVectorEditor"]

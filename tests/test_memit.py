@@ -247,3 +247,39 @@ def test_bad_input_leaves_the_model_unchanged(tiny_factory, tmp_path):
                            ["steps=0", "steps"], ["key_text=middle", "key_text"]):
         with pytest.raises(ConfigError, match=key):
             make_editor("memit", overrides=[overrides])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("fit", ["prompts", "rows"])
+def test_fit_gives_every_prompt_key_its_request_s_residual(tiny_factory, tmp_path, family, fit):
+    """fit=prompts|rows: each layer's update is solved for the prefix-averaged key and each edit prompt's own keys,
+    all with the request's residual; one layer at λ = 0 maps every one of those keys (read plainly) exactly by it."""
+    km = tiny_factory(family, n_layers=2)
+    requests = [FRANCE, JAPAN]
+    before = plain_weight(km, 0)
+    edit = memit(tmp_path, layers=[0], mom2_update_weight=0.0, fit=fit).apply(km, requests)
+    change = plain_weight(km, 0) - before
+    update = edit.report.details.updates[0]
+    prefixes = edit.report.details.prefixes if fit == "rows" else [""]
+    start = 0
+    for request in requests:  # each request's rows: k̄, then its prompts' own keys (all distinct here)
+        own = subject_texts(km, request.subject, [prompt_text(p) for p in request.prompts], prefixes, False)
+        rows = 1 + len(own)
+        residual = update.residuals[start].double().numpy()
+        assert torch.equal(update.residuals[start : start + rows], update.residuals[start].expand(rows, -1))
+        for k in [plain_key(km, 0, t.input_ids, t.position) for t in own]:
+            assert np.allclose(change @ k, residual, rtol=1e-3, atol=1e-4 * np.abs(residual).max())
+        start += rows
+    assert update.keys.shape[0] == start == update.residuals.shape[0]
+    edit.revert()
+    assert np.array_equal(plain_weight(km, 0), before)
+
+
+def test_fit_counts_a_repeated_prompt_key_once(tiny_factory, tmp_path):
+    """Two prompts that start with the subject share its bare key: one column, so λ = 0 stays solvable."""
+    km = tiny_factory("llama", n_layers=2)
+    request = EditRequest(prompts=("France's capital is", "France has its capital in"), old="Paris", new="Rome",
+                          subject="France")
+    edit = memit(tmp_path, layers=[0], mom2_update_weight=0.0, fit="prompts").apply(km, [request])
+    assert edit.report.details.updates[0].keys.shape[0] == 2  # k̄ and the one bare key
+    edit.revert()

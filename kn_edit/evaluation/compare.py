@@ -4,6 +4,7 @@ markdown + JSON + a comparison plot, per-relation breakdowns, the settings used,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from .config import CompareConfig, EditorConfig, EvalConfig, RegressionConfig, R
 from .regression import Regression, compare as compare_metrics, load_metrics
 from .report import curve_markdown, fmt
 from .runner import EvalResult, evaluate, load_passages, run_dir_for
+from .sequential import Checkpoint
 
 # (metric, column title) of the comparison table, in display order.
 COLUMNS = (
@@ -70,18 +72,75 @@ def compare_methods(config: CompareConfig, km=None, facts: FactSet | None = None
     # The known-fact check and the neighbour draw run once: every method gets the very same cases.
     datamodule = FactDataModule(km, config.data, facts=facts)
     datamodule.setup("test")
+    parts = parts_dir(config)
     results: dict[str, EvalResult] = {}
     for (title, editor), entry in zip(editors, config.methods):
+        key = part_key(config, entry, km.name, datamodule.cases, passages)
+        done = load_part(parts / f"{_safe(title)}.json", key) if config.resume else None
+        if done is not None:
+            with reporter.task(f"method {title}: finished evaluation reused from {parts}", total=1) as task:
+                task.advance()
+            results[title] = done
+            continue
         with reporter.task(f"method {title}", total=None):
             results[title] = evaluate(eval_config_for(config, entry), km=km, editor=editor, passages=passages,
                                       reporter=reporter, write=False, datamodule=datamodule)  # fmt: skip
+        if write:  # an interrupted comparison resumes from here with resume=true
+            save_part(parts / f"{_safe(title)}.json", key, results[title])
     result = CompareResult(results, config)
     if config.regression.baseline:
         baseline = load_metrics(config.regression.baseline)
         result.regressions = compare_metrics(result.flat_metrics(), baseline, config.regression.tolerances)
     if write:
         result.run_dir = write_comparison(config, km, result)
+        _remove_parts(parts)
     return result
+
+
+def parts_dir(config: CompareConfig) -> Path:
+    """Where each finished method's evaluation waits until the whole comparison is written."""
+    return Path(config.output_dir) / f".{_safe(config.name)}.parts"
+
+
+def part_key(config: CompareConfig, entry, model: str, cases, passages: Sequence[str]) -> str:
+    """A finished method is reused only for the very same settings, model, edit cases and text sample."""
+    settings = eval_config_for(config, entry)
+    settings.run_name = None
+    digest = hashlib.sha256()
+    for piece in (model, to_yaml(settings), repr(list(cases)), repr(list(passages))):
+        digest.update(piece.encode("utf-8"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def save_part(path: Path, key: str, result: EvalResult) -> None:
+    from ..persist import atomic_file
+
+    payload = {"key": key, "metrics": result.metrics, "rows": result.rows, "summary": result.summary,
+               "per_relation": result.per_relation, "probe_per_relation": result.probe_per_relation,
+               "curve": [{"n_edits": c.n_edits, "metrics": c.metrics} for c in result.curve]}  # fmt: skip
+    with atomic_file(path, overwrite=True, what="method result") as tmp:
+        tmp.write_text(json.dumps(payload, allow_nan=True))
+
+
+def load_part(path: Path, key: str) -> EvalResult | None:
+    """The saved evaluation at ``path`` if it was made under ``key``; None when absent, stale or unreadable."""
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(payload, dict) or payload.get("key") != key:
+        return None
+    return EvalResult(payload["metrics"], payload["rows"], payload["summary"], payload["per_relation"],
+                      payload["probe_per_relation"], curve=[Checkpoint(c["n_edits"], c["metrics"]) for c in payload["curve"]])  # fmt: skip
+
+
+def _remove_parts(parts: Path) -> None:
+    if parts.is_dir():
+        for f in parts.glob("*.json"):
+            f.unlink()
+        if not any(parts.iterdir()):
+            parts.rmdir()
 
 
 def comparison_markdown(config: CompareConfig, model: str, result: CompareResult, plots: list[str]) -> str:

@@ -162,6 +162,9 @@ class CompareConfig(RunConfig):
 
     name: str = "compare"
     methods: list[MethodEntry] = field(default_factory=lambda: [MethodEntry("kn"), MethodEntry("rome"), MethodEntry("ft")])
+    # Each finished method is kept in OUTPUT_DIR/.NAME.parts until the report is written; resume=true reuses
+    # those made with the very same settings, model, cases and text (a long comparison that was interrupted).
+    resume: bool = False
 
     def check(self) -> "CompareConfig":
         super().check()

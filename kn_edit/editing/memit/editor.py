@@ -36,7 +36,7 @@ from ..base import Editor, EditRequest
 from ..ledger import commit
 from ..nullspace import null_space_delta
 from ..rome.covariance import KeyStatistics, key_statistics
-from ..rome.keys import check_subjects, context_prefixes, keys_at, prompt_text, subject_texts
+from ..rome.keys import check_subjects, context_prefixes, fitted_keys, keys_at, prompt_text, subject_texts
 from ..rome.settings import KeyText
 from ..rome.update import weight_change
 from ..rome.values import kl_row, optimise_value, rewrite_rows
@@ -69,7 +69,8 @@ class MemitRequestDetails:
 
 @dataclass
 class MemitLayerDetails:
-    """One critical layer's update: keys K_l [n, d_ff] and residuals R_l [n, d_model] it was solved for."""
+    """One critical layer's update: keys K_l [m, d_ff] and residuals R_l [m, d_model] it was solved for (m = the
+    number of requests with ``fit=mean``; more with ``fit`` prompts / rows)."""
 
     layer: int
     parameter: str
@@ -98,6 +99,15 @@ class MemitDetails:
     def keys_by_layer(self) -> dict[int, torch.Tensor]:
         """{layer: keys [n, d_ff]} this edit wrote (read by the null-space option of later edits)."""
         return {u.layer: u.keys for u in self.updates}
+
+
+def _distinct(keys: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
+    """The rows of ``keys`` [m, d] without those equal (within ``rtol`` of their norm) to an earlier row."""
+    kept: list[torch.Tensor] = []
+    for row in keys:
+        if all(float((row - k).norm()) > rtol * max(float(k.norm()), 1e-30) for k in kept):
+            kept.append(row)
+    return torch.stack(kept)
 
 
 def _settings_dict(settings: MemitSettings) -> dict:
@@ -150,9 +160,8 @@ class MemitEditor(Editor):
         try:
             with self.reporter.task(f"MEMIT over layers {layers}", total=len(layers)) as task:
                 for j, layer in enumerate(layers):
-                    keys = torch.stack([keys_at(km, layer, t).mean(dim=0) for t in texts]).double()  # [n, d_ff]
                     missing = deltas - (self._hidden(km, last, rows) - before)  # z − h^L now [n, d_model]
-                    residuals = missing / (len(layers) - j)
+                    keys, residuals = self._fitted(km, layer, requests, texts, prefixes, missing / (len(layers) - j))
                     delta, update = self._update(km, layer, stats[layer], keys, residuals)
                     updates.append(update)
                     changes.append(whole_change(km, update.parameter, weight_change(km, delta)))
@@ -173,6 +182,21 @@ class MemitEditor(Editor):
                                relative_update=total / max(weights, 1e-12), requests=targets, updates=updates,
                                settings=_settings_dict(s))
         return changes, details
+
+    def _fitted(self, km, layer: int, requests: list[EditRequest], texts: list, prefixes: list[str],
+                residuals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys [m, d_ff], residuals [m, d_model]) the layer's update is solved for: each request's prefix-averaged
+        key k_i with its residual r_i, and with ``fit`` prompts / rows also each edit prompt's own key (no prefix /
+        after every prefix), each asking for the same r_i (as ROME's fit; kn_edit/editing/rome/update.py).
+        A key repeated within a request (prompts that start with the subject share it) is one column."""
+        keys, rows = [], []
+        for request, text, residual in zip(requests, texts, residuals):
+            mean = keys_at(km, layer, text).mean(dim=0)
+            own = fitted_keys(km, layer, mean, request.subject, request.prompts, prefixes, self.settings.fit)
+            own = _distinct(own.double())
+            keys.append(own)
+            rows.append(residual[None].expand(len(own), -1))
+        return torch.cat(keys), torch.cat(rows).double()
 
     def _hidden(self, km, layer: int, rows: list[list]) -> torch.Tensor:
         """h^L of each request now: the residual after ``layer`` averaged over its rewrite rows [n, d_model]."""

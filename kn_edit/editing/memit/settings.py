@@ -7,7 +7,7 @@ from typing import Optional
 
 from ...errors import ConfigError, EditError
 from ..nullspace import check_null_space
-from ..rome.settings import KeyText, RomeSettings, default_layer
+from ..rome.settings import KeyFit, KeyText, RomeSettings, default_layer
 
 # (adapter family, n_layers, d_model) → critical layers R (0-based, ascending). smollm2-135m: five layers around
 # ROME's layer 5 (its sweep: 3 edits more, 8 generalizes less), like MEMIT's five for GPT-2 XL (13–17 of 48) and
@@ -35,6 +35,9 @@ class MemitSettings:
     layers: Optional[list[int]] = None  # critical layers R, ascending; null: the model's default (DEFAULT_LAYERS)
     # k: the value projection's input at the subject's last token, averaged over context prefixes (as ROME)
     key_text: KeyText = KeyText.subject  # subject (paper: prefix + subject) | prompts (prefix + edit prompt)
+    # keys each layer's update is solved for: mean (each request's prefix-averaged key, the paper) | prompts (also
+    # each edit prompt's own key, with the request's residual) | rows (also every prefixed rewrite row's key)
+    fit: KeyFit = KeyFit.mean
     n_prefixes: int = 5
     prefix_length: int = 10
     prefix_top_k: int = 5
@@ -64,7 +67,7 @@ class MemitSettings:
         # The settings MEMIT shares with ROME are checked by ROME's own rules.
         shared = {f.name: getattr(self, f.name) for f in fields(RomeSettings) if hasattr(self, f.name)}
         checked = RomeSettings(**shared).check()
-        self.key_text = checked.key_text
+        self.key_text, self.fit = checked.key_text, checked.fit
         if self.layers is not None:
             layers = list(self.layers)
             if not layers:
