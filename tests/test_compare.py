@@ -10,6 +10,7 @@ import pytest
 from kn_edit.cli import main
 from kn_edit.evaluation import evaluate
 from kn_edit.evaluation.compare import COLUMNS, compare_methods, eval_config_for
+from kn_edit.editing.registry import make_editor
 from kn_edit.evaluation.config import CompareConfig, MethodEntry
 from test_eval_loop import PASSAGES, tiny_facts
 
@@ -128,8 +129,22 @@ def test_an_interrupted_comparison_resumes_from_its_finished_methods(tiny_factor
                 assert ours[key] == pytest.approx(theirs[key], nan_ok=True), (title, key)
         assert [r["fact_id"] for r in resumed.results[title].rows] == [r["fact_id"] for r in fresh.results[title].rows]
 
-    # a part made under other settings is not reused
+    # a part made under other settings is not reused, also when only an editor default changed
+    entry = config.methods[0]
+    key = lambda editor: compare_module.part_key(config, entry, editor, km.name, ["case"], PASSAGES)  # noqa: E731
+    assert key(make_editor(entry.method, overrides=entry.settings)) == key(make_editor(entry.method, overrides=entry.settings))
+    assert key(make_editor(entry.method, overrides=entry.settings)) != key(_with_default(entry.method, entry.settings))
     compare_module.save_part(parts / "kn-unscaled.json", "another key", fresh.results["kn-unscaled"])
     config.run_name, config.resume, calls[:] = "stale", True, []
     compare_methods(config, km=km, facts=tiny_facts(), passages=PASSAGES)
     assert calls == ["kn-unscaled", "test_eval_loop:ValueVectorEditor"]
+
+
+def _with_default(method: str, overrides: dict):
+    """The registry's editor, with one default changed behind the config's back (a new release's default)."""
+    editor = make_editor(method, overrides=overrides)
+    if hasattr(editor.settings, "steps"):
+        editor.settings.steps += 1
+    else:
+        editor.settings.scale = float(editor.settings.scale) + 1.0
+    return editor

@@ -75,7 +75,7 @@ def compare_methods(config: CompareConfig, km=None, facts: FactSet | None = None
     parts = parts_dir(config)
     results: dict[str, EvalResult] = {}
     for (title, editor), entry in zip(editors, config.methods):
-        key = part_key(config, entry, km.name, datamodule.cases, passages)
+        key = part_key(config, entry, editor, km.name, datamodule.cases, passages)
         done = load_part(parts / f"{_safe(title)}.json", key) if config.resume else None
         if done is not None:
             with reporter.task(f"method {title}: finished evaluation reused from {parts}", total=1) as task:
@@ -102,12 +102,14 @@ def parts_dir(config: CompareConfig) -> Path:
     return Path(config.output_dir) / f".{_safe(config.name)}.parts"
 
 
-def part_key(config: CompareConfig, entry, model: str, cases, passages: Sequence[str]) -> str:
-    """A finished method is reused only for the very same settings, model, edit cases and text sample."""
+def part_key(config: CompareConfig, entry, editor, model: str, cases, passages: Sequence[str]) -> str:
+    """A finished method is reused only for the very same settings (the evaluation's and the editor's resolved
+    ones, defaults included), model, edit cases and text sample."""
     settings = eval_config_for(config, entry)
     settings.run_name = None
+    editor_settings = repr(getattr(editor, "settings", None))
     digest = hashlib.sha256()
-    for piece in (model, to_yaml(settings), repr(list(cases)), repr(list(passages))):
+    for piece in (model, to_yaml(settings), editor_settings, repr(list(cases)), repr(list(passages))):
         digest.update(piece.encode("utf-8"))
         digest.update(b"\0")
     return digest.hexdigest()
