@@ -114,7 +114,7 @@ def test_an_interrupted_comparison_resumes_from_its_finished_methods(tiny_factor
     config.resume = True
     resumed = compare_methods(config, km=km, facts=tiny_facts(), passages=PASSAGES)
     assert calls == ["test_eval_loop:ValueVectorEditor"]  # the finished method is not run again
-    assert not parts.exists()  # the report is written: the parts are gone
+    assert sorted(p.name for p in parts.iterdir()) == ["kn-unscaled.json", "value-vector.json"]
 
     # the reused numbers are those of a fresh full run (all but the clock and memory readings)
     config.run_name, config.resume, calls[:] = "fresh", False, []
@@ -137,7 +137,7 @@ def test_an_interrupted_comparison_resumes_from_its_finished_methods(tiny_factor
     compare_module.save_part(parts / "kn-unscaled.json", "another key", fresh.results["kn-unscaled"])
     config.run_name, config.resume, calls[:] = "stale", True, []
     compare_methods(config, km=km, facts=tiny_facts(), passages=PASSAGES)
-    assert calls == ["kn-unscaled", "test_eval_loop:ValueVectorEditor"]
+    assert calls == ["kn-unscaled"]  # the other method's part is still current
 
 
 def _with_default(method: str, overrides: dict):
@@ -148,3 +148,25 @@ def _with_default(method: str, overrides: dict):
     else:
         editor.settings.scale = float(editor.settings.scale) + 1.0
     return editor
+
+
+def test_runs_of_different_methods_are_joined_by_a_resumed_run(tiny_factory, tmp_path, monkeypatch):
+    """Two runs of one comparison with a method each (e.g. in parallel), then one resume=true run over both:
+    it evaluates nothing and reports both methods."""
+    import kn_edit.evaluation.compare as compare_module
+
+    km = tiny_factory("llama")
+    config = tiny_compare_config(tmp_path)
+    config.plots = False
+    for i, method in enumerate(TINY_METHODS):
+        part = tiny_compare_config(tmp_path)
+        part.plots, part.methods, part.run_name = False, [method], f"part{i}"
+        compare_methods(part, km=km, facts=tiny_facts(), passages=PASSAGES)
+    calls = []
+    real = compare_module.evaluate
+    monkeypatch.setattr(compare_module, "evaluate", lambda c, **kw: calls.append(c.editor.method) or real(c, **kw))
+    config.resume, config.run_name = True, "joined"
+    joined = compare_methods(config, km=km, facts=tiny_facts(), passages=PASSAGES)
+    assert calls == [] and list(joined.results) == ["kn-unscaled", "value-vector"]
+    report = (joined.run_dir / "report.md").read_text()
+    assert "| kn-unscaled |" in report and "| value-vector |" in report

@@ -93,12 +93,12 @@ def compare_methods(config: CompareConfig, km=None, facts: FactSet | None = None
         result.regressions = compare_metrics(result.flat_metrics(), baseline, config.regression.tolerances)
     if write:
         result.run_dir = write_comparison(config, km, result)
-        _remove_parts(parts)
     return result
 
 
 def parts_dir(config: CompareConfig) -> Path:
-    """Where each finished method's evaluation waits until the whole comparison is written."""
+    """Where each finished method's evaluation is kept: a stopped comparison resumes from them, and runs of the
+    same comparison with different methods (e.g. in parallel) are joined by one ``resume=true`` run over all."""
     return Path(config.output_dir) / f".{_safe(config.name)}.parts"
 
 
@@ -135,14 +135,6 @@ def load_part(path: Path, key: str) -> EvalResult | None:
         return None
     return EvalResult(payload["metrics"], payload["rows"], payload["summary"], payload["per_relation"],
                       payload["probe_per_relation"], curve=[Checkpoint(c["n_edits"], c["metrics"]) for c in payload["curve"]])  # fmt: skip
-
-
-def _remove_parts(parts: Path) -> None:
-    if parts.is_dir():
-        for f in parts.glob("*.json"):
-            f.unlink()
-        if not any(parts.iterdir()):
-            parts.rmdir()
 
 
 def comparison_markdown(config: CompareConfig, model: str, result: CompareResult, plots: list[str]) -> str:
