@@ -73,6 +73,7 @@ def compare_methods(config: CompareConfig, km=None, facts: FactSet | None = None
     datamodule = FactDataModule(km, config.data, facts=facts)
     datamodule.setup("test")
     parts = parts_dir(config)
+    before: dict = {}  # the unedited model's measurements, the same for every method (all settings are shared)
     results: dict[str, EvalResult] = {}
     for (title, editor), entry in zip(editors, config.methods):
         key = part_key(config, entry, editor, km.name, datamodule.cases, passages)
@@ -84,7 +85,8 @@ def compare_methods(config: CompareConfig, km=None, facts: FactSet | None = None
             continue
         with reporter.task(f"method {title}", total=None):
             results[title] = evaluate(eval_config_for(config, entry), km=km, editor=editor, passages=passages,
-                                      reporter=reporter, write=False, datamodule=datamodule)  # fmt: skip
+                                      reporter=reporter, write=False, datamodule=datamodule,
+                                      before_cache=before)  # fmt: skip
         if write:  # an interrupted comparison resumes from here with resume=true
             save_part(parts / f"{_safe(title)}.json", key, results[title])
     result = CompareResult(results, config)

@@ -93,6 +93,7 @@ class EditEvaluation(pl.LightningModule):
         text_batch_size: int = 8,
         batch_size: int = 64,
         verify_revert: bool = True,
+        before_cache: dict | None = None,
     ) -> None:
         super().__init__()
         self.km = km
@@ -106,6 +107,9 @@ class EditEvaluation(pl.LightningModule):
         self.text_batch_size = text_batch_size
         self.batch_size = batch_size
         self.verify_revert = verify_revert
+        # What the unedited model gives (scores, generations, text NLL) does not depend on the editor: a
+        # comparison passes one dict to every method's evaluation, so it is measured once per case.
+        self.before_cache = before_cache
         self.edit_metric = EditSuccess()
         self.generalization = EditSuccess()
         self.intra = Retention()
@@ -134,7 +138,15 @@ class EditEvaluation(pl.LightningModule):
         self.rows = []
         self._sums = parameter_sums(self.km) if self.verify_revert else None
         self._text = tokenized_text(self.km, self.passages, self.max_text_tokens)
-        self._text_before = self._text_nll() if self._text else None
+        self._text_before = self._before("text", lambda: self._text_nll() if self._text else None)
+
+    def _before(self, key, measure):
+        """``measure()`` on the unedited model, once per key when a comparison shares ``before_cache``."""
+        if self.before_cache is None:
+            return measure()
+        if key not in self.before_cache:
+            self.before_cache[key] = measure()
+        return self.before_cache[key]
 
     # ----- measuring --------------------------------------------------------------------------------
     def _score(self, pairs: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,9 +208,13 @@ class EditEvaluation(pl.LightningModule):
     # ----- the loop ---------------------------------------------------------------------------------
     def test_step(self, case: EditCase, batch_idx: int) -> None:
         pairs, at = self._pairs(case)
-        logp_before, top1_before = self._score(pairs)
         gen_prompts = self._generation_prompts(case) if self.fluency_on else []
-        gen_before = greedy_generations(self.km, gen_prompts, self.fluency_config.max_new_tokens) if gen_prompts else []
+
+        def before():
+            gen = greedy_generations(self.km, gen_prompts, self.fluency_config.max_new_tokens) if gen_prompts else []
+            return (*self._score(pairs), gen)
+
+        logp_before, top1_before, gen_before = self._before(("case", case.index, case.fact.fact_id, case.new), before)
         gen_after = gen_before
         edit, error = None, None
         try:

@@ -87,9 +87,11 @@ def evaluate(
     reporter: Reporter | None = None,
     write: bool = True,
     datamodule=None,
+    before_cache: dict | None = None,
 ) -> EvalResult:
     """Run the evaluation. ``km``, ``editor``, ``facts`` and ``passages`` replace what the config would load;
-    ``datamodule``: a FactDataModule already set up for ``km`` (its cases are reused as they are)."""
+    ``datamodule``: a FactDataModule already set up for ``km`` (its cases are reused as they are);
+    ``before_cache``: the unedited model's measurements shared by evaluations of the same cases and settings."""
     from .datamodule import FactDataModule
     from .module import EditEvaluation
     from .report import per_relation
@@ -112,7 +114,7 @@ def evaluate(
     module = EditEvaluation(km, editor, passages, probe=config.probe, fluency=config.fluency,
                             max_text_tokens=config.text.max_tokens,
                             text_batch_size=config.text.batch_size, batch_size=config.data.batch_size,
-                            verify_revert=config.verify_revert)  # fmt: skip
+                            verify_revert=config.verify_revert, before_cache=before_cache)  # fmt: skip
     trainer = _trainer(config, reporter)
     started = time.time()
     trainer.test(module, datamodule=datamodule, verbose=False)
