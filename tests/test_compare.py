@@ -4,6 +4,7 @@ report, and each method's numbers equal to its own evaluation run."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -174,3 +175,16 @@ def test_runs_of_different_methods_are_joined_by_a_resumed_run(tiny_factory, tmp
     assert calls == [] and list(joined.results) == ["kn-unscaled", "value-vector"]
     report = (joined.run_dir / "report.md").read_text()
     assert "| kn-unscaled |" in report and "| value-vector |" in report
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs" / "compare").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_committed_comparison_config_loads(path):
+    """Each configs/compare/*.yaml is a valid CompareConfig whose methods are all registered."""
+    from kn_edit.configuration import load_config
+    from kn_edit.editing.registry import method_config
+
+    config = load_config(CompareConfig, [path]).check()
+    assert config.methods
+    for entry in config.methods:
+        method_config(entry.method, overrides=dict(entry.settings))  # unknown methods or settings raise
