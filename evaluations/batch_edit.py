@@ -35,13 +35,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "evaluations"))
 
 import kn_edit  # noqa: E402
-from kn_edit.data import wiki_passages  # noqa: E402
 from kn_edit.data.requests import prompt_top1  # noqa: E402
 from kn_edit.editing import EditRequest, ledger_for, make_editor  # noqa: E402
 from kn_edit.editing.knowledge_neurons import default_locator  # noqa: E402
 
-from edit_rules import select_facts  # noqa: E402
-from rome_check import neighbours, perplexity  # noqa: E402
+from rome_check import add_fact_arguments, perplexity, prepare  # noqa: E402
 
 # method → settings that make its batch solve (the kn editor's default is already batch=joint)
 METHODS = {"memit": {}, "kn": {"batch": "joint"}, "rome": {}}
@@ -170,32 +168,14 @@ def markdown(meta, results) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "pararel"))
-    parser.add_argument("--facts", type=int, default=20)
-    parser.add_argument("--per-relation", type=int, default=2)
-    parser.add_argument("--scan", type=int, default=20)
-    parser.add_argument("--prompts", type=int, default=3)
-    parser.add_argument("--neighbours", type=int, default=2, help="per kind (same / other object) and fact")
+    add_fact_arguments(parser, neighbours=2, text_passages=12)
     parser.add_argument("--methods", default="memit,kn", help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--ways", default="batch,single")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
                         help="a setting of one method, e.g. memit:mom2_update_weight=150 (repeatable)")
-    parser.add_argument("--text-passages", type=int, default=12)
-    parser.add_argument("--text-tokens", type=int, default=96)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(ROOT / "evaluations" / "results"))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     t0 = time.time()
-    km = kn_edit.load(args.model, device="cpu")
-    facts = select_facts(km, Path(args.data), args.facts, args.per_relation, args.scan, args.seed, args.prompts)
-    neighbours(km, Path(args.data), facts, args.seed, args.neighbours, scan=60)
-    print(f"{len(facts)} facts selected ({time.time() - t0:.0f}s)", flush=True)
-    texts = wiki_passages(args.text_passages)
-    text = km.pad([torch.tensor(km.tokenizer(t)["input_ids"][: args.text_tokens]) for t in texts])
-    base_ppl = perplexity(km, *text)
+    km, facts, text, base_ppl = prepare(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "n_facts": len(facts), "relations": sorted({f["relation"] for f in facts}),

@@ -36,7 +36,7 @@ from kn_edit.editing import EditRequest, ledger_for  # noqa: E402
 from kn_edit.editing.registry import method_config  # noqa: E402
 from kn_edit.editing.rome import RomeEditor, key_statistics  # noqa: E402
 
-from edit_rules import RELATIONS, select_facts  # noqa: E402
+from edit_rules import select_facts  # noqa: E402
 
 
 def neighbours(km, root: Path, facts, seed: int, per_kind: int, scan: int) -> None:
@@ -152,23 +152,26 @@ def markdown(meta, summaries) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_fact_arguments(parser: argparse.ArgumentParser, neighbours: int, text_passages: int) -> None:
+    """The options of the scripts that edit edit_rules' fact selection one by one (this one, batch_edit.py):
+    model, data, which facts and neighbours, the perplexity text, threads, seed and output folder."""
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "pararel"))
     parser.add_argument("--facts", type=int, default=20)
     parser.add_argument("--per-relation", type=int, default=2)
     parser.add_argument("--scan", type=int, default=20)
     parser.add_argument("--prompts", type=int, default=3)
-    parser.add_argument("--neighbours", type=int, default=5, help="per kind (same / other object) and fact")
-    parser.add_argument("--variants", default="", help="';'-separated override sets, e.g. 'layer=3;layer=5,steps=40'")
-    parser.add_argument("--text-passages", type=int, default=16)
+    parser.add_argument("--neighbours", type=int, default=neighbours, help="per kind (same / other object) and fact")
+    parser.add_argument("--text-passages", type=int, default=text_passages)
     parser.add_argument("--text-tokens", type=int, default=96)
-    parser.add_argument("--measure-covariance", action="store_true", help="also time the key statistics uncached")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "evaluations" / "results"))
-    args = parser.parse_args()
+
+
+def prepare(args):
+    """(model, facts with their neighbours, the tokenized perplexity text, its perplexity) for ``args`` of
+    add_fact_arguments."""
     torch.set_num_threads(args.threads)
     t0 = time.time()
     km = kn_edit.load(args.model, device="cpu")
@@ -176,9 +179,18 @@ def main() -> int:
     neighbours(km, Path(args.data), facts, args.seed, args.neighbours, scan=60)
     print(f"{len(facts)} facts selected ({time.time() - t0:.0f}s)", flush=True)
     texts = wiki_passages(args.text_passages)
-    ids = [torch.tensor(km.tokenizer(t)["input_ids"][: args.text_tokens]) for t in texts]
-    text = km.pad(ids)
-    base_ppl = perplexity(km, *text)
+    text = km.pad([torch.tensor(km.tokenizer(t)["input_ids"][: args.text_tokens]) for t in texts])
+    return km, facts, text, perplexity(km, *text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_fact_arguments(parser, neighbours=5, text_passages=16)
+    parser.add_argument("--variants", default="", help="';'-separated override sets, e.g. 'layer=3;layer=5,steps=40'")
+    parser.add_argument("--measure-covariance", action="store_true", help="also time the key statistics uncached")
+    args = parser.parse_args()
+    t0 = time.time()
+    km, facts, text, base_ppl = prepare(args)
 
     defaults = RomeEditor().settings
     layer = defaults.layer_for(km)

@@ -17,6 +17,7 @@ from kn_edit.editing.rome import RomeEditor, key_statistics
 from kn_edit.editing.rome.keys import context_prefixes, prompt_text, subject_texts
 from kn_edit.editing.rome.values import rewrite_rows
 from kn_edit.editing.values import value_location
+from plain_values import plain_key, plain_weight, same, set_weight, snapshot
 from tiny_models import CORPUS
 
 FAMILIES = ["gpt2", "llama"]
@@ -32,35 +33,9 @@ def memit(tmp_path, **overrides) -> MemitEditor:
     return MemitEditor(key_texts=CORPUS, **{**COMMON, "cache_dir": str(tmp_path / "cache"), **overrides})
 
 
-def snapshot(km) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in km.model.named_parameters()}
 
 
-def same(km, state) -> bool:
-    return all(torch.equal(p, state[name]) for name, p in km.model.named_parameters())
 
-
-def plain_weight(km, layer: int) -> np.ndarray:
-    w = km.value_weight(layer).detach().double().numpy()
-    return w.T if km.adapter.value_weight_transposed else w
-
-
-def set_weight(km, layer: int, value: np.ndarray) -> None:
-    w = torch.from_numpy(value.T if km.adapter.value_weight_transposed else value).to(km.value_weight(layer).dtype)
-    with torch.no_grad():
-        km.value_weight(layer).copy_(w)
-
-
-def plain_key(km, layer: int, ids: torch.Tensor, position: int) -> np.ndarray:
-    """The value projection's input at one position of one text, no padding."""
-    got = []
-    handle = km.value_proj(layer).register_forward_pre_hook(lambda _m, args: got.append(args[0][0, position].double().numpy()))
-    try:
-        with torch.no_grad():
-            km.model(input_ids=ids[None])
-    finally:
-        handle.remove()
-    return got[0]
 
 
 def plain_hidden(km, layer: int, ids: torch.Tensor, position: int) -> np.ndarray:

@@ -15,6 +15,7 @@ from kn_edit.editing.ledger import ledger_for
 from kn_edit.editing.memit import MemitEditor
 from kn_edit.editing.nullspace import edited_keys, null_space, projected_update
 from kn_edit.editing.rome import RomeEditor, key_statistics
+from plain_values import plain_keys, plain_weight, same, snapshot
 from tiny_models import CORPUS
 
 FAMILIES = ["gpt2", "llama"]
@@ -26,30 +27,8 @@ COMMON = dict(n_prefixes=1, prefix_length=3, steps=3, lr=0.5, clamp_norm_factor=
               null_space_threshold=1e-6)
 
 
-def snapshot(km) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in km.model.named_parameters()}
 
 
-def same(km, state) -> bool:
-    return all(torch.equal(p, state[name]) for name, p in km.model.named_parameters())
-
-
-def plain_weight(km, layer: int) -> np.ndarray:
-    w = km.value_weight(layer).detach().double().numpy()
-    return w.T if km.adapter.value_weight_transposed else w
-
-
-def all_keys(km, layer: int, texts) -> np.ndarray:
-    """[tokens, d_ff]: the value projection's input at every token of every text, one text at a time."""
-    out = []
-    handle = km.value_proj(layer).register_forward_pre_hook(lambda _m, args: out.append(args[0][0].double().numpy()))
-    try:
-        with torch.no_grad():
-            for text in texts:
-                km.model(input_ids=torch.tensor([km.tokenizer(text)["input_ids"]]))
-    finally:
-        handle.remove()
-    return np.concatenate(out)
 
 
 def test_projected_update_is_the_paper_s_formula_and_its_minimiser():
@@ -89,7 +68,7 @@ def test_the_layer_output_on_every_preserved_key_is_unchanged(tiny_factory, tmp_
     original = snapshot(km)
     layers = [0] if method == "rome" else [0, 1]
     before = {l: plain_weight(km, l) for l in layers}
-    preserved = {l: all_keys(km, l, PRESERVED) for l in layers}  # on the unedited model, as C
+    preserved = {l: plain_keys(km, l, PRESERVED) for l in layers}  # on the unedited model, as C
     assert all(len(k) < km.d_ff for k in preserved.values())
     if method == "rome":
         editor = RomeEditor(key_texts=PRESERVED, layer=0, cache_dir=str(tmp_path), **COMMON)
@@ -155,7 +134,7 @@ def test_the_knowledge_neuron_solve_leaves_preserved_activations_unchanged(tiny_
     edit = editor.apply(km, [FRANCE])
     delta = kn_edit.editing.values.value_vectors(km, neurons).double() - before  # [n, d_model]
     assert float(delta.abs().max()) > 0
-    acts = all_keys(km, 1, generic)[:, [n.index for n in neurons]]  # [tokens, n], value projection unchanged upstream
+    acts = plain_keys(km, 1, generic)[:, [n.index for n in neurons]]  # [tokens, n], value projection unchanged upstream
     assert len(acts) < len(neurons)
     moved = acts @ delta.numpy()  # [tokens, d_model]
     assert np.abs(moved).max() <= 1e-5 * float(delta.abs().max()) * np.abs(acts).max()

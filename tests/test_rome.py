@@ -16,6 +16,7 @@ from kn_edit.editing.rome import covariance as covariance_module
 from kn_edit.editing.rome import values as values_module
 from kn_edit.editing.rome.keys import subject_texts, token_at
 from kn_edit.editing.values import value_location
+from plain_values import plain_keys, plain_weight, same, snapshot
 from tiny_models import CORPUS
 
 FAMILIES = ["gpt2", "llama"]
@@ -32,32 +33,8 @@ def editor(tmp_path, **overrides) -> RomeEditor:
     return RomeEditor(key_texts=CORPUS, **settings)
 
 
-def snapshot(km) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in km.model.named_parameters()}
 
 
-def same(km, state) -> bool:
-    return all(torch.equal(p, state[name]) for name, p in km.model.named_parameters())
-
-
-def plain_weight(km, layer: int) -> np.ndarray:
-    """[d_model, d_ff] float64: the value projection's W, whatever its storage orientation."""
-    w = km.value_weight(layer).detach().double().numpy()
-    return w.T if km.adapter.value_weight_transposed else w
-
-
-def plain_keys(km, layer: int, texts) -> np.ndarray:
-    """[tokens, d_ff]: the value projection's input at every token, one text at a time (no padding)."""
-    out = []
-    handle = km.value_proj(layer).register_forward_pre_hook(lambda _m, args: out.append(args[0][0].double().numpy()))
-    try:
-        with torch.no_grad():
-            for text in texts:
-                ids = km.tokenizer(text, add_special_tokens=True)["input_ids"]
-                km.model(input_ids=torch.tensor([ids]))
-    finally:
-        handle.remove()
-    return np.concatenate(out)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
