@@ -136,7 +136,8 @@ def test_an_interrupted_comparison_resumes_from_its_finished_methods(tiny_factor
 
     # a part made under other settings is not reused, also when only an editor default changed
     entry = config.methods[0]
-    key = lambda editor: compare_module.part_key(config, entry, editor, km.name, ["case"], PASSAGES)  # noqa: E731
+    inputs = compare_module.inputs_digest(km.name, ["case"], PASSAGES)
+    key = lambda editor: compare_module.part_key(config, entry, editor, inputs)  # noqa: E731
     assert key(make_editor(entry.method, overrides=entry.settings)) == key(make_editor(entry.method, overrides=entry.settings))
     assert key(make_editor(entry.method, overrides=entry.settings)) != key(_with_default(entry.method, entry.settings))
     compare_module.save_part(parts / "kn-unscaled.json", "another key", fresh.results["kn-unscaled"])

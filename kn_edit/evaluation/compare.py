@@ -75,8 +75,9 @@ def compare_methods(config: CompareConfig, km=None, facts: FactSet | None = None
     parts = parts_dir(config)
     before: dict = {}  # the unedited model's measurements, the same for every method (all settings are shared)
     results: dict[str, EvalResult] = {}
+    shared = inputs_digest(km.name, datamodule.cases, passages)  # what every method's key has in common
     for (title, editor), entry in zip(editors, config.methods):
-        key = part_key(config, entry, editor, km.name, datamodule.cases, passages)
+        key = part_key(config, entry, editor, shared)
         done = load_part(parts / f"{_safe(title)}.json", key) if config.resume else None
         if done is not None:
             with reporter.task(f"method {title}: finished evaluation reused from {parts}", total=1) as task:
@@ -104,14 +105,22 @@ def parts_dir(config: CompareConfig) -> Path:
     return Path(config.output_dir) / f".{_safe(config.name)}.parts"
 
 
-def part_key(config: CompareConfig, entry, editor, model: str, cases, passages: Sequence[str]) -> str:
+def inputs_digest(model: str, cases, passages: Sequence[str]) -> str:
+    """A digest of the model name, the edit cases and the text sample (the same for every method of a run)."""
+    return _digest(model, repr(list(cases)), repr(list(passages)))
+
+
+def part_key(config: CompareConfig, entry, editor, inputs: str) -> str:
     """A finished method is reused only for the very same settings (the evaluation's and the editor's resolved
-    ones, defaults included), model, edit cases and text sample."""
+    ones, defaults included) and inputs (``inputs_digest``: model, edit cases and text sample)."""
     settings = eval_config_for(config, entry)
     settings.run_name = None
-    editor_settings = repr(getattr(editor, "settings", None))
+    return _digest(inputs, to_yaml(settings), repr(getattr(editor, "settings", None)))
+
+
+def _digest(*pieces: str) -> str:
     digest = hashlib.sha256()
-    for piece in (model, to_yaml(settings), editor_settings, repr(list(cases)), repr(list(passages))):
+    for piece in pieces:
         digest.update(piece.encode("utf-8"))
         digest.update(b"\0")
     return digest.hexdigest()

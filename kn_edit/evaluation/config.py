@@ -162,8 +162,8 @@ class CompareConfig(RunConfig):
 
     name: str = "compare"
     methods: list[MethodEntry] = field(default_factory=lambda: [MethodEntry("kn"), MethodEntry("rome"), MethodEntry("ft")])
-    # Each finished method is kept in OUTPUT_DIR/.NAME.parts until the report is written; resume=true reuses
-    # those made with the very same settings, model, cases and text (a long comparison that was interrupted).
+    # Each finished method is kept in OUTPUT_DIR/.NAME.parts; resume=true reuses those made with the very same
+    # settings, model, cases and text (a stopped comparison, or runs of a few methods each joined into one).
     resume: bool = False
 
     def check(self) -> "CompareConfig":
