@@ -101,3 +101,41 @@ def test_wiki_heldout_slice_and_text_files(tmp_path):
     assert text_file_passages(text) == ["First paragraph still first.", "Second one."]
     with pytest.raises(DataError, match="not found"):
         text_file_passages(tmp_path / "none.txt")
+
+
+@pytest.mark.parametrize("min_share", [1.0, 0.7, 0.5, 0.34, 0.01])
+def test_known_check_in_rounds_equals_checking_every_prompt(monkeypatch, min_share):
+    """known_mask stops checking a fact once it is decided; the flags equal the plain rule over every prompt."""
+    import itertools
+
+    import kn_edit.data.requests as requests
+
+    truth = {}  # (prompt, object) → top-1, every pattern of 0–4 prompts
+    records = []
+    for n in range(5):
+        for pattern in itertools.product([True, False], repeat=n):
+            fid = f"f{len(records)}"
+            prompts = tuple(f"{fid} prompt {j} is" for j in range(n))
+            truth.update({(p, "X"): ok for p, ok in zip(prompts, pattern)})
+            records.append(FactRecord(fid, "s", "r", "X", prompts))
+    asked: list[tuple[str, str]] = []
+
+    def top1(km, pairs, batch_size=64):
+        asked.extend(pairs)
+        return [truth[p] for p in pairs]
+
+    monkeypatch.setattr(requests, "prompt_top1", top1)
+    got = requests.known_mask(None, records, min_share)
+    plain = [len(r.prompts) > 0 and sum(truth[(p, "X")] for p in r.prompts) >= min_share * len(r.prompts) for r in records]
+    assert got == plain
+    assert len(asked) == len(set(asked)) < len(truth)  # each prompt at most once, and some never
+
+
+def test_known_check_on_a_tiny_model_equals_the_plain_rule(tiny_factory):
+    km = tiny_factory("llama")
+    prompts = ["The capital of France is", "France's capital is", "The capital city of France is"]
+    tops = [km.tokenizer.decode([km.predict(p, top_k=1)[0].token_id]).lstrip() for p in prompts]
+    records = [FactRecord(f"f{i}", "France", "capital", obj, tuple(prompts)) for i, obj in enumerate(tops + ["Paris"])]
+    for share in (1.0, 0.5, 0.3):
+        flags = [prompt_top1(km, [(p, r.object) for p in r.prompts]) for r in records]
+        assert known_mask(km, records, share) == [sum(f) >= share * len(f) for f in flags]

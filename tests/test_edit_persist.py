@@ -97,7 +97,13 @@ def test_saved_model_reloads_with_identical_logits(tiny, tmp_path):
     out = tiny.save(tmp_path / "edited")
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors")) and (out / "kn_edit.json").is_file()
     again = kn_edit.load(str(out), device="cpu")
-    assert torch.equal(tiny.step_logits(steps), again.step_logits(steps))
+    # the model's own forward, bit for bit; kn-edit's scoring sends only the answer rows through the output head,
+    # where BLAS may round a one-row product differently for two copies of the same weights (1 ulp)
+    ids, mask = tiny.pad([s.input_ids for s in steps])
+    with torch.no_grad():
+        assert torch.equal(tiny.model(input_ids=ids, attention_mask=mask).logits,
+                           again.model(input_ids=ids, attention_mask=mask).logits)
+    assert torch.allclose(tiny.step_logits(steps), again.step_logits(steps), rtol=0, atol=1e-6)
     state = snapshot(tiny)
     assert same(again, state)
     edit.revert()

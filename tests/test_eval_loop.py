@@ -254,6 +254,10 @@ def test_sequential_run_measures_every_checkpoint_and_restores_the_model(tiny_fa
     assert result.metrics["edits/n"] == 5 and (result.run_dir / "curve.json").is_file()
     assert result.metrics["edits/refused"] >= 1  # Japan is among the first five (the recomputation counts exactly)
     assert "Sequential edits" in (result.run_dir / "report.md").read_text()
+    progress = json.loads(result.run_dir.with_name(result.run_dir.name + ".progress.json").read_text())
+    assert progress["edits_made"] == progress["edits_planned"] == 5
+    assert progress["curve"] == [{"n_edits": c.n_edits, **c.metrics} for c in result.curve]
+    assert [r["order"] for r in progress["rows"]] == [1, 2, 3, 4, 5]
 
     # plain recomputation: the same cases, edited one after another
     datamodule = FactDataModule(km, config.data, facts=tiny_facts())
@@ -310,7 +314,24 @@ def test_sequential_run_restores_the_model_when_it_stops_half_way(tiny_factory, 
     km = tiny_factory("llama")
     before = snapshot(km)
     config = tiny_config(tmp_path, **{"probe.enabled": False})
-    config.mode, config.checkpoints = "sequential", [2, 6]
+    config.mode, config.checkpoints = "sequential", [1, 2, 6]
+    order = [c.fact.subject for c in _cases(km, config)]
+    progress = tmp_path / "progress.json"
     with pytest.raises(RuntimeError, match="crashed"):
-        evaluate(config, km=km, editor=Crashing(), facts=tiny_facts(), passages=PASSAGES, write=False)
+        evaluate(config, km=km, editor=Crashing(), facts=tiny_facts(), passages=PASSAGES, write=False,
+                 progress_path=progress)  # fmt: skip
     assert_unchanged(km, before)
+    # what was measured before the crash is kept: every checkpoint before Japan's edit
+    kept = json.loads(progress.read_text())
+    reached = [n for n in (1, 2, 6) if n <= order.index("Japan")]
+    assert reached, "the test needs a checkpoint before the crash"
+    assert [c["n_edits"] for c in kept["curve"]] == [0] + reached
+    assert kept["edits_made"] == max(reached)
+
+
+def _cases(km, config):
+    from kn_edit.evaluation.datamodule import FactDataModule
+
+    datamodule = FactDataModule(km, config.data, facts=tiny_facts())
+    datamodule.setup("test")
+    return datamodule.cases

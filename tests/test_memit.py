@@ -258,3 +258,24 @@ def test_fit_counts_a_repeated_prompt_key_once(tiny_factory, tmp_path):
     edit = memit(tmp_path, layers=[0], mom2_update_weight=0.0, fit="prompts").apply(km, [request])
     assert edit.report.details.updates[0].keys.shape[0] == 2  # k̄ and the one bare key
     edit.revert()
+
+
+def test_a_null_space_sequence_decomposes_each_layer_s_statistics_once(tiny_factory, tmp_path, monkeypatch):
+    from kn_edit.editing import nullspace
+
+    km = tiny_factory("llama", n_layers=3)
+    original = snapshot(km)
+    calls: list[int] = []
+    plain = nullspace.null_space
+
+    def counted(second_moment, threshold):
+        calls.append(int(second_moment.shape[0]))
+        return plain(second_moment, threshold)
+
+    monkeypatch.setattr(nullspace, "null_space", counted)
+    ed = memit(tmp_path, layers=[0, 1], null_space=True, null_space_threshold=0.5)
+    edits = [ed.apply(km, [request]) for request in (FRANCE, JAPAN, ITALY)]
+    assert len(calls) == 2  # one eigendecomposition per layer for the whole sequence, not per edit
+    for edit in reversed(edits):
+        edit.revert()
+    assert same(km, original)

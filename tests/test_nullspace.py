@@ -56,6 +56,20 @@ def test_projected_update_is_the_paper_s_formula_and_its_minimiser():
     assert np.abs(grad).max() < 1e-9
 
 
+def test_key_statistics_compute_their_null_space_once():
+    from kn_edit.editing.rome.covariance import KeyStatistics
+
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(8, 5, generator=g)
+    stats = KeyStatistics(layer=0, mom2=k @ k.T / 5, mean=k.mean(dim=1), n_tokens=5, corpus="t", from_cache=False,
+                          seconds=0.0)  # fmt: skip
+    first = stats.null_space(1e-6)
+    assert stats.null_space(1e-6) is first  # memoized
+    plain = null_space(stats.mom2, 1e-6)
+    assert first.kept == plain.kept == 3 and torch.equal(first.projector, plain.projector)
+    assert stats.null_space(0.5) is not first
+
+
 def test_no_null_space_is_a_clear_error():
     with pytest.raises(EditError, match="no null space"):
         null_space(torch.eye(5, dtype=torch.float64), 0.5)

@@ -264,6 +264,13 @@ def test_the_cached_suffix_forward_equals_the_full_forward(tiny_factory):
                 with added_output(km.value_proj(1), torch.tensor([0]), torch.tensor([row.subject]), delta), torch.no_grad():
                     full = km.model(input_ids=row.input_ids[None]).logits[0, row.subject :]
                 assert torch.allclose(got[j], full, atol=1e-5), family
+            # only some (row, position) pairs through the output head: the same logits
+            picks = [(j, p) for j in range(len(group.members)) for p in range(got.shape[1]) if (j + p) % 2 == 0]
+            select = (torch.tensor([j for j, _ in picks]), torch.tensor([p for _, p in picks]))
+            with torch.no_grad():
+                some = _suffix_logits(km, km.value_proj(1), group, delta, select)
+            assert some.shape == (len(picks), got.shape[-1])
+            assert torch.allclose(some, got[select[0], select[1]], atol=1e-5), family
 
 
 def test_keys_are_read_at_the_subject_s_last_token(tiny_factory):

@@ -12,6 +12,7 @@ is another object of the same relation (seeded, reproducible per fact).
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Callable, Sequence
 
@@ -66,15 +67,28 @@ def prompt_top1(km, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> l
 
 
 def known_mask(km, records: Sequence[FactRecord], min_share: float = 0.5, batch_size: int = 64) -> list[bool]:
-    """Whether the model predicts each fact correctly (rule in the module docstring)."""
-    pairs = [(p, r.object) for r in records for p in r.prompts]
-    flags = prompt_top1(km, pairs, batch_size)
-    out, at = [], 0
-    for record in records:
-        n = len(record.prompts)
-        out.append(n > 0 and sum(flags[at : at + n]) >= min_share * n)
-        at += n
-    return out
+    """Whether the model predicts each fact correctly (rule in the module docstring).
+
+    Prompts are checked in rounds, the j-th prompt of every fact still undecided in round j: a fact is decided
+    once its share of correct prompts is reached or can no longer be, so most facts a model does not know cost
+    one prompt instead of all of them (with ``min_share`` 1.0 a fact is out at its first wrong prompt). The
+    flags are exactly those of checking every prompt."""
+    n = [len(r.prompts) for r in records]
+    need = [math.ceil(min_share * k) for k in n]  # correct prompts needed: sum(flags) >= min_share * n
+    right = [0] * len(records)
+    undecided = [i for i, k in enumerate(n) if k > 0 and need[i] > 0]
+    for j in range(max(n, default=0)):
+        if not undecided:
+            break
+        flags = prompt_top1(km, [(records[i].prompts[j], records[i].object) for i in undecided], batch_size)
+        still = []
+        for i, ok in zip(undecided, flags):
+            right[i] += bool(ok)
+            left = n[i] - j - 1
+            if right[i] < need[i] <= right[i] + left:
+                still.append(i)
+        undecided = still
+    return [k > 0 and right[i] >= need[i] for i, k in enumerate(n)]
 
 
 def relation_objects(records: Sequence[FactRecord]) -> dict[str, list[str]]:

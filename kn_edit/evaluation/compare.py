@@ -85,9 +85,10 @@ def compare_methods(config: CompareConfig, km=None, facts: FactSet | None = None
             results[title] = done
             continue
         with reporter.task(f"method {title}", total=None):
+            progress = parts / f"{_safe(title)}.progress.json" if write else None  # sequential: the curve so far
             results[title] = evaluate(eval_config_for(config, entry), km=km, editor=editor, passages=passages,
                                       reporter=reporter, write=False, datamodule=datamodule,
-                                      before_cache=before)  # fmt: skip
+                                      before_cache=before, progress_path=progress)  # fmt: skip
         if write:  # an interrupted comparison resumes from here with resume=true
             save_part(parts / f"{_safe(title)}.json", key, results[title])
     result = CompareResult(results, config)

@@ -25,6 +25,7 @@ class DataConfig:
     neighbours: int = 5  # facts of the same / of other relations measured for interference (the paper: 5)
     neighbour_prompts: int = 2  # prompts per neighbour fact
     check_chunk: int = 256  # facts per batched top-1 check
+    known_cache: bool = True  # keep the top-1 check's results under $KN_EDIT_CACHE/known (one file per model weights)
     batch_size: int = 64  # prompts per forward pass
     seed: int = 0
 

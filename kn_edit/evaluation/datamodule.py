@@ -23,6 +23,8 @@ from ..data.records import FactRecord, FactSet, SkippedFact
 from ..data.requests import choose_new_object, edit_request, known_mask, relation_objects, unusable_reason
 from ..editing.base import EditRequest
 from ..errors import DataError
+from ..provision import cache_root
+from .known_cache import KnownCache
 from .config import DataConfig
 
 
@@ -72,18 +74,29 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _gathered_known(km, chunk: list[FactRecord], config: DataConfig) -> list[bool]:
-    """known_mask over the chunk, split across processes and gathered (identical on every process)."""
+def _gathered_known(km, chunk: list[FactRecord], config: DataConfig, cache: KnownCache | None = None) -> list[bool]:
+    """known_mask over the chunk, split across processes and gathered (identical on every process); flags found
+    in ``cache`` are not recomputed, and the computed ones are added to it."""
     rank, world = _distributed()
-    mine = known_mask(km, chunk[rank::world], config.known_min_share, config.batch_size)
+    cached = cache.lookup(chunk, config.known_min_share) if cache is not None else [None] * len(chunk)
+    if world > 1 and cache is not None:  # every process must check the same facts: rank 0's view of the cache
+        shared = [cached]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        cached = shared[0]
+    todo = [r for r, flag in zip(chunk, cached) if flag is None]
+    mine = known_mask(km, todo[rank::world], config.known_min_share, config.batch_size)
     if world == 1:
-        return mine
-    parts: list = [None] * world
-    torch.distributed.all_gather_object(parts, mine)
-    out = [False] * len(chunk)
-    for r, flags in enumerate(parts):
-        out[r::world] = flags
-    return out
+        computed = mine
+    else:
+        parts: list = [None] * world
+        torch.distributed.all_gather_object(parts, mine)
+        computed = [False] * len(todo)
+        for r, flags in enumerate(parts):
+            computed[r::world] = flags
+    if cache is not None and rank == 0:
+        cache.store(todo, computed, config.known_min_share)
+    fresh = iter(computed)
+    return [flag if flag is not None else next(fresh) for flag in cached]
 
 
 class _Usable:
@@ -103,7 +116,8 @@ class _Usable:
         return [s for s in self.seen.values() if s is not None]
 
 
-def select_known(km, facts: FactSet, config: DataConfig, usable: _Usable) -> tuple[list[FactRecord], list[SkippedFact]]:
+def select_known(km, facts: FactSet, config: DataConfig, usable: _Usable,
+                 cache: KnownCache | None = None) -> tuple[list[FactRecord], list[SkippedFact]]:
     """(facts to edit, facts found not known), checking candidates in a seeded order, relations interleaved,
     chunk by chunk until the limits are met. Facts left unchecked then are neither (the summary counts them)."""
     by_relation = facts.by_relation()
@@ -123,7 +137,7 @@ def select_known(km, facts: FactSet, config: DataConfig, usable: _Usable) -> tup
         chunk = candidates[checked : checked + config.check_chunk]
         checked += len(chunk)
         todo = [r for r in chunk if not full(r) and usable(r)]
-        flags = _gathered_known(km, todo, config) if config.only_known else [True] * len(todo)
+        flags = _gathered_known(km, todo, config, cache) if config.only_known else [True] * len(todo)
         for record, known in zip(todo, flags):
             if not known:
                 unknown.append(SkippedFact(record.fact_id, record.relation, "model does not predict it (top-1)"))
@@ -173,7 +187,8 @@ class FactDataModule(pl.LightningDataModule):
         if not loaded.records:
             raise DataError(f"{loaded.name}: the fact set is empty" + _skipped_note(loaded.skipped))
         usable = _Usable(self.km)
-        chosen, unknown = select_known(self.km, loaded, cfg, usable)
+        cache = KnownCache(self.km, cache_root() / "known") if cfg.only_known and cfg.known_cache else None
+        chosen, unknown = select_known(self.km, loaded, cfg, usable, cache)
         objects = relation_objects(loaded.records)
         by_relation = loaded.by_relation()
         self.relations = sorted(by_relation)

@@ -15,7 +15,7 @@ from ..configuration import to_yaml
 from ..data.records import FactSet
 from ..editing.base import Editor
 from ..errors import ConfigError
-from ..persist import atomic_dir
+from ..persist import atomic_dir, atomic_file
 from ..progress import NullReporter, Reporter
 from .config import EvalConfig, Mode
 from .regression import Regression, compare, load_metrics
@@ -88,10 +88,13 @@ def evaluate(
     write: bool = True,
     datamodule=None,
     before_cache: dict | None = None,
+    progress_path: str | Path | None = None,
 ) -> EvalResult:
     """Run the evaluation. ``km``, ``editor``, ``facts`` and ``passages`` replace what the config would load;
     ``datamodule``: a FactDataModule already set up for ``km`` (its cases are reused as they are);
-    ``before_cache``: the unedited model's measurements shared by evaluations of the same cases and settings."""
+    ``before_cache``: the unedited model's measurements shared by evaluations of the same cases and settings;
+    ``progress_path``: mode=sequential writes the checkpoints measured so far there after each one (default with
+    ``write``: next to the run's folder, ``<run_dir>.progress.json``), so a stopped run keeps its curve."""
     from .datamodule import FactDataModule
     from .module import EditEvaluation
     from .report import per_relation
@@ -110,7 +113,9 @@ def evaluate(
     if datamodule is None:
         datamodule = FactDataModule(km, config.data, facts=facts)
     if config.mode == Mode.sequential:
-        return _sequential(config, km, editor, datamodule, passages, reporter, write)
+        if progress_path is None and write:
+            progress_path = run_dir_for(config).with_name(run_dir_for(config).name + ".progress.json")
+        return _sequential(config, km, editor, datamodule, passages, reporter, write, progress_path)
     module = EditEvaluation(km, editor, passages, probe=config.probe, fluency=config.fluency,
                             max_text_tokens=config.text.max_tokens,
                             text_batch_size=config.text.batch_size, batch_size=config.data.batch_size,
@@ -146,15 +151,21 @@ def _trainer(config, reporter: Reporter, devices=None) -> pl.Trainer:
     )  # fmt: skip
 
 
-def _sequential(config, km, editor, datamodule, passages, reporter, write: bool) -> EvalResult:
+def _sequential(config, km, editor, datamodule, passages, reporter, write: bool,
+                progress_path: str | Path | None = None) -> EvalResult:
     """mode=sequential: one process, edits kept until the end, measured at the checkpoints."""
     from .sequential import SequentialEvaluation
 
+    started = time.time()
+    on_checkpoint = None
+    if progress_path is not None:
+        def on_checkpoint(module) -> None:
+            write_progress(progress_path, editor.name, module, time.time() - started)
+
     module = SequentialEvaluation(km, editor, passages, config.checkpoints, config.fluency,
                                   max_text_tokens=config.text.max_tokens, text_batch_size=config.text.batch_size,
-                                  batch_size=config.data.batch_size)  # fmt: skip
+                                  batch_size=config.data.batch_size, on_checkpoint=on_checkpoint)  # fmt: skip
     trainer = _trainer(config, reporter, devices=1)
-    started = time.time()
     try:
         trainer.test(module, datamodule=datamodule, verbose=False)
     finally:
@@ -169,6 +180,17 @@ def _sequential(config, km, editor, datamodule, passages, reporter, write: bool)
     if write:
         result.run_dir = write_run(config, km, result)
     return result
+
+
+def write_progress(path: str | Path, editor: str, module, seconds: float) -> None:
+    """The checkpoints a sequential run has measured so far, its edits' rows and its wall seconds (JSON, replaced
+    atomically after each checkpoint)."""
+    payload = {"editor": editor, "edits_made": len(module.made), "edits_planned": module.total,
+               "seconds": round(seconds, 1), "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "curve": [{"n_edits": c.n_edits, **c.metrics} for c in module.curve], "rows": module.rows()}  # fmt: skip
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, overwrite=True, what="sequential progress") as tmp:
+        tmp.write_text(json.dumps(payload, indent=1, allow_nan=True, default=str))
 
 
 def run_dir_for(config: EvalConfig) -> Path:

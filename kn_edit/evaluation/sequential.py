@@ -18,7 +18,7 @@ A Lightning test loop like the single-edit evaluation, with one case per step in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -50,7 +50,7 @@ class SequentialEvaluation(pl.LightningModule):
 
     def __init__(self, km, editor, passages: Sequence[str] = (), checkpoints: Sequence[int] = (1, 10, 25, 50, 100),
                  fluency: FluencyConfig | None = None, max_text_tokens: int = 128, text_batch_size: int = 8,
-                 batch_size: int = 64) -> None:
+                 batch_size: int = 64, on_checkpoint: Callable[["SequentialEvaluation"], None] | None = None) -> None:
         super().__init__()
         self.km = km
         self.net = km.model
@@ -64,6 +64,9 @@ class SequentialEvaluation(pl.LightningModule):
         self.made: list[tuple[EditCase, object | None, str | None]] = []  # (case, edit or None, error)
         self.curve: list[Checkpoint] = []
         self._pristine: dict[str, torch.Tensor] | None = None
+        # called after every checkpoint's measurement (e.g. to write the curve so far: a long run that is
+        # stopped keeps what it measured)
+        self.on_checkpoint = on_checkpoint
 
     # ----- before the first edit ----------------------------------------------------------------------
     def on_test_start(self) -> None:
@@ -105,6 +108,8 @@ class SequentialEvaluation(pl.LightningModule):
         n = len(self.made)
         if n in self.checkpoints or n == self.total:
             self.curve.append(Checkpoint(n, self._measure()))
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(self)
 
     def _measure(self) -> dict[str, float]:
         out: dict[str, float] = {"edits/refused": float(sum(e is None for _, e, _ in self.made))}

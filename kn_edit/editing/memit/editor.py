@@ -227,7 +227,7 @@ class MemitEditor(Editor):
         dims = None
         if s.null_space:
             delta, space = null_space_delta(km, layer, stats.mom2, residuals.T, keys.T, s.null_space_threshold,
-                                            s.null_space_ridge)
+                                            s.null_space_ridge, space=stats.null_space(s.null_space_threshold))
             dims = space.kept
         else:
             delta = memit_delta(residuals.T, keys.T, stats.mom2, s.mom2_update_weight, s.cov_ridge)

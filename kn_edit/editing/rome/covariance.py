@@ -47,6 +47,16 @@ class KeyStatistics:
     seconds: float  # computing (or reading) them
     path: str | None = None
 
+    def null_space(self, threshold: float):
+        """The null space of mom2 at ``threshold`` (kn_edit.editing.nullspace), computed once per statistics
+        object: an eigendecomposition of [d_ff, d_ff] that every edit of a sequence would repeat otherwise."""
+        from ..nullspace import null_space
+
+        memo = self.__dict__.setdefault("_null_spaces", {})
+        if threshold not in memo:
+            memo[threshold] = null_space(self.mom2, threshold)
+        return memo[threshold]
+
 
 def key_weights_digest(km, layer: int) -> str:
     """blake2b of the parameters layer's keys depend on (see the module docstring), by name, dtype, shape."""

@@ -145,7 +145,8 @@ class RomeEditor(Editor):
         if s.null_space:  # AlphaEdit; earlier: this call's earlier requests' keys, kept too
             residuals = found.delta.to(torch.float64)[:, None].expand(-1, len(keys))  # [d_model, m]
             delta = null_space_delta(km, layer, stats.mom2, residuals, keys.T, s.null_space_threshold,
-                                     s.null_space_ridge, torch.stack(list(earlier)) if earlier else None)[0]
+                                     s.null_space_ridge, torch.stack(list(earlier)) if earlier else None,
+                                     space=stats.null_space(s.null_space_threshold))[0]
         else:
             direction = exact_direction(stats.mom2, keys, s.cov_ridge)  # w [d_ff]
             delta = torch.outer(found.delta.to(torch.float64), direction)  # ΔW = δ wᵀ [d_model, d_ff]

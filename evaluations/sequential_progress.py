@@ -1,0 +1,95 @@
+"""Report what the methods of a sequential comparison have measured so far, finished or not.
+
+`kn-edit compare` keeps each finished method under ``OUTPUT/.NAME.parts/METHOD.json`` and, in sequential mode,
+the checkpoints a method has reached under ``METHOD.progress.json`` (rewritten after each checkpoint). A run
+of 100 edits per method can outlast a machine's time; this writes one report from both kinds of file: per
+method its checkpoint table (marked stopped where it did not reach its last edit), ``curves.json``,
+``curves.png`` and the per-edit rows.
+
+    .venv/bin/python evaluations/sequential_progress.py --parts runs/.sequential100_smollm2.parts \\
+        --config configs/compare/sequential100_smollm2.yaml --out evaluations/results/sequential100_smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kn_edit.evaluation.plots import curve_figure  # noqa: E402
+from kn_edit.evaluation.report import curve_markdown, write_jsonl  # noqa: E402
+
+
+def read_methods(parts: Path) -> dict[str, dict]:
+    """{method: {"curve", "rows", "edits_made", "edits_planned", "seconds", "finished"}} from a parts folder."""
+    found: dict[str, dict] = {}
+    for path in sorted(parts.glob("*.progress.json")):
+        payload = json.loads(path.read_text())
+        found[path.name[: -len(".progress.json")]] = {
+            "curve": payload["curve"], "rows": payload["rows"], "edits_made": payload["edits_made"],
+            "edits_planned": payload["edits_planned"], "seconds": payload["seconds"], "written": payload["written"],
+            "finished": payload["edits_made"] >= payload["edits_planned"],
+        }  # fmt: skip
+    for path in sorted(parts.glob("*.json")):
+        if path.name.endswith(".progress.json"):
+            continue
+        payload = json.loads(path.read_text())
+        method = path.stem
+        curve = [{"n_edits": c["n_edits"], **c["metrics"]} for c in payload["curve"]]
+        found[method] = {**found.get(method, {}), "curve": curve, "rows": payload["rows"], "finished": True,
+                         "edits_made": curve[-1]["n_edits"] if curve else 0,
+                         "seconds": payload["summary"].get("seconds", found.get(method, {}).get("seconds"))}  # fmt: skip
+    return found
+
+
+def markdown(name: str, methods: dict[str, dict], config_text: str | None) -> str:
+    lines = [f"# Sequential comparison `{name}`: what each method measured", "",
+             "| method | edits made | of | status | wall seconds |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for method, m in methods.items():
+        status = "finished" if m["finished"] else f"stopped after edit {m['edits_made']}"
+        lines.append(f"| `{method}` | {m['edits_made']} | {m.get('edits_planned', m['edits_made'])} | {status} | "
+                     f"{m.get('seconds', '–')} |")
+    lines += ["", "Each table row is a checkpoint (edits made so far); a stopped method has no rows past the last "
+              "checkpoint it reached. The edits are reverted at the end of a finished run (checked bit for bit); a "
+              "stopped run's process ended with them.", ""]  # fmt: skip
+    lines.append(curve_markdown({m: v["curve"] for m, v in methods.items()}))
+    lines += ["![curves](curves.png)", ""]
+    if config_text:
+        lines += ["## Configuration", "", "```yaml", config_text.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", required=True, help="the comparison's parts folder (OUTPUT/.NAME.parts)")
+    parser.add_argument("--out", required=True, help="folder to write the report into (created or refreshed)")
+    parser.add_argument("--config", help="the comparison's config file, copied into the report")
+    args = parser.parse_args()
+    parts, out = Path(args.parts), Path(args.out)
+    if not parts.is_dir():
+        sys.exit(f"error: {parts} is not a folder")
+    methods = read_methods(parts)
+    if not methods:
+        sys.exit(f"error: {parts} holds no method's results")
+    out.mkdir(parents=True, exist_ok=True)
+    config_text = Path(args.config).read_text() if args.config else None
+    name = parts.name.strip(".").removesuffix(".parts")
+    curves = {m: v["curve"] for m, v in methods.items()}
+    (out / "curves.json").write_text(json.dumps(curves, indent=1, allow_nan=True))
+    curve_figure(curves, out / "curves.png")
+    for method, m in methods.items():
+        write_jsonl(out / f"facts-{method}.jsonl", m["rows"])
+    (out / "report.md").write_text(markdown(name, methods, config_text))
+    if args.config:
+        shutil.copyfile(args.config, out / "config.yaml")
+    print(f"wrote {out}: " + ", ".join(f"{m} {v['edits_made']} edits" for m, v in methods.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
