@@ -16,6 +16,7 @@ Every edit is reverted and the model checked bit for bit before the next.
 
     .venv/bin/python evaluations/batch_edit.py --facts 20               # evaluations/results/batch_edit.{json,md}
     .venv/bin/python evaluations/batch_edit.py --facts 100 --methods memit --per-relation 10   # the issue's full run
+    .venv/bin/python evaluations/batch_edit.py ... --methods kn-subject --append   # add a method's rows to --out
 
 Facts: evaluations/rome_check.py's selection (evaluations/edit_rules.py's relations, seed and known prompts).
 """
@@ -42,8 +43,10 @@ from kn_edit.editing.knowledge_neurons import default_locator  # noqa: E402
 
 from rome_check import add_fact_arguments, perplexity, prepare  # noqa: E402
 
-# method → settings that make its batch solve (the kn editor's default is already batch=joint)
-METHODS = {"memit": {}, "kn": {"batch": "joint"}, "rome": {}}
+# method → settings that make its batch solve (the kn and kn-subject editors' default is already batch=joint)
+METHODS = {"memit": {}, "kn": {"batch": "joint"}, "kn-subject": {"batch": "joint"}, "rome": {}}
+# the editor's per-fact step that depends only on the unedited model and the fact (MemoTargets)
+PER_FACT_STEP = {"memit": "_target", "kn-subject": "_prepare"}
 
 
 def memo_locator():
@@ -60,32 +63,36 @@ def memo_locator():
 
 
 class MemoTargets:
-    """MEMIT's per-fact targets (δ optimised like ROME's v*, kn_edit.editing.memit.editor) computed once per fact.
+    """A fact's per-fact step computed once: MEMIT's target (δ optimised like ROME's v*,
+    kn_edit.editing.memit.editor) or kn-subject's neurons, keys and δ (``batch=joint``: found on the unedited
+    model for every request, kn_edit.editing.subject_neurons).
 
-    Every edit here starts from the unedited model (each is reverted, bit for bit, before the next), and a fact's
-    target depends only on that model and the fact, so the batch edit and the fact's single edit get the very same
-    target. Reusing it saves the single edits ~N target optimisations; the time the first one took is added to the
-    single edit's seconds (``reused_seconds``), so both ways are timed as if computed afresh."""
+    Every edit here starts from the unedited model (each is reverted, bit for bit, before the next), and that step
+    depends only on that model and the fact, so the batch edit and the fact's single edit get the very same result.
+    Reusing it saves the single edits ~N optimisations; the time the first one took is added to the single edit's
+    seconds (``reused_seconds``), so both ways are timed as if computed afresh."""
 
-    def __init__(self) -> None:
+    def __init__(self, step: str) -> None:
+        self.step = step
         self.seen: dict = {}
         self.reused_seconds = 0.0
 
     def wrap(self, editor) -> None:
-        compute = editor._target
+        compute = getattr(editor, self.step)
 
-        def target(km, last, request, texts, rows):
-            key = (last, request.subject, tuple(request.prompts), request.new)
+        def once(km, *args):
+            request = next(a for a in args if isinstance(a, EditRequest))
+            key = (tuple(a for a in args if isinstance(a, int)), request.subject, tuple(request.prompts), request.new)
             if key in self.seen:
                 found, seconds = self.seen[key]
                 self.reused_seconds += seconds
             else:
                 t = time.perf_counter()
-                found = compute(km, last, request, texts, rows)
+                found = compute(km, *args)
                 self.seen[key] = found, time.perf_counter() - t
-            return dataclasses.replace(found)  # the editor fills in ``remaining`` per edit
+            return dataclasses.replace(found)  # MEMIT fills in ``remaining`` per edit
 
-        editor._target = target
+        setattr(editor, self.step, once)
 
 
 def request_of(fact) -> EditRequest:
@@ -202,8 +209,22 @@ def markdown(meta, results) -> str:
                          f"(n={s['n_same']}) | {pct(s['other_kept'])} (n={s['n_other']}) | {100 * s['ppl_change']:+.2f} % | "
                          f"{s['seconds']:.0f} | {s['refused'] if s['refused'] is not None else '–'} |")
     lines += ["", "batch: one edit of all N facts (MEMIT: one update per critical layer; kn: one joint least-change "
-              "solve); single: each fact edited alone and reverted (kept and text ppl: mean over the N edits).", ""]
+              "solve; kn-subject: one least-change solve over the union of the facts' subject neurons); single: each fact edited alone and reverted (kept and text ppl: mean over the N edits).", ""]
     return "\n".join(lines)
+
+
+def earlier_results(path: Path, meta: dict, methods: list[str]) -> tuple[dict, dict, dict]:
+    """(results, raw, meta) of an earlier run in ``path`` without ``methods``, its meta joined with this run's;
+    exits with a message if it was run on other facts."""
+    earlier = json.loads(path.read_text())
+    ids = lambda m: [f["fact_id"] for f in m["facts"]]  # noqa: E731
+    if ids(earlier["meta"]) != ids(meta) or earlier["meta"]["base_ppl"] != meta["base_ppl"]:
+        sys.exit(f"error: {path} holds results for other facts or text; run without --append or use another --out")
+    keep = lambda d: {m: v for m, v in d.items() if m not in methods}  # noqa: E731
+    joined = {**meta, "argv": f"{earlier['meta']['argv']}`, then `{meta['argv']} --append",
+              "settings": {**earlier["meta"]["settings"], **meta["settings"]},
+              "seconds": earlier["meta"]["seconds"]}  # fmt: skip
+    return keep(earlier["summary"]), keep(earlier["raw"]), joined
 
 
 def main() -> int:
@@ -213,6 +234,8 @@ def main() -> int:
     parser.add_argument("--ways", default="batch,single")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
                         help="a setting of one method, e.g. memit:mom2_update_weight=150 (repeatable)")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the other methods' results already in --out (they must be of the same facts)")
     args = parser.parse_args()
     t0 = time.time()
     km, facts, text, base_ppl = prepare(args)
@@ -230,9 +253,12 @@ def main() -> int:
     meta["settings"] = {m: METHODS[m] for m in args.methods.split(",")}
     results: dict[str, dict] = {}
     raw: dict[str, dict] = {}
+    if args.append and (out / "batch_edit.json").is_file():
+        results, raw, meta = earlier_results(out / "batch_edit.json", meta, args.methods.split(","))
+        t0 -= meta["seconds"]
     for name in [m.strip() for m in args.methods.split(",")]:
-        extras = {"locator": memo_locator()} if name.startswith("kn") else {}
-        memo = MemoTargets() if name == "memit" else None
+        extras = {"locator": memo_locator()} if name == "kn" else {}
+        memo = MemoTargets(PER_FACT_STEP[name]) if name in PER_FACT_STEP else None
         for way in [w.strip() for w in args.ways.split(",")]:
             t = time.time()
             print(f"{name} {way}:", flush=True)

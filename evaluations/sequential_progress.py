@@ -8,6 +8,10 @@ method its checkpoint table (marked stopped where it did not reach its last edit
 
     .venv/bin/python evaluations/sequential_progress.py --parts runs/.sequential100_smollm2.parts \\
         --config configs/compare/sequential100_smollm2.yaml --out evaluations/results/sequential100_smollm2
+
+``--merge DIR`` also takes the methods of an earlier report written by this script (its ``curves.json``,
+``facts-METHOD.jsonl`` and the seconds in its ``report.md``) where the parts folder has none of its own: runs
+made on another day, whose parts folder is gone, join the new ones in one report.
 """
 
 from __future__ import annotations
@@ -47,6 +51,42 @@ def read_methods(parts: Path) -> dict[str, dict]:
     return found
 
 
+def read_report(folder: Path) -> dict[str, dict]:
+    """The methods of an earlier report folder, in the form of `read_methods` (all of them finished runs)."""
+    curves_path = folder / "curves.json"
+    if not curves_path.is_file():
+        sys.exit(f"error: {folder} holds no curves.json (not a report of this script)")
+    curves = json.loads(curves_path.read_text())
+    seconds = _report_seconds(folder / "report.md")
+    found: dict[str, dict] = {}
+    for method, curve in curves.items():
+        rows_path = folder / f"facts-{method}.jsonl"
+        if not rows_path.is_file():
+            sys.exit(f"error: {rows_path} is missing (the report's per-edit rows of {method})")
+        rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+        made = curve[-1]["n_edits"] if curve else 0
+        planned = seconds.get(method, (None, made))[1]
+        found[method] = {"curve": curve, "rows": rows, "edits_made": made, "edits_planned": planned,
+                         "seconds": seconds.get(method, (None, made))[0], "finished": made >= planned}  # fmt: skip
+    return found
+
+
+def _report_seconds(report: Path) -> dict[str, tuple[float | None, int]]:
+    """{method: (wall seconds, edits planned)} from the status table at the top of a report.md."""
+    found: dict[str, tuple[float | None, int]] = {}
+    if not report.is_file():
+        return found
+    for line in report.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0].startswith("`") and cells[2].isdigit():
+            try:
+                wall = float(cells[4])
+            except ValueError:
+                wall = None
+            found[cells[0].strip("`")] = (wall, int(cells[2]))
+    return found
+
+
 def markdown(name: str, methods: dict[str, dict], config_text: str | None) -> str:
     lines = [f"# Sequential comparison `{name}`: what each method measured", "",
              "| method | edits made | of | status | wall seconds |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
@@ -69,11 +109,15 @@ def main() -> int:
     parser.add_argument("--parts", required=True, help="the comparison's parts folder (OUTPUT/.NAME.parts)")
     parser.add_argument("--out", required=True, help="folder to write the report into (created or refreshed)")
     parser.add_argument("--config", help="the comparison's config file, copied into the report")
+    parser.add_argument("--merge", help="an earlier report folder whose methods join those of --parts")
     args = parser.parse_args()
     parts, out = Path(args.parts), Path(args.out)
     if not parts.is_dir():
         sys.exit(f"error: {parts} is not a folder")
     methods = read_methods(parts)
+    if args.merge:
+        earlier = read_report(Path(args.merge))  # read before --out (possibly the same folder) is rewritten
+        methods = {**{m: v for m, v in earlier.items() if m not in methods}, **methods}
     if not methods:
         sys.exit(f"error: {parts} holds no method's results")
     out.mkdir(parents=True, exist_ok=True)

@@ -329,6 +329,24 @@ def test_sequential_run_restores_the_model_when_it_stops_half_way(tiny_factory, 
     assert kept["edits_made"] == max(reached)
 
 
+def test_sequential_progress_file_is_named_after_the_run_folder_without_run_name(tiny_factory, tmp_path, monkeypatch):
+    """Without run_name the folder's name carries the time: it is taken once, so the progress file beside it has
+    the same name even when the clock moves on between the start and the end of the run."""
+    import itertools
+    import time as time_module
+
+    ticks = itertools.count()
+    monkeypatch.setattr(time_module, "strftime", lambda fmt, *args: f"t{next(ticks):04d}")
+    km = tiny_factory("llama")
+    config = tiny_config(tmp_path, **{"probe.enabled": False})
+    config.run_name, config.mode, config.checkpoints = None, "sequential", [1, 2]
+    result = evaluate(config, km=km, editor=ValueVectorEditor(), facts=tiny_facts(), passages=PASSAGES)
+    assert result.run_dir.name.startswith("tiny-t")
+    assert result.run_dir.with_name(result.run_dir.name + ".progress.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("tiny-")) == [
+        result.run_dir.name, result.run_dir.name + ".progress.json"]
+
+
 def _cases(km, config):
     from kn_edit.evaluation.datamodule import FactDataModule
 

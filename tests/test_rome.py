@@ -273,6 +273,40 @@ def test_the_cached_suffix_forward_equals_the_full_forward(tiny_factory):
             assert torch.allclose(some, got[select[0], select[1]], atol=1e-5), family
 
 
+@pytest.mark.parametrize("family,window", [("gpt2", None), ("llama", None), ("qwen2", None), ("gpt_neox", None),
+                                           ("gptj", None), ("gemma3", 40), ("gemma3", 4)])
+def test_the_padded_step_forward_equals_the_full_forward(family, window):
+    """Every row in one padded forward (prefixes right-aligned in a masked cache, suffixes padded on the right):
+    the logits at the wanted positions equal each row's own full forward. gemma3 with a window shorter than the
+    padded rows falls back to one forward per group, with the same logits."""
+    import kn_edit
+    from kn_edit.editing.rome.values import _Steps, added_output, kl_row, rewrite_rows
+    from tiny_models import build_model
+
+    model, tok = build_model(family, n_layers=3, **({"sliding_window": window} if window else {}))
+    km = kn_edit.wrap(model, tok, name=f"tiny-{family}")
+    rows = rewrite_rows(km, REQUEST.prompts, "France", "Rome", ["", "Hello there", "A b c d e f"]) + [kl_row(km, "France")]
+    assert len({r.subject for r in rows}) > 2, "the rows must need padding"
+    # every position from the subject's last token on, in an order that is not the rows' own
+    wanted = [(i, p) for i, r in enumerate(rows) for p in range(r.subject, len(r.input_ids))][::-1]
+    delta = torch.randn(km.d_model, generator=torch.Generator().manual_seed(0))
+    steps = _Steps(km, rows, wanted)
+    assert (steps.plan is not None) == (window != 4)
+    with torch.no_grad():
+        got = steps.logits(km.value_proj(1), delta)
+    assert got.shape == (len(wanted), km.model.config.vocab_size)
+    for k, (i, p) in enumerate(wanted):
+        row = rows[i]
+        with added_output(km.value_proj(1), torch.tensor([0]), torch.tensor([row.subject]), delta), torch.no_grad():
+            full = km.model(input_ids=row.input_ids[None]).logits[0, p]
+        assert torch.allclose(got[k], full, atol=1e-5), (family, i, p)
+    # and δ's gradient through the padded forward equals the one through the grouped forwards
+    delta.requires_grad_(True)
+    grads = [torch.autograd.grad(_Steps(km, rows, wanted, padded=padded).logits(km.value_proj(1), delta)
+                                 .logsumexp(-1).sum(), [delta])[0] for padded in (True, False)]  # fmt: skip
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5 * float(grads[1].norm()))
+
+
 def test_keys_are_read_at_the_subject_s_last_token(tiny_factory):
     km = tiny_factory("gpt2")
     text = "The capital of France is"

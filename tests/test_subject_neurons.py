@@ -5,6 +5,7 @@ reverts bit for bit, the guard's refusal (model unchanged), bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -203,6 +204,20 @@ def test_an_exception_inside_compute_leaves_the_model_unchanged(tiny_factory, tm
     monkeypatch.setattr(module, "least_change", failing)
     other = EditRequest(prompts=("The capital of Japan is",), old="Tokyo", new="Berlin", subject="Japan")
     with pytest.raises(RuntimeError, match="boom"):
+        editor(tmp_path, batch="sequential").apply(km, [REQUEST, other])
+    assert same(km, state) and not ledger_for(km).active_edits
+    # joint: the second request's v* optimisation fails, after the first one's
+    monkeypatch.setattr(module, "least_change", real)
+    optimise, calls[:] = module.optimise_value, []
+
+    def failing_value(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return optimise(*args, **kwargs)
+
+    monkeypatch.setattr(module, "optimise_value", failing_value)
+    with pytest.raises(RuntimeError, match="boom"):
         editor(tmp_path).apply(km, [REQUEST, other])
     assert same(km, state) and not ledger_for(km).active_edits
 
@@ -296,3 +311,134 @@ def test_bad_settings(tiny_factory, tmp_path):
     with pytest.raises(EditError, match="causal"):
         editor(tmp_path).apply(tiny_factory("bert"), [EditRequest(prompts=("France is [MASK].",), old="paris",
                                                                   new="rome", subject="France")])
+
+
+# ----- keep_edits: earlier edits' keys in the metric -------------------------------------------------------
+OTHER = EditRequest(prompts=("The capital of Japan is",), old="Tokyo", new="Berlin", subject="Japan")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_edits_solve_matches_the_plain_solve_with_the_earlier_key_in_the_metric(tiny_factory, tmp_path, family):
+    km = tiny_factory(family)
+    state = snapshot(km)
+    first = editor(tmp_path, fit="mean").apply(km, [REQUEST])
+    weight = 3.0
+    v0 = km.value_vectors(0).detach().double().numpy().copy()
+    second = editor(tmp_path, fit="mean", keep_edits=weight).apply(km, [OTHER])
+    v1 = km.value_vectors(0).detach().double().numpy().copy()
+    info, earlier = second.report.details.requests[0], first.report.details.requests[0]
+    assert info.kept_edits == 1  # the first edit is active: its key is found through the ledger
+    s = np.array(info.neurons)
+    c = key_statistics(km, 0, CORPUS, cache_dir=tmp_path / "cache").mom2.double().numpy()[np.ix_(s, s)]
+    c = c + 1e-3 * np.mean(np.diag(c)) * np.eye(len(s))  # the editor's cov_ridge
+    k_e = earlier.key.double().numpy()[s]
+    metric = c + weight * np.outer(k_e, k_e)
+    k, delta = info.key.double().numpy()[s], info.delta.double().numpy()
+    u = np.linalg.solve(metric, k)
+    expected = np.outer(u, delta) / (u @ k)  # [|S|, d_model]: the value vectors' change
+    scale = np.abs(expected).max()
+    assert np.abs((v1 - v0)[s] - expected).max() <= 1e-4 * scale
+    second.revert()
+    first.revert()
+    assert same(km, state)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_edits_holds_the_layer_output_on_earlier_edits_keys(tiny_factory, tmp_path, family):
+    """A second edit, alone or in the same call, moves the layer's output on the first edit's key: less the larger
+    keep_edits, and by nothing measurable at a very large weight."""
+    km = tiny_factory(family)
+    state = snapshot(km)
+
+    def moved_on_first(weight: float, together: bool) -> float:
+        if together:
+            edit = editor(tmp_path, keep_edits=weight, batch="sequential").apply(km, [REQUEST, OTHER])
+            first_key = edit.report.details.requests[0].key.double().numpy()
+            assert edit.report.details.requests[1].kept_edits == (1 if weight else 0)
+            edit.revert()
+            one = editor(tmp_path, keep_edits=weight).apply(km, [REQUEST])
+            before = layer_output(km, 0, first_key)
+            one.revert()
+            edit = editor(tmp_path, keep_edits=weight, batch="sequential").apply(km, [REQUEST, OTHER])
+            after = layer_output(km, 0, first_key)
+            edit.revert()
+        else:
+            one = editor(tmp_path).apply(km, [REQUEST])
+            first_key = one.report.details.requests[0].key.double().numpy()
+            before = layer_output(km, 0, first_key)
+            two = editor(tmp_path, keep_edits=weight).apply(km, [OTHER])
+            after = layer_output(km, 0, first_key)
+            two.revert()
+            one.revert()
+        assert same(km, state)
+        return float(np.abs(after - before).max())
+
+    for together in (False, True):
+        free, some, strong = (moved_on_first(w, together) for w in (0.0, 1.0, 1e8))
+        assert free > 0 and some < free and strong <= 1e-3 * free
+
+
+def test_keep_edits_bad_values(tmp_path):
+    for bad in (-1.0, float("nan"), True, "x"):
+        with pytest.raises(ConfigError, match="keep_edits"):
+            editor(tmp_path, keep_edits=bad)
+
+
+# ----- batch=joint: one solve for several requests ---------------------------------------------------------
+THIRD = EditRequest(prompts=("The capital of Spain is", "Spain has its capital in"), old="Madrid", new="Paris",
+                    subject="Spain")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_joint_batch_moves_every_request_s_keys_by_its_own_delta_and_the_preserved_by_nothing(tiny_factory, tmp_path,
+                                                                                               family):
+    km = tiny_factory(family)
+    state = snapshot(km)
+    requests = [REQUEST, OTHER, THIRD]
+    preserved = ["Italy"]
+    v0 = km.value_vectors(0).detach().clone()
+    edit = editor(tmp_path, preserve_subjects=preserved).apply(km, requests)
+    details = edit.report.details
+    union = sorted({i for r in details.requests for i in r.neurons})
+    assert sorted(n.index for n in edit.report.neurons) == union
+    # every request's δ was found on the unedited model: the same as its single edit's
+    keys = {r.subject: plain_key(km, 0, r.subject, details.prefixes) for r in requests}
+    after = {x: layer_output(km, 0, k) for x, k in keys.items()}
+    italy = plain_key(km, 0, "Italy", details.prefixes)
+    italy_after = layer_output(km, 0, italy)
+    heads = {r.subject: [plain_key(km, 0, p[: p.rfind(r.subject) + len(r.subject)], [""]) for p in r.prompts]
+             for r in requests}  # fit=prompts: each prompt's own key is moved by δ too
+    heads_after = {x: [layer_output(km, 0, k) for k in ks] for x, ks in heads.items()}
+    changed = torch.nonzero((km.value_vectors(0).detach() != v0).any(dim=1)).flatten().tolist()
+    assert set(changed) <= set(union)
+    edit.revert()
+    assert same(km, state)
+    for info in details.requests:
+        single = editor(tmp_path).apply(km, [next(r for r in requests if r.subject == info.subject)])
+        assert torch.allclose(single.report.details.requests[0].delta, info.delta, atol=1e-6)
+        single.revert()
+        delta = info.delta.double().numpy()
+        scale = float(np.abs(delta).max())
+        assert np.abs((after[info.subject] - layer_output(km, 0, keys[info.subject])) - delta).max() <= 1e-4 * scale
+        for k, out in zip(heads[info.subject], heads_after[info.subject]):
+            assert np.abs((out - layer_output(km, 0, k)) - delta).max() <= 1e-4 * scale
+    scale = max(float(r.delta.abs().max()) for r in details.requests)
+    assert np.abs(italy_after - layer_output(km, 0, italy)).max() <= 1e-4 * scale
+    assert same(km, state)
+
+
+def test_joint_batch_with_one_subject_asked_for_two_objects_is_a_clear_error(tiny_factory, tmp_path):
+    km = tiny_factory("llama")
+    state = snapshot(km)
+    twice = EditRequest(prompts=("The capital city of France is",), old="Paris", new="Tokyo", subject="France")
+    with pytest.raises(EditError, match="subjects edited twice in this batch: \\['France'\\]"):
+        editor(tmp_path).apply(km, [REQUEST, twice])  # the same key k* asked for two δ
+    assert same(km, state)
+    with pytest.raises(EditError, match="asked for 'Rome' and for 'Tokyo'"):  # the editors' common check
+        editor(tmp_path).apply(km, [REQUEST, dataclasses.replace(twice, prompts=REQUEST.prompts)])
+    assert same(km, state)
+
+
+def test_batch_setting_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="batch"):
+        editor(tmp_path, batch="together")

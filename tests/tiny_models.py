@@ -46,8 +46,9 @@ def masked_tokenizer():
                              pad_token="[PAD]", unk_token="[UNK]")
 
 
-def build_model(family: str, seed: int = 0, n_layers: int = 2):
-    """(model, tokenizer) for ``family``, fp32, eval mode, deterministic weights for a seed."""
+def build_model(family: str, seed: int = 0, n_layers: int = 2, sliding_window: int = 4):
+    """(model, tokenizer) for ``family``, fp32, eval mode, deterministic weights for a seed (``sliding_window``:
+    gemma3's local attention span)."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -74,7 +75,7 @@ def build_model(family: str, seed: int = 0, n_layers: int = 2):
     elif family == "gemma3":
         cfg = tf.Gemma3TextConfig(vocab_size=vocab, hidden_size=d, intermediate_size=ff, num_hidden_layers=n_layers,
                                   num_attention_heads=heads, num_key_value_heads=2, head_dim=8,
-                                  max_position_embeddings=64, sliding_window=4)
+                                  max_position_embeddings=64, sliding_window=sliding_window)
         model = tf.Gemma3ForCausalLM(cfg)
     elif family == "gpt_neox":
         cfg = tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=d, intermediate_size=ff, num_hidden_layers=n_layers,

@@ -111,8 +111,9 @@ def project_neurons(projector: torch.Tensor, tensor: torch.Tensor) -> torch.Tens
 
 
 def edited_keys(km, layer: int) -> torch.Tensor | None:
-    """[m, d_in] float64: the keys of layer ``layer`` that the model's active ROME and MEMIT edits wrote, read
-    from their reports (ROME: each request's k*; MEMIT: each layer's keys), so a sequence of edits carries them
+    """[m, d_in] float64: the keys of layer ``layer`` that the model's active ROME, MEMIT and kn-subject edits
+    wrote, read from their reports (ROME, kn-subject: each request's k*; MEMIT: each layer's keys), so a sequence
+    of edits carries them
     without any state in the editor, and a reverted edit's keys are no longer held."""
     from .ledger import active_edits
 
@@ -124,7 +125,7 @@ def edited_keys(km, layer: int) -> torch.Tensor | None:
             keys = by_layer().get(layer)
             if keys is not None:
                 found.append(keys)
-        elif getattr(details, "layer", None) == layer and hasattr(details, "requests"):  # ROME
+        elif getattr(details, "layer", None) == layer and hasattr(details, "requests"):  # ROME, kn-subject
             found += [r.key[None] for r in details.requests if getattr(r, "key", None) is not None]
     return torch.cat([k.to(torch.float64).cpu() for k in found]) if found else None
 

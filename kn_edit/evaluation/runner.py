@@ -112,10 +112,12 @@ def evaluate(
     passages = list(passages) if passages is not None else load_passages(config)
     if datamodule is None:
         datamodule = FactDataModule(km, config.data, facts=facts)
+    # Named once: without run_name the name carries the start time, and the progress file must match the folder.
+    run_dir = run_dir_for(config) if write else None
     if config.mode == Mode.sequential:
-        if progress_path is None and write:
-            progress_path = run_dir_for(config).with_name(run_dir_for(config).name + ".progress.json")
-        return _sequential(config, km, editor, datamodule, passages, reporter, write, progress_path)
+        if progress_path is None and run_dir is not None:
+            progress_path = run_dir.with_name(run_dir.name + ".progress.json")
+        return _sequential(config, km, editor, datamodule, passages, reporter, run_dir, progress_path)
     module = EditEvaluation(km, editor, passages, probe=config.probe, fluency=config.fluency,
                             max_text_tokens=config.text.max_tokens,
                             text_batch_size=config.text.batch_size, batch_size=config.data.batch_size,
@@ -134,8 +136,8 @@ def evaluate(
     if config.regression.baseline:
         baseline = load_metrics(config.regression.baseline)
         result.regressions = compare(result.metrics, baseline, config.regression.tolerances)
-    if write and trainer.is_global_zero:
-        result.run_dir = write_run(config, km, result)
+    if run_dir is not None and trainer.is_global_zero:
+        result.run_dir = write_run(config, km, result, run_dir)
     return result
 
 
@@ -151,9 +153,10 @@ def _trainer(config, reporter: Reporter, devices=None) -> pl.Trainer:
     )  # fmt: skip
 
 
-def _sequential(config, km, editor, datamodule, passages, reporter, write: bool,
+def _sequential(config, km, editor, datamodule, passages, reporter, run_dir: Path | None,
                 progress_path: str | Path | None = None) -> EvalResult:
-    """mode=sequential: one process, edits kept until the end, measured at the checkpoints."""
+    """mode=sequential: one process, edits kept until the end, measured at the checkpoints; written to
+    ``run_dir`` unless None."""
     from .sequential import SequentialEvaluation
 
     started = time.time()
@@ -177,8 +180,8 @@ def _sequential(config, km, editor, datamodule, passages, reporter, write: bool,
                         curve=list(module.curve))  # fmt: skip
     if config.regression.baseline:
         result.regressions = compare(result.metrics, load_metrics(config.regression.baseline), config.regression.tolerances)
-    if write:
-        result.run_dir = write_run(config, km, result)
+    if run_dir is not None:
+        result.run_dir = write_run(config, km, result, run_dir)
     return result
 
 
@@ -198,11 +201,12 @@ def run_dir_for(config: EvalConfig) -> Path:
     return Path(config.output_dir) / name
 
 
-def write_run(config: EvalConfig, km, result: EvalResult) -> Path:
+def write_run(config: EvalConfig, km, result: EvalResult, target: Path | None = None) -> Path:
+    """The run's folder (``target``, default ``run_dir_for(config)``), written atomically."""
     from .plots import curve_figure, probe_figure, relation_figure
     from .report import curve_markdown, markdown, write_jsonl
 
-    target = run_dir_for(config)
+    target = target if target is not None else run_dir_for(config)
     with atomic_dir(target) as tmp:
         write_jsonl(tmp / "facts.jsonl", result.rows)
         payload = {"metrics": result.metrics, "summary": result.summary, "per_relation": result.per_relation,

@@ -13,8 +13,12 @@ after ``steps`` evaluations, or as soon as the NLL term is below ``stop_loss``; 
 
 Speed, exactly: δ changes nothing before the subject's last token (causal attention), so the tokens before it
 run once and their keys/values are reused (the model's cache) by every step, which then runs only the few
-tokens from the subject on; rows of one shape are batched. The logits are the same (tests check it against the
-full forward); on smollm2 (2 prompts × 6 prefixes, 1 thread) a step takes 1.9 s instead of 2.3 s.
+tokens from the subject on. Every row runs in one padded forward per step (``_Padded``: each row's cached prefix
+right-aligned in a masked, zero-padded cache, its suffix padded on the right, its own position ids), and only the
+positions the objective reads reach the output head. The logits are the same (tests check them against each
+row's full forward); on smollm2 (3 prompts × 6 prefixes, 1 thread) a step takes 0.84 s instead of 2.06 s with one
+forward per group of rows of one shape (``evaluations/bench_value_step.py``). Caches this cannot rebuild (a
+sliding window shorter than the rows, unknown layouts) run group by group.
 """
 
 from __future__ import annotations
@@ -167,26 +171,164 @@ def _suffix_logits(km, module: torch.nn.Module, group: _Group, delta: torch.Tens
     return logits[:, 0] if head is not None else logits[select[0], select[1]]
 
 
+# Cache layers whose state is their keys and values only (the sliding one also counts the tokens it has seen,
+# ``cumulative_length``, set below): they can be rebuilt from padded tensors.
+_REBUILDABLE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
+
+
+def _cache_layers(cache) -> list[list[torch.Tensor]] | None:
+    """Per layer [keys, values] ([batch, heads, seq, head_dim]) of a transformers KV cache, or None for a cache
+    kept another way (then the rows run group by group). transformers 5 keeps them in ``cache.layers``; 4.x in
+    ``key_cache`` / ``value_cache`` lists."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        if not all(type(layer).__name__ in _REBUILDABLE_LAYERS for layer in layers):
+            return None
+        return [[layer.keys, layer.values] for layer in layers]
+    if isinstance(getattr(cache, "key_cache", None), list) and isinstance(getattr(cache, "value_cache", None), list):
+        return [[k, v] for k, v in zip(cache.key_cache, cache.value_cache)]
+    return None
+
+
+def _sliding_window(cache) -> int | None:
+    windows = [layer.sliding_window for layer in getattr(cache, "layers", None) or [] if hasattr(layer, "sliding_window")]
+    return min(windows) if windows else None
+
+
+def _set_cache_layers(cache, tensors: list[list[torch.Tensor]]) -> None:
+    if getattr(cache, "layers", None) is not None:
+        for layer, (keys, values) in zip(cache.layers, tensors):
+            layer.keys, layer.values = keys, values
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length = keys.shape[-2]
+    else:
+        cache.key_cache, cache.value_cache = [k for k, _ in tensors], [v for _, v in tensors]
+
+
+@dataclass
+class _Padded:
+    """Every row in one forward per step. Row i's cached prefix (its tokens before the subject's last one) is
+    right-aligned in ``width`` cache columns, the columns before it zero and masked out; its suffix (from the
+    subject's last token on) is left-aligned in ``ids`` [n, length], padded on the right (pad positions come after
+    every real one, so causal attention never lets a real position see them). Position ids are each row's own.
+    Every query sees at least itself, so no attention row is fully masked. One forward of n rows reads each weight
+    matrix once instead of once per group: on CPU the small per-group products are bound by reading the weights."""
+
+    ids: torch.Tensor  # [n, length]
+    positions: torch.Tensor  # [n, length]
+    mask: torch.Tensor  # [n, width + length]
+    cache: object | None  # prefix keys/values [n, heads, width, head_dim] per layer; None when width == 0
+
+
+def _padded(km, rows: Sequence[Row], groups: Sequence[_Group]) -> _Padded | None:
+    """The rows as one padded batch, built from the groups' prefix caches; None if the cache's layout is unknown."""
+    n, width = len(rows), max(r.subject for r in rows)
+    length = max(len(r.input_ids) - r.subject for r in rows)
+    ids = torch.zeros(n, length, dtype=torch.long, device=km.device)
+    positions = torch.zeros(n, length, dtype=torch.long, device=km.device)
+    mask = torch.zeros(n, width + length, dtype=torch.long, device=km.device)
+    for i, r in enumerate(rows):
+        suffix = r.input_ids[r.subject :]
+        ids[i, : len(suffix)] = suffix.to(km.device)
+        ids[i, len(suffix) :] = int(suffix[-1])  # any token: never read, never seen by a real position
+        positions[i] = torch.arange(r.subject, r.subject + length, device=km.device)
+        mask[i, width - r.subject :] = 1
+    if width == 0:
+        return _Padded(ids, positions, mask, None)
+    template = next(g.cache for g in groups if g.cache is not None)
+    first = _cache_layers(template)
+    window = _sliding_window(template)
+    if first is None or (window is not None and width + length >= window):
+        return None  # a layout this cannot rebuild, or a window the padded rows would overflow
+    # Per layer: [n, heads, width, head_dim] zeros, each group's prefix keys/values at its rows' last columns.
+    combined = [[torch.zeros((n, *t.shape[1:-2], width, t.shape[-1]), dtype=t.dtype, device=t.device) for t in kv]
+                for kv in first]  # fmt: skip
+    for group in groups:
+        if group.cache is None:
+            continue
+        members = torch.tensor(group.members, device=km.device)
+        for layer, kv in enumerate(_cache_layers(group.cache)):
+            for which, tensor in enumerate(kv):
+                combined[layer][which][members, ..., width - group.start :, :] = tensor
+    cache = copy.deepcopy(template)
+    _set_cache_layers(cache, combined)
+    return _Padded(ids, positions, mask, cache)
+
+
+def _padded_logits(km, module: torch.nn.Module, plan: _Padded, delta: torch.Tensor,
+                   select: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Logits [len(select[0]), vocab] at (row, position from the subject's last token) of ``select``, δ added at
+    every row's subject's last token; only those positions reach the output head."""
+    n = plan.ids.shape[0]
+    cache = copy.deepcopy(plan.cache) if plan.cache is not None else None  # the forward appends to it
+    head = km.model.get_output_embeddings()
+
+    def selected(_module, args):
+        hidden, *rest = args
+        return (hidden[select[0], select[1]][:, None], *rest)
+
+    handle = head.register_forward_pre_hook(selected)
+    try:
+        with added_output(module, torch.arange(n, device=km.device), torch.zeros(n, dtype=torch.long, device=km.device), delta):
+            extra = {_cache_keyword(km.model): cache} if cache is not None else {}
+            logits = km.model(input_ids=plan.ids, attention_mask=plan.mask, position_ids=plan.positions,
+                              use_cache=cache is not None, **extra).logits  # fmt: skip
+    finally:
+        handle.remove()
+    return logits[:, 0]
+
+
+class _Steps:
+    """The logits a step needs, at ``wanted`` (row, absolute position) pairs, in that order: one padded forward
+    when the cache layout allows it, else one forward per group of rows of one shape."""
+
+    def __init__(self, km, rows: Sequence[Row], wanted: Sequence[tuple[int, int]], padded: bool = True) -> None:
+        self.km, self.rows = km, list(rows)
+        groups = _groups(km, self.rows)
+        self.plan = _padded(km, self.rows, groups) if padded else None
+        device = km.device
+        if self.plan is not None:
+            self.select = (torch.tensor([i for i, _ in wanted], device=device),
+                           torch.tensor([p - self.rows[i].subject for i, p in wanted], device=device))  # fmt: skip
+            return
+        self.groups = groups
+        place = {i: (g, j) for g, group in enumerate(groups) for j, i in enumerate(group.members)}
+        per_group: list[list[tuple[int, int]]] = [[] for _ in groups]
+        order = []  # where each wanted pair lands in the concatenation of the groups' selections
+        for i, p in wanted:
+            g, j = place[i]
+            order.append((g, len(per_group[g])))
+            per_group[g].append((j, p - self.rows[i].subject))
+        offsets = [0]
+        for picks in per_group:
+            offsets.append(offsets[-1] + len(picks))
+        self.order = torch.tensor([offsets[g] + k for g, k in order], device=device)
+        self.group_select = [(torch.tensor([j for j, _ in picks], device=device, dtype=torch.long),
+                              torch.tensor([p for _, p in picks], device=device, dtype=torch.long))
+                             for picks in per_group]  # fmt: skip
+
+    def logits(self, module: torch.nn.Module, delta: torch.Tensor) -> torch.Tensor:
+        if self.plan is not None:
+            return _padded_logits(self.km, module, self.plan, delta, self.select)
+        parts = [_suffix_logits(self.km, module, group, delta, self.group_select[g])
+                 for g, group in enumerate(self.groups) if len(self.group_select[g][0])]  # fmt: skip
+        return torch.cat(parts)[self.order]
+
+
 def optimise_value(km, layer: int, rows: Sequence[Row], kl: Row, init_norm: float, *, lr: float, steps: int,
                    stop_loss: float, kl_factor: float, weight_decay: float, clamp_norm_factor: float,
-                   reporter: Reporter | None = None) -> ValueResult:
-    """δ for ``rows`` (see the module docstring). init_norm: ‖W k*‖, the scale of the norm terms."""
+                   reporter: Reporter | None = None, padded: bool = True) -> ValueResult:
+    """δ for ``rows`` (see the module docstring). init_norm: ‖W k*‖, the scale of the norm terms. ``padded``:
+    every row in one padded forward per step (False: one forward per group of rows of one shape)."""
     reporter = reporter or NullReporter()
     device = km.device
     everything = list(rows) + [kl]
-    groups = _groups(km, everything)
-    # where each answer token's logits are: (group, row in group, position - start)
-    place = {i: (g, j) for g, group in enumerate(groups) for j, i in enumerate(group.members)}
-    answers = [(place[i], p - everything[i].subject) for i, r in enumerate(rows) for p in r.answer]
+    # The (row, position) pairs the objective reads, answer tokens first, the KL position last: only those go
+    # through the output head.
+    wanted = [(i, p) for i, r in enumerate(rows) for p in r.answer] + [(len(rows), kl.answer[0])]
+    steps_plan = _Steps(km, everything, wanted, padded=padded)
     token_rows = torch.tensor([i for i, r in enumerate(rows) for _ in r.answer], device=device)
     token_ids = torch.tensor([t for r in rows for t in r.targets], device=device)
-    kl_place, kl_pos = place[len(rows)], kl.answer[0] - kl.subject
-    # The (row, position) of each group that the objective reads: only those go through the output head.
-    needed: list[dict[tuple[int, int], int]] = [{} for _ in groups]
-    for (g, j), pos in answers + [(kl_place, kl_pos)]:
-        needed[g].setdefault((j, pos), len(needed[g]))
-    select = [(torch.tensor([j for j, _ in n], device=device), torch.tensor([p for _, p in n], device=device))
-              for n in needed]  # fmt: skip
     with torch.no_grad():
         reference = km.model(input_ids=kl.input_ids[None].to(device)).logits[0, kl.answer[0]]
         reference = torch.log_softmax(reference.float(), dim=-1)
@@ -198,9 +340,8 @@ def optimise_value(km, layer: int, rows: Sequence[Row], kl: Row, init_norm: floa
     module = km.value_proj(layer)
     with reporter.task(f"optimising v* (layer {layer})", total=steps) as task:
         for step in range(steps):
-            logits = [_suffix_logits(km, module, group, delta, select[g]) for g, group in enumerate(groups)]
-            answer_logits = torch.stack([logits[g][needed[g][(j, pos)]] for (g, j), pos in answers])
-            kl_logits = logits[kl_place[0]][needed[kl_place[0]][(kl_place[1], kl_pos)]]
+            logits = steps_plan.logits(module, delta)
+            answer_logits, kl_logits = logits[:-1], logits[-1]
             nll, kl_term = objective(answer_logits, token_ids, token_rows, len(rows), kl_logits, reference)
             decay = weight_decay * delta.pow(2).sum() / max(init_norm, 1e-12) ** 2
             loss = nll + kl_factor * kl_term + decay

@@ -1,0 +1,107 @@
+"""Evaluation scripts: sequential_progress.py (a report from a parts folder, joined with an earlier report's methods)
+and batch_edit.py --append (another method's rows beside the earlier ones, on the same facts only)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "evaluations" / "sequential_progress.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("sequential_progress", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _curve(held: float, planned: int) -> list[dict]:
+    return [{"n_edits": 0, "intra/retained": 1.0, "inter/retained": 1.0, "drift/change": 0.0},
+            {"n_edits": planned, "edits/held": held, "edits/top1": held, "intra/retained": 0.5,
+             "inter/retained": 0.6, "drift/change": 0.1}]  # fmt: skip
+
+
+def _write_parts(parts: Path, method: str, held: float, made: int, planned: int) -> None:
+    parts.mkdir(parents=True, exist_ok=True)
+    payload = {"curve": _curve(held, made), "rows": [{"order": i + 1, "method": method} for i in range(made)],
+               "edits_made": made, "edits_planned": planned, "seconds": 12.5, "written": "now"}  # fmt: skip
+    (parts / f"{method}.progress.json").write_text(json.dumps(payload))
+
+
+def _run(script, monkeypatch, *argv: str) -> int:
+    monkeypatch.setattr(sys, "argv", ["sequential_progress.py", *argv])
+    return script.main()
+
+
+def test_merge_joins_an_earlier_reports_methods_and_keeps_their_rows_and_seconds(tmp_path, monkeypatch):
+    script = _script()
+    earlier, parts, out = tmp_path / "earlier", tmp_path / ".run.parts", tmp_path / "out"
+    _write_parts(tmp_path / ".old.parts", "rome", held=0.9, made=3, planned=3)
+    _write_parts(tmp_path / ".old.parts", "kn", held=0.2, made=3, planned=3)
+    assert _run(script, monkeypatch, "--parts", str(tmp_path / ".old.parts"), "--out", str(earlier)) == 0
+    _write_parts(parts, "memit", held=1.0, made=2, planned=3)  # stopped early
+    _write_parts(parts, "kn", held=0.4, made=3, planned=3)  # a rerun: replaces the earlier report's kn
+    assert _run(script, monkeypatch, "--parts", str(parts), "--out", str(out), "--merge", str(earlier)) == 0
+
+    curves = json.loads((out / "curves.json").read_text())
+    assert sorted(curves) == ["kn", "memit", "rome"]
+    assert curves["rome"] == json.loads((earlier / "curves.json").read_text())["rome"]
+    assert curves["kn"][-1]["edits/held"] == 0.4
+    rome_rows = (out / "facts-rome.jsonl").read_text().splitlines()
+    assert [json.loads(r)["order"] for r in rome_rows] == [1, 2, 3]
+    report = (out / "report.md").read_text()
+    assert "| `rome` | 3 | 3 | finished | 12.5 |" in report
+    assert "| `memit` | 2 | 3 | stopped after edit 2 | 12.5 |" in report
+    assert (out / "curves.png").is_file()
+
+
+def test_merge_into_the_same_folder_keeps_the_earlier_methods(tmp_path, monkeypatch):
+    script = _script()
+    report, parts = tmp_path / "report", tmp_path / ".run.parts"
+    _write_parts(tmp_path / ".old.parts", "rome", held=0.9, made=3, planned=3)
+    _run(script, monkeypatch, "--parts", str(tmp_path / ".old.parts"), "--out", str(report))
+    _write_parts(parts, "memit", held=1.0, made=3, planned=3)
+    _run(script, monkeypatch, "--parts", str(parts), "--out", str(report), "--merge", str(report))
+    assert sorted(json.loads((report / "curves.json").read_text())) == ["memit", "rome"]
+
+
+def test_merge_from_a_folder_without_a_report_is_a_clear_error(tmp_path, monkeypatch):
+    script = _script()
+    _write_parts(tmp_path / ".run.parts", "memit", held=1.0, made=3, planned=3)
+    with pytest.raises(SystemExit, match="holds no curves.json"):
+        _run(script, monkeypatch, "--parts", str(tmp_path / ".run.parts"), "--out", str(tmp_path / "o"),
+             "--merge", str(tmp_path))  # fmt: skip
+
+
+# ----- evaluations/batch_edit.py --append: another method's rows beside the earlier ones --------------------
+def _batch_script():
+    spec = importlib.util.spec_from_file_location("batch_edit", SCRIPT.with_name("batch_edit.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _batch_meta(ids: list[str], ppl: float = 12.3) -> dict:
+    return {"facts": [{"fact_id": i} for i in ids], "base_ppl": ppl, "argv": "--facts 2", "settings": {"memit": {}},
+            "seconds": 100.0}  # fmt: skip
+
+
+def test_batch_append_keeps_other_methods_and_refuses_other_facts(tmp_path):
+    script = _batch_script()
+    path = tmp_path / "batch_edit.json"
+    summary = {"memit": {"batch": {"success": 0.5}}, "kn-subject": {"batch": {"success": 0.1}}}
+    path.write_text(json.dumps({"meta": _batch_meta(["a", "b"]), "summary": summary, "raw": summary}))
+    now = {**_batch_meta(["a", "b"]), "argv": "--facts 2 --methods kn-subject", "settings": {"kn-subject": {}}}
+    results, raw, meta = script.earlier_results(path, now, ["kn-subject"])
+    assert results == {"memit": {"batch": {"success": 0.5}}} and raw == results  # the rerun method is dropped
+    assert meta["settings"] == {"memit": {}, "kn-subject": {}} and meta["seconds"] == 100.0
+    assert "--facts 2` and `" not in meta["argv"] and meta["argv"].endswith("--methods kn-subject --append")
+    with pytest.raises(SystemExit, match="other facts"):
+        script.earlier_results(path, _batch_meta(["a", "c"]), ["kn-subject"])
+    with pytest.raises(SystemExit, match="other facts"):
+        script.earlier_results(path, _batch_meta(["a", "b"], ppl=12.0), ["kn-subject"])
