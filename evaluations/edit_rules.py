@@ -168,6 +168,7 @@ def share_kept(now, before, which) -> float | None:
 
 
 def run_config(km, facts, name, rule, overrides, shared_filter, base_top, base_ppl, all_sets):
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     rows = []
     for i, fact in enumerate(facts):
         located = fact["located"]
@@ -200,10 +201,9 @@ def run_config(km, facts, name, rule, overrides, shared_filter, base_top, base_p
         assert all(torch.equal(v, state[k]) for k, v in km.model.named_parameters() if k in state), "revert failed"
         known = set(fact.get("heldout_known", []))
         split = {kind: [ok for p, ok in held if (p in known) == want] for kind, want in (("known", True), ("unknown", False))}
-        share = lambda xs: (sum(xs) / len(xs)) if xs else None  # noqa: E731
         rows.append({**row, "success": report.success, "prompt_success": report.prompt_success,
-                     "heldout_success": share([ok for _, ok in held]),
-                     "heldout_known_success": share(split["known"]), "heldout_unknown_success": share(split["unknown"]),
+                     "heldout_success": mean([ok for _, ok in held]),
+                     "heldout_known_success": mean(split["known"]), "heldout_unknown_success": mean(split["unknown"]),
                      "n_heldout_known": len(split["known"]), "n_heldout_unknown": len(split["unknown"]),
                      "kept": sum(a == b for a, b in zip(now, before)) / len(others),
                      "kept_other_object": share_kept(now, before, [not x for x in same]),
@@ -214,7 +214,6 @@ def run_config(km, facts, name, rule, overrides, shared_filter, base_top, base_p
                      "seconds": report.seconds})
     applied = [r for r in rows if "error" not in r]
     held = [r["heldout_success"] for r in applied if r["heldout_success"] is not None]
-    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     summary = {
         "rule": rule, "overrides": overrides, "shared_filter": shared_filter, "n_facts": len(rows),
         "n_errors": len(rows) - len(applied),

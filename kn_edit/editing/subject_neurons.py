@@ -100,14 +100,18 @@ class SubjectSettings(RomeSettings):
         return self
 
 
-def least_change(mom2: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+def least_change(mom2: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, ridge: float = 0.0,
+                 penalty: torch.Tensor | None = None) -> torch.Tensor:
     """D [d_model, n] float64 minimising tr(D C Dᵀ) subject to D keys[j] = targets[j] for every j.
 
     mom2: C [n, n] (symmetric positive definite); keys [m, n]; targets [m, d_model]; ridge: C + ridge ·
-    mean(diag C) · I. Solution D = R (Aᵀ C⁻¹ A)⁻¹ Aᵀ C⁻¹ with A = keysᵀ, R = targetsᵀ."""
+    mean(diag C) · I; penalty: [n, n] added to C after the ridge (so the ridge scales with C alone).
+    Solution D = R (Aᵀ C⁻¹ A)⁻¹ Aᵀ C⁻¹ with A = keysᵀ, R = targetsᵀ."""
     c = mom2.to(torch.float64)
     if ridge:
         c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
+    if penalty is not None:
+        c = c + penalty.to(torch.float64)
     a = keys.to(torch.float64).t()  # [n, m]
     t = targets.to(torch.float64)
     try:
@@ -216,10 +220,12 @@ class SubjectNeuronEditor(Editor):
         preserved = (torch.stack([keys_at(km, layer, subject_texts(km, x, [], prefixes, True)).mean(dim=0)
                                   for x in self.preserve_subjects]) if self.preserve_subjects
                      else torch.zeros(0, km.d_ff))  # [p, d_ff]
+        # keys of the model's active edits of this layer (read once: the call's own trials carry no report)
+        active = edited_keys(km, layer) if s.keep_edits else None
         if s.batch == BatchSolve.joint and len(requests) > 1:
-            neurons, rows, done = self._joint(km, layer, stats.mom2, prefixes, whole, preserved, requests)
+            neurons, rows, done = self._joint(km, layer, stats.mom2, prefixes, whole, preserved, requests, active)
         else:
-            neurons, rows, done = self._sequential(km, layer, stats.mom2, prefixes, whole, preserved, requests)
+            neurons, rows, done = self._sequential(km, layer, stats.mom2, prefixes, whole, preserved, requests, active)
         changes = value_changes(km, neurons, torch.cat(rows), additive=True)
         what = ", ".join(f"{r.subject!r}: {r.old!r} → {r.new!r}" for r in requests)
         guard = guard_edit(km, changes, s.max_text_change, what, self.guard_texts)
@@ -230,7 +236,7 @@ class SubjectNeuronEditor(Editor):
         return changes, details
 
     def _sequential(self, km, layer: int, mom2: torch.Tensor, prefixes: list[str], whole: bool,
-                    preserved: torch.Tensor, requests: list[EditRequest],
+                    preserved: torch.Tensor, requests: list[EditRequest], active: torch.Tensor | None,
                     ) -> tuple[list[Neuron], list[torch.Tensor], list[SubjectRequestDetails]]:
         """Each request located and solved on the model with the earlier ones' changes applied (as trials)."""
         neurons: list[Neuron] = []
@@ -240,11 +246,12 @@ class SubjectNeuronEditor(Editor):
         try:
             with self.reporter.task("kn-subject edits", total=len(requests)) as task:
                 for request in requests:
-                    earlier = self._earlier_keys(km, layer, done)
+                    earlier = self._earlier_keys(active, done)
                     found = self._prepare(km, layer, prefixes, whole, request)
-                    metric, index = self._metric(mom2, found.index, earlier), found.index
-                    d = least_change(metric, torch.cat([found.moved, preserved])[:, index],
-                                     torch.cat([found.targets, torch.zeros(len(preserved), km.d_model)]))
+                    index = found.index
+                    d = least_change(mom2[index][:, index], torch.cat([found.moved, preserved])[:, index],
+                                     torch.cat([found.targets, torch.zeros(len(preserved), km.d_model)]),
+                                     self.settings.cov_ridge, self._penalty(index, earlier))
                     done.append(self._details(km, layer, request, found, d, len(preserved), earlier))
                     neurons += [Neuron(layer, int(i)) for i in index]
                     rows.append(d.t().float())
@@ -257,7 +264,8 @@ class SubjectNeuronEditor(Editor):
         return neurons, rows, done
 
     def _joint(self, km, layer: int, mom2: torch.Tensor, prefixes: list[str], whole: bool, preserved: torch.Tensor,
-               requests: list[EditRequest]) -> tuple[list[Neuron], list[torch.Tensor], list[SubjectRequestDetails]]:
+               requests: list[EditRequest], active: torch.Tensor | None,
+               ) -> tuple[list[Neuron], list[torch.Tensor], list[SubjectRequestDetails]]:
         """Every request prepared on the model as it is, then one solve over the union of their neurons."""
         found = []
         with self.reporter.task("kn-subject: keys and targets", total=len(requests)) as task:
@@ -265,37 +273,33 @@ class SubjectNeuronEditor(Editor):
                 found.append(self._prepare(km, layer, prefixes, whole, request))
                 task.advance()
         index = torch.tensor(list(dict.fromkeys(int(i) for f in found for i in f.index)), dtype=torch.long)
-        earlier = self._earlier_keys(km, layer, [])
         keys = torch.cat([f.moved for f in found] + [preserved])[:, index]
         targets = torch.cat([f.targets for f in found] + [torch.zeros(len(preserved), km.d_model)])
         try:
-            d = least_change(self._metric(mom2, index, earlier), keys, targets)  # [d_model, |S|]
+            d = least_change(mom2[index][:, index], keys, targets, self.settings.cov_ridge,
+                             self._penalty(index, active))  # [d_model, |S|]
         except EditError as exc:
             subjects = [r.subject for r in requests]
             repeated = sorted({x for x in subjects if subjects.count(x) > 1})
             hint = (f"; subjects edited twice in this batch: {repeated}" if repeated else "")
             raise EditError(f"{exc}{hint} (or set batch=sequential)") from exc
-        done = [self._details(km, layer, r, f, d, len(preserved), earlier) for r, f in zip(requests, found)]
+        done = [self._details(km, layer, r, f, d, len(preserved), active) for r, f in zip(requests, found)]
         return [Neuron(layer, int(i)) for i in index], [d.t().float()], done
 
-    def _metric(self, mom2: torch.Tensor, index: torch.Tensor, earlier: torch.Tensor | None) -> torch.Tensor:
-        """C_SS (+ ridge) + keep_edits · Σ k_e,S k_e,Sᵀ [|S|, |S|] float64."""
-        s = self.settings
-        metric = mom2[index][:, index].to(torch.float64)
-        if s.cov_ridge:  # the ridge scales with general text's statistics, not with the earlier edits' keys
-            metric = metric + s.cov_ridge * metric.diagonal().mean() * torch.eye(len(index), dtype=metric.dtype)
-        if earlier is not None and len(earlier):
-            held = earlier[:, index].to(torch.float64)  # [e, |S|]
-            metric = metric + s.keep_edits * held.T @ held
-        return metric
+    def _penalty(self, index: torch.Tensor, earlier: torch.Tensor | None) -> torch.Tensor | None:
+        """keep_edits · Σ k_e,S k_e,Sᵀ [|S|, |S|] float64 over the earlier edits' keys, or None without any."""
+        if earlier is None or not len(earlier):
+            return None
+        held = earlier[:, index].to(torch.float64)  # [e, |S|]
+        return self.settings.keep_edits * held.T @ held
 
-    def _earlier_keys(self, km, layer: int, done: list[SubjectRequestDetails]) -> torch.Tensor | None:
-        """[e, d_ff] float64: k* of the model's active edits of ``layer`` and of this call's requests so far
-        (their trial changes are applied now but not in the ledger), or None with keep_edits = 0 or none made."""
+    def _earlier_keys(self, active: torch.Tensor | None, done: list[SubjectRequestDetails]) -> torch.Tensor | None:
+        """[e, d_ff] float64: k* of the model's active edits of the layer (``active``) and of this call's requests
+        so far (their trial changes are in the ledger but carry no report, so ``edited_keys`` does not see them),
+        or None with keep_edits = 0 or none made."""
         if not self.settings.keep_edits:
             return None
-        found = [k for k in (edited_keys(km, layer),) if k is not None]
-        found += [r.key.to(torch.float64)[None] for r in done]
+        found = [k for k in (active,) if k is not None] + [r.key.to(torch.float64)[None] for r in done]
         return torch.cat(found) if found else None
 
     def _prepare(self, km, layer: int, prefixes: list[str], whole: bool, request: EditRequest) -> "_Prepared":

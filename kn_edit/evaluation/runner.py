@@ -201,12 +201,11 @@ def run_dir_for(config: EvalConfig) -> Path:
     return Path(config.output_dir) / name
 
 
-def write_run(config: EvalConfig, km, result: EvalResult, target: Path | None = None) -> Path:
-    """The run's folder (``target``, default ``run_dir_for(config)``), written atomically."""
+def write_run(config: EvalConfig, km, result: EvalResult, target: Path) -> Path:
+    """The run's folder ``target`` (``run_dir_for(config)``, named once per run), written atomically."""
     from .plots import curve_figure, probe_figure, relation_figure
     from .report import curve_markdown, markdown, write_jsonl
 
-    target = target if target is not None else run_dir_for(config)
     with atomic_dir(target) as tmp:
         write_jsonl(tmp / "facts.jsonl", result.rows)
         payload = {"metrics": result.metrics, "summary": result.summary, "per_relation": result.per_relation,
