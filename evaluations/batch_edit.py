@@ -81,8 +81,10 @@ class MemoTargets:
         compute = getattr(editor, self.step)
 
         def once(km, *args):
-            request = next(a for a in args if isinstance(a, EditRequest))
-            key = (tuple(a for a in args if isinstance(a, int)), request.subject, tuple(request.prompts), request.new)
+            # the request (MEMIT) or one subject's requests (kn-subject: one δ for them all), and the layer / flags
+            asked = [r for a in args for r in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(r, EditRequest)]
+            key = (tuple(a for a in args if isinstance(a, int)),
+                   tuple((r.subject, tuple(r.prompts), r.new) for r in asked))
             if key in self.seen:
                 found, seconds = self.seen[key]
                 self.reused_seconds += seconds
@@ -90,7 +92,8 @@ class MemoTargets:
                 t = time.perf_counter()
                 found = compute(km, *args)
                 self.seen[key] = found, time.perf_counter() - t
-            return dataclasses.replace(found)  # MEMIT fills in ``remaining`` per edit
+            # copies: MEMIT fills in ``remaining`` per edit
+            return [dataclasses.replace(f) for f in found] if isinstance(found, list) else dataclasses.replace(found)
 
         setattr(editor, self.step, once)
 
@@ -213,15 +216,18 @@ def markdown(meta, results) -> str:
     return "\n".join(lines)
 
 
-def earlier_results(path: Path, meta: dict, methods: list[str]) -> tuple[dict, dict, dict]:
-    """(results, raw, meta) of an earlier run in ``path`` without ``methods``, its meta joined with this run's;
-    exits with a message if it was run on other facts."""
+def earlier_results(path: Path, meta: dict, methods: list[str], ways: list[str]) -> tuple[dict, dict, dict]:
+    """(results, raw, meta) of an earlier run in ``path`` without the (method, way) pairs of ``methods`` ×
+    ``ways`` (rerun now), its meta joined with this run's; exits with a message if it was run on other facts."""
     earlier = json.loads(path.read_text())
     ids = lambda m: [f["fact_id"] for f in m["facts"]]  # noqa: E731
     if ids(earlier["meta"]) != ids(meta) or earlier["meta"]["base_ppl"] != meta["base_ppl"]:
         sys.exit(f"error: {path} holds results for other facts or text; run without --append or use another --out")
-    keep = lambda d: {m: v for m, v in d.items() if m not in methods}  # noqa: E731
-    joined = {**meta, "argv": f"{earlier['meta']['argv']}`, then `{meta['argv']} --append",
+    def keep(d: dict) -> dict:
+        kept = {m: {w: x for w, x in v.items() if not (m in methods and w in ways)} for m, v in d.items()}
+        return {m: v for m, v in kept.items() if v}
+
+    joined = {**meta, "argv": f"{earlier['meta']['argv']}`, then `{meta['argv']}",
               "settings": {**earlier["meta"]["settings"], **meta["settings"]},
               "seconds": earlier["meta"]["seconds"]}  # fmt: skip
     return keep(earlier["summary"]), keep(earlier["raw"]), joined
@@ -235,7 +241,7 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
                         help="a setting of one method, e.g. memit:mom2_update_weight=150 (repeatable)")
     parser.add_argument("--append", action="store_true",
-                        help="keep the other methods' results already in --out (they must be of the same facts)")
+                        help="keep the results already in --out of the methods and ways not run now (same facts)")
     args = parser.parse_args()
     t0 = time.time()
     km, facts, text, base_ppl = prepare(args)
@@ -254,7 +260,8 @@ def main() -> int:
     results: dict[str, dict] = {}
     raw: dict[str, dict] = {}
     if args.append and (out / "batch_edit.json").is_file():
-        results, raw, meta = earlier_results(out / "batch_edit.json", meta, args.methods.split(","))
+        results, raw, meta = earlier_results(out / "batch_edit.json", meta, args.methods.split(","),
+                                             [w.strip() for w in args.ways.split(",")])
         t0 -= meta["seconds"]
     for name in [m.strip() for m in args.methods.split(",")]:
         extras = {"locator": memo_locator()} if name == "kn" else {}

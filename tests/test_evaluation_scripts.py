@@ -94,14 +94,48 @@ def _batch_meta(ids: list[str], ppl: float = 12.3) -> dict:
 def test_batch_append_keeps_other_methods_and_refuses_other_facts(tmp_path):
     script = _batch_script()
     path = tmp_path / "batch_edit.json"
-    summary = {"memit": {"batch": {"success": 0.5}}, "kn-subject": {"batch": {"success": 0.1}}}
+    summary = {"memit": {"batch": {"success": 0.5}}, "kn-subject": {"batch": {"success": 0.1}, "single": {"success": 1.0}}}
     path.write_text(json.dumps({"meta": _batch_meta(["a", "b"]), "summary": summary, "raw": summary}))
-    now = {**_batch_meta(["a", "b"]), "argv": "--facts 2 --methods kn-subject", "settings": {"kn-subject": {}}}
-    results, raw, meta = script.earlier_results(path, now, ["kn-subject"])
+    now = {**_batch_meta(["a", "b"]), "argv": "--facts 2 --methods kn-subject --append", "settings": {"kn-subject": {}}}
+    results, raw, meta = script.earlier_results(path, now, ["kn-subject"], ["batch", "single"])
     assert results == {"memit": {"batch": {"success": 0.5}}} and raw == results  # the rerun method is dropped
+    results, _, _ = script.earlier_results(path, now, ["kn-subject"], ["batch"])  # only its batch way is rerun
+    assert results == {"memit": {"batch": {"success": 0.5}}, "kn-subject": {"single": {"success": 1.0}}}
     assert meta["settings"] == {"memit": {}, "kn-subject": {}} and meta["seconds"] == 100.0
-    assert "--facts 2` and `" not in meta["argv"] and meta["argv"].endswith("--methods kn-subject --append")
+    assert "--facts 2` and `" not in meta["argv"] and meta["argv"].endswith("`, then `--facts 2 --methods kn-subject --append")
     with pytest.raises(SystemExit, match="other facts"):
-        script.earlier_results(path, _batch_meta(["a", "c"]), ["kn-subject"])
+        script.earlier_results(path, _batch_meta(["a", "c"]), ["kn-subject"], ["batch"])
     with pytest.raises(SystemExit, match="other facts"):
-        script.earlier_results(path, _batch_meta(["a", "b"], ppl=12.0), ["kn-subject"])
+        script.earlier_results(path, _batch_meta(["a", "b"], ppl=12.0), ["kn-subject"], ["batch"])
+
+
+def test_batch_memo_keys_on_the_whole_group_of_requests():
+    """MemoTargets reuses a per-fact step only for the very same arguments: kn-subject's step takes one subject's
+    requests together (one δ for them all), so a fact edited alone is not served its batch group's result."""
+    import dataclasses
+
+    from kn_edit.editing import EditRequest
+
+    script = _batch_script()
+
+    @dataclasses.dataclass
+    class Found:
+        subjects: tuple
+
+    class Editor:
+        calls = 0
+
+        def _prepare(self, km, layer, prefixes, whole, requests):
+            Editor.calls += 1
+            return [Found(tuple(r.subject for r in requests)) for _ in requests]
+
+    a = EditRequest(("France's capital is",), "Paris", "Rome", subject="France")
+    b = EditRequest(("France's language is",), "French", "German", subject="France")
+    editor, memo = Editor(), script.MemoTargets("_prepare")
+    memo.wrap(editor)
+    group = editor._prepare(None, 5, [""], True, [a, b])
+    assert group == [Found(("France", "France"))] * 2 and Editor.calls == 1
+    again = editor._prepare(None, 5, [""], True, [a, b])
+    assert again == group and again[0] is not group[0] and Editor.calls == 1  # reused, as copies
+    assert editor._prepare(None, 5, [""], True, [a]) == [Found(("France",))] and Editor.calls == 2
+    assert editor._prepare(None, 6, [""], True, [a]) and Editor.calls == 3  # another layer: computed afresh

@@ -427,15 +427,60 @@ def test_joint_batch_moves_every_request_s_keys_by_its_own_delta_and_the_preserv
     assert same(km, state)
 
 
-def test_joint_batch_with_one_subject_asked_for_two_objects_is_a_clear_error(tiny_factory, tmp_path):
+LANGUAGE = EditRequest(prompts=("The official language of France is",), old="French", new="Italian",
+                       subject="France")  # REQUEST's subject, another relation
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_joint_batch_gives_one_subject_s_facts_one_delta_over_all_their_rows(tiny_factory, tmp_path, family,
+                                                                              monkeypatch):
+    """Two facts of one subject share its key, so the joint solve gives them one δ, optimised over both facts'
+    rewrite rows (each row with its own new object): recomputed here by optimising over those rows directly."""
+    from kn_edit.editing import subject_neurons
+    from kn_edit.editing.rome.values import kl_row, optimise_value, rewrite_rows
+
+    km = tiny_factory(family)
+    state = snapshot(km)
+    calls = []
+    real = subject_neurons.optimise_value
+    monkeypatch.setattr(subject_neurons, "optimise_value", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    ed = editor(tmp_path)
+    edit = ed.apply(km, [REQUEST, OTHER, LANGUAGE])
+    details = edit.report.details
+    france = [r for r in details.requests if r.subject == "France"]
+    assert len(france) == 2 and torch.equal(france[0].delta, france[1].delta)
+    assert torch.equal(france[0].key, france[1].key)  # key_text=subject: one key
+    assert len(calls) == 2  # one δ for France (both facts' rows), one for Japan
+    after = layer_output(km, 0, plain_key(km, 0, "France", details.prefixes))
+    edit.revert()
+    assert same(km, state)
+    s = ed.settings
+    prefixes = details.prefixes
+    rows = (rewrite_rows(km, REQUEST.prompts, "France", "Rome", prefixes)
+            + rewrite_rows(km, LANGUAGE.prompts, "France", "Italian", prefixes))
+    assert calls[0] == len(rows)
+    key = torch.from_numpy(plain_key(km, 0, "France", prefixes)).float()
+    norm = float(torch.from_numpy(layer_output(km, 0, key.double().numpy())).norm())
+    plain = real(km, 0, rows, kl_row(km, "France"), norm, lr=s.lr, steps=s.steps, stop_loss=s.stop_loss,
+                 kl_factor=s.kl_factor, weight_decay=s.weight_decay, clamp_norm_factor=s.clamp_norm_factor)
+    delta = plain.delta.double()
+    assert torch.allclose(france[0].delta.double(), delta, atol=1e-5 * float(delta.abs().max()))
+    moved = after - layer_output(km, 0, plain_key(km, 0, "France", prefixes))  # the shared key moved by that δ
+    assert np.abs(moved - france[0].delta.double().numpy()).max() <= 1e-4 * float(delta.abs().max())
+    assert same(km, state)
+
+
+def test_one_fact_asked_for_two_objects_is_a_clear_error(tiny_factory, tmp_path):
     km = tiny_factory("llama")
     state = snapshot(km)
-    twice = EditRequest(prompts=("The capital city of France is",), old="Paris", new="Tokyo", subject="France")
-    with pytest.raises(EditError, match="subjects edited twice in this batch: \\['France'\\]"):
-        editor(tmp_path).apply(km, [REQUEST, twice])  # the same key k* asked for two δ
+    capital = dataclasses.replace(REQUEST, relation="P36")
+    twice = EditRequest(prompts=("The capital city of France is",), old="Paris", new="Tokyo", subject="France",
+                        relation="P36")
+    with pytest.raises(EditError, match="'France' \\(P36\\) is asked for 'Rome' and for 'Tokyo'"):
+        editor(tmp_path).apply(km, [capital, twice])  # one fact, two objects (the editors' common check)
     assert same(km, state)
-    with pytest.raises(EditError, match="asked for 'Rome' and for 'Tokyo'"):  # the editors' common check
-        editor(tmp_path).apply(km, [REQUEST, dataclasses.replace(twice, prompts=REQUEST.prompts)])
+    with pytest.raises(EditError, match="asked for 'Rome' and for 'Tokyo'"):  # one prompt, two objects
+        editor(tmp_path).apply(km, [REQUEST, dataclasses.replace(twice, prompts=REQUEST.prompts, relation=None)])
     assert same(km, state)
 
 

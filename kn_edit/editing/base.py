@@ -129,6 +129,14 @@ class Editor(ABC):
                 if seen.new != r.new:
                     raise EditError(f"prompt {prompt!r} is asked for {seen.new!r} and for {r.new!r} in one batch; give "
                                     "each fact one new object")
+        facts: dict[tuple[str, str], EditRequest] = {}  # nor one fact (subject, relation) two new objects
+        for r in requests:
+            if r.subject is None or r.relation is None:
+                continue
+            seen = facts.setdefault((" ".join(r.subject.split()), r.relation), r)
+            if seen.new != r.new:
+                raise EditError(f"{r.subject!r} ({r.relation}) is asked for {seen.new!r} and for {r.new!r} in one "
+                                "batch; give each fact one new object")
         return requests
 
     def apply(self, km, requests: Sequence[EditRequest]) -> Edit:

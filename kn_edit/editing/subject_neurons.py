@@ -44,6 +44,9 @@ is, then makes one least-change solve over the union S of their neurons with eve
 (D k*_i,S = δ_i for each request i, with its edit prompts' own keys under fit=prompts, and the preserved keys):
 the layer's output on each request's keys moves by exactly its δ, whatever the other requests ask. Keys at the
 edited layer depend only on the layers below it, so each request's δ, found alone, is still the one it needs.
+Requests of one subject (its facts of several relations) share that subject's key, so they get one δ, optimised
+over all their rewrite rows at once (each row with its own new object), instead of one δ each that the key
+could not carry together.
 ``sequential``: one request after another, each located and solved on top of the earlier ones (trial changes,
 reverted), the earlier requests' keys weighed by ``keep_edits``.
 """
@@ -247,7 +250,7 @@ class SubjectNeuronEditor(Editor):
             with self.reporter.task("kn-subject edits", total=len(requests)) as task:
                 for request in requests:
                     earlier = self._earlier_keys(active, done)
-                    found = self._prepare(km, layer, prefixes, whole, request)
+                    (found,) = self._prepare(km, layer, prefixes, whole, [request])
                     index = found.index
                     d = least_change(mom2[index][:, index], torch.cat([found.moved, preserved])[:, index],
                                      torch.cat([found.targets, torch.zeros(len(preserved), km.d_model)]),
@@ -266,12 +269,18 @@ class SubjectNeuronEditor(Editor):
     def _joint(self, km, layer: int, mom2: torch.Tensor, prefixes: list[str], whole: bool, preserved: torch.Tensor,
                requests: list[EditRequest], active: torch.Tensor | None,
                ) -> tuple[list[Neuron], list[torch.Tensor], list[SubjectRequestDetails]]:
-        """Every request prepared on the model as it is, then one solve over the union of their neurons."""
-        found = []
+        """Every request prepared on the model as it is (one subject's requests together: one δ for them all),
+        then one solve over the union of their neurons."""
+        by_subject: dict[str, list[EditRequest]] = {}
+        for request in requests:
+            by_subject.setdefault(request.subject.strip(), []).append(request)
+        prepared: dict[int, _Prepared] = {}
         with self.reporter.task("kn-subject: keys and targets", total=len(requests)) as task:
-            for request in requests:
-                found.append(self._prepare(km, layer, prefixes, whole, request))
-                task.advance()
+            for group in by_subject.values():
+                for request, found in zip(group, self._prepare(km, layer, prefixes, whole, group)):
+                    prepared[id(request)] = found
+                task.advance(len(group))
+        found = [prepared[id(r)] for r in requests]
         index = torch.tensor(list(dict.fromkeys(int(i) for f in found for i in f.index)), dtype=torch.long)
         keys = torch.cat([f.moved for f in found] + [preserved])[:, index]
         targets = torch.cat([f.targets for f in found] + [torch.zeros(len(preserved), km.d_model)])
@@ -279,10 +288,7 @@ class SubjectNeuronEditor(Editor):
             d = least_change(mom2[index][:, index], keys, targets, self.settings.cov_ridge,
                              self._penalty(index, active))  # [d_model, |S|]
         except EditError as exc:
-            subjects = [r.subject for r in requests]
-            repeated = sorted({x for x in subjects if subjects.count(x) > 1})
-            hint = (f"; subjects edited twice in this batch: {repeated}" if repeated else "")
-            raise EditError(f"{exc}{hint} (or set batch=sequential)") from exc
+            raise EditError(f"{exc} (or set batch=sequential)") from exc
         done = [self._details(km, layer, r, f, d, len(preserved), active) for r, f in zip(requests, found)]
         return [Neuron(layer, int(i)) for i in index], [d.t().float()], done
 
@@ -302,25 +308,37 @@ class SubjectNeuronEditor(Editor):
         found = [k for k in (active,) if k is not None] + [r.key.to(torch.float64)[None] for r in done]
         return torch.cat(found) if found else None
 
-    def _prepare(self, km, layer: int, prefixes: list[str], whole: bool, request: EditRequest) -> "_Prepared":
-        """A request's neurons, key k*, δ and the keys the solve moves by δ, on the model as it is now."""
+    def _prepare(self, km, layer: int, prefixes: list[str], whole: bool,
+                 requests: Sequence[EditRequest]) -> list["_Prepared"]:
+        """Each request's neurons, key k* and the keys the solve moves, on the model as it is now, and one δ for
+        them all: ``requests`` are one subject's (one request, or all of a joint batch's requests of that
+        subject). Their keys at the subject are one (the key depends only on the text up to the subject), so
+        they can carry only one δ; it is optimised over all their rewrite rows, each row with its own request's
+        new object, with the clamp scaled by the layer's output at their mean key."""
         s = self.settings
-        if s.neurons is None or s.neurons >= km.d_ff:
-            scores = torch.zeros(km.d_ff)
-            index = torch.arange(km.d_ff)
-        else:
-            scores = subject_scores(km, request.prompts, request.subject, request.old, layer, s.attribution_steps)
-            index = scores.argsort(descending=True)[: s.neurons]
-        key = keys_at(km, layer, subject_texts(km, request.subject, request.prompts, prefixes, whole)).mean(dim=0)
         proj = km.value_proj(layer)
+        located, keys = [], []
+        for request in requests:
+            if s.neurons is None or s.neurons >= km.d_ff:
+                scores, index = torch.zeros(km.d_ff), torch.arange(km.d_ff)
+            else:
+                scores = subject_scores(km, request.prompts, request.subject, request.old, layer, s.attribution_steps)
+                index = scores.argsort(descending=True)[: s.neurons]
+            located.append((scores, index))
+            keys.append(keys_at(km, layer, subject_texts(km, request.subject, request.prompts, prefixes, whole)).mean(dim=0))
+        mean_key = keys[0] if len(keys) == 1 else torch.stack(keys).mean(dim=0)
         with torch.no_grad():
-            output = proj(key.to(km.device, proj.weight.dtype)[None])[0].float().cpu()  # W k* (+ bias) [d_model]
-        found = optimise_value(km, layer, rewrite_rows(km, request.prompts, request.subject, request.new, prefixes),
-                               kl_row(km, request.subject), float(output.norm()), lr=s.lr, steps=s.steps,
-                               stop_loss=s.stop_loss, kl_factor=s.kl_factor, weight_decay=s.weight_decay,
-                               clamp_norm_factor=s.clamp_norm_factor, reporter=self.reporter)
-        moved = fitted_keys(km, layer, key, request.subject, request.prompts, prefixes, s.fit)  # [m, d_ff]
-        return _Prepared(scores, index, key, found, moved, found.delta[None].expand(len(moved), -1))
+            output = proj(mean_key.to(km.device, proj.weight.dtype)[None])[0].float().cpu()  # W k* (+ bias) [d_model]
+        rows = [row for r in requests for row in rewrite_rows(km, r.prompts, r.subject, r.new, prefixes)]
+        found = optimise_value(km, layer, rows, kl_row(km, requests[0].subject), float(output.norm()), lr=s.lr,
+                               steps=s.steps, stop_loss=s.stop_loss, kl_factor=s.kl_factor,
+                               weight_decay=s.weight_decay, clamp_norm_factor=s.clamp_norm_factor,
+                               reporter=self.reporter)
+        out = []
+        for request, (scores, index), key in zip(requests, located, keys):
+            moved = fitted_keys(km, layer, key, request.subject, request.prompts, prefixes, s.fit)  # [m, d_ff]
+            out.append(_Prepared(scores, index, key, found, moved, found.delta[None].expand(len(moved), -1)))
+        return out
 
     def _details(self, km, layer: int, request: EditRequest, found: "_Prepared", d: torch.Tensor, preserved: int,
                  earlier: torch.Tensor | None) -> SubjectRequestDetails:
