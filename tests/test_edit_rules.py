@@ -115,7 +115,8 @@ def test_signed_rule_formula(tiny):
     d = raw_E(tiny, [t_new[0]]) - raw_E(tiny, [t_old[0]])
     d = d / d.norm()
     edit = kn_edit.update_fact(tiny, [prompt], old, new, neurons=NEURONS, force=True, generic_filter=False,
-                               direction="contrast", max_scale=64.0, bisect_steps=3, on_failure="apply")
+                               direction="contrast", max_scale=64.0, bisect_steps=3, on_failure="apply",
+                               max_text_change=None)  # the formula, not the guard (tested on its own)
     scale = edit.report.details.scale
     assert edit.report.details.rule == "signed" and 0 < scale <= 64.0
     expected = {n: v0[n] + scale * float(a) / float((acts**2).sum()) * d for n, a in zip(NEURONS, acts)}

@@ -37,11 +37,18 @@ def causal_tokenizer():
 
 @functools.lru_cache(maxsize=None)
 def masked_tokenizer():
+    """WordPiece over a vocabulary built by hand, sorted: every word of the corpus whole, every character alone
+    and as a continuation. (Training WordPiece breaks ties between equally frequent merges in hash order, so
+    its vocabulary, and every tiny BERT test's numbers, changed from process to process.)"""
     from tokenizers import BertWordPieceTokenizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
     from transformers import BertTokenizerFast
 
-    raw = BertWordPieceTokenizer(lowercase=True)
-    raw.train_from_iterator(CORPUS * 4, vocab_size=300, min_frequency=1)
+    words = {w for line in CORPUS for w, _ in BertPreTokenizer().pre_tokenize_str(line.lower())}
+    chars = sorted({c for w in words for c in w})
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens = specials + chars + [f"##{c}" for c in chars] + sorted(words - set(chars))
+    raw = BertWordPieceTokenizer(vocab={t: i for i, t in enumerate(tokens)}, lowercase=True)
     return BertTokenizerFast(tokenizer_object=raw, mask_token="[MASK]", cls_token="[CLS]", sep_token="[SEP]",
                              pad_token="[PAD]", unk_token="[UNK]")
 
