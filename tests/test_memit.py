@@ -219,7 +219,7 @@ def test_bad_input_leaves_the_model_unchanged(tiny_factory, tmp_path):
     assert same(km, original)
     for overrides, key in ([("layers=[2,1]"), "ascending"], ["layers=[]", "at least one"], ["mom2_update_weight=-1", "mom2"],
                            ["null_space_threshold=0", "null_space_threshold"], ["null_space_ridge=0", "null_space_ridge"],
-                           ["steps=0", "steps"], ["key_text=middle", "key_text"]):
+                           ["steps=0", "steps"], ["key_text=middle", "key_text"], ["refit=all", "refit"]):
         with pytest.raises(ConfigError, match=key):
             make_editor("memit", overrides=[overrides])
 
@@ -279,3 +279,55 @@ def test_a_null_space_sequence_decomposes_each_layer_s_statistics_once(tiny_fact
     for edit in reversed(edits):
         edit.revert()
     assert same(km, original)
+
+
+def test_refit_solves_the_short_requests_again_with_their_own_keys(tiny_factory, tmp_path):
+    """refit=prompts: requests the fit=mean update leaves short (on a tiny random model, all of them) are solved
+    again with fit=prompts from the same targets, which is the fit=prompts edit itself."""
+    km = tiny_factory("llama", n_layers=3)
+    requests = [FRANCE, JAPAN]
+    settings = dict(layers=[0, 1])
+    plain = memit(tmp_path, fit="mean", **settings).apply(km, requests)
+    assert not any(p.success for p in plain.report.prompts)  # the precondition: every request falls short
+    plain.revert()
+    with_prompts = memit(tmp_path, fit="prompts", **settings).apply(km, requests)
+    expected = {l: plain_weight(km, l) for l in (0, 1)}
+    with_prompts.revert()
+    before = {l: plain_weight(km, l) for l in (0, 1)}
+    edit = memit(tmp_path, fit="mean", refit="prompts", **settings).apply(km, requests)
+    assert edit.report.details.refitted == [0, 1]
+    assert [r.fit for r in edit.report.details.requests] == ["prompts", "prompts"]
+    for l in (0, 1):
+        assert np.allclose(plain_weight(km, l), expected[l], rtol=1e-6, atol=1e-9)
+    edit.revert()
+    assert all(np.array_equal(plain_weight(km, l), before[l]) for l in (0, 1))
+
+
+@pytest.mark.parametrize("short", [[], [1]])
+def test_refit_changes_only_the_short_requests_keys(tiny_factory, tmp_path, monkeypatch, short):
+    """With request 1 short, one layer at λ = 0: request 0 keeps its one prefix-averaged key, request 1 gets its
+    prompt's own key too, each mapped exactly to its residual; with none short the edit is fit=mean's."""
+    km = tiny_factory("llama", n_layers=2)
+    requests = [FRANCE, JAPAN]
+    settings = dict(layers=[0], mom2_update_weight=0.0)
+    plain = memit(tmp_path, fit="mean", **settings).apply(km, requests)
+    mean_change = plain_weight(km, 0)
+    plain.revert()
+    before = plain_weight(km, 0)
+    monkeypatch.setattr(MemitEditor, "_short", staticmethod(lambda km, requests, changes: list(short)))
+    edit = memit(tmp_path, fit="mean", refit="prompts", **settings).apply(km, requests)
+    details = edit.report.details
+    assert details.refitted == short
+    assert [r.fit for r in details.requests] == ["prompts" if i in short else "mean" for i in range(2)]
+    update = details.updates[0]
+    if not short:
+        assert np.array_equal(plain_weight(km, 0), mean_change)
+    else:
+        own = subject_texts(km, JAPAN.subject, [prompt_text(p) for p in JAPAN.prompts], [""], False)
+        assert update.keys.shape[0] == 1 + 1 + len(own)  # France: k̄; Japan: k̄ and its prompt's own key
+        change = plain_weight(km, 0) - before
+        residual = update.residuals[1].double().numpy()
+        for k in [plain_key(km, 0, t.input_ids, t.position) for t in own]:
+            assert np.allclose(change @ k, residual, rtol=1e-3, atol=1e-4 * np.abs(residual).max())
+    edit.revert()
+    assert np.array_equal(plain_weight(km, 0), before)

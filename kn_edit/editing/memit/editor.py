@@ -37,7 +37,7 @@ from ..ledger import commit
 from ..nullspace import null_space_delta
 from ..rome.covariance import KeyStatistics, key_statistics
 from ..rome.keys import check_subjects, context_prefixes, fitted_keys, keys_at, prompt_text, subject_texts
-from ..rome.settings import KeyText
+from ..rome.settings import KeyFit, KeyText
 from ..rome.update import weight_change
 from ..rome.values import kl_row, optimise_value, rewrite_rows
 from ..settings import with_overrides
@@ -63,6 +63,7 @@ class MemitRequestDetails:
     nll_last: float
     kl_last: float
     remaining: float  # ‖z − h^L‖ / ‖δ‖ after the edit (0: the target is reached exactly)
+    fit: str  # the keys its update was solved for (``fit``, or ``refit`` when the first solve left it short)
     delta: torch.Tensor = field(repr=False)
     hidden: torch.Tensor = field(repr=False)  # h^L before the edit [d_model]
 
@@ -94,6 +95,7 @@ class MemitDetails:
     relative_update: float  # ‖[ΔW_l]‖ / ‖[W_l]‖ over the layers
     requests: list[MemitRequestDetails]
     updates: list[MemitLayerDetails]
+    refitted: list[int]  # indices of the requests solved again with ``refit`` (the first solve left them short)
     settings: dict
 
     def keys_by_layer(self) -> dict[int, torch.Tensor]:
@@ -156,12 +158,38 @@ class MemitEditor(Editor):
         deltas = torch.stack([t.delta for t in targets])  # [n, d_model]
         before = torch.stack([t.hidden for t in targets])  # h^L before the edit [n, d_model]
 
+        fits = [s.fit] * len(requests)
+        changes, updates = self._solve(km, layers, stats, requests, texts, prefixes, rows, deltas, before, fits, targets)
+        refitted: list[int] = []
+        if s.refit is not None and s.refit != s.fit:
+            refitted = self._short(km, requests, changes)
+            if refitted:  # solved again from the same targets δ, the short requests with the refit's keys
+                fits = [s.refit if i in refitted else f for i, f in enumerate(fits)]
+                changes, updates = self._solve(km, layers, stats, requests, texts, prefixes, rows, deltas, before, fits,
+                                               targets)
+        for target, fit in zip(targets, fits):
+            target.fit = str(fit)
+        weights = sum(float(km.value_weight(l).detach().double().norm()) ** 2 for l in layers) ** 0.5
+        total = sum(u.update_norm ** 2 for u in updates) ** 0.5
+        details = MemitDetails(layers=layers, key_text=str(s.key_text), prefixes=prefixes, null_space=s.null_space,
+                               relative_update=total / max(weights, 1e-12), requests=targets, updates=updates,
+                               refitted=refitted, settings=_settings_dict(s))
+        return changes, details
+
+    def _solve(self, km, layers: list[int], stats: dict, requests: list[EditRequest], texts: list, prefixes: list[str],
+               rows: list, deltas: torch.Tensor, before: torch.Tensor, fits: list[KeyFit],
+               targets: list[MemitRequestDetails]) -> tuple[list, list[MemitLayerDetails]]:
+        """(one whole change per critical layer, their details): every layer l in order solved on top of the
+        earlier ones' updates (applied as trials, reverted before returning) for the residual still missing,
+        request i's keys fitted by ``fits[i]``; sets each target's ``remaining``."""
+        last = layers[-1]
         changes, updates, trials = [], [], []
         try:
             with self.reporter.task(f"MEMIT over layers {layers}", total=len(layers)) as task:
                 for j, layer in enumerate(layers):
                     missing = deltas - (self._hidden(km, last, rows) - before)  # z − h^L now [n, d_model]
-                    keys, residuals = self._fitted(km, layer, requests, texts, prefixes, missing / (len(layers) - j))
+                    keys, residuals = self._fitted(km, layer, requests, texts, prefixes, missing / (len(layers) - j),
+                                                   fits)
                     delta, update = self._update(km, layer, stats[layer], keys, residuals)
                     updates.append(update)
                     changes.append(whole_change(km, update.parameter, weight_change(km, delta)))
@@ -176,23 +204,36 @@ class MemitEditor(Editor):
                 trial.revert()
         for target, miss in zip(targets, remaining):
             target.remaining = float(miss.norm()) / max(float(target.delta.norm()), 1e-12)
-        weights = sum(float(km.value_weight(l).detach().double().norm()) ** 2 for l in layers) ** 0.5
-        total = sum(u.update_norm ** 2 for u in updates) ** 0.5
-        details = MemitDetails(layers=layers, key_text=str(s.key_text), prefixes=prefixes, null_space=s.null_space,
-                               relative_update=total / max(weights, 1e-12), requests=targets, updates=updates,
-                               settings=_settings_dict(s))
-        return changes, details
+        return changes, updates
+
+    @staticmethod
+    def _short(km, requests: list[EditRequest], changes: list) -> list[int]:
+        """Indices of the requests whose edit prompts do not all have the new object top-1 with ``changes``
+        applied (as a trial, reverted before returning)."""
+        from ..report import prompt_outcomes
+
+        trial = commit(km, "trial", [], list(changes))
+        try:
+            outcomes = prompt_outcomes(km, requests)
+        finally:
+            trial.revert()
+        short, start = [], 0
+        for i, request in enumerate(requests):
+            if not all(o.success for o in outcomes[start : start + len(request.prompts)]):
+                short.append(i)
+            start += len(request.prompts)
+        return short
 
     def _fitted(self, km, layer: int, requests: list[EditRequest], texts: list, prefixes: list[str],
-                residuals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                residuals: torch.Tensor, fits: list[KeyFit]) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys [m, d_ff], residuals [m, d_model]) the layer's update is solved for: each request's prefix-averaged
         key k_i with its residual r_i, and with ``fit`` prompts / rows also each edit prompt's own key (no prefix /
         after every prefix), each asking for the same r_i (as ROME's fit; kn_edit/editing/rome/update.py).
         A key repeated within a request (prompts that start with the subject share it) is one column."""
         keys, rows = [], []
-        for request, text, residual in zip(requests, texts, residuals):
+        for request, text, residual, fit in zip(requests, texts, residuals, fits):
             mean = keys_at(km, layer, text).mean(dim=0)
-            own = fitted_keys(km, layer, mean, request.subject, request.prompts, prefixes, self.settings.fit)
+            own = fitted_keys(km, layer, mean, request.subject, request.prompts, prefixes, fit)
             own = _distinct(own.double())
             keys.append(own)
             rows.append(residual[None].expand(len(own), -1))
@@ -217,7 +258,7 @@ class MemitEditor(Editor):
             subject=request.subject, old=request.old, new=request.new, target_norm=float(found.delta.norm()),
             output_norm=float(output.norm()), clamped=found.clamped, steps=len(found.losses),
             stopped_early=found.stopped_early, nll_first=found.nll[0], nll_last=found.nll[-1], kl_last=found.kl[-1],
-            remaining=float("nan"), delta=found.delta.double(), hidden=hidden,
+            remaining=float("nan"), fit=str(s.fit), delta=found.delta.double(), hidden=hidden,
         )
 
     def _update(self, km, layer: int, stats: KeyStatistics, keys: torch.Tensor,

@@ -8,6 +8,7 @@ from typing import Optional
 from ...errors import ConfigError, EditError
 from ..nullspace import check_null_space
 from ..rome.settings import KeyFit, KeyText, RomeSettings, default_layer
+from ..settings import as_choice
 
 # (adapter family, n_layers, d_model) → critical layers R (0-based, ascending). smollm2-135m: five layers around
 # ROME's layer 5 (its sweep: 3 edits more, 8 generalizes less), like MEMIT's five for GPT-2 XL (13–17 of 48) and
@@ -38,6 +39,9 @@ class MemitSettings:
     # keys each layer's update is solved for: mean (each request's prefix-averaged key, the paper) | prompts (also
     # each edit prompt's own key, with the request's residual) | rows (also every prefixed rewrite row's key)
     fit: KeyFit = KeyFit.mean
+    # requests the solved update leaves short (the new object not top-1 on every edit prompt, with the edit applied
+    # as a trial) are solved again with this fit, the others keeping theirs; null: one solve
+    refit: Optional[KeyFit] = None
     n_prefixes: int = 5
     prefix_length: int = 10
     prefix_top_k: int = 5
@@ -68,6 +72,8 @@ class MemitSettings:
         shared = {f.name: getattr(self, f.name) for f in fields(RomeSettings) if hasattr(self, f.name)}
         checked = RomeSettings(**shared).check()
         self.key_text, self.fit = checked.key_text, checked.fit
+        if self.refit is not None:
+            self.refit = as_choice(KeyFit, self.refit, "refit")
         if self.layers is not None:
             layers = list(self.layers)
             if not layers:
