@@ -56,6 +56,7 @@ PLAIN_TEXT = [
 CONFIGS = {
     "kn-subject (64 neurons at the subject; layer 5)": ("method:kn-subject", {}, False),
     "kn-subject (256 neurons)": ("method:kn-subject", {"neurons": 256}, False),
+    "kn-subject (768 neurons)": ("method:kn-subject", {"neurons": 768}, False),  # half of smollm2's layer
     "kn-subject (16 neurons)": ("method:kn-subject", {"neurons": 16}, False),
     "kn-subject (layer 3)": ("method:kn-subject", {"layer": 3}, False),
     "kn-subject (no guard)": ("method:kn-subject", {"max_text_change": None}, False),
