@@ -214,11 +214,9 @@ def run_batch(args: argparse.Namespace, erase: bool) -> int:
     for part in report_tables(report):
         con.print(part)
     kept = _controls_kept(before, after, ["control"] * len(controls))
-    by_request, at = [], 0
-    for r in requests:
-        outcomes = report.prompts[at : at + len(r.prompts)]
-        at += len(r.prompts)
-        by_request.append(all(o.success for o in outcomes))
+    from ..editing.report import request_successes
+
+    by_request = request_successes(requests, report.prompts)
     verdict = "[bold green]success[/]" if report.success else "[bold red]failed[/]"
     con.print(f"{verdict}: {sum(by_request)}/{len(requests)} facts hold on every prompt "
               f"({sum(p.success for p in report.prompts)}/{len(report.prompts)} prompts); controls keeping their top "

@@ -129,6 +129,15 @@ def prompt_outcomes(km, requests: Sequence) -> list[PromptOutcome]:
     return out
 
 
+def request_successes(requests: Sequence, outcomes: Sequence[PromptOutcome]) -> list[bool]:
+    """Per request, whether all its prompts succeeded, from :func:`prompt_outcomes`' list (request by request)."""
+    found, start = [], 0
+    for request in requests:
+        found.append(all(o.success for o in outcomes[start : start + len(request.prompts)]))
+        start += len(request.prompts)
+    return found
+
+
 def parameter_changes(km, patches) -> list[ParameterChange]:
     out = []
     for p in patches:

@@ -155,18 +155,15 @@ class MemitEditor(Editor):
         rows = [rewrite_rows(km, r.prompts, r.subject, r.new, prefixes) for r in requests]
         last = layers[-1]
         targets = [self._target(km, last, r, t, w) for r, t, w in zip(requests, texts, rows)]
-        deltas = torch.stack([t.delta for t in targets])  # [n, d_model]
-        before = torch.stack([t.hidden for t in targets])  # h^L before the edit [n, d_model]
 
         fits = [s.fit] * len(requests)
-        changes, updates = self._solve(km, layers, stats, requests, texts, prefixes, rows, deltas, before, fits, targets)
+        changes, updates = self._solve(km, layers, stats, requests, texts, prefixes, rows, targets, fits)
         refitted: list[int] = []
         if s.refit is not None and s.refit != s.fit:
             refitted = self._short(km, requests, changes)
             if refitted:  # solved again from the same targets δ, the short requests with the refit's keys
                 fits = [s.refit if i in refitted else f for i, f in enumerate(fits)]
-                changes, updates = self._solve(km, layers, stats, requests, texts, prefixes, rows, deltas, before, fits,
-                                               targets)
+                changes, updates = self._solve(km, layers, stats, requests, texts, prefixes, rows, targets, fits)
         for target, fit in zip(targets, fits):
             target.fit = str(fit)
         weights = sum(float(km.value_weight(l).detach().double().norm()) ** 2 for l in layers) ** 0.5
@@ -177,12 +174,13 @@ class MemitEditor(Editor):
         return changes, details
 
     def _solve(self, km, layers: list[int], stats: dict, requests: list[EditRequest], texts: list, prefixes: list[str],
-               rows: list, deltas: torch.Tensor, before: torch.Tensor, fits: list[KeyFit],
-               targets: list[MemitRequestDetails]) -> tuple[list, list[MemitLayerDetails]]:
+               rows: list, targets: list[MemitRequestDetails], fits: list[KeyFit]) -> tuple[list, list[MemitLayerDetails]]:
         """(one whole change per critical layer, their details): every layer l in order solved on top of the
         earlier ones' updates (applied as trials, reverted before returning) for the residual still missing,
         request i's keys fitted by ``fits[i]``; sets each target's ``remaining``."""
         last = layers[-1]
+        deltas = torch.stack([t.delta for t in targets])  # [n, d_model]
+        before = torch.stack([t.hidden for t in targets])  # h^L before the edit [n, d_model]
         changes, updates, trials = [], [], []
         try:
             with self.reporter.task(f"MEMIT over layers {layers}", total=len(layers)) as task:
@@ -210,19 +208,14 @@ class MemitEditor(Editor):
     def _short(km, requests: list[EditRequest], changes: list) -> list[int]:
         """Indices of the requests whose edit prompts do not all have the new object top-1 with ``changes``
         applied (as a trial, reverted before returning)."""
-        from ..report import prompt_outcomes
+        from ..report import prompt_outcomes, request_successes
 
         trial = commit(km, "trial", [], list(changes))
         try:
             outcomes = prompt_outcomes(km, requests)
         finally:
             trial.revert()
-        short, start = [], 0
-        for i, request in enumerate(requests):
-            if not all(o.success for o in outcomes[start : start + len(request.prompts)]):
-                short.append(i)
-            start += len(request.prompts)
-        return short
+        return [i for i, held in enumerate(request_successes(requests, outcomes)) if not held]
 
     def _fitted(self, km, layer: int, requests: list[EditRequest], texts: list, prefixes: list[str],
                 residuals: torch.Tensor, fits: list[KeyFit]) -> tuple[torch.Tensor, torch.Tensor]:
