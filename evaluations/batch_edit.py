@@ -10,7 +10,9 @@ Per method and way (batch: all N facts in one ``Editor.apply``; single: each fac
   object; evaluations/rome_check.py's neighbours, never an edited fact), the share still answered right — after
   the batch edit for ``batch``, after each fact's own edit for ``single`` (the same pairs, pooled);
 * text ppl: relative change of Wikipedia perplexity (held-out slice; batch: once; single: mean over the edits);
-* seconds: the edit's own time (batch: one edit; single: the sum over the N edits).
+* seconds: the edit's own time (batch: one edit; single: the sum over the N edits);
+* refitted (MEMIT): how many facts its first solve left short and were solved again (``refit``; batch: in the one
+  edit, single: over the N edits).
 
 Every edit is reverted and the model checked bit for bit before the next.
 
@@ -112,6 +114,12 @@ def reverted(km, edit, state) -> None:
     assert not changed and not ledger_for(km).active_edits, f"revert failed: {changed[:3]}"
 
 
+def refitted(report) -> int | None:
+    """How many requests MEMIT solved again (``refit``); None for the methods without a refit."""
+    found = getattr(report.details, "refitted", None)
+    return None if found is None else len(found)
+
+
 def per_fact_success(report, facts) -> list[bool]:
     out, at = [], 0
     for f in facts:
@@ -147,7 +155,7 @@ def run_batch(km, name, facts, text, base_ppl, extras, memo=None) -> dict:
     got = measure(km, facts, text, base_ppl)
     reused = (memo.reused_seconds - reused) if memo is not None else 0.0
     got.update(success=per_fact_success(edit.report, facts), seconds=edit.report.seconds + reused,
-               peak_memory_mb=edit.report.peak_memory_mb)
+               peak_memory_mb=edit.report.peak_memory_mb, refitted=refitted(edit.report))
     reverted(km, edit, state)
     return got
 
@@ -155,7 +163,7 @@ def run_batch(km, name, facts, text, base_ppl, extras, memo=None) -> dict:
 def run_single(km, name, facts, text, base_ppl, extras, memo=None) -> dict:
     editor = editor_for(name, extras, memo)
     rows = {"success": [], "heldout_top1": [], "same_kept": [], "other_kept": [], "ppl_change": [], "seconds": 0.0,
-            "refused": 0}
+            "refused": 0, "refitted": None}
     for i, f in enumerate(facts):
         state = state_of(km)
         reused = memo.reused_seconds if memo is not None else 0.0
@@ -167,6 +175,8 @@ def run_single(km, name, facts, text, base_ppl, extras, memo=None) -> dict:
             got = measure(km, [f], text, base_ppl)  # the model is unchanged: its neighbours are all kept
         else:
             rows["success"].append(per_fact_success(edit.report, [f])[0])
+            if refitted(edit.report) is not None:
+                rows["refitted"] = (rows["refitted"] or 0) + refitted(edit.report)
             rows["seconds"] += edit.report.seconds + ((memo.reused_seconds - reused) if memo is not None else 0.0)
             got = measure(km, [f], text, base_ppl)
             reverted(km, edit, state)
@@ -186,7 +196,8 @@ def summary(got: dict) -> dict:
             "same_kept": share(got["same_kept"]), "n_same": len(got["same_kept"]),
             "other_kept": share(got["other_kept"]), "n_other": len(got["other_kept"]),
             "ppl_change": share(ppl) if isinstance(ppl, list) else ppl, "seconds": got["seconds"],
-            "refused": got.get("refused", 0) if not isinstance(got.get("refused"), str) else None}
+            "refused": got.get("refused", 0) if not isinstance(got.get("refused"), str) else None,
+            "refitted": got.get("refitted")}
 
 
 def markdown(meta, results) -> str:
@@ -211,6 +222,10 @@ def markdown(meta, results) -> str:
             lines.append(f"| {name} | {way} | {pct(s['success'])} | {pct(s['heldout_top1'])} | {pct(s['same_kept'])} "
                          f"(n={s['n_same']}) | {pct(s['other_kept'])} (n={s['n_other']}) | {100 * s['ppl_change']:+.2f} % | "
                          f"{s['seconds']:.0f} | {s['refused'] if s['refused'] is not None else '–'} |")
+    refits = [f"{name} {way}: {s['refitted']} of {meta['n_facts']}" for name, ways in results.items()
+              for way, s in ways.items() if s.get("refitted") is not None]
+    if refits:
+        lines += ["", f"Facts MEMIT solved again (`refit`, the first solve left them short): {'; '.join(refits)}."]
     lines += ["", "batch: one edit of all N facts (MEMIT: one update per critical layer; kn: one joint least-change "
               "solve; kn-subject: one least-change solve over the union of the facts' subject neurons); single: each fact edited alone and reverted (kept and text ppl: mean over the N edits).", ""]
     return "\n".join(lines)
@@ -233,6 +248,19 @@ def earlier_results(path: Path, meta: dict, methods: list[str], ways: list[str])
     return keep(earlier["summary"]), keep(earlier["raw"]), joined
 
 
+def setting(item: str) -> tuple[str, str, object]:
+    """``METHOD:KEY=VALUE`` → (method, key, value): numbers, lists, true / false / null as JSON, anything else as
+    a string (``memit:refit=prompts``; ``memit:refit=null`` is the paper's one solve)."""
+    method, _, assignment = item.partition(":")
+    key, _, value = assignment.partition("=")
+    if method not in METHODS or not key or not value:
+        sys.exit(f"error: --set {item!r}: expected METHOD:KEY=VALUE with METHOD one of {', '.join(METHODS)}")
+    try:
+        return method, key, json.loads(value)
+    except json.JSONDecodeError:
+        return method, key, value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_fact_arguments(parser, neighbours=2, text_passages=12)
@@ -253,9 +281,8 @@ def main() -> int:
             "facts": [{k: f[k] for k in ("fact_id", "subject", "old", "new", "prompts", "heldout", "same", "other")}
                       for f in facts]}
     for item in args.set:
-        method, _, kv = item.partition(":")
-        key, _, value = kv.partition("=")
-        METHODS[method] = {**METHODS[method], key: json.loads(value) if value[:1] in "0123456789-[{tf" else value}
+        method, key, value = setting(item)
+        METHODS[method] = {**METHODS[method], key: value}
     meta["settings"] = {m: METHODS[m] for m in args.methods.split(",")}
     results: dict[str, dict] = {}
     raw: dict[str, dict] = {}

@@ -1,5 +1,6 @@
 """Evaluation scripts: sequential_progress.py (a report from a parts folder, joined with an earlier report's methods)
-and batch_edit.py --append (another method's rows beside the earlier ones, on the same facts only)."""
+and batch_edit.py: --append (another method's rows beside the earlier ones, on the same facts only), --set values,
+MEMIT's refit count."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -139,3 +141,30 @@ def test_batch_memo_keys_on_the_whole_group_of_requests():
     assert again == group and again[0] is not group[0] and Editor.calls == 1  # reused, as copies
     assert editor._prepare(None, 5, [""], True, [a]) == [Found(("France",))] and Editor.calls == 2
     assert editor._prepare(None, 6, [""], True, [a]) and Editor.calls == 3  # another layer: computed afresh
+
+
+def test_batch_settings_parse_json_values_and_strings():
+    script = _batch_script()
+    assert script.setting("memit:refit=null") == ("memit", "refit", None)
+    assert script.setting("memit:refit=prompts") == ("memit", "refit", "prompts")
+    assert script.setting("memit:mom2_update_weight=150") == ("memit", "mom2_update_weight", 150)
+    assert script.setting("memit:layers=[4,5]") == ("memit", "layers", [4, 5])
+    for bad in ("nope:refit=null", "memit:refit", "memit:=3"):
+        with pytest.raises(SystemExit, match="METHOD:KEY=VALUE"):
+            script.setting(bad)
+
+
+def test_batch_report_counts_memit_refits():
+    """The facts MEMIT solved again: counted from its report's ``refitted`` (None for other methods) and listed
+    under the table."""
+    script = _batch_script()
+    report = lambda found: SimpleNamespace(details=SimpleNamespace(refitted=found))  # noqa: E731
+    assert script.refitted(report([0, 3])) == 2 and script.refitted(report([])) == 0
+    assert script.refitted(SimpleNamespace(details=SimpleNamespace())) is None
+    row = {"success": 1.0, "heldout_top1": 0.5, "same_kept": 1.0, "n_same": 2, "other_kept": 1.0, "n_other": 2,
+           "ppl_change": 0.0, "seconds": 1.0, "refused": 0}
+    meta = {"n_facts": 4, "relations": ["P36"], "prompts": 3, "text_passages": 2, "text_tokens": 8, "base_ppl": 9.0,
+            "argv": "--facts 4", "settings": {}, "seconds": 2.0, "threads": 1}
+    text = script.markdown(meta, {"memit": {"batch": {**row, "refitted": 2}}, "kn": {"batch": {**row, "refitted": None}}})
+    assert "solved again (`refit`, the first solve left them short): memit batch: 2 of 4." in text
+    assert "kn batch:" not in text

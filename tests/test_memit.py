@@ -30,7 +30,8 @@ COMMON = dict(n_prefixes=2, prefix_length=3, steps=4, lr=0.5, clamp_norm_factor=
 
 
 def memit(tmp_path, **overrides) -> MemitEditor:
-    return MemitEditor(key_texts=CORPUS, **{**COMMON, "cache_dir": str(tmp_path / "cache"), **overrides})
+    """MEMIT as in the paper (one solve: ``refit=None``) unless ``overrides`` ask for the refit."""
+    return MemitEditor(key_texts=CORPUS, **{**COMMON, "refit": None, "cache_dir": str(tmp_path / "cache"), **overrides})
 
 
 
@@ -299,7 +300,14 @@ def test_refit_solves_the_short_requests_again_with_their_own_keys(tiny_factory,
     assert [r.fit for r in edit.report.details.requests] == ["prompts", "prompts"]
     for l in (0, 1):
         assert np.allclose(plain_weight(km, l), expected[l], rtol=1e-6, atol=1e-9)
+    refitted = {l: plain_weight(km, l) for l in (0, 1)}
     edit.revert()
+    assert all(np.array_equal(plain_weight(km, l), before[l]) for l in (0, 1))
+    # the default is this refit: MEMIT's settings left alone give the very same edit
+    default = MemitEditor(key_texts=CORPUS, **{**COMMON, "cache_dir": str(tmp_path / "cache"), **settings}).apply(km, requests)
+    assert default.report.details.refitted == [0, 1] and default.report.details.settings["refit"] == "prompts"
+    assert all(np.array_equal(plain_weight(km, l), refitted[l]) for l in (0, 1))
+    default.revert()
     assert all(np.array_equal(plain_weight(km, l), before[l]) for l in (0, 1))
 
 
