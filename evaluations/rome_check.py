@@ -167,6 +167,28 @@ def add_fact_arguments(parser: argparse.ArgumentParser, neighbours: int, text_pa
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "evaluations" / "results"))
+    parser.add_argument("--facts-from", metavar="JSON",
+                        help="the facts and neighbours of an earlier run of this script or batch_edit.py (its meta.facts)"
+                        " instead of selecting them again (the selection of 100 facts takes ~20 min on one thread)")
+
+
+def facts_from(path: Path, model: str) -> list[dict]:
+    """The facts (with their held-out paraphrases and neighbours) that an earlier run on ``model`` wrote to its
+    JSON's ``meta.facts``, as select_facts and neighbours return them; exits with a message on any other file."""
+    try:
+        meta = json.loads(path.read_text())["meta"]
+        if meta["model"] != model:
+            sys.exit(f"error: {path} holds facts selected on {meta['model']}, not {model}")
+        facts = []
+        for f in meta["facts"]:
+            relation, _, _ = f["fact_id"].partition(":")
+            facts.append({**f, "relation": relation, "prompts": list(f["prompts"]), "heldout": list(f["heldout"]),
+                          "same": [tuple(x) for x in f["same"]], "other": [tuple(x) for x in f["other"]]})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        sys.exit(f"error: --facts-from {path}: not a results file with meta.facts ({type(exc).__name__}: {exc})")
+    if not facts:
+        sys.exit(f"error: --facts-from {path}: meta.facts is empty")
+    return facts
 
 
 def prepare(args):
@@ -175,9 +197,13 @@ def prepare(args):
     torch.set_num_threads(args.threads)
     t0 = time.time()
     km = kn_edit.load(args.model, device="cpu")
-    facts = select_facts(km, Path(args.data), args.facts, args.per_relation, args.scan, args.seed, args.prompts)
-    neighbours(km, Path(args.data), facts, args.seed, args.neighbours, scan=60)
-    print(f"{len(facts)} facts selected ({time.time() - t0:.0f}s)", flush=True)
+    if args.facts_from:
+        facts = facts_from(Path(args.facts_from), args.model)
+        print(f"{len(facts)} facts read from {args.facts_from}", flush=True)
+    else:
+        facts = select_facts(km, Path(args.data), args.facts, args.per_relation, args.scan, args.seed, args.prompts)
+        neighbours(km, Path(args.data), facts, args.seed, args.neighbours, scan=60)
+        print(f"{len(facts)} facts selected ({time.time() - t0:.0f}s)", flush=True)
     texts = wiki_passages(args.text_passages)
     text = km.pad([torch.tensor(km.tokenizer(t)["input_ids"][: args.text_tokens]) for t in texts])
     return km, facts, text, perplexity(km, *text)

@@ -1,6 +1,6 @@
 """Evaluation scripts: sequential_progress.py (a report from a parts folder, joined with an earlier report's methods)
 and batch_edit.py: --append (another method's rows beside the earlier ones, on the same facts only), --set values,
-MEMIT's refit count."""
+MEMIT's refit count; rome_check.py's --facts-from (the facts of an earlier run, not selected again)."""
 
 from __future__ import annotations
 
@@ -109,6 +109,8 @@ def test_batch_append_keeps_other_methods_and_refuses_other_facts(tmp_path):
         script.earlier_results(path, _batch_meta(["a", "c"]), ["kn-subject"], ["batch"])
     with pytest.raises(SystemExit, match="other facts"):
         script.earlier_results(path, _batch_meta(["a", "b"], ppl=12.0), ["kn-subject"], ["batch"])
+    # the same text measured on another CPU: equal to 1e-4, so the rows are joined
+    assert script.earlier_results(path, _batch_meta(["a", "b"], ppl=12.3 * (1 + 1e-5)), ["kn-subject"], ["batch"])[0]
 
 
 def test_batch_memo_keys_on_the_whole_group_of_requests():
@@ -168,3 +170,42 @@ def test_batch_report_counts_memit_refits():
     text = script.markdown(meta, {"memit": {"batch": {**row, "refitted": 2}}, "kn": {"batch": {**row, "refitted": None}}})
     assert "solved again (`refit`, the first solve left them short): memit batch: 2 of 4." in text
     assert "kn batch:" not in text
+
+
+# ----- evaluations/rome_check.py --facts-from: an earlier run's facts and neighbours, not selected again -------
+def _facts_file(path: Path, model: str = "smollm2-135m", facts: list | None = None) -> Path:
+    fact = {"fact_id": "P36:abc", "subject": "France", "old": "Paris", "new": "Rome",
+            "prompts": ["The capital of France is"], "heldout": ["France's capital is"],
+            "same": [], "other": [["Scotland's capital city is", "Edinburgh"]]}  # fmt: skip
+    path.write_text(json.dumps({"meta": {"model": model, "facts": [fact] if facts is None else facts}, "raw": {}}))
+    return path
+
+
+def test_facts_from_gives_the_facts_as_the_selection_does(tmp_path):
+    _batch_script()  # puts evaluations/ on sys.path
+    import rome_check
+
+    facts = rome_check.facts_from(_facts_file(tmp_path / "run.json"), "smollm2-135m")
+    assert facts == [{"fact_id": "P36:abc", "relation": "P36", "subject": "France", "old": "Paris", "new": "Rome",
+                      "prompts": ["The capital of France is"], "heldout": ["France's capital is"], "same": [],
+                      "other": [("Scotland's capital city is", "Edinburgh")]}]  # fmt: skip
+    # request_of builds the edit request the scripts edit from it
+    request = _batch_script().request_of(facts[0])
+    assert (request.relation, request.subject, request.old, request.new) == ("P36", "France", "Paris", "Rome")
+
+
+def test_facts_from_refuses_another_models_facts_and_malformed_files(tmp_path):
+    _batch_script()
+    import rome_check
+
+    with pytest.raises(SystemExit, match="selected on gemma3-270m, not smollm2-135m"):
+        rome_check.facts_from(_facts_file(tmp_path / "a.json", model="gemma3-270m"), "smollm2-135m")
+    with pytest.raises(SystemExit, match="meta.facts is empty"):
+        rome_check.facts_from(_facts_file(tmp_path / "b.json", facts=[]), "smollm2-135m")
+    with pytest.raises(SystemExit, match="not a results file with meta.facts"):
+        rome_check.facts_from(_facts_file(tmp_path / "c.json", facts=[{"fact_id": "P36:x"}]), "smollm2-135m")
+    (tmp_path / "d.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="not a results file"):
+        rome_check.facts_from(tmp_path / "d.json", "smollm2-135m")
+    with pytest.raises(SystemExit, match="not a results file"):
+        rome_check.facts_from(tmp_path / "missing.json", "smollm2-135m")
