@@ -54,7 +54,8 @@ PLAIN_TEXT = [
 # name → (rule, settings overrides, use the shared-neuron filter); a rule "method:NAME" is the registry's
 # method NAME (kn_edit.editing.registry) with those overrides, which locates on its own.
 CONFIGS = {
-    "kn-subject (64 neurons at the subject; layer 5)": ("method:kn-subject", {}, False),
+    "kn-subject (64 neurons at the subject, widened where text moves > 1 %; layer 5)": ("method:kn-subject", {}, False),
+    "kn-subject (64 neurons at the subject; layer 5)": ("method:kn-subject", {"widen_above": None}, False),
     "kn-subject (256 neurons)": ("method:kn-subject", {"neurons": 256}, False),
     "kn-subject (768 neurons)": ("method:kn-subject", {"neurons": 768}, False),  # half of smollm2's layer
     "kn-subject (16 neurons)": ("method:kn-subject", {"neurons": 16}, False),
@@ -78,7 +79,7 @@ CONFIGS = {
 }
 
 
-DEFAULT_CONFIGS = ["signed (default)", "kn-subject (64 neurons at the subject; layer 5)", "signed + shared filter", "signed (gradient least-norm)",
+DEFAULT_CONFIGS = ["signed (default)", "kn-subject (64 neurons at the subject, widened where text moves > 1 %; layer 5)", "signed + shared filter", "signed (gradient least-norm)",
                    "signed (contrast direction: earlier default)", "paper (all neurons)", "unscaled (all neurons)"]
 
 

@@ -19,7 +19,7 @@ from kn_edit.editing import EditRequest, make_editor
 from kn_edit.editing.guard import text_change
 from kn_edit.editing.ledger import ledger_for
 from kn_edit.editing.rome import key_statistics
-from kn_edit.editing.subject_neurons import SubjectNeuronEditor, least_change, subject_positions
+from kn_edit.editing.subject_neurons import SubjectNeuronEditor, least_change, neuron_counts, subject_positions
 from reference_attribution import reference_step
 from tiny_models import CORPUS
 
@@ -31,13 +31,14 @@ GUARD = ["The capital of France is Paris.", "Rome is located in Italy."]
 
 def editor(tmp_path, **overrides) -> SubjectNeuronEditor:
     # Tiny random models: tiny FFN outputs need a loose norm bound; their key statistics are ill-conditioned,
-    # so a small ridge keeps the solve well posed.
+    # so a small ridge keeps the solve well posed. Widening is tested on its own (below): off here, so the
+    # tests of the solve edit exactly ``neurons`` neurons.
     settings = dict(layer=0, neurons=8, attribution_steps=3, n_prefixes=2, prefix_length=3, steps=4, lr=0.5,
                     clamp_norm_factor=1e4, weight_decay=0.0, cov_ridge=1e-3, cache_dir=str(tmp_path / "cache"),
-                    max_text_change=None)
-    extras = {"preserve_subjects": overrides.pop("preserve_subjects", ())}
+                    max_text_change=None, widen_above=None)
+    extras = {"preserve_subjects": overrides.pop("preserve_subjects", ()), "guard_texts": overrides.pop("guard_texts", GUARD)}
     settings.update(overrides)
-    return SubjectNeuronEditor(key_texts=CORPUS, guard_texts=GUARD, **extras, **settings)
+    return SubjectNeuronEditor(key_texts=CORPUS, **extras, **settings)
 
 
 def snapshot(km) -> dict[str, torch.Tensor]:
@@ -262,7 +263,7 @@ def test_the_guard_refuses_an_edit_past_its_limit_and_leaves_the_model_unchanged
         run = lambda limit: SubjectNeuronEditor(  # noqa: E731
             key_texts=CORPUS, guard_texts=["The capital of France is Paris"], layer=0, neurons=8, attribution_steps=2,
             n_prefixes=0, steps=4, clamp_norm_factor=1e4, weight_decay=0.0, cov_ridge=1e-3,
-            cache_dir=str(tmp_path / "cache"), max_text_change=limit).apply(km, [REQUEST])
+            cache_dir=str(tmp_path / "cache"), max_text_change=limit, widen_above=None).apply(km, [REQUEST])
     edit = run(None)
     change = edit.report.details.text_change
     edit.revert()
@@ -284,6 +285,93 @@ def test_text_change_reverts_its_trial(tiny_factory):
     assert abs(change) > 1e-4 and same(km, state)
 
 
+# ----- widening: more neurons where a few cost general text -----------------------------------------------
+def test_neuron_counts_widen_by_the_factor_up_to_the_whole_layer():
+    assert neuron_counts(64, 1536, 4, True) == [64, 256, 1024, 1536]
+    assert neuron_counts(64, 1536, 4, False) == [64]
+    assert neuron_counts(None, 1536, 4, True) == [1536]
+    assert neuron_counts(4000, 1536, 4, True) == [1536]
+    assert neuron_counts(1, 10, 2, True) == [1, 2, 4, 8, 10]
+
+
+# The widening tests' guard text states the old fact, so every count's edit raises its perplexity (each moves the
+# key of "The capital of France" by δ): a tiny widen_above is met by none.
+OLD_FACT = ["The capital of France is Paris"]
+
+
+def edited_values(km, tmp_path, **overrides) -> tuple[torch.Tensor, object]:
+    """Layer 0's value vectors after the edit, and its report (the edit reverted)."""
+    edit = editor(tmp_path, guard_texts=OLD_FACT, **overrides).apply(km, [REQUEST])
+    values = km.value_vectors(0).detach().clone()
+    edit.revert()
+    return values, edit.report
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_widening_measures_each_count_plainly_and_keeps_the_one_that_moves_text_least(tiny_factory, tmp_path, family):
+    km = tiny_factory(family)
+    state = snapshot(km)
+    base = plain_perplexity(km, OLD_FACT)
+    # Each count edited on its own, without widening: its text change measured plainly.
+    plain = {}
+    for n in (8, 32, 64):
+        edit = editor(tmp_path, neurons=n).apply(km, [REQUEST])
+        plain[n] = (plain_perplexity(km, OLD_FACT) / base - 1, km.value_vectors(0).detach().clone())
+        edit.revert()
+    assert same(km, state)
+    # A limit no count meets: every count is tried (8, 32, then the whole layer of 64) and the least change kept.
+    values, report = edited_values(km, tmp_path, neurons=8, widen_above=1e-12, max_text_change=None)
+    info = report.details.requests[0]
+    assert [n for n, _ in info.widening] == [8, 32, 64]
+    for n, change in info.widening:
+        assert change == pytest.approx(plain[n][0], rel=1e-3, abs=1e-6)
+    best = min(info.widening, key=lambda x: x[1])[0]
+    assert info.count == best and len(info.neurons) == best
+    assert torch.equal(values, plain[best][1])  # the very edit made with that count alone
+    assert report.details.text_change == pytest.approx(plain[best][0], rel=1e-3, abs=1e-6)
+    # A limit the first count meets: one measurement, the narrow edit bit for bit.
+    values, report = edited_values(km, tmp_path, neurons=8, widen_above=1e6)
+    assert [n for n, _ in report.details.requests[0].widening] == [8]
+    assert torch.equal(values, plain[8][1]) and report.details.requests[0].count == 8
+    assert same(km, state)
+
+
+def test_widening_stops_at_the_first_count_within_the_limit(tiny_factory, tmp_path):
+    km = tiny_factory("gpt2")  # on this tiny model each wider count moves the guard's text less (asserted)
+    _, report = edited_values(km, tmp_path, neurons=8, widen_above=1e-12)
+    changes = dict(report.details.requests[0].widening)
+    assert changes[8] > changes[32] > changes[64] > 0
+    _, report = edited_values(km, tmp_path, neurons=8, widen_above=(changes[8] + changes[32]) / 2)
+    info = report.details.requests[0]
+    assert info.widening == [(8, changes[8]), (32, changes[32])] and info.count == 32 and len(info.neurons) == 32
+
+
+def test_the_guard_refuses_when_no_count_is_within_its_limit(tiny_factory, tmp_path):
+    km = tiny_factory("llama")
+    state = snapshot(km)
+    _, report = edited_values(km, tmp_path, neurons=8, widen_above=1e-12)
+    least = min(change for _, change in report.details.requests[0].widening)
+    assert least > 0
+    with pytest.raises(EditError, match="would change perplexity on the guard's text sample"):
+        editor(tmp_path, neurons=8, widen_above=1e-12, max_text_change=least / 2, guard_texts=OLD_FACT).apply(km, [REQUEST])
+    assert same(km, state) and not ledger_for(km).active_edits
+    editor(tmp_path, neurons=8, widen_above=1e-12, max_text_change=least * 2, guard_texts=OLD_FACT).apply(km, [REQUEST]).revert()
+    assert same(km, state)
+
+
+def test_a_joint_batch_widens_every_request_together(tiny_factory, tmp_path):
+    km = tiny_factory("llama")
+    state = snapshot(km)
+    other = EditRequest(prompts=("The capital of Japan is",), old="Tokyo", new="Berlin", subject="Japan")
+    edit = editor(tmp_path, neurons=8, widen_above=1e-12, guard_texts=OLD_FACT).apply(km, [REQUEST, other])
+    first, second = edit.report.details.requests
+    assert first.widening == second.widening and [n for n, _ in first.widening] == [8, 32, 64]
+    assert first.count == second.count == min(first.widening, key=lambda x: x[1])[0]
+    assert edit.report.details.text_change == pytest.approx(dict(first.widening)[first.count], rel=1e-9)
+    edit.revert()
+    assert same(km, state)
+
+
 # ----- bad input ---------------------------------------------------------------------------------------------
 def test_subject_missing_or_not_in_a_prompt_is_a_clear_error(tiny_factory, tmp_path):
     km = tiny_factory("llama")
@@ -300,6 +388,8 @@ def test_subject_missing_or_not_in_a_prompt_is_a_clear_error(tiny_factory, tmp_p
 
 def test_bad_settings(tiny_factory, tmp_path):
     for override, key in (("neurons=0", "neurons"), ("attribution_steps=0", "attribution_steps"),
+                          ("widen_above=0", "widen_above"), ("widen_factor=1", "widen_factor"),
+                          ("widen_factor=2.5", "widen_factor"),
                           ("max_text_change=0", "max_text_change"), ("clamp_norm_factor=0", "clamp_norm_factor")):
         with pytest.raises(ConfigError, match=key):
             make_editor("kn-subject", overrides=[override])

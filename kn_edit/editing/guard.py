@@ -68,11 +68,12 @@ class TextGuard:
 
 
 def guard_edit(km, changes: Sequence[SliceChange], limit: float | None, what: str,
-               texts: Sequence[str] | None = None) -> TextGuard:
+               texts: Sequence[str] | None = None, measured: float | None = None) -> TextGuard:
     """Measure ``changes``' text damage; refuse (EditError, model unchanged) when it exceeds ``limit``
-    (None: measured, never refused). texts: the sample (default :func:`guard_texts`)."""
+    (None: measured, never refused). texts: the sample (default :func:`guard_texts`); measured: the change
+    already measured for exactly these changes on this sample (text_change), not measured again."""
     sample = tuple(texts) if texts is not None else guard_texts()
-    change = text_change(km, changes, sample)
+    change = text_change(km, changes, sample) if measured is None else measured
     if limit is not None and not change <= limit:  # NaN (a wrecked model) is refused too
         raise EditError(f"the edit of {what} would change perplexity on the guard's text sample by {100 * change:+.1f} % "
                         f"(limit {100 * limit:.1f} %, max_text_change); the model is unchanged (raise the limit or "

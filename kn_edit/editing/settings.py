@@ -141,10 +141,10 @@ class UpdateSettings(LocateSettings):
         return self
 
 
-def check_text_limit(limit) -> None:
-    """max_text_change: null or a share > 0."""
+def check_text_limit(limit, key: str = "max_text_change") -> None:
+    """A text-change share setting (``key``): null or a share > 0."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
-        raise ConfigError(f"max_text_change must be > 0 (a share, e.g. 0.05) or null, got {limit!r}")
+        raise ConfigError(f"{key} must be > 0 (a share, e.g. 0.05) or null, got {limit!r}")
 
 
 @dataclass
