@@ -54,7 +54,7 @@ PLAIN_TEXT = [
 # name → (rule, settings overrides, use the shared-neuron filter); a rule "method:NAME" is the registry's
 # method NAME (kn_edit.editing.registry) with those overrides, which locates on its own.
 CONFIGS = {
-    "kn-subject (64 neurons at the subject, widened where text moves > 1 %; layer 5)": ("method:kn-subject", {}, False),
+    "kn-subject (64 neurons widened where text moves > 1 %; layer 5)": ("method:kn-subject", {}, False),
     "kn-subject (64 neurons at the subject; layer 5)": ("method:kn-subject", {"widen_above": None}, False),
     "kn-subject (256 neurons)": ("method:kn-subject", {"neurons": 256}, False),
     "kn-subject (768 neurons)": ("method:kn-subject", {"neurons": 768}, False),  # half of smollm2's layer
@@ -62,7 +62,7 @@ CONFIGS = {
     "kn-subject (layer 3)": ("method:kn-subject", {"layer": 3}, False),
     "kn-subject (no guard)": ("method:kn-subject", {"max_text_change": None}, False),
     "kn-subject (fit=rows)": ("method:kn-subject", {"fit": "rows"}, False),
-    "kn-subject (fit=rows, 10 prefixes)": ("method:kn-subject", {"fit": "rows", "n_prefixes": 10}, False),
+    "kn-subject (fit=rows; 10 prefixes)": ("method:kn-subject", {"fit": "rows", "n_prefixes": 10}, False),
     "rome (layer 5)": ("method:rome", {}, False),
     "signed (no guard)": ("signed", {"max_text_change": None}, False),
     "signed (default)": ("signed", {}, False),
@@ -79,7 +79,7 @@ CONFIGS = {
 }
 
 
-DEFAULT_CONFIGS = ["signed (default)", "kn-subject (64 neurons at the subject, widened where text moves > 1 %; layer 5)", "signed + shared filter", "signed (gradient least-norm)",
+DEFAULT_CONFIGS = ["signed (default)", "kn-subject (64 neurons widened where text moves > 1 %; layer 5)", "signed + shared filter", "signed (gradient least-norm)",
                    "signed (contrast direction: earlier default)", "paper (all neurons)", "unscaled (all neurons)"]
 
 
@@ -295,6 +295,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "evaluations" / "results"))
     args = parser.parse_args()
+    # checked before the minutes of selecting and locating (a config's name holds no comma)
+    chosen = [c.strip() for c in args.configs.split(",")] if args.configs else DEFAULT_CONFIGS
+    unknown = [c for c in chosen if c not in CONFIGS]
+    if unknown:
+        sys.exit(f"error: unknown --configs {unknown}; choose from: {' | '.join(CONFIGS)}")
     t0 = time.time()
     torch.manual_seed(args.seed)
     km = kn_edit.load(args.model, device="cpu")
@@ -316,7 +321,6 @@ def main() -> int:
     every = sorted({p for f in facts for p in f["prompts"]})
     base_top = dict(zip(every, top1(km, every)))
     base_ppl = perplexity(km, PLAIN_TEXT)
-    chosen = [c.strip() for c in args.configs.split(",")] if args.configs else DEFAULT_CONFIGS
     summaries, details = {}, {}
     for name in chosen:
         rule, overrides, shared = CONFIGS[name]

@@ -1,6 +1,7 @@
 """Evaluation scripts: sequential_progress.py (a report from a parts folder, joined with an earlier report's methods)
 and batch_edit.py: --append (another method's rows beside the earlier ones, on the same facts only), --set values,
-MEMIT's refit count; rome_check.py's --facts-from (the facts of an earlier run, not selected again)."""
+MEMIT's refit count; rome_check.py's --facts-from (the facts of an earlier run, not selected again); edit_rules.py's
+config names."""
 
 from __future__ import annotations
 
@@ -209,3 +210,14 @@ def test_facts_from_refuses_another_models_facts_and_malformed_files(tmp_path):
         rome_check.facts_from(tmp_path / "d.json", "smollm2-135m")
     with pytest.raises(SystemExit, match="not a results file"):
         rome_check.facts_from(tmp_path / "missing.json", "smollm2-135m")
+
+
+def test_edit_rules_refuses_an_unknown_config_before_any_work(monkeypatch):
+    _batch_script()
+    import edit_rules
+
+    monkeypatch.setattr(sys, "argv", ["edit_rules.py", "--configs", "kn-subject (64 neurons at the subject; layer 5),nope"])
+    monkeypatch.setattr(edit_rules.kn_edit, "load", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit, match=r"unknown --configs \['nope'\]; choose from: .*kn-subject \(256 neurons\)"):
+        edit_rules.main()
+    assert all("," not in name for name in edit_rules.CONFIGS)  # --configs is comma-separated
