@@ -62,6 +62,10 @@ CONFIGS = {
     "kn-subject (layer 3)": ("method:kn-subject", {"layer": 3}, False),
     "kn-subject (no guard)": ("method:kn-subject", {"max_text_change": None}, False),
     "kn-subject (fit=rows)": ("method:kn-subject", {"fit": "rows"}, False),
+    # a more confident v*: the optimisation runs until P(new) ≈ 0.99 on the rewrite rows (default: ≈ 0.95)
+    "kn-subject (stop_loss 0.01; 50 steps)": ("method:kn-subject", {"stop_loss": 0.01, "steps": 50}, False),
+    "kn-subject (kl_factor 0; stop_loss 0.01; 50 steps)": ("method:kn-subject", {"stop_loss": 0.01, "steps": 50,
+                                                                                 "kl_factor": 0.0}, False),
     "kn-subject (fit=rows; 10 prefixes)": ("method:kn-subject", {"fit": "rows", "n_prefixes": 10}, False),
     "rome (layer 5)": ("method:rome", {}, False),
     "signed (no guard)": ("signed", {"max_text_change": None}, False),
