@@ -221,3 +221,26 @@ def test_edit_rules_refuses_an_unknown_config_before_any_work(monkeypatch):
     with pytest.raises(SystemExit, match=r"unknown --configs \['nope'\]; choose from: .*kn-subject \(256 neurons\)"):
         edit_rules.main()
     assert all("," not in name for name in edit_rules.CONFIGS)  # --configs is comma-separated
+
+
+def test_edit_rules_object_slot_next_is_the_unedited_top1_among_the_objects_first_tokens(tiny_factory):
+    import torch
+
+    _batch_script()
+    import edit_rules
+
+    km = tiny_factory("llama")
+
+    def top1(prompt: str) -> int:
+        ids = km.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        with torch.no_grad():
+            return int(km.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+
+    # On this tiny model "Danielle Darrieux was born in" continues with " Rome" (asserted), "Tokyo is a" with " the"
+    # and "The capital of France is" with a byte piece.
+    prompts = ["Danielle Darrieux was born in", "Tokyo is a", "The capital of France is"]
+    assert top1(prompts[0]) == km.encode(prompts[0], "Rome").steps[0].target_id
+    assert top1(prompts[1]) == km.encode(prompts[1], "the").steps[0].target_id
+    assert edit_rules.object_slot_next(km, prompts, ["Paris", "Rome", "Berlin"]) == [True, False, False]
+    assert edit_rules.object_slot_next(km, prompts, ["Paris", "Berlin"]) == [False, False, False]
+    assert edit_rules.object_slot_next(km, prompts, []) == [False, False, False]
