@@ -172,17 +172,22 @@ def object_slot_next(km, prompts, objects) -> list[bool]:
     ParaRel objects, right or wrong)? Where it is not, the model continues with a function word or punctuation,
     e.g. "Alexander Island is located in the continent" → " of": the template's answer slot is not the next token,
     and an edit that made an object the top-1 there would be breaking the grammar, not generalizing."""
-    out = []
+    steps, firsts = [], []  # per prompt: its answer step (the prompt alone as input) and the objects' first tokens
     for prompt in prompts:
-        firsts = set()
-        for obj in objects:
-            try:
-                firsts.add(km.encode(prompt, obj).steps[0].target_id)
-            except kn_edit.KnEditError:  # an object this tokenizer cannot express after the prompt
-                continue
-        step = km.encode(prompt, objects[0]).steps[0] if objects else None
-        out.append(step is not None and int(km.step_logits([step]).argmax(dim=-1)[0]) in firsts)
-    return out
+        first = [s for s in (_first_step(km, prompt, obj) for obj in objects) if s is not None]
+        steps.append(first[0] if first else None)
+        firsts.append({s.target_id for s in first})
+    asked = [s for s in steps if s is not None]
+    tops = iter(km.step_logits(asked).argmax(dim=-1).tolist() if asked else [])
+    return [s is not None and next(tops) in ids for s, ids in zip(steps, firsts)]
+
+
+def _first_step(km, prompt: str, target: str):
+    """The first answer step of ``target`` after ``prompt``, or None where the tokenizer cannot express it."""
+    try:
+        return km.encode(prompt, target).steps[0]
+    except kn_edit.KnEditError:
+        return None
 
 
 def mark_slot_heldout(km, facts, root: Path, seed: int) -> None:

@@ -244,3 +244,5 @@ def test_edit_rules_object_slot_next_is_the_unedited_top1_among_the_objects_firs
     assert edit_rules.object_slot_next(km, prompts, ["Paris", "Rome", "Berlin"]) == [True, False, False]
     assert edit_rules.object_slot_next(km, prompts, ["Paris", "Berlin"]) == [False, False, False]
     assert edit_rules.object_slot_next(km, prompts, []) == [False, False, False]
+    # an object the tokenizer cannot express (empty) is passed over, also when it comes first
+    assert edit_rules.object_slot_next(km, prompts, ["", "Rome"]) == [True, False, False]

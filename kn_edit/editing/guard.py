@@ -30,6 +30,11 @@ def guard_texts(n: int = GUARD_PASSAGES) -> tuple[str, ...]:
     return tuple(wiki_key_passages()[:n])
 
 
+def guard_sample(texts: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The guard's sample: ``texts`` where given, else the fixed Wikipedia sample (:func:`guard_texts`)."""
+    return tuple(texts) if texts is not None else guard_texts()
+
+
 @torch.no_grad()
 def text_nll(km, texts: Sequence[str], max_tokens: int = GUARD_TOKENS) -> float:
     """Mean per-token negative log-likelihood of ``texts`` (each cut at ``max_tokens`` tokens), one batch."""
@@ -72,7 +77,7 @@ def guard_edit(km, changes: Sequence[SliceChange], limit: float | None, what: st
     """Measure ``changes``' text damage; refuse (EditError, model unchanged) when it exceeds ``limit``
     (None: measured, never refused). texts: the sample (default :func:`guard_texts`); measured: the change
     already measured for exactly these changes on this sample (text_change), not measured again."""
-    sample = tuple(texts) if texts is not None else guard_texts()
+    sample = guard_sample(texts)
     change = text_change(km, changes, sample) if measured is None else measured
     if limit is not None and not change <= limit:  # NaN (a wrecked model) is refused too
         raise EditError(f"the edit of {what} would change perplexity on the guard's text sample by {100 * change:+.1f} % "

@@ -73,7 +73,7 @@ from ..errors import ConfigError, EditError
 from ..neurons import Neuron
 from ..progress import NullReporter, Reporter
 from .base import Editor, EditRequest
-from .guard import guard_edit, guard_texts, text_change
+from .guard import guard_edit, guard_sample, text_change
 from .ledger import commit
 from .nullspace import edited_keys
 from .rome.covariance import key_statistics
@@ -328,11 +328,10 @@ class SubjectNeuronEditor(Editor):
         the guard's sample stays within ``widen_above``; if none does, the count that changed it least."""
         s = self.settings
         counts = neuron_counts(s.neurons, km.d_ff, s.widen_factor, s.widen_above is not None)
-        sample = self.guard_texts if self.guard_texts is not None else guard_texts()
         tried: list[tuple[int, float]] = []
         best = None
         for n in counts:
-            at = [dataclasses.replace(f, index=strongest(f.scores, n), count=n) for f in found]
+            at = [dataclasses.replace(f, index=strongest(f.scores, n)) for f in found]
             index = torch.tensor(list(dict.fromkeys(int(i) for f in at for i in f.index)), dtype=torch.long)
             keys = torch.cat([f.moved for f in at] + [preserved])[:, index]
             targets = torch.cat([f.targets for f in at] + [torch.zeros(len(preserved), km.d_model)])
@@ -340,7 +339,7 @@ class SubjectNeuronEditor(Editor):
             if len(counts) == 1:
                 return at, index, d, tried
             change = text_change(km, value_changes(km, [Neuron(layer, int(i)) for i in index], d.t().float(), True),
-                                 sample)
+                                 guard_sample(self.guard_texts))
             tried.append((n, change))
             if best is None or change < best[-1]:  # NaN (a wrecked model) is never the best
                 best = (at, index, d, change)
@@ -395,7 +394,7 @@ class SubjectNeuronEditor(Editor):
         out = []
         for request, (scores, index), key in zip(requests, located, keys):
             moved = fitted_keys(km, layer, key, request.subject, request.prompts, prefixes, s.fit)  # [m, d_ff]
-            out.append(_Prepared(scores, index, key, found, moved, found.delta[None].expand(len(moved), -1), len(index)))
+            out.append(_Prepared(scores, index, key, found, moved, found.delta[None].expand(len(moved), -1)))
         return out
 
     def _details(self, km, layer: int, request: EditRequest, found: "_Prepared", d: torch.Tensor, preserved: int,
@@ -408,7 +407,7 @@ class SubjectNeuronEditor(Editor):
             delta_norm=float(found.value.delta.norm()), clamped=found.value.clamped, nll_first=found.value.nll[0],
             nll_last=found.value.nll[-1], change_norm=float(d.norm()),
             relative_change=float(d.norm()) / max(float(values.norm()), 1e-12), preserved=preserved,
-            kept_edits=0 if earlier is None else len(earlier), count=found.count, widening=list(tried), key=found.key,
+            kept_edits=0 if earlier is None else len(earlier), count=len(found.index), widening=list(tried), key=found.key,
             delta=found.value.delta,
         )
 
@@ -424,4 +423,3 @@ class _Prepared:
     value: object
     moved: torch.Tensor
     targets: torch.Tensor
-    count: int = 0  # the neuron count ``index`` was taken at
