@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import kn_edit  # noqa: E402
-from kn_edit.prompts import AnswerStep  # noqa: E402
+from kn_edit.models.prompts import AnswerStep  # noqa: E402
 
 LONG_TEXT = (
     "In the early years of the twentieth century the famous French engineer who designed the tower in Paris "

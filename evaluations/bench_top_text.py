@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import kn_edit  # noqa: E402
 from kn_edit.analysis.corpus import wiki_extracts  # noqa: E402
 from kn_edit.analysis.top_text import _encode, top_texts  # noqa: E402
-from kn_edit.neurons import parse_neurons  # noqa: E402
+from kn_edit.models.neurons import parse_neurons  # noqa: E402
 
 
 def main() -> None:

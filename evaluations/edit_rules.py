@@ -32,8 +32,8 @@ from kn_edit.data.requests import prompt_top1  # noqa: E402
 from kn_edit.editing import KnowledgeNeuronEditor, Located, ledger_for, make_editor  # noqa: E402
 from kn_edit.editing.base import EditRequest  # noqa: E402
 from kn_edit.editing.targets import margins, update_target  # noqa: E402
-from kn_edit.locate import locate_detailed  # noqa: E402
-from kn_edit.prompts import AnswerStep, encode_prompt_only  # noqa: E402
+from kn_edit.locating.locate import locate_detailed  # noqa: E402
+from kn_edit.models.prompts import AnswerStep, encode_prompt_only  # noqa: E402
 
 RELATIONS = ["P36", "P103", "P37", "P1412", "P30", "P17", "P364", "P140", "P495", "P27"]
 

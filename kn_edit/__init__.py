@@ -4,9 +4,9 @@ Public API (stable names): ``load``, ``wrap``, ``KnModel``, ``Prediction``, the 
 adapter helpers. Importing kn_edit reads no config, sets no seeds and configures no logging.
 """
 
-from .adapters import ADAPTERS, ArchitectureAdapter, adapter_from_paths, supported_model_types
-from .attribution import attribute, attribute_prompts, attribute_steps
-from .attribution_loop import DatasetResult, locate_dataset
+from .models.adapters import ADAPTERS, ArchitectureAdapter, adapter_from_paths, supported_model_types
+from .locating.attribution import attribute, attribute_prompts, attribute_steps
+from .locating.dataset import DatasetResult, locate_dataset
 from .editing import (
     Edit,
     EditRequest,
@@ -33,8 +33,8 @@ from .errors import (
     UnknownModelError,
     UnsupportedArchitectureError,
 )
-from .loading import load, wrap
-from .locate import (
+from .models.loading import load, wrap
+from .locating.locate import (
     AdaptiveShare,
     LocateConfig,
     LocateResult,
@@ -44,12 +44,12 @@ from .locate import (
     locate_detailed,
     relation_neurons,
 )
-from .manipulate import amplify, suppress
-from .model import KnModel, Prediction
-from .neurons import Neuron
-from .probe import ProbeResult, probe
-from .prompts import token_limit
-from .provision import DEFAULT_MODEL, OFFLINE_MODELS
+from .locating.manipulate import amplify, suppress
+from .models.model import KnModel, Prediction
+from .models.neurons import Neuron
+from .locating.probe import ProbeResult, probe
+from .models.prompts import token_limit
+from .models.provision import DEFAULT_MODEL, OFFLINE_MODELS
 
 __version__ = "0.1.0"
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import kn_edit
-from kn_edit.adapters import find_adapter
-from kn_edit.hooks import value_input_hooks
+from kn_edit.models.adapters import find_adapter
+from kn_edit.models.hooks import value_input_hooks
 from tiny_models import build_model
 
 EXPECTED_VALUE_PROJ = {

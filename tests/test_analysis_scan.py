@@ -9,7 +9,7 @@ import torch
 
 from kn_edit.analysis.forward import neuron_activations
 from kn_edit.analysis.top_text import RunningExtremes, top_texts
-from kn_edit.neurons import Neuron
+from kn_edit.models.neurons import Neuron
 from tiny_models import CORPUS
 
 

@@ -13,7 +13,7 @@ from kn_edit.analysis.activations import activation_by_prompt_type, bootstrap_di
 from kn_edit.analysis.distribution import distribution
 from kn_edit.analysis.located import LocatedFact, read_located
 from kn_edit.errors import DataError, KnEditError
-from kn_edit.neurons import Neuron
+from kn_edit.models.neurons import Neuron
 from tiny_models import CORPUS
 
 FACTS = [

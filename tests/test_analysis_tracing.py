@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kn_edit.adapters import first_submodule, get_submodule
+from kn_edit.models.adapters import first_submodule, get_submodule
 from kn_edit.analysis.located import LocatedFact
 from kn_edit.analysis.tracing import trace
 from kn_edit.analysis.where import trace_fact, where
 from kn_edit.errors import PromptError, UnsupportedArchitectureError
-from kn_edit.neurons import Neuron
+from kn_edit.models.neurons import Neuron
 
 ATTN = {"gpt2": "attn", "llama": "self_attn", "gpt_neox": "attention"}
 

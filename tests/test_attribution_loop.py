@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from kn_edit import DataError, LocateConfig
-from kn_edit.attribution import attribute_prompts
-from kn_edit.attribution_loop import ScoreCache, as_fact, locate_dataset, model_identity
+from kn_edit.locating.attribution import attribute_prompts
+from kn_edit.locating.dataset import ScoreCache, as_fact, locate_dataset, model_identity
 from kn_edit.data import FactRecord
-from kn_edit.locate import select
+from kn_edit.locating.locate import select
 
 FACTS = [
     FactRecord("f1", "France", "capital", "Paris", ("The capital of France is", "France's capital is", "In France the capital is")),

@@ -182,7 +182,7 @@ def test_runs_of_different_methods_are_joined_by_a_resumed_run(tiny_factory, tmp
                          ids=lambda p: p.name)
 def test_every_committed_comparison_config_loads(path):
     """Each configs/compare/*.yaml is a valid CompareConfig whose methods are all registered."""
-    from kn_edit.configuration import load_config
+    from kn_edit.storage.config import load_config
     from kn_edit.editing.registry import method_config
 
     config = load_config(CompareConfig, [path]).check()

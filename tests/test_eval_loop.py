@@ -17,7 +17,7 @@ from kn_edit.editing.values import value_changes
 from kn_edit.errors import EditError
 from kn_edit.evaluation import EvalConfig, evaluate
 from kn_edit.evaluation.report import SUMMARY
-from kn_edit.neurons import Neuron
+from kn_edit.models.neurons import Neuron
 
 SUBJECTS = [("France", "Paris"), ("Italy", "Rome"), ("Japan", "Tokyo"), ("Germany", "Berlin"), ("Spain", "Madrid"),
             ("Portugal", "Lisbon")]  # fmt: skip

@@ -7,7 +7,7 @@ import os
 import pytest
 
 import kn_edit
-from kn_edit.provision import is_cached
+from kn_edit.models.provision import is_cached
 
 pytestmark = [
     pytest.mark.integration,

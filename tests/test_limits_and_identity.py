@@ -11,9 +11,9 @@ import torch
 
 import kn_edit
 from kn_edit import Neuron, PromptError, TargetError
-from kn_edit.attribution_loop import model_identity, weights_digest
+from kn_edit.locating.dataset import model_identity, weights_digest
 from kn_edit.progress import track
-from kn_edit.prompts import DEFAULT_MAX_TOKENS, max_tokens, token_limit
+from kn_edit.models.prompts import DEFAULT_MAX_TOKENS, max_tokens, token_limit
 from tiny_models import build_model, prompt_for
 
 

@@ -6,7 +6,7 @@ import pytest
 
 import kn_edit
 from kn_edit.cli import main
-from kn_edit.provision import OFFLINE_MODELS, cache_root
+from kn_edit.models.provision import OFFLINE_MODELS, cache_root
 
 
 def test_unknown_model_name_is_a_clear_error(monkeypatch):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kn_edit import ConfigError, KnEditError, LocateConfig, Neuron, PromptError, TargetError
-from kn_edit.locate import (
+from kn_edit.locating.locate import (
     LocateResult,
     adaptive_share,
     kept_by_prompt,
@@ -134,7 +134,7 @@ def test_config_checks():
 
 # ----- with a model --------------------------------------------------------------------------------------
 def test_locate_equals_selection_of_attribution(tiny_factory):
-    from kn_edit.attribution import attribute_prompts
+    from kn_edit.locating.attribution import attribute_prompts
 
     km = tiny_factory("gpt2")
     prompts = ["The capital of France is", "Paris is the capital of", "The Eiffel Tower is in"]
@@ -185,7 +185,7 @@ def test_smollm2_paris_neurons_matter_more_than_random(smollm2):
     """Located neurons of 'capital of France → Paris' exist, and suppressing them lowers P(Paris) far more
     than suppressing as many random neurons of the same layers. The top 10 layers and 4 steps keep it
     short (120 attribution rows)."""
-    from kn_edit.probe import probe
+    from kn_edit.locating.probe import probe
 
     prompts = ["The capital of France is", "The capital city of France is", "France's capital is"]
     result = locate_detailed(smollm2, prompts, "Paris", steps=4, layers=list(range(20, 30)), subject="France")
@@ -198,7 +198,7 @@ def test_smollm2_paris_neurons_matter_more_than_random(smollm2):
 
 
 def test_plot_helpers_match_plain_loops(tmp_path):
-    from kn_edit.plots import binned_max, plot_locate, relative_scores
+    from kn_edit.locating.plots import binned_max, plot_locate, relative_scores
 
     g = torch.Generator().manual_seed(3)
     scores = torch.randn(2, 3, 10, generator=g)

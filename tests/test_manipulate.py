@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kn_edit import KnEditError
-from kn_edit.manipulate import amplify, answer_positions, suppress
-from kn_edit.neurons import Neuron
+from kn_edit.locating.manipulate import amplify, answer_positions, suppress
+from kn_edit.models.neurons import Neuron
 
 CAUSAL_FACTS = [("The capital of France is", "Paris"), ("Danielle Darrieux was born in", "Bordeaux"),
                 ("Tokyo is", "a city in Japan")]

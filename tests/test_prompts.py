@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kn_edit
-from kn_edit.prompts import causal_prompt, join_target
+from kn_edit.models.prompts import causal_prompt, join_target
 from tiny_models import causal_tokenizer
 
 

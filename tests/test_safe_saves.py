@@ -17,7 +17,7 @@ import pytest
 
 import kn_edit
 from kn_edit import EditError, Neuron
-from kn_edit.persist import atomic_dir, atomic_file, check_writable, clean_leftovers, rename_noreplace
+from kn_edit.storage.atomic import atomic_dir, atomic_file, check_writable, clean_leftovers, rename_noreplace
 from tiny_models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def test_save_model_keeps_what_appeared_at_its_target(tmp_path, monkeypatch):
 @pytest.mark.parametrize("native", [True, False], ids=["renameat2", "fallback"])
 def test_rename_noreplace_refuses_an_empty_folder(tmp_path, monkeypatch, native):
     if not native:
-        monkeypatch.setattr("kn_edit.persist._RENAMEAT2", None)
+        monkeypatch.setattr("kn_edit.storage.atomic._RENAMEAT2", None)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     with pytest.raises(FileExistsError):
@@ -107,7 +107,7 @@ def test_leftovers_of_killed_saves_are_removed_next_time(tmp_path, caplog):
     fd = os.open(running, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        with caplog.at_level(logging.WARNING, logger="kn_edit.persist"):
+        with caplog.at_level(logging.WARNING, logger="kn_edit.storage.atomic"):
             with atomic_file(tmp_path / "new.txt") as tmp:
                 tmp.write_text("hello")
     finally:

@@ -14,7 +14,7 @@ import torch
 
 import kn_edit
 from kn_edit import ConfigError, EditError, Neuron
-from kn_edit.attribution import attribute_steps
+from kn_edit.locating.attribution import attribute_steps
 from kn_edit.editing import EditRequest, make_editor
 from kn_edit.editing.guard import text_change
 from kn_edit.editing.ledger import ledger_for

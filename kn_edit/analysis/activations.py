@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from ..neurons import Neuron, check_neurons
-from ..prompts import AnswerStep, encode_prompt_only
+from ..models.neurons import Neuron, check_neurons
+from ..models.prompts import AnswerStep, encode_prompt_only
 from .located import LocatedFact
 
 GROUPS = ("own", "same_relation", "other_relation", "wiki")

@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..hooks import value_input_hooks
+from ..models.hooks import value_input_hooks
 
 
 class _StopForward(Exception):

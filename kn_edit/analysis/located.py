@@ -1,6 +1,6 @@
 """Facts with their knowledge neurons, as the dataset attribution (``kn-edit locate-dataset``) writes them.
 
-Analyses either read an existing output folder or run :func:`kn_edit.attribution_loop.locate_dataset` into the
+Analyses either read an existing output folder or run :func:`kn_edit.locating.dataset.locate_dataset` into the
 analysis' run folder; its disk cache means facts attributed before are read, not recomputed.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import DataError
-from ..neurons import Neuron
+from ..models.neurons import Neuron
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def read_located(folder: str | Path) -> list[LocatedFact]:
 def locate_facts(km, records: Sequence, out: str | Path, config=None, attribute_fn=None, reporter=None,
                  progress: bool = False) -> tuple[list[LocatedFact], int]:
     """Run the dataset attribution (cached) into ``out``; (located facts, prompts computed rather than read)."""
-    from ..attribution_loop import locate_dataset
+    from ..locating.dataset import locate_dataset
 
     result = locate_dataset(km, records, out, config, attribute_fn=attribute_fn, reporter=reporter, progress=progress)
     return read_located(out), result.computed_prompts

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from ..errors import ConfigError, DataError
-from ..neurons import Neuron, check_neurons
+from ..models.neurons import Neuron, check_neurons
 from ..progress import NullReporter, Reporter
 from .forward import neuron_activations
 

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from ..adapters import first_submodule, get_submodule
+from ..models.adapters import first_submodule, get_submodule
 from ..errors import ConfigError, PromptError, UnsupportedArchitectureError
 
 KINDS = ("hidden", "mlp", "attn")

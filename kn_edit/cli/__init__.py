@@ -78,7 +78,7 @@ def _token_limit(n: int | None) -> Iterator[None]:
     if n is None:
         yield
         return
-    from ..prompts import token_limit
+    from ..models.prompts import token_limit
 
     with token_limit(n):
         yield

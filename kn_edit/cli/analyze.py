@@ -126,8 +126,8 @@ def _run_dir(args, command: str) -> Path:
 
 
 def _locate_config(args):
-    from ..configuration import load_config
-    from ..locate import LocateConfig
+    from ..storage.config import load_config
+    from ..locating.locate import LocateConfig
 
     cfg = load_config(LocateConfig, args.config, args.overrides).check()
     if not any(o.startswith("save_scores=") for o in args.overrides):
@@ -167,7 +167,7 @@ def _write(folder: Path, name: str, payload) -> None:
 
 def _run(args, command: str, body) -> int:
     """Load the model, get the facts, run ``body(km, facts, tmp)`` inside an atomic run folder."""
-    from ..persist import atomic_dir
+    from ..storage.atomic import atomic_dir
     from ..progress import default_reporter
 
     from ..errors import ConfigError
@@ -306,7 +306,7 @@ def run_top_text(args: argparse.Namespace) -> int:
     from ..analysis.corpus import corpus_texts
     from ..analysis.top_text import markdown, top_texts
     from ..errors import ConfigError
-    from ..neurons import parse_neurons
+    from ..models.neurons import parse_neurons
     from ..progress import NullReporter
 
     if args.k < 1:
@@ -321,13 +321,13 @@ def run_top_text(args: argparse.Namespace) -> int:
     if args.neurons:
         neurons = parse_neurons(args.neurons)
     else:
-        from ..locate import locate_detailed
+        from ..locating.locate import locate_detailed
 
         cfg = _locate_config(args)
         neurons = locate_detailed(km, args.prompts, args.target, cfg.threshold, cfg.share, cfg.steps, cfg.layers).neurons
         if not neurons:
             raise ConfigError("locating found no knowledge neurons for this fact; give --neurons instead")
-    from ..neurons import check_neurons
+    from ..models.neurons import check_neurons
 
     neurons = check_neurons(neurons, km.n_layers, km.d_ff)
     texts = corpus_texts(args.corpus, args.limit, sentences=not args.passages)
@@ -337,7 +337,7 @@ def run_top_text(args: argparse.Namespace) -> int:
                        reporter=NullReporter() if args.json else _TokenRate())  # fmt: skip
     result.settings.update({"corpus": args.corpus, "limit": args.limit, "unit": "passage" if args.passages else "sentence"})
     if args.out:
-        from ..persist import atomic_dir
+        from ..storage.atomic import atomic_dir
 
         with atomic_dir(args.out) as tmp:
             _write(tmp, "top_text.json", {"model": km.name, **result.to_dict()})

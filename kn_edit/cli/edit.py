@@ -141,7 +141,7 @@ def _before_after_table(title: str, prompts: list[str], kinds: list[str], object
 
 def _check_save(km, args: argparse.Namespace) -> None:
     """Refuse a bad --save/--save-patch path before the (slow) edit, not after it."""
-    from ..saving import check_model_path, check_new_file
+    from ..models.saving import check_model_path, check_new_file
 
     if getattr(args, "save", None):
         check_model_path(km, args.save)
@@ -160,7 +160,7 @@ def _save(km, edit, args: argparse.Namespace) -> str | None:
 
 
 def _neurons(args: argparse.Namespace):
-    from ..neurons import parse_neurons
+    from ..models.neurons import parse_neurons
 
     return parse_neurons(args.neurons) if args.neurons else None
 

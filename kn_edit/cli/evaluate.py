@@ -51,7 +51,7 @@ def _quiet_lightning() -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from ..configuration import load_config
+    from ..storage.config import load_config
     from ..evaluation import EvalConfig, evaluate
     from ..evaluation.report import summary_rows
     from ..progress import default_reporter
@@ -91,7 +91,7 @@ def _gate(out, regressions, baseline: str | None, n_checked: int) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from ..configuration import load_config
+    from ..storage.config import load_config
     from ..evaluation.compare import COLUMNS, compare_methods
     from ..evaluation.config import CompareConfig
     from ..evaluation.report import fmt

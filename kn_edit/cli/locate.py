@@ -52,8 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from ..configuration import load_config
-    from ..locate import LocateConfig
+    from ..storage.config import load_config
+    from ..locating.locate import LocateConfig
 
     return load_config(LocateConfig, args.config, args.overrides).check()
 
@@ -66,7 +66,7 @@ def _load(args: argparse.Namespace, quiet: bool):
 
 
 def _locate(km, args: argparse.Namespace, cfg):
-    from ..locate import adaptive_share, locate_detailed
+    from ..locating.locate import adaptive_share, locate_detailed
 
     result = locate_detailed(km, args.prompts, args.target, cfg.threshold, cfg.share, cfg.steps, cfg.layers, args.subject)
     if cfg.adaptive:
@@ -75,14 +75,14 @@ def _locate(km, args: argparse.Namespace, cfg):
 
 
 def run_locate(args: argparse.Namespace) -> int:
-    from ..probe import prompt_probs
+    from ..locating.probe import prompt_probs
 
     cfg = _config(args)
     km = _load(args, quiet=args.json)
     result = _locate(km, args, cfg)
     probs = prompt_probs(km, result.prompts, result.target).tolist()
     if args.plot:
-        from ..plots import plot_locate
+        from ..locating.plots import plot_locate
 
         plot_locate(result, args.plot)
     if args.json:
@@ -105,8 +105,8 @@ def run_locate(args: argparse.Namespace) -> int:
 
 def run_probe(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
-    from ..neurons import parse_neurons
-    from ..probe import probe
+    from ..models.neurons import parse_neurons
+    from ..locating.probe import probe
 
     if args.controls < 1:
         raise ConfigError("--controls must be at least 1")
@@ -194,14 +194,14 @@ def _quiet_lightning() -> None:
 
 
 def run_locate_dataset(args: argparse.Namespace) -> int:
-    from ..attribution_loop import locate_dataset
+    from ..locating.dataset import locate_dataset
     from ..errors import DataError
     from ..progress import default_reporter
 
     _quiet_lightning()
     cfg = _config(args)
     if args.device != "auto" and cfg.accelerator == "auto":
-        from ..device import resolve_device
+        from ..models.device import resolve_device
 
         kind = resolve_device(args.device).type
         cfg.accelerator = {"cpu": "cpu", "cuda": "gpu", "mps": "mps"}.get(kind, "auto")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..provision import DEFAULT_MODEL
+from ..models.provision import DEFAULT_MODEL
 from .ui import add_model_argument, console, table
 
 
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from ..provision import OFFLINE_MODELS, cache_root, is_cached
+    from ..models.provision import OFFLINE_MODELS, cache_root, is_cached
 
     rows = [
         [m.name + (" (default)" if m.default else ""), "cached" if is_cached(m.name) else "not cached", m.licence, m.description]
@@ -50,7 +50,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def run_fetch(args: argparse.Namespace) -> int:
     from ..progress import RichReporter
-    from ..provision import provision
+    from ..models.provision import provision
 
     path = provision(args.name, RichReporter())
     console().print(f"{args.name}: cached at {path}")

@@ -24,7 +24,7 @@ def table(title: str, columns: list[str], rows: list[list[object]]) -> Table:
 
 
 def add_model_argument(parser, required: bool = False) -> None:
-    from ..provision import DEFAULT_MODEL
+    from ..models.provision import DEFAULT_MODEL
 
     parser.add_argument(
         "--model",

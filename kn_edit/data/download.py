@@ -1,4 +1,4 @@
-"""Fetching public data files into the kn-edit cache (``kn_edit.provision.cache_root()/data``)."""
+"""Fetching public data files into the kn-edit cache (``kn_edit.models.provision.cache_root()/data``)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import DataError
-from ..persist import atomic_file
-from ..provision import cache_root
+from ..storage.atomic import atomic_file
+from ..models.provision import cache_root
 
 
 def data_cache(name: str) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import DataError, PromptError
-from ..prompts import SLOT_MARKERS, causal_prompt
+from ..models.prompts import SLOT_MARKERS, causal_prompt
 from .records import FactRecord, FactSet
 
 

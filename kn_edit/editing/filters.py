@@ -19,8 +19,8 @@ from typing import Iterable, Sequence
 import torch
 
 from ..errors import ConfigError
-from ..neurons import Neuron
-from ..prompts import AnswerStep, encode_prompt_only
+from ..models.neurons import Neuron
+from ..models.prompts import AnswerStep, encode_prompt_only
 
 # Answer-slot prompts without a subject: templates of common relations and everyday sentences. A neuron that
 # fires as much here as on "The capital of France is" is about the form of the prompt, not about France.

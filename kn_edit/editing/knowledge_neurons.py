@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from ..errors import EditError
-from ..neurons import Neuron
+from ..models.neurons import Neuron
 from ..progress import NullReporter, Reporter, track
 from .base import Edit, Editor, EditRequest
 from .filters import GENERIC_PROMPTS, drop_generic, drop_relation_shared, shared_by, slot_activations
@@ -88,7 +88,7 @@ Locator = Callable[[object, Sequence[str], str, LocateSettings], Located]
 
 
 def default_locator(km, prompts: Sequence[str], target: str, settings: LocateSettings) -> Located:
-    from ..locate import locate_detailed
+    from ..locating.locate import locate_detailed
 
     found = locate_detailed(km, list(prompts), target, settings.threshold, settings.share, settings.steps, settings.layers)
     return Located(list(found.neurons), list(found.mean_scores))

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import EditError
-from ..persist import atomic_file
+from ..storage.atomic import atomic_file
 from .base import Edit
 from .ledger import SliceChange, commit
 from .report import EditReport, parameter_changes

@@ -15,9 +15,9 @@ from typing import Sequence
 
 import torch
 
-from ..hooks import value_input_hooks
-from ..neurons import Neuron
-from ..prompts import encode_prompt_only
+from ..models.hooks import value_input_hooks
+from ..models.neurons import Neuron
+from ..models.prompts import encode_prompt_only
 from .filters import with_slot
 
 @torch.no_grad()

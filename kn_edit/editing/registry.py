@@ -85,7 +85,7 @@ def resolve(name: str) -> tuple[type[Editor], dict[str, Any], str]:
 def method_config(name: str, files: Sequence[str | Path] = (), overrides: Sequence[str] | Mapping = ()) -> Any:
     """The settings of method ``name``: its config dataclass's defaults, the method's presets, each YAML file,
     then ``key=value`` overrides (or a mapping). Typos and bad values are ConfigErrors naming the key."""
-    from ..configuration import load_config
+    from ..storage.config import load_config
 
     cls, presets, _ = resolve(name)
     schema = getattr(cls, "config_class", None)

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..neurons import Neuron
+from ..models.neurons import Neuron
 
 
 @dataclass(frozen=True)

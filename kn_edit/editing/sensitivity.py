@@ -14,8 +14,8 @@ from typing import Sequence
 
 import torch
 
-from ..neurons import Neuron
-from ..prompts import AnswerStep
+from ..models.neurons import Neuron
+from ..models.prompts import AnswerStep
 
 
 def value_gradients(km, steps: Sequence[AnswerStep], neurons: Sequence[Neuron], old_ids: Sequence[int]) -> torch.Tensor:

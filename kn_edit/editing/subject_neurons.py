@@ -68,9 +68,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..attribution import attribute_steps
+from ..locating.attribution import attribute_steps
 from ..errors import ConfigError, EditError
-from ..neurons import Neuron
+from ..models.neurons import Neuron
 from ..progress import NullReporter, Reporter
 from .base import Editor, EditRequest
 from .guard import guard_edit, guard_sample, text_change

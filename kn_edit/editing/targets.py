@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from ..errors import EditError, TargetError
-from ..prompts import AnswerStep
+from ..models.prompts import AnswerStep
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from ..errors import EditError
-from ..neurons import Neuron, by_layer, check_neurons
+from ..models.neurons import Neuron, by_layer, check_neurons
 from .ledger import SliceChange
 
 

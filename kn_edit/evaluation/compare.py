@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..configuration import to_yaml
+from ..storage.config import to_yaml
 from ..data.records import FactSet
 from ..editing.registry import make_editor
-from ..persist import atomic_dir
+from ..storage.atomic import atomic_dir
 from ..progress import NullReporter, Reporter
 from .config import CompareConfig, EditorConfig, EvalConfig, RegressionConfig, RunConfig
 from .regression import Regression, compare as compare_metrics, load_metrics
@@ -61,7 +61,7 @@ def eval_config_for(config: CompareConfig, entry) -> EvalConfig:
 def compare_methods(config: CompareConfig, km=None, facts: FactSet | None = None, passages: Sequence[str] | None = None,
                     reporter: Reporter | None = None, write: bool = True) -> CompareResult:
     """Run every method of ``config`` on the same requests; write one report (``write``)."""
-    from ..loading import load
+    from ..models.loading import load
     from .datamodule import FactDataModule
 
     config.check()
@@ -128,7 +128,7 @@ def _digest(*pieces: str) -> str:
 
 
 def save_part(path: Path, key: str, result: EvalResult) -> None:
-    from ..persist import atomic_file
+    from ..storage.atomic import atomic_file
 
     payload = {"key": key, "metrics": result.metrics, "rows": result.rows, "summary": result.summary,
                "per_relation": result.per_relation, "probe_per_relation": result.probe_per_relation,

@@ -7,7 +7,7 @@ from enum import Enum
 from typing import Any, Optional
 
 from ..errors import ConfigError
-from ..locate import LocateSettings
+from ..locating.locate import LocateSettings
 
 
 @dataclass

@@ -23,7 +23,7 @@ from ..data.records import FactRecord, FactSet, SkippedFact
 from ..data.requests import choose_new_object, edit_request, known_mask, relation_objects, unusable_reason
 from ..editing.base import EditRequest
 from ..errors import DataError
-from ..provision import cache_root
+from ..models.provision import cache_root
 from .known_cache import KnownCache
 from .config import DataConfig
 

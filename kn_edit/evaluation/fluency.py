@@ -21,7 +21,7 @@ from typing import Hashable, Sequence, Union
 import torch
 
 from ..errors import ConfigError, UnsupportedArchitectureError
-from ..prompts import encode_prompt_only
+from ..models.prompts import encode_prompt_only
 
 Tokens = Sequence[Hashable]
 _WORD = re.compile(r"\w+|[^\w\s]")

@@ -22,7 +22,7 @@ import torch
 
 from ..data.records import FactRecord
 from ..errors import KnEditError
-from ..persist import atomic_file
+from ..storage.atomic import atomic_file
 
 log = logging.getLogger(__name__)
 

@@ -178,14 +178,14 @@ class EditEvaluation(pl.LightningModule):
         (editors such as ROME work on no neurons)."""
         if edit is not None and edit.report is not None and edit.report.neurons:
             return list(edit.report.neurons)
-        from ..locate import locate
+        from ..locating.locate import locate
 
         cfg = self.probe_config
         with torch.enable_grad():
             return locate(self.km, fact.prompts, fact.object, cfg.threshold, cfg.share, cfg.steps, cfg.layers)
 
     def _probe(self, case: EditCase, edit: Edit | None, row: dict) -> None:
-        from ..probe import probe
+        from ..locating.probe import probe
 
         try:
             neurons = self._neurons(edit, case.fact)

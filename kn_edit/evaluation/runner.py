@@ -11,11 +11,11 @@ from typing import Sequence
 
 import pytorch_lightning as pl
 
-from ..configuration import to_yaml
+from ..storage.config import to_yaml
 from ..data.records import FactSet
 from ..editing.base import Editor
 from ..errors import ConfigError
-from ..persist import atomic_dir, atomic_file
+from ..storage.atomic import atomic_dir, atomic_file
 from ..progress import NullReporter, Reporter
 from .config import EvalConfig, Mode
 from .regression import Regression, compare, load_metrics
@@ -105,7 +105,7 @@ def evaluate(
         raise ConfigError(f"strategy {config.trainer.strategy!r} is not supported: use ddp (or auto)")
     reporter = reporter or NullReporter()
     if km is None:
-        from ..loading import load
+        from ..models.loading import load
 
         km = load(config.model, device="cpu", reporter=reporter)
     editor = editor or build_editor(config)

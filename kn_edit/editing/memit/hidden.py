@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from ...adapters import first_submodule
+from ...models.adapters import first_submodule
 from ...errors import EditError
 from ..rome.values import Row
 

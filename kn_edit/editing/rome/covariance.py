@@ -24,10 +24,10 @@ from typing import Sequence
 
 import torch
 
-from ...adapters import first_submodule
+from ...models.adapters import first_submodule
 from ...errors import DataError
-from ...hooks import value_input_hooks
-from ...persist import atomic_file
+from ...models.hooks import value_input_hooks
+from ...storage.atomic import atomic_file
 from ...progress import NullReporter, Reporter
 
 WIKIPEDIA = "wikipedia"
@@ -93,7 +93,7 @@ def corpus_texts(corpus: str) -> list[str]:
 
 
 def cache_path(km, layer: int, corpus: str, n_tokens: int, max_length: int, cache_dir: str | Path | None) -> Path:
-    from ...provision import cache_root
+    from ...models.provision import cache_root
 
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "rome"
     tag = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(str(km.name)).name)[:48] or "model"

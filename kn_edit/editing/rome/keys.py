@@ -14,8 +14,8 @@ from typing import Sequence
 import torch
 
 from ...errors import EditError
-from ...hooks import value_input_hooks
-from ...prompts import causal_prompt
+from ...models.hooks import value_input_hooks
+from ...models.prompts import causal_prompt
 from .settings import KeyFit
 
 

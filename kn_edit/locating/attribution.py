@@ -39,10 +39,10 @@ from contextlib import contextmanager
 
 import torch
 
-from .adapters import first_submodule
-from .errors import ConfigError, PromptError
-from .hooks import value_input_hooks
-from .prompts import AnswerStep
+from ..models.adapters import first_submodule
+from ..errors import ConfigError, PromptError
+from ..models.hooks import value_input_hooks
+from ..models.prompts import AnswerStep
 
 # Rough memory budget for one batched pass when the device cannot tell us (CPU).
 _CPU_BUDGET_BYTES = 2 * 1024**3

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import UnsupportedArchitectureError
+from ..errors import UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)

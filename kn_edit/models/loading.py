@@ -11,9 +11,9 @@ import torch
 
 from .adapters import ArchitectureAdapter
 from .device import resolve_device
-from .errors import KnEditError, UnknownModelError
+from ..errors import KnEditError, UnknownModelError
 from .model import KnModel
-from .progress import Reporter, default_reporter
+from ..progress import Reporter, default_reporter
 from .provision import OFFLINE_MODELS, provision
 
 

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .errors import DataError, PromptError
+from ..errors import DataError, PromptError
 from .locate import (
     LocateConfig,
     LocateResult,
@@ -40,9 +40,9 @@ from .locate import (
     kept_by_prompt,
     relation_neurons,
 )
-from .neurons import Neuron
-from .persist import atomic_dir, atomic_file
-from .progress import NullReporter, Reporter
+from ..models.neurons import Neuron
+from ..storage.atomic import atomic_dir, atomic_file
+from ..progress import NullReporter, Reporter
 
 # Bump when the attribution's numbers change, so stale cache entries are never read.
 METHOD_VERSION = "ig-v1"
@@ -103,7 +103,7 @@ def weights_digest(km) -> str:
     """sha256 over the bytes of :func:`_identity_tensors` (about 1 s for 135M fp32 parameters). Cached on the
     model object while the model's ledger holds no active edit and none of those tensors was written in place
     since (torch counts every in-place write in the tensor's version; a write through ``.data`` escapes it)."""
-    from .editing.ledger import active_edits
+    from ..editing.ledger import active_edits
 
     tensors = _identity_tensors(km)
     versions = tuple(int(t._version) for t in tensors)
@@ -354,7 +354,7 @@ def locate_dataset(
     progress: bool = False,
 ) -> DatasetResult:
     """Attribute every fact (Lightning loop, disk cache), select neurons per relation, write ``out``."""
-    from .provision import cache_root
+    from ..models.provision import cache_root
 
     config = (config or LocateConfig()).check()
     facts = [as_fact(f) for f in facts]

@@ -13,10 +13,10 @@ from typing import Sequence
 
 import torch
 
-from .errors import KnEditError
+from ..errors import KnEditError
 from .locate import check_prompts
 from .manipulate import amplify, suppress
-from .neurons import Neuron, by_layer, check_neurons
+from ..models.neurons import Neuron, by_layer, check_neurons
 
 
 def prompt_probs(km, prompts: Sequence[str], target: str) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import PromptError, TargetError
+from ..errors import PromptError, TargetError
 
 SLOT_MARKERS = ("[Y]", "[MASK]")
 # Prompts and targets longer than this many tokens are refused: kn-edit's methods run the model many times

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .errors import KnEditError
+from ..errors import KnEditError
 
 
 @dataclass(frozen=True, order=True)

@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 import torch
 
 from .attribution import check_layers
-from .errors import ConfigError, PromptError
-from .neurons import Neuron
+from ..errors import ConfigError, PromptError
+from ..models.neurons import Neuron
 
 # Shares are compared as count >= share * n_prompts; this absorbs float error in e.g. 0.7 - 3 * 0.05.
 _SHARE_EPS = 1e-9

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .adapters import ArchitectureAdapter, find_adapter, first_submodule, get_submodule
-from .errors import UnsupportedArchitectureError
+from ..errors import UnsupportedArchitectureError
 from .hooks import value_input_hooks
 from .prompts import AnswerStep, EncodedFact, context_length, encode_causal, encode_masked, encode_prompt_only
 

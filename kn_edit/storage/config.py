@@ -9,7 +9,7 @@ from typing import Mapping, Sequence, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 T = TypeVar("T")
 

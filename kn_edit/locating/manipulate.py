@@ -21,9 +21,9 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .errors import KnEditError
-from .hooks import value_input_hooks
-from .neurons import Neuron, by_layer, check_neurons
+from ..errors import KnEditError
+from ..models.hooks import value_input_hooks
+from ..models.neurons import Neuron, by_layer, check_neurons
 
 
 def answer_positions(km, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import EditError
-from .persist import atomic_dir, check_writable
+from ..errors import EditError
+from ..storage.atomic import atomic_dir, check_writable
 
 MANIFEST = "kn_edit.json"
 
@@ -38,7 +38,7 @@ def check_new_file(path: str | Path) -> Path:
 
 def save_model(km, path: str | Path) -> Path:
     """Write ``km`` to the new folder ``path`` and return it."""
-    from .editing.ledger import active_edits
+    from ..editing.ledger import active_edits
 
     target = check_model_path(km, path)
     edits = [

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import EditError
+from ..errors import EditError
 
 log = logging.getLogger(__name__)
 

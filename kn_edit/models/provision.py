@@ -20,9 +20,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ProvisionError
-from .persist import atomic_dir
-from .progress import NullReporter, Reporter
+from ..errors import ProvisionError
+from ..storage.atomic import atomic_dir
+from ..progress import NullReporter, Reporter
 
 COMPLETE_MARKER = "kn_edit_model.json"
 
