@@ -89,7 +89,26 @@ TAMPER = {
     "no-params": lambda meta, ts: ({k: v for k, v in meta.items() if k != "params"}, ts),
     "fingerprint-list": lambda meta, ts: ({**meta, "fingerprint": ["gpt2"]}, ts),
     "requests-string": lambda meta, ts: ({**meta, "requests": "x"}, ts),
+    # a third entry changing row 3 of entry 0's parameter again, to other values; or a column of it
+    "overlap": lambda meta, ts: _extra(meta, ts, 0, [2, 3]),
+    "overlap-other-dim": lambda meta, ts: _extra(meta, ts, 1, [0]),
+    "float64-redigested": lambda meta, ts: _redigest(meta, {**ts, "0.before": ts["0.before"].double(),
+                                                            "0.after": ts["0.after"].double()}),
 }
+# what the message must say, where the table's row is about one
+SAYS = {"overlap": "entries 0 and 2 both change rows [3] of transformer.h.0.mlp.c_proj.weight",
+        "overlap-other-dim": "entries 0 and 2 both change transformer.h.0.mlp.c_proj.weight (along dims 0 and 1)",
+        "float64-redigested": "holds torch.float64 values for transformer.h.0.mlp.c_proj.weight, which is torch.float32"}
+
+
+def _extra(meta, tensors, dim: int, rows: list[int]):
+    """The patch with one more entry: ``rows`` along ``dim`` of entry 0's parameter, from their true values + 1."""
+    name = meta["params"][0]["name"]
+    index = torch.tensor(rows)
+    before = tiny().model.get_parameter(name).detach().index_select(dim, index).contiguous()
+    tensors = {**tensors, "2.index": index, "2.before": before, "2.after": before + 1}
+    entry = {**json.loads(json.dumps(meta["params"][0])), "dim": dim, "rows": len(rows)}
+    return _redigest({**meta, "params": [*meta["params"], entry]}, tensors)
 
 
 def _flip(t: torch.Tensor) -> torch.Tensor:
@@ -117,7 +136,7 @@ def test_tampered_patches_are_refused_before_anything_is_written(tmp_path, how):
     original = snapshot(fresh)
     with pytest.raises(EditError) as info:
         apply_patch(fresh, bad)
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and SAYS.get(how, "") in str(info.value)
     assert same(fresh, original)
     assert not kn_edit.editing.ledger.active_edits(fresh)
 
@@ -130,6 +149,16 @@ def test_the_untampered_patch_applies(tmp_path):
     fresh = tiny()
     apply_patch(fresh, tmp_path / "copy.safetensors")
     assert same(fresh, edited)
+
+
+def test_disjoint_entries_of_one_parameter_apply(tmp_path):
+    _, _, path = patch_of(tmp_path)
+    meta, tensors = _extra(*load(path), 0, [2])  # row 2 beside entry 0's row 3: no value changed twice
+    write(tmp_path / "two.safetensors", meta, tensors)
+    fresh = tiny()
+    apply_patch(fresh, tmp_path / "two.safetensors")
+    assert torch.equal(fresh.model.get_parameter(meta["params"][0]["name"])[2:4],
+                       torch.cat([tensors["2.after"], tensors["0.after"]]))
 
 
 def test_whole_parameter_patch(tmp_path):

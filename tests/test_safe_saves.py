@@ -4,9 +4,9 @@ results get the user's umask."""
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,42 +94,109 @@ def test_rename_noreplace_refuses_an_empty_folder(tmp_path, monkeypatch, native)
     assert (tmp_path / "c" / "inside").read_text() == "z" and (tmp_path / "b").is_dir()
 
 
+KILLED = r"""
+import os, signal, sys
+from pathlib import Path
+from kn_edit.storage.atomic import atomic_dir, atomic_file
+
+here = Path(sys.argv[1])
+with atomic_dir(here / "model") as d, atomic_file(here / "p.safetensors") as f:
+    (d / "model.safetensors").write_bytes(b"\0" * 3_000_000)
+    f.write_bytes(b"\0" * 10)
+    os.kill(os.getpid(), signal.SIGKILL)  # nothing can clean up
+"""
+
+
+def _killed_saves(folder: Path) -> list[Path]:
+    """The leftovers of a folder save and a file save killed midway, exactly as kn-edit leaves them."""
+    before = partials(folder)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", KILLED, str(folder)], env=env, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    left = [p for p in partials(folder) if p not in before]
+    assert len(left) == 2 and all((p / ".kn-edit-partial").is_file() for p in left)
+    return left
+
+
+def _look_alikes(folder: Path) -> dict[Path, str]:
+    """The user's own files and folders named like leftovers (old and new patterns); path -> content."""
+    made = {}
+    for name in (".notes.abcd1234.partial", ".p.safetensors.zz_9abcd.partial"):  # files
+        (folder / name).write_text(f"mine: {name}")
+        made[folder / name] = f"mine: {name}"
+    for name in (".model.efgh5678.partial", ".data.0123abcd.partial"):  # folders, one with a bad marker
+        (folder / name).mkdir()
+        (folder / name / "weights.bin").write_text(f"mine: {name}")
+        made[folder / name / "weights.bin"] = f"mine: {name}"
+    (folder / ".data.0123abcd.partial" / ".kn-edit-partial").write_text("{}")
+    return made
+
+
 def test_leftovers_of_killed_saves_are_removed_next_time(tmp_path, caplog):
-    dead = tmp_path / ".model.abcd1234.partial"  # no process holds its lock: its writer is gone
-    dead.mkdir()
-    (dead / "model.safetensors").write_bytes(b"\0" * 3_000_000)
-    dead_file = tmp_path / ".p.safetensors.zz_9abcd.partial"
-    dead_file.write_bytes(b"\0" * 10)
-    running = tmp_path / ".other.efgh5678.partial"  # a save in progress holds its lock
-    running.mkdir()
+    dead = _killed_saves(tmp_path)
+    copy = tmp_path / ".model.ffff0000.partial"  # a genuine leftover copied under another name: its token differs
+    shutil.copytree(dead[0], copy)
     unrelated = tmp_path / ".notes.partial"  # not a name kn-edit writes
     unrelated.write_text("keep")
-    fd = os.open(running, os.O_RDONLY | os.O_DIRECTORY)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
-        with caplog.at_level(logging.WARNING, logger="kn_edit.storage.atomic"):
+    with caplog.at_level(logging.WARNING, logger="kn_edit.storage.atomic"):
+        with atomic_dir(tmp_path / "running") as running:  # a save in progress holds its lock
             with atomic_file(tmp_path / "new.txt") as tmp:
                 tmp.write_text("hello")
-    finally:
-        os.close(fd)
-    assert not dead.exists() and not dead_file.exists()
-    assert running.is_dir() and unrelated.read_text() == "keep"
-    assert (tmp_path / "new.txt").read_text() == "hello"
-    assert any(".model.abcd1234.partial" in r.getMessage() and "3.0 MB" in r.getMessage() for r in caplog.records)
-    assert [p for p, _ in clean_leftovers(tmp_path)] == [running]  # unlocked now
+            assert running.is_dir()
+    assert not any(p.exists() for p in dead)
+    assert copy.is_dir() and unrelated.read_text() == "keep"
+    assert (tmp_path / "new.txt").read_text() == "hello" and (tmp_path / "running").is_dir()
+    removed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("removed")]
+    assert len(removed) == 2 and any("3.0 MB" in m for m in removed)
+    assert any(f"left {copy} alone" in r.getMessage() for r in caplog.records)
+    assert partials(tmp_path) == sorted([copy, unrelated])
 
 
-def test_results_get_the_users_umask(tmp_path):
-    old = os.umask(0o027)
+def test_look_alikes_of_leftovers_survive_a_save(tmp_path, caplog):
+    mine = _look_alikes(tmp_path)
+    dead = _killed_saves(tmp_path)
+    model, tok = build_model("llama")
+    with caplog.at_level(logging.WARNING, logger="kn_edit.storage.atomic"):
+        kn_edit.wrap(model, tok, name="tiny").save(tmp_path / "saved")
+        with atomic_file(tmp_path / "f.txt") as tmp:
+            tmp.write_text("x")
+    assert {p: p.read_text() for p in mine} == mine
+    assert not any(p.exists() for p in dead) and (tmp_path / "saved" / "config.json").is_file()
+    left = [r.getMessage() for r in caplog.records if r.getMessage().startswith("left ")]
+    assert len(left) == 2 * 4 and all("kn-edit did not make it" in m for m in left)
+
+
+def test_the_marker_never_reaches_the_result(tmp_path):
+    model, tok = build_model("llama")
+    saved = kn_edit.wrap(model, tok, name="tiny").save(tmp_path / "saved")
+    with atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "x").write_text("x")
+    with atomic_file(tmp_path / "f") as tmp:
+        tmp.write_text("x")
+    assert ".kn-edit-partial" not in {p.name for p in saved.rglob("*")}
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["x"] and (tmp_path / "f").read_text() == "x"
+    assert partials(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask, folder, file", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_results_get_the_users_umask(tmp_path, umask, folder, file):
+    model, tok = build_model("llama")
+    km = kn_edit.wrap(model, tok, name="tiny")
+    old = os.umask(umask)
     try:
         with atomic_dir(tmp_path / "d") as tmp:
-            (tmp / "x").write_text("x")
+            (tmp / "sub").mkdir(mode=0o700)  # as mkdtemp, mkstemp and some writers make them
+            os.close(os.open(tmp / "sub" / "x", os.O_CREAT | os.O_WRONLY, 0o600))
         with atomic_file(tmp_path / "f") as tmp:
             tmp.write_text("x")
+        km.save(tmp_path / "model")
     finally:
         os.umask(old)
-    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o750
-    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "f").stat().st_mode & 0o777 == file
+    for top in (tmp_path / "d", tmp_path / "model"):
+        modes = {p.relative_to(tmp_path): p.stat().st_mode & 0o777 for p in [top, *top.rglob("*")]}
+        assert modes == {p: folder if (tmp_path / p).is_dir() else file for p in modes}
+    assert (tmp_path / "model" / "model.safetensors").stat().st_mode & 0o777 == file
 
 
 def test_check_writable(tmp_path):

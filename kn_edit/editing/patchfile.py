@@ -11,8 +11,10 @@ Format version 2 (``"format": "kn-edit-patch", "version": 2``). Per touched para
 The metadata (one JSON string) records the model's name and fingerprint, the editor, its requests, and per
 parameter its name, dim, shape, rows, whole, and for every tensor its dtype, shape and sha256 digest. Reading
 checks the metadata against one schema (:class:`PatchMeta`) field by field, and every tensor against its
-recorded dtype, shape and digest, that before/after are finite floating-point values and the index lies in
-range, before anything is written to a model; any mismatch is an EditError naming the tensor.
+recorded dtype, shape and digest, that before/after are finite floating-point values, the index lies in
+range and no two entries change the same values of a parameter, before anything is written to a model; any
+mismatch is an EditError naming the tensor. Applying also refuses a patch whose values are not of the
+parameter's dtype (no conversion, even a lossless one).
 
 Version-1 files (index/before/after for every parameter, no digests) are still read, with every check except
 the digests.
@@ -305,6 +307,22 @@ def _entry(path: Path, i: int, p: ParamMeta, tensors: dict[str, torch.Tensor]) -
     return PatchEntry(p.name, p.dim, index, before, after, p.whole)
 
 
+def _check_overlaps(path: Path, entries: list[PatchEntry]) -> None:
+    """Refuse two entries that change the same values of one parameter: which one should win is no question a
+    patch may leave open (the ledger would silently let the second win)."""
+    for j, b in enumerate(entries):
+        for i, a in enumerate(entries[:j]):
+            if a.name != b.name or not a.index.numel() or not b.index.numel():
+                continue
+            if a.dim != b.dim:  # a row along one dim and one along another always share a value
+                raise EditError(f"{path}: entries {i} and {j} both change {a.name} (along dims {a.dim} and {b.dim}); "
+                                "a patch may change each value only once")
+            shared = a.index[torch.isin(a.index, b.index)]
+            if shared.numel():
+                raise EditError(f"{path}: entries {i} and {j} both change rows {shared[:5].tolist()} of {a.name} "
+                                f"(dim {a.dim}); a patch may change each value only once")
+
+
 def read_patch_file(path: str | Path) -> tuple[PatchMeta, list[PatchEntry]]:
     """The checked metadata and entries of a patch file; EditError (naming the tensor or field) otherwise."""
     from safetensors import safe_open
@@ -326,7 +344,9 @@ def read_patch_file(path: str | Path) -> tuple[PatchMeta, list[PatchEntry]]:
         raise EditError(f"{path}: the patch metadata is not valid JSON ({exc.msg} at character {exc.pos})") from exc
     except _Bad as exc:
         raise EditError(f"{path}: bad patch metadata: {exc}") from exc
-    return meta, [_entry(path, i, p, tensors) for i, p in enumerate(meta.params)]
+    entries = [_entry(path, i, p, tensors) for i, p in enumerate(meta.params)]
+    _check_overlaps(path, entries)
+    return meta, entries
 
 
 def read_patch(path: str | Path) -> tuple[dict, list[PatchEntry]]:
@@ -373,6 +393,10 @@ def apply_patch(km, path: str | Path, reverse: bool = False, check_values: bool 
             raise EditError(f"{path}: {e.name} has {param.dim()} dims; the patch edits it along dim {e.dim}")
         if e.index.numel() and int(e.index.max()) >= param.shape[e.dim]:
             raise EditError(f"{path}: {e.name} rows {int(e.index.max())} out of range (size {param.shape[e.dim]})")
+        mistyped = next((t.dtype for t in (e.before, e.after) if t.dtype != param.dtype), None)
+        if mistyped is not None:  # casting would change the values the patch records, or make up digits
+            raise EditError(f"{path}: the patch holds {mistyped} values for {e.name}, which is {param.dtype} in this "
+                            "model; a patch applies only to parameters of its own dtype (nothing was changed)")
         expected, written = (e.after, e.before) if reverse else (e.before, e.after)
         shape = list(param.shape)
         shape[e.dim] = e.index.numel()

@@ -4,21 +4,30 @@
   the target with an atomic no-replace rename (``renameat2(RENAME_NOREPLACE)`` on Linux; ``link`` for files
   elsewhere), so of two saves into one path exactly one wins, and a folder or file that appeared at the target
   during the save is left alone: the save fails with an EditError naming where its finished result was kept.
-* A temporary sibling is named ``.NAME.XXXXXXXX.partial`` and is locked (``flock``) by the process writing it
-  for as long as it writes. A process killed meanwhile (SIGKILL, power loss) leaves it behind; the next save
-  into that folder finds such leftovers (unlocked: their writer is gone) and removes them, logging each one
-  with its size. Interrupts (Ctrl-C, and SIGTERM in the CLI) remove the temporary sibling on the way out.
-* Results get the user's umask (``mkdtemp`` / ``mkstemp`` would leave them 0700 / 0600).
+* A save works in a temporary folder ``.NAME.XXXXXXXX.partial`` beside the target, which holds the result
+  (file or folder, under the target's own name) and a marker ``.kn-edit-partial`` written at its creation
+  (JSON: a fixed tag, the process id, and a random token whose first 8 hex digits are the folder's XXXXXXXX).
+  The process writing it holds a lock (``flock``) on the folder for as long as it writes. A process killed
+  meanwhile (SIGKILL, power loss) leaves the folder behind; the next save into that folder removes such
+  leftovers (marker valid, lock free: their writer is gone), logging each one with its size. Anything else
+  named like one (no valid marker: the user's, or an older kn-edit's) is left alone, with a warning.
+  Interrupts (Ctrl-C, and SIGTERM in the CLI) remove the temporary folder on the way out. The marker never
+  reaches the target: only the result inside is moved there.
+* Results get the user's umask, every file and folder in them (``mkdtemp`` / ``mkstemp`` and some writers
+  would leave them 0700 / 0600).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import logging
 import os
 import re
+import secrets
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,8 +38,11 @@ from ..errors import EditError
 log = logging.getLogger(__name__)
 
 _SUFFIX = ".partial"
-# What tempfile.mkstemp/mkdtemp produce for prefix ".NAME." and our suffix (8 random [a-z0-9_]).
+# The names of temporary folders (8 random hex digits; older kn-edits used mkstemp/mkdtemp's [a-z0-9_]).
 _LEFTOVER = re.compile(r"^\..+\.[a-z0-9_]{8}\.partial$")
+_MARKER = ".kn-edit-partial"  # inside each temporary folder: proof that a kn-edit save made it
+_MARKER_TAG = "kn-edit temporary save"
+_TOKEN = re.compile(r"^[0-9a-f]{32}$")
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 
@@ -108,8 +120,6 @@ def _open_lock(path: Path) -> int | None:
 
 
 def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
     total = 0
     for root, _, files in os.walk(path):
         for name in files:
@@ -120,19 +130,27 @@ def _size(path: Path) -> int:
     return total
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
+def _marker_ok(folder: Path) -> bool:
+    """Whether ``folder`` holds the marker a kn-edit save writes at creation, its token matching the name."""
+    marker = folder / _MARKER
+    try:
+        if folder.is_symlink() or marker.is_symlink():
+            return False
+        with open(marker, "rb") as handle:
+            raw = json.loads(handle.read(4096))
+    except (OSError, ValueError):  # absent, unreadable, not JSON (UnicodeDecodeError is a ValueError)
+        return False
+    if not isinstance(raw, dict):
+        return False
+    token = raw.get("token")
+    return (raw.get("tag") == _MARKER_TAG and isinstance(raw.get("pid"), int) and isinstance(token, str)
+            and bool(_TOKEN.match(token)) and folder.name.endswith(f".{token[:8]}{_SUFFIX}"))
 
 
 def clean_leftovers(folder: str | Path) -> list[tuple[Path, int]]:
-    """Remove the temporary siblings (``.NAME.XXXXXXXX.partial``) that killed saves left in ``folder``;
-    a save still running holds its lock and is left alone. Returns [(path, bytes)] of what was removed."""
+    """Remove the temporary folders (``.NAME.XXXXXXXX.partial``, with a valid marker) that killed saves left in
+    ``folder``; a save still running holds its lock and is left alone, and so is anything named like a leftover
+    without the marker (logged). Returns [(path, bytes)] of what was removed."""
     folder = Path(folder)
     removed = []
     try:
@@ -142,12 +160,18 @@ def clean_leftovers(folder: str | Path) -> list[tuple[Path, int]]:
     for path in entries:
         if not _LEFTOVER.match(path.name):
             continue
+        if not _marker_ok(path):
+            log.warning("left %s alone: it is named like a leftover of an interrupted save but kn-edit did not make "
+                        "it (no valid %s marker); remove it yourself if it is one", path, _MARKER)
+            continue
         fd = _open_lock(path)
-        if fd is None:
+        if fd is None:  # its save is still running
             continue
         try:
+            if not _marker_ok(path):  # its save finished (and removed it) meanwhile
+                continue
             size = _size(path)
-            _remove(path)
+            shutil.rmtree(path, ignore_errors=True)
         finally:
             os.close(fd)
         log.warning("removed %s, left by an interrupted save (%.1f MB)", path, size / 1e6)
@@ -179,21 +203,41 @@ def _exists_error(target: Path) -> EditError:
     return EditError(f"{target} already exists; choose a new path (nothing was written)")
 
 
+def _follow_umask(path: Path) -> None:
+    """Give ``path`` and everything in it the user's umask (mkstemp, mkdtemp and some writers, e.g.
+    ``save_pretrained``'s, create 0600 / 0700); executable files stay executable. Links are left as they are."""
+    mask = _umask()
+    paths = [path]
+    if path.is_dir() and not path.is_symlink():
+        paths += [Path(root, name) for root, dirs, files in os.walk(path) for name in dirs + files]
+    for p in paths:
+        mode = os.lstat(p).st_mode
+        if stat.S_ISLNK(mode):
+            continue
+        full = 0o777 if stat.S_ISDIR(mode) or mode & stat.S_IXUSR else 0o666
+        os.chmod(p, full & ~mask)
+
+
+def _tag(work: Path) -> str:
+    """The random XXXXXXXX of a temporary folder ``.NAME.XXXXXXXX.partial``."""
+    return work.name.rsplit(".", 2)[-2]
+
+
 def _publish(tmp: Path, target: Path, overwrite: bool, what: str) -> None:
     """Move the finished ``tmp`` onto ``target``; never over something that appeared there meanwhile."""
-    mode = (0o777 if tmp.is_dir() else 0o666) & ~_umask()
-    os.chmod(tmp, mode)
+    _follow_umask(tmp)
     if overwrite and target.is_file() and tmp.is_file():
         os.replace(tmp, target)  # files the caller owns and rewrites (caches, downloads)
         return
     try:
         rename_noreplace(tmp, target)
     except FileExistsError:
-        kept = target.with_name(f"{target.name}.{tmp.name.rsplit('.', 2)[-2]}.unsaved")
+        kept = target.with_name(f"{target.name}.{_tag(tmp.parent)}.unsaved")
         try:
             rename_noreplace(tmp, kept)
         except OSError:
             kept = tmp
+            (tmp.parent / _MARKER).unlink()  # no longer a leftover: later saves must not remove it
         raise EditError(
             f"{target} appeared while the {what} was being saved and was left untouched; the finished {what} is "
             f"at {kept} (move it where you want it)"
@@ -202,26 +246,67 @@ def _publish(tmp: Path, target: Path, overwrite: bool, what: str) -> None:
         raise EditError(f"cannot write {target}: {exc.strerror or exc}") from exc
 
 
+def _new_work_folder(target: Path) -> tuple[Path, int | None]:
+    """A new temporary folder beside ``target``, locked (the fd holding the lock), then marked as ours."""
+    for _ in range(100):
+        token = secrets.token_hex(16)
+        work = target.with_name(f".{target.name}.{token[:8]}{_SUFFIX}")
+        try:
+            os.mkdir(work, 0o700)
+        except FileExistsError:
+            continue
+        # Locked before it is marked: a folder other saves can see as ours is always locked while we live.
+        fd = _open_lock(work)
+        try:
+            (work / _MARKER).write_text(json.dumps({"tag": _MARKER_TAG, "pid": os.getpid(), "token": token}))
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        return work, fd
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(target))
+
+
+@contextmanager
+def _work_folder(target: Path, clean: bool) -> Iterator[Path]:
+    """The locked, marked temporary folder of one save into ``target`` (``clean``: first remove the leftovers
+    of killed saves beside it); removed on the way out unless a result the caller was told of is kept in it."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if clean:
+            clean_leftovers(target.parent)
+        work, fd = _new_work_folder(target)
+    except OSError as exc:
+        raise EditError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    try:
+        yield work
+    finally:
+        if (work / _MARKER).exists():
+            shutil.rmtree(work, ignore_errors=True)
+        if fd is not None:  # released only once the folder is gone
+            os.close(fd)
+
+
+def _result_path(work: Path, target: Path) -> Path:
+    """Where the result is built inside ``work``: under the target's own name (writers may look at its suffix)."""
+    return work / (target.name if target.name != _MARKER else "result")
+
+
 @contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = False, what: str = "folder") -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; it becomes ``target`` only if the block finishes and nothing
+    """Yield a temporary folder for ``target``; it becomes ``target`` only if the block finishes and nothing
     is at ``target`` then (else EditError naming where the finished folder was kept). ``overwrite`` allows a
     folder that existed when the save began to be replaced (it is moved aside first, then removed)."""
     target = Path(target)
     if os.path.lexists(target) and not overwrite:
         raise _exists_error(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        clean_leftovers(target.parent)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=_SUFFIX, dir=target.parent))
-    except OSError as exc:
-        raise EditError(f"cannot write {target}: {exc.strerror or exc}") from exc
-    fd = _open_lock(tmp)
-    published = False
-    try:
+    with _work_folder(target, clean=True) as work:
+        tmp = _result_path(work, target)
+        tmp.mkdir()
         yield tmp
         if overwrite and target.is_dir():
-            old = target.with_name(f".{target.name}.{tmp.name.rsplit('.', 2)[-2]}.old{_SUFFIX}")
+            old = target.with_name(f".{target.name}.{_tag(work)}.old{_SUFFIX}")
             rename_noreplace(target, old)
             try:
                 _publish(tmp, target, False, what)
@@ -229,37 +314,18 @@ def atomic_dir(target: str | Path, overwrite: bool = False, what: str = "folder"
                 shutil.rmtree(old, ignore_errors=True)
         else:
             _publish(tmp, target, False, what)
-        published = True
-    finally:
-        if fd is not None:
-            os.close(fd)
-        if not published and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager
 def atomic_file(target: str | Path, overwrite: bool = False, what: str = "file") -> Iterator[Path]:
-    """Yield a temporary file path beside ``target``; it becomes ``target`` only if the block finishes and
+    """Yield a temporary file path for ``target``; it becomes ``target`` only if the block finishes and
     nothing is at ``target`` then (else EditError naming where the finished file was kept). ``overwrite``
     replaces an existing file (caches and downloads, which rewrite their own files)."""
     target = Path(target)
     if os.path.lexists(target) and not overwrite:
         raise _exists_error(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not overwrite:  # caches write often; their folders are theirs
-            clean_leftovers(target.parent)
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_SUFFIX, dir=target.parent)
-    except OSError as exc:
-        raise EditError(f"cannot write {target}: {exc.strerror or exc}") from exc
-    tmp = Path(name)
-    _lock(fd)
-    published = False
-    try:
+    with _work_folder(target, clean=not overwrite) as work:  # caches write often; their folders are theirs
+        tmp = _result_path(work, target)
+        tmp.touch(0o600)
         yield tmp
         _publish(tmp, target, overwrite, what)
-        published = True
-    finally:
-        os.close(fd)
-        if not published and tmp.exists():
-            tmp.unlink()
