@@ -3,7 +3,8 @@ traceback, and leaves every file (models, patches, data, the cache) byte for byt
 
 To add a case, append a ``Case`` to CASES: argv (``{name}`` placeholders are paths of the WORLD files built
 below, ``{w}`` the world folder itself) and a fragment the message must contain. Cases that need a file of
-their own add a ``setup(world) -> None`` that writes it under the world folder before the snapshot.
+their own add a ``setup(world) -> None`` that writes it under the world folder before the snapshot. Cases with
+``before_load`` must be refused before any model is loaded (``kn_edit.load`` fails the test if called).
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def world(tmp_path_factory) -> Path:
         + '{"subject": "Fran\u00e7e", "relation": "capital", "object": "Paris", "prompts": ["[X]"]}\n'.encode("latin-1")
     )
     (w / "text.txt").write_text("Paris is the capital of France. Rome is the capital of Italy.\n")
+    (w / "plot.png").write_bytes(b"\x89PNG\r\n\x1a\n the user's own picture")
     (w / "eval.yaml").write_text(f"""
 name: bad
 model: {w / "model"}
@@ -162,6 +164,7 @@ class Case:
     fragment: str
     setup: Callable[[Path], None] | None = None
     skip: Callable[[], str | None] | None = None  # a reason to skip on this machine, or None
+    before_load: bool = False  # refused before any model is loaded
 
 
 def _unwritable_skip() -> str | None:
@@ -217,6 +220,30 @@ CASES: list[Case] = [
                                "1:5", "--save", "{w}/a-file/out"], "is not a folder"),
     Case("save-patch-existing", ["update-fact", "-m", "{model}", *EDIT, "--save-patch", "{w}/patch.safetensors"],
          "already exists"),
+    # pictures and output folders named by the user, checked before the model loads
+    Case("locate-plot-existing", ["locate", "-m", "{model}", "-p", PROMPT, "-t", "Paris", "--plot", "{w}/plot.png"],
+         "plot.png already exists; choose a new path, or pass --overwrite to replace it", before_load=True),
+    Case("trace-plot-existing", ["trace", "-m", "{model}", "-p", PROMPT, "-s", "France", "-t", "Paris", "--plot",
+                                 "{w}/plot.png"], "pass --overwrite", before_load=True),
+    Case("trace-plot-extension", ["trace", "-m", "{model}", "-p", PROMPT, "-s", "France", "-t", "Paris", "--plot",
+                                  "{w}/new.txt"], "extension must name a format, one of", before_load=True),
+    Case("locate-plot-no-extension", ["locate", "-m", "{model}", "-p", PROMPT, "-t", "Paris", "--plot",
+                                      "{w}/heatmap"], "extension must name a format", before_load=True),
+    Case("locate-plot-folder", ["locate", "-m", "{model}", "-p", PROMPT, "-t", "Paris", "--overwrite", "--plot",
+                                "{w}/folder.png"], "is a folder", setup=lambda w: (w / "folder.png").mkdir(exist_ok=True),
+         before_load=True),
+    Case("locate-dataset-out-existing", ["locate-dataset", "-m", "{model}", "--data", "jsonl", "--data-dir",
+                                         "{w}/latin1.jsonl", "--out", "{w}/existing"], "already exists",
+         before_load=True),
+    Case("top-text-out-existing", ["analyze", "top-text", "-m", "{model}", "--neurons", "1:5", "--out", "{w}/existing"],
+         "already exists", before_load=True),
+    # arguments of the wrong kind
+    Case("facts-folder", ["update-fact", "-m", "{model}", "--facts", "{w}/existing"],
+         "existing is a folder; give a JSON Lines file", before_load=True),
+    Case("facts-with-subject", ["erase-fact", "-m", "{model}", "--facts", "{w}/latin1.jsonl", "--subject", "France"],
+         "--subject does not go with --facts", before_load=True),
+    Case("model-text-file", ["update-fact", "-m", "{w}/text.txt", *EDIT],
+         "text.txt is a file but not a model kn-edit can load: give a .gguf file, a model folder"),
     # edits the model cannot make
     Case("zero-value-vectors", ["update-fact", "-m", "{w}/erased", *EDIT], "all zero"),
     Case("prompt-too-long", ["update-fact", "-m", "{model}", "-p", "word " * 600 + PROMPT, "--old", "Paris",
@@ -274,6 +301,8 @@ def test_bad_input_is_one_clear_line(case: Case, world: Path, tmp_path, monkeypa
     monkeypatch.setenv("KN_EDIT_CACHE", str(cache))
     if case.setup:
         case.setup(world)
+    if case.before_load:
+        monkeypatch.setattr(kn_edit, "load", lambda *a, **kw: pytest.fail("the model was loaded before the refusal"))
     argv = [a.replace("{model}", str(world / "model")).replace("{w}", str(world)) for a in case.argv]
     before = _snapshot(world), _snapshot(cache)
     capsys.readouterr()

@@ -207,6 +207,57 @@ def test_check_writable(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the probe is gone, nothing created
 
 
+# ----- pictures the user names (--plot) --------------------------------------------------------------------
+LOCATE = ["locate", "-p", PROMPT, "-t", "Paris", "steps=2"]
+TRACE = ["trace", "-p", PROMPT, "-s", "France", "-t", "Paris", "--samples", "2"]
+MINE = b"\x89PNG\r\n\x1a\n the user's own picture"
+
+
+@pytest.fixture
+def tiny_load(monkeypatch):
+    model, tok = build_model("llama")
+    km = kn_edit.wrap(model, tok, name="tiny")
+    monkeypatch.setattr(kn_edit, "load", lambda *a, **kw: km)
+    return km
+
+
+@pytest.mark.parametrize("argv", [LOCATE, TRACE], ids=["locate", "trace"])
+def test_an_existing_plot_is_replaced_only_with_overwrite(tiny_load, tmp_path, capsys, argv):
+    from kn_edit.cli import main
+
+    plot = tmp_path / "plot.png"
+    plot.write_bytes(MINE)
+    assert main([*argv, "--plot", str(plot)]) == 2
+    assert "already exists" in capsys.readouterr().err and plot.read_bytes() == MINE
+    assert main([*argv, "--plot", str(plot), "--overwrite"]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.read_bytes() != MINE
+    assert partials(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv", [LOCATE, TRACE], ids=["locate", "trace"])
+def test_the_plot_format_follows_the_extension(tiny_load, tmp_path, argv):
+    from kn_edit.cli import main
+
+    assert main([*argv, "--plot", str(tmp_path / "plot.PDF")]) == 0
+    assert (tmp_path / "plot.PDF").read_bytes()[:5] == b"%PDF-"  # locate wrote PNG bytes under any name
+
+
+def test_a_failed_plot_write_leaves_the_old_file(tiny_load, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from kn_edit.cli import main
+
+    def half_then_fail(self, fname, **kw):
+        Path(fname).write_bytes(b"half a picture")
+        raise KeyboardInterrupt  # Ctrl-C mid-write
+
+    monkeypatch.setattr(Figure, "savefig", half_then_fail)
+    plot = tmp_path / "plot.png"
+    plot.write_bytes(MINE)
+    assert main([*LOCATE, "--plot", str(plot), "--overwrite"]) == 130
+    assert plot.read_bytes() == MINE and partials(tmp_path) == []
+
+
 # ----- across processes -----------------------------------------------------------------------------------
 CHILD = r"""
 import os, sys, time

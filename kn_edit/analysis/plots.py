@@ -62,8 +62,11 @@ def activations_figure(result, path: str | Path, title: str = "") -> Path:
     return Path(path)
 
 
-def trace_figure(result, path: str | Path) -> Path:
-    """One heatmap per traced kind: indirect effect, tokens × layers (subject tokens marked with *)."""
+def trace_figure(result, path: str | Path, overwrite: bool = False) -> Path:
+    """One heatmap per traced kind: indirect effect, tokens × layers (subject tokens marked with *). Written
+    atomically to a path the user names (its format from the extension; ``overwrite`` replaces a file)."""
+    from ..plots import save_figure
+
     kinds = list(result.effects)
     labels = {"hidden": "hidden state", "mlp": "MLP output", "attn": "attention output"}
     n_tok = len(result.tokens)
@@ -82,8 +85,7 @@ def trace_figure(result, path: str | Path) -> Path:
         fig.colorbar(image, ax=ax, shrink=0.8, label="indirect effect on P(target)")
     fig.suptitle(f"{result.prompt!r} → {result.target!r}: P clean {result.clean_prob:.3f}, corrupted "
                  f"{result.corrupted_prob:.3f} ({result.samples} noise samples)", fontsize=9)  # fmt: skip
-    fig.savefig(path)
-    return Path(path)
+    return save_figure(fig, path, overwrite)
 
 
 def where_figure(result, path: str | Path, title: str = "") -> Path:

@@ -9,7 +9,8 @@ import json
 import time
 from pathlib import Path
 
-from .ui import add_model_argument, add_settings_arguments, console, console_err, table
+from .ui import (add_model_argument, add_plot_arguments, add_settings_arguments, check_plot_argument, console,
+                 console_err, table)
 
 
 # ----- arguments -----------------------------------------------------------------------------------------------
@@ -97,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--noise-scale", type=float, default=3.0, help="noise std in embedding stds (default 3)")
     tr.add_argument("--window", type=int, default=1, help="restore this many layers around each (paper: 10)")
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--plot", metavar="FILE.png", help="write the heatmaps")
+    add_plot_arguments(tr, "the heatmaps")
     tr.add_argument("--json", action="store_true", help="print JSON only")
     tr.set_defaults(func=run_trace)
 
@@ -117,11 +118,10 @@ def _load(args, quiet: bool):
 
 
 def _run_dir(args, command: str) -> Path:
-    from ..errors import ConfigError
+    from ..persist import check_new_folder
 
     out = Path(args.out) if args.out else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if out.exists():
-        raise ConfigError(f"{out} already exists; choose a new --out folder (nothing was computed)")
+    check_new_folder(out)
     return out
 
 
@@ -315,8 +315,10 @@ def run_top_text(args: argparse.Namespace) -> int:
         raise ConfigError("give either --neurons L:I,... or --prompt PROMPT --target T")
     if args.prompts and not args.target:
         raise ConfigError("--prompt needs --target")
-    if args.out and Path(args.out).exists():
-        raise ConfigError(f"{args.out} already exists; choose a new --out folder (nothing was computed)")
+    if args.out:
+        from ..persist import check_new_folder
+
+        check_new_folder(args.out)  # written after the scan: a bad folder must fail before it
     km = _load(args, quiet=args.json)
     if args.neurons:
         neurons = parse_neurons(args.neurons)
@@ -369,6 +371,7 @@ def run_trace(args: argparse.Namespace) -> int:
     from ..analysis.tracing import trace
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    check_plot_argument(args)
     km = _load(args, quiet=args.json)
     start = time.perf_counter()
     result = trace(km, args.prompt, args.subject, args.target, kinds=kinds, samples=args.samples,
@@ -377,7 +380,7 @@ def run_trace(args: argparse.Namespace) -> int:
     if args.plot:
         from ..analysis.plots import trace_figure
 
-        trace_figure(result, args.plot)
+        trace_figure(result, args.plot, overwrite=args.overwrite)
     if args.json:
         print(json.dumps({"model": km.name, "seconds": seconds, **result.to_dict()}, indent=2))
         return 0

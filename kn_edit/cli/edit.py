@@ -192,6 +192,8 @@ def _one_fact_or_file(args: argparse.Namespace, needed: tuple[str, ...]) -> None
     given = [flags[n] for n in ("prompts", *needed) if getattr(args, n, None)]
     if args.facts and given:
         raise ConfigError(f"give either --facts FILE or the fact itself ({', '.join(given)}), not both")
+    if args.facts and args.subject:
+        raise ConfigError("--subject does not go with --facts: each line of the fact file carries its own subject")
     missing = [flags[n] for n in ("prompts", *needed) if not getattr(args, n, None)]
     if not args.facts and missing:
         raise ConfigError(f"missing {', '.join(missing)} (or give --facts FILE.jsonl to edit a list of facts)")
@@ -199,9 +201,11 @@ def _one_fact_or_file(args: argparse.Namespace, needed: tuple[str, ...]) -> None
 
 def run_batch(args: argparse.Namespace, erase: bool) -> int:
     """--facts FILE: every fact of the file in one edit (one patch), judged by the edit's report."""
-    from ..data.jsonl import load_edit_requests
+    from ..data.jsonl import load_edit_requests, read_jsonl
 
     editor = _editor(args)
+    for _ in read_jsonl(args.facts):  # a missing, folder or malformed file fails before the model loads
+        pass
     km = _load(args, args.quiet)
     _check_save(km, args)
     requests = load_edit_requests(args.facts, km.is_masked_lm, erase=erase)  # a malformed line: nothing applied

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from .ui import add_model_argument, add_prompts_argument, add_settings_arguments, console, table
+from .ui import (add_model_argument, add_plot_arguments, add_prompts_argument, add_settings_arguments,
+                 check_plot_argument, console, table)
+
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
     add_settings_arguments(parser, "configs/locate.yaml", "steps=20 threshold=0.2 share=0.5 'layers=[20,21]'")
@@ -22,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     locate = sub.add_parser("locate", help="find the knowledge neurons of one fact (integrated gradients)")
     add_model_argument(locate)
     _add_fact(locate)
-    locate.add_argument("--plot", metavar="FILE.png", help="write a layer × neuron attribution heatmap")
+    add_plot_arguments(locate, "a layer × neuron attribution heatmap")
     _add_settings(locate)
     locate.set_defaults(func=run_locate)
 
@@ -78,13 +80,14 @@ def run_locate(args: argparse.Namespace) -> int:
     from ..locating.probe import prompt_probs
 
     cfg = _config(args)
+    check_plot_argument(args)
     km = _load(args, quiet=args.json)
     result = _locate(km, args, cfg)
     probs = prompt_probs(km, result.prompts, result.target).tolist()
     if args.plot:
         from ..locating.plots import plot_locate
 
-        plot_locate(result, args.plot)
+        plot_locate(result, args.plot, overwrite=args.overwrite)
     if args.json:
         out = {"model": km.name, **result.to_dict(), "steps": cfg.steps,
                "probabilities": dict(zip(result.prompts, probs)), "plot": args.plot}
@@ -196,6 +199,7 @@ def _quiet_lightning() -> None:
 def run_locate_dataset(args: argparse.Namespace) -> int:
     from ..locating.dataset import locate_dataset
     from ..errors import DataError
+    from ..persist import check_new_folder
     from ..progress import default_reporter
 
     _quiet_lightning()
@@ -205,6 +209,7 @@ def run_locate_dataset(args: argparse.Namespace) -> int:
 
         kind = resolve_device(args.device).type
         cfg.accelerator = {"cpu": "cpu", "cuda": "gpu", "mps": "mps"}.get(kind, "auto")
+    check_new_folder(args.out)  # before the model loads (locate_dataset checks again, for the library)
     # Lightning places the model (one copy per device under DDP), so it is read into CPU memory first.
     args.device = "cpu"
     km = _load(args, quiet=args.quiet)

@@ -43,6 +43,21 @@ def add_settings_arguments(parser, config_file: str, example: str) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"settings, e.g. {example}")
 
 
+def add_plot_arguments(parser, what: str) -> None:
+    """--plot FILE and --overwrite (an existing plot file is refused without it, before any computation)."""
+    parser.add_argument("--plot", metavar="FILE.png", help=f"write {what} (the extension names the format: png, pdf, "
+                                                          "svg, ...)")
+    parser.add_argument("--overwrite", action="store_true", help="let --plot replace an existing file")
+
+
+def check_plot_argument(args) -> None:
+    """Refuse a bad --plot path (format, existing file, unwritable folder) before the model loads."""
+    if args.plot:
+        from ..plots import check_plot_path
+
+        check_plot_path(args.plot, args.overwrite)
+
+
 def add_prompts_argument(parser, required: bool = True) -> None:
     parser.add_argument("--prompt", "-p", action="append", required=required, dest="prompts", metavar="PROMPT",
                         help="a prompt of the fact (repeat for paraphrases); causal: text before the answer, "

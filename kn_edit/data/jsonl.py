@@ -27,6 +27,8 @@ from .records import FactRecord, FactSet
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) of each non-blank line; DataError (file:line) for text that is not a JSON object."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; give a JSON Lines file (one fact a line)")
     if not path.is_file():
         raise DataError(f"no such file: {path}")
     with open(path, "rb") as handle:

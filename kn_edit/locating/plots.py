@@ -13,6 +13,38 @@ import torch
 from .locate import LocateResult
 
 
+def figure_formats() -> list[str]:
+    """The file extensions matplotlib can write here. pgf is left out: it needs a LaTeX install to write."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(f for f in FigureCanvasBase.get_supported_filetypes() if f != "pgf")
+
+
+def check_plot_path(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse, before any computation, a plot path whose extension names no format matplotlib writes (a
+    ConfigError), or that exists without ``overwrite``, is a folder or is not writable (an EditError)."""
+    from .errors import ConfigError
+    from .saving import check_new_file
+
+    path = Path(path)
+    formats = figure_formats()
+    if path.suffix[1:].lower() not in formats:
+        raise ConfigError(f"cannot write a picture to {path}: its extension must name a format, one of "
+                          f"{', '.join(formats)} (nothing was computed)")
+    return check_new_file(path, overwrite, "--overwrite")  # the option of the commands that write plots
+
+
+def save_figure(fig, path: str | Path, overwrite: bool = False) -> Path:
+    """Write ``fig`` to ``path`` atomically, in the format its extension names: rendered to a temporary sibling,
+    then moved into place, so an interrupted write leaves no half picture and replaces nothing it should not."""
+    from .persist import atomic_file
+
+    path = Path(path).expanduser()  # as check_plot_path sees it
+    with atomic_file(path, overwrite=overwrite, what="plot") as tmp:
+        fig.savefig(tmp, format=path.suffix[1:].lower())
+    return path
+
+
 def relative_scores(result: LocateResult) -> torch.Tensor:
     """[L_selected, d_ff]: each prompt's scores divided by that prompt's largest score, averaged over prompts.
     On this scale the per-prompt threshold is a fixed line (t) and prompts count equally."""
@@ -30,9 +62,11 @@ def binned_max(values: torch.Tensor, max_columns: int) -> tuple[torch.Tensor, in
     return padded.view(values.shape[0], -1, width).max(dim=2).values, width
 
 
-def plot_locate(result: LocateResult, path: str | Path, max_columns: int = 256, title: str | None = None) -> Path:
-    """Write a PNG: left, a layer × neuron heatmap of the relative attribution (max over bins of neurons) with
-    the located neurons circled; right, per layer the neurons above threshold for some prompt and the located ones."""
+def plot_locate(result: LocateResult, path: str | Path, max_columns: int = 256, title: str | None = None,
+                overwrite: bool = False) -> Path:
+    """Write a picture, in the format the extension of ``path`` names (``overwrite``: replace an existing file):
+    left, a layer × neuron heatmap of the relative attribution (max over bins of neurons) with the located
+    neurons circled; right, per layer the neurons above threshold for some prompt and the located ones."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import PowerNorm
     from matplotlib.figure import Figure
@@ -81,6 +115,4 @@ def plot_locate(result: LocateResult, path: str | Path, max_columns: int = 256, 
         f"(t={result.threshold:g}, p={result.share:g})",
         fontsize=11,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return save_figure(fig, path, overwrite)

@@ -74,6 +74,11 @@ def load(
         source = path
         model, tokenizer = _from_pretrained(str(path.parent), gguf_file=path.name)
         name = str(path)
+    elif path.is_file():
+        raise UnknownModelError(
+            f"{path} is a file but not a model kn-edit can load: give a .gguf file, a model folder (config.json and "
+            f"weights), an offline model name ({', '.join(OFFLINE_MODELS)}) or a Hugging Face hub id"
+        )
     elif path.suffix == ".gguf" or name_or_path.startswith((".", "/", "~")):
         raise UnknownModelError(f"no such model file or folder: {name_or_path}")
     else:

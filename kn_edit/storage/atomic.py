@@ -199,6 +199,14 @@ def check_writable(target: str | Path) -> Path:
     return target
 
 
+def check_new_folder(target: str | Path) -> Path:
+    """Refuse (EditError), before any long work, an output folder that exists, even empty (a folder is never
+    merged into or replaced), or that cannot be created."""
+    if os.path.lexists(Path(target).expanduser()):
+        raise EditError(f"{target} already exists; choose a new output folder (nothing was computed)")
+    return check_writable(target)
+
+
 def _exists_error(target: Path) -> EditError:
     return EditError(f"{target} already exists; choose a new path (nothing was written)")
 
