@@ -65,7 +65,7 @@ def activations_figure(result, path: str | Path, title: str = "") -> Path:
 def trace_figure(result, path: str | Path, overwrite: bool = False) -> Path:
     """One heatmap per traced kind: indirect effect, tokens × layers (subject tokens marked with *). Written
     atomically to a path the user names (its format from the extension; ``overwrite`` replaces a file)."""
-    from ..plots import save_figure
+    from ..locating.plots import save_figure
 
     kinds = list(result.effects)
     labels = {"hidden": "hidden state", "mlp": "MLP output", "attn": "attention output"}

@@ -118,7 +118,7 @@ def _load(args, quiet: bool):
 
 
 def _run_dir(args, command: str) -> Path:
-    from ..persist import check_new_folder
+    from ..storage.atomic import check_new_folder
 
     out = Path(args.out) if args.out else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_new_folder(out)
@@ -316,7 +316,7 @@ def run_top_text(args: argparse.Namespace) -> int:
     if args.prompts and not args.target:
         raise ConfigError("--prompt needs --target")
     if args.out:
-        from ..persist import check_new_folder
+        from ..storage.atomic import check_new_folder
 
         check_new_folder(args.out)  # written after the scan: a bad folder must fail before it
     km = _load(args, quiet=args.json)

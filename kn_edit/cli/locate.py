@@ -199,7 +199,7 @@ def _quiet_lightning() -> None:
 def run_locate_dataset(args: argparse.Namespace) -> int:
     from ..locating.dataset import locate_dataset
     from ..errors import DataError
-    from ..persist import check_new_folder
+    from ..storage.atomic import check_new_folder
     from ..progress import default_reporter
 
     _quiet_lightning()

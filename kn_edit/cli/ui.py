@@ -53,7 +53,7 @@ def add_plot_arguments(parser, what: str) -> None:
 def check_plot_argument(args) -> None:
     """Refuse a bad --plot path (format, existing file, unwritable folder) before the model loads."""
     if args.plot:
-        from ..plots import check_plot_path
+        from ..locating.plots import check_plot_path
 
         check_plot_path(args.plot, args.overwrite)
 

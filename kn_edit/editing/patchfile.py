@@ -1,5 +1,5 @@
 """Patch files: an edit as a safetensors file with JSON metadata, applied to, and removed from, a freshly
-loaded model. Written atomically (see kn_edit.persist).
+loaded model. Written atomically (see kn_edit.storage.atomic).
 
 Format version 2 (``"format": "kn-edit-patch", "version": 2``). Per touched parameter ``i`` the file holds
 

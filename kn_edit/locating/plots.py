@@ -23,8 +23,8 @@ def figure_formats() -> list[str]:
 def check_plot_path(path: str | Path, overwrite: bool = False) -> Path:
     """Refuse, before any computation, a plot path whose extension names no format matplotlib writes (a
     ConfigError), or that exists without ``overwrite``, is a folder or is not writable (an EditError)."""
-    from .errors import ConfigError
-    from .saving import check_new_file
+    from ..errors import ConfigError
+    from ..models.saving import check_new_file
 
     path = Path(path)
     formats = figure_formats()
@@ -37,7 +37,7 @@ def check_plot_path(path: str | Path, overwrite: bool = False) -> Path:
 def save_figure(fig, path: str | Path, overwrite: bool = False) -> Path:
     """Write ``fig`` to ``path`` atomically, in the format its extension names: rendered to a temporary sibling,
     then moved into place, so an interrupted write leaves no half picture and replaces nothing it should not."""
-    from .persist import atomic_file
+    from ..storage.atomic import atomic_file
 
     path = Path(path).expanduser()  # as check_plot_path sees it
     with atomic_file(path, overwrite=overwrite, what="plot") as tmp:

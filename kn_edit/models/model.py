@@ -218,7 +218,7 @@ class KnModel:
         return torch.stack([captured[l] for l in layers], dim=1)
 
     def save(self, path: str | Path) -> Path:
-        """Write this model (with its active edits) to the new folder ``path``; see kn_edit.saving."""
+        """Write this model (with its active edits) to the new folder ``path``; see kn_edit.models.saving."""
         from .saving import save_model
 
         return save_model(self, path)
