@@ -231,7 +231,7 @@ def run_batch(args: argparse.Namespace, erase: bool) -> int:
 
 
 def run_update(args: argparse.Namespace) -> int:
-    from ..editing.base import EditRequest
+    from ..data.records import EditRequest
 
     _one_fact_or_file(args, ("old", "new"))
     if args.facts:
@@ -258,7 +258,7 @@ def run_update(args: argparse.Namespace) -> int:
 
 
 def run_erase(args: argparse.Namespace) -> int:
-    from ..editing.base import EditRequest
+    from ..data.records import EditRequest
 
     _one_fact_or_file(args, ("target",))
     if args.facts:

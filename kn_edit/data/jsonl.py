@@ -108,7 +108,7 @@ def load_edit_requests(path: str | Path, masked: bool = False, erase: bool = Fal
     """Edit requests from a fact file whose lines also carry ``"new"`` (the object each fact should get); with
     ``erase``, no ``new`` (each fact's object is erased). A fact (subject and relation) given twice with different
     new objects is a DataError naming both lines; exact repeats are kept once."""
-    from ..editing.base import EditRequest
+    from .records import EditRequest
 
     path = Path(path)
     requests, first = [], {}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import EditError
+
 
 @dataclass(frozen=True)
 class FactRecord:
@@ -62,3 +64,32 @@ class FactSet:
 
     def __len__(self) -> int:
         return len(self.records)
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to change. ``new=None`` asks to erase ``old`` (the current object) instead.
+
+    prompts: texts that express the fact with the answer slot at the end (causal) or marked (masked LM).
+    """
+
+    prompts: tuple[str, ...]
+    old: str
+    new: str | None = None
+    subject: str | None = None
+    relation: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompts, str):
+            object.__setattr__(self, "prompts", (self.prompts,))
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        if not self.prompts:
+            raise EditError("an edit request needs at least one prompt")
+        if not isinstance(self.old, str) or not self.old.strip():
+            raise EditError("an edit request needs the current object (old)")
+        if self.new is not None and self.new.strip() == self.old.strip():
+            raise EditError(f"old and new are the same ({self.old!r}): nothing to edit")
+
+    @property
+    def is_erasure(self) -> bool:
+        return self.new is None

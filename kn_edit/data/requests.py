@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..editing.base import EditRequest
+from .records import EditRequest
 from ..errors import PromptError, TargetError
 from .records import FactRecord, FactSet, SkippedFact
 

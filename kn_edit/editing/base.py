@@ -1,101 +1,20 @@
-"""The editor interface every editing method implements, and the revertible Edit handle it returns.
+"""The editor interface every editing method implements.
 
-An edit is a set of ParamPatches: for one parameter, the slices it touched along one dimension, with
-copies of the values before and after. Nothing else of the model is copied.
-
-Every edit is made through :func:`kn_edit.editing.ledger.commit`: the model's ledger holds the pristine value
-of every touched slice, so edits can be reverted in any order and the model comes back bit for bit. A patch
-may cover a whole parameter (ROME and fine-tuning change every column of a matrix).
+An editor computes the changes a request needs; :meth:`Editor.apply` commits them through the model's edit
+ledger (:mod:`kn_edit.editing.ledger`, which makes the revertible :class:`Edit`) and fills one report. The
+request record (:class:`EditRequest`) lives with the data records; both are re-exported here, where users
+have always imported them from.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
-import torch
-
+from ..data.records import EditRequest
 from ..errors import EditError
-
-if TYPE_CHECKING:
-    from .ledger import SliceChange
-    from .report import EditReport
-
-
-@dataclass(frozen=True)
-class EditRequest:
-    """One fact to change. ``new=None`` asks to erase ``old`` (the current object) instead.
-
-    prompts: texts that express the fact with the answer slot at the end (causal) or marked (masked LM).
-    """
-
-    prompts: tuple[str, ...]
-    old: str
-    new: str | None = None
-    subject: str | None = None
-    relation: str | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.prompts, str):
-            object.__setattr__(self, "prompts", (self.prompts,))
-        object.__setattr__(self, "prompts", tuple(self.prompts))
-        if not self.prompts:
-            raise EditError("an edit request needs at least one prompt")
-        if not isinstance(self.old, str) or not self.old.strip():
-            raise EditError("an edit request needs the current object (old)")
-        if self.new is not None and self.new.strip() == self.old.strip():
-            raise EditError(f"old and new are the same ({self.old!r}): nothing to edit")
-
-    @property
-    def is_erasure(self) -> bool:
-        return self.new is None
-
-
-@dataclass(eq=False)
-class ParamPatch:
-    """Values of parameter ``name`` at ``index`` along ``dim``, before and after the edit (CPU copies).
-
-    ``delta`` is set for additive patches (the edit adds it to the slices, so it composes with other edits
-    of the same slices); ``None`` means the edit sets the slices to ``after``.
-    """
-
-    name: str
-    dim: int
-    index: torch.Tensor  # [k] long
-    before: torch.Tensor
-    after: torch.Tensor
-    delta: torch.Tensor | None = None
-
-
-@dataclass(eq=False)
-class Edit:
-    """Handle on an applied edit, made by the model's ledger (:func:`kn_edit.editing.ledger.commit`).
-    ``revert()`` takes it back; once every edit of a slice is reverted, the slice holds its original values
-    bit for bit, whatever the order. ``report`` says what the editor did (:class:`EditReport`)."""
-
-    editor: str
-    requests: tuple[EditRequest, ...]
-    patches: list[ParamPatch]
-    model: Any  # the KnModel the edit was applied to
-    ledger: Any = field(repr=False)  # the model's Ledger: the one way back
-    report: EditReport | None = None
-    active: bool = True
-
-    def revert(self) -> None:
-        if not self.active:
-            raise EditError("this edit was already reverted")
-        self.ledger.revert(self)
-
-    def save(self, path) -> None:
-        """Write this edit as a patch file (safetensors + JSON metadata), atomically; see ``apply_patch``."""
-        from .patchfile import save_patch
-
-        save_patch(self, path)
-
-    @property
-    def touched_parameters(self) -> list[str]:
-        return sorted({p.name for p in self.patches})
+from .ledger import Edit, ParamPatch, SliceChange, commit
+from .report import EditReport, measured, parameter_changes, prompt_outcomes
 
 
 class Editor(ABC):
@@ -142,9 +61,6 @@ class Editor(ABC):
     def apply(self, km, requests: Sequence[EditRequest]) -> Edit:
         """Apply every request at once and return the handle that reverts them. If this raises (a refused
         edit, an error, an interrupt), the model is left as it was."""
-        from .ledger import commit
-        from .report import EditReport, measured, parameter_changes, prompt_outcomes
-
         requests = self.check_requests(requests)
         with measured(km.device) as cost:
             changes, details = self.compute(km, requests)
@@ -164,3 +80,6 @@ class Editor(ABC):
     def compute(self, km, requests: list[EditRequest]) -> tuple[list[SliceChange], Any]:
         """(changes to make, the method's details). The model must be as before when this returns or raises
         (trial changes go through the ledger and are reverted)."""
+
+
+__all__ = ["Edit", "EditRequest", "Editor", "ParamPatch", "SliceChange"]

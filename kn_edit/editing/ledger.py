@@ -1,4 +1,4 @@
-"""The edit ledger: one per model, so that edits can be stacked and reverted in any order, bit for bit.
+"""The edit ledger and the revertible edits it makes: one ledger per model, so that edits can be stacked and reverted in any order, bit for bit.
 
 At the first touch of a slice (one row or column of a parameter, e.g. a value vector; or every slice of it, for
 editors that change a whole matrix) the ledger keeps a copy of its pristine value. Every edit is stored as one
@@ -17,15 +17,62 @@ overwritten by the next recomputation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from ..data.records import EditRequest
 from ..errors import EditError
-from .base import Edit, EditRequest, ParamPatch
+from ..models.model import LEDGER_ATTR as _ATTR
+from .patch_format import save_patch
 
-_ATTR = "_kn_edit_ledger"
+if TYPE_CHECKING:
+    from .report import EditReport  # the report imports nothing of the ledger; typed here only
+
+@dataclass(eq=False)
+class ParamPatch:
+    """Values of parameter ``name`` at ``index`` along ``dim``, before and after the edit (CPU copies).
+
+    ``delta`` is set for additive patches (the edit adds it to the slices, so it composes with other edits
+    of the same slices); ``None`` means the edit sets the slices to ``after``.
+    """
+
+    name: str
+    dim: int
+    index: torch.Tensor  # [k] long
+    before: torch.Tensor
+    after: torch.Tensor
+    delta: torch.Tensor | None = None
+
+
+@dataclass(eq=False)
+class Edit:
+    """Handle on an applied edit, made by the model's ledger (:func:`kn_edit.editing.ledger.commit`).
+    ``revert()`` takes it back; once every edit of a slice is reverted, the slice holds its original values
+    bit for bit, whatever the order. ``report`` says what the editor did (:class:`EditReport`)."""
+
+    editor: str
+    requests: tuple[EditRequest, ...]
+    patches: list[ParamPatch]
+    model: Any  # the KnModel the edit was applied to
+    ledger: Any = field(repr=False)  # the model's Ledger: the one way back
+    report: EditReport | None = None
+    active: bool = True
+
+    def revert(self) -> None:
+        if not self.active:
+            raise EditError("this edit was already reverted")
+        self.ledger.revert(self)
+
+    def save(self, path) -> None:
+        """Write this edit as a patch file (safetensors + JSON metadata), atomically; see ``apply_patch``."""
+        save_patch(self, path)
+
+    @property
+    def touched_parameters(self) -> list[str]:
+        return sorted({p.name for p in self.patches})
+
 
 # (parameter name, dim) → {row: value}; a "row" is param.select(dim, row).
 Key = tuple[str, int]
@@ -255,7 +302,6 @@ class Ledger:
             edit.revert()
 
 
-def active_edits(km) -> list[Any]:
+def active_edits(km) -> list[Edit]:
     """The edits applied to ``km`` and not reverted, oldest first."""
-    ledger = km.model.__dict__.get(_ATTR)
-    return ledger.active_edits if ledger is not None else []
+    return km.active_edits

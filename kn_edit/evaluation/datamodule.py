@@ -21,7 +21,7 @@ from ..data.known1000 import load_known1000
 from ..data.pararel import load_pararel
 from ..data.records import FactRecord, FactSet, SkippedFact
 from ..data.requests import choose_new_object, edit_request, known_mask, relation_objects, unusable_reason
-from ..editing.base import EditRequest
+from ..data.records import EditRequest
 from ..errors import DataError
 from ..models.provision import cache_root
 from .known_cache import KnownCache

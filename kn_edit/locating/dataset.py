@@ -103,12 +103,10 @@ def weights_digest(km) -> str:
     """sha256 over the bytes of :func:`_identity_tensors` (about 1 s for 135M fp32 parameters). Cached on the
     model object while the model's ledger holds no active edit and none of those tensors was written in place
     since (torch counts every in-place write in the tensor's version; a write through ``.data`` escapes it)."""
-    from ..editing.ledger import active_edits
-
     tensors = _identity_tensors(km)
     versions = tuple(int(t._version) for t in tensors)
     cached = km.model.__dict__.get(_IDENTITY_ATTR)
-    if cached is not None and cached[0] == versions and not active_edits(km):
+    if cached is not None and cached[0] == versions and not km.active_edits:
         return cached[1]
     digest = hashlib.sha256()
     with torch.no_grad():

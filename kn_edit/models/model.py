@@ -16,6 +16,11 @@ from .hooks import value_input_hooks
 from .prompts import AnswerStep, EncodedFact, context_length, encode_causal, encode_masked, encode_prompt_only
 
 
+# Where the edit ledger (kn_edit.editing.ledger) keeps itself: on the Hugging Face module, so that two KnModels
+# wrapping one module share it. Named here so that this layer can list active edits without importing editing.
+LEDGER_ATTR = "_kn_edit_ledger"
+
+
 @dataclass(frozen=True)
 class Prediction:
     token: str
@@ -216,6 +221,12 @@ class KnModel:
         with value_input_hooks(self.value_projs(layers), capture):
             self.model(input_ids=ids, attention_mask=mask)
         return torch.stack([captured[l] for l in layers], dim=1)
+
+    @property
+    def active_edits(self) -> list:
+        """The edits (kn_edit.editing.Edit) applied to this model and not reverted, oldest first."""
+        ledger = self.model.__dict__.get(LEDGER_ATTR)
+        return ledger.active_edits if ledger is not None else []
 
     def save(self, path: str | Path) -> Path:
         """Write this model (with its active edits) to the new folder ``path``; see kn_edit.models.saving."""

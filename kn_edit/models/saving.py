@@ -46,14 +46,12 @@ def check_new_file(path: str | Path, overwrite: bool = False, flag: str | None =
 
 def save_model(km, path: str | Path) -> Path:
     """Write ``km`` to the new folder ``path`` and return it."""
-    from ..editing.ledger import active_edits
-
     target = check_model_path(km, path)
     edits = [
         {"editor": e.editor, "requests": [{"prompts": list(r.prompts), "old": r.old, "new": r.new} for r in e.requests],
          "method": e.report.method if e.report else None,
          "neurons": [[n.layer, n.index] for n in e.report.neurons] if e.report else []}
-        for e in active_edits(km)
+        for e in km.active_edits
     ]
     with atomic_dir(target, what="model") as tmp:
         km.model.save_pretrained(str(tmp))  # safetensors is the default format
