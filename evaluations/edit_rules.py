@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import kn_edit  # noqa: E402
 from kn_edit import EditError, Neuron  # noqa: E402
+from kn_edit.models.likelihood import mean_text_nll  # noqa: E402
 from kn_edit.data import choose_new_object, expressible, load_pararel, relation_objects  # noqa: E402
 from kn_edit.data.requests import prompt_top1  # noqa: E402
 from kn_edit.editing import KnowledgeNeuronEditor, Located, ledger_for, make_editor  # noqa: E402
@@ -129,13 +130,8 @@ def locate_all(km, facts, steps: int, cache: Path) -> dict[str, dict]:
     return {f["fact_id"]: f["located"] for f in facts}
 
 
-@torch.no_grad()
 def perplexity(km, texts) -> float:
-    ids, mask = km.pad([torch.tensor(km.tokenizer(t)["input_ids"]) for t in texts])
-    logits = km.model(input_ids=ids, attention_mask=mask).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    m = mask[:, 1:].float()
-    return math.exp(float(-(logp * m).sum() / m.sum()))
+    return math.exp(mean_text_nll(km, texts))
 
 
 def top1(km, prompts) -> list[int]:

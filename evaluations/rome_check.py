@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "evaluations"))
 
 import kn_edit  # noqa: E402
+from kn_edit.models.likelihood import token_nll  # noqa: E402
 from kn_edit.data import load_pararel, wiki_passages  # noqa: E402
 from kn_edit.data.requests import prompt_top1  # noqa: E402
 from kn_edit.editing import EditRequest, ledger_for  # noqa: E402
@@ -59,10 +60,8 @@ def neighbours(km, root: Path, facts, seed: int, per_kind: int, scan: int) -> No
 
 @torch.no_grad()
 def perplexity(km, ids: torch.Tensor, mask: torch.Tensor) -> float:
-    logits = km.model(input_ids=ids, attention_mask=mask).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    m = mask[:, 1:].float()
-    return math.exp(float(-(logp * m).sum() / m.sum()))
+    nll, count = token_nll(km.model(input_ids=ids, attention_mask=mask).logits, ids, mask)
+    return math.exp(float(nll / count))
 
 
 def heldout(km, fact) -> tuple[list[bool], list[bool]]:

@@ -119,8 +119,8 @@ def reference_digest(km) -> str:
     tensors = [km.value_weight(l) for l in range(km.n_layers)] + [km.model.get_input_embeddings().weight]
     if not km.embeddings_tied:
         tensors.append(km.model.get_output_embeddings().weight)
-    for t in tensors:
-        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+    for i, t in enumerate(tensors):  # named by position: kn_edit.storage.digest's "name;dtype;shape;" header
+        h.update(f"{i};{t.dtype};{tuple(t.shape)};".encode())
         h.update(t.detach().contiguous().numpy().tobytes())
     return h.hexdigest()
 

@@ -7,7 +7,6 @@ import torch
 
 import kn_edit
 from kn_edit.models.prompts import causal_prompt, join_target
-from tiny_models import causal_tokenizer
 
 
 def test_space_is_inserted_once():

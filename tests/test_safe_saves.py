@@ -17,7 +17,7 @@ import pytest
 
 import kn_edit
 from kn_edit import EditError, Neuron
-from kn_edit.storage.atomic import atomic_dir, atomic_file, check_writable, clean_leftovers, rename_noreplace
+from kn_edit.storage.atomic import atomic_dir, atomic_file, check_writable, rename_noreplace
 from tiny_models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import random
 import re
-import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
-import torch
 
-from ..errors import EditError
+from ..errors import EditError, KnEditError
+from ..models.likelihood import mean_text_nll
 from .ledger import SliceChange, commit
 
 GUARD_PASSAGES = 8
@@ -35,19 +35,12 @@ def guard_sample(texts: Sequence[str] | None = None) -> tuple[str, ...]:
     return tuple(texts) if texts is not None else guard_texts()
 
 
-@torch.no_grad()
 def text_nll(km, texts: Sequence[str], max_tokens: int = GUARD_TOKENS) -> float:
     """Mean per-token negative log-likelihood of ``texts`` (each cut at ``max_tokens`` tokens), one batch."""
-    seqs = [torch.tensor(km.tokenizer(t, add_special_tokens=True)["input_ids"][:max_tokens], dtype=torch.long)
-            for t in texts]
-    seqs = [s for s in seqs if len(s) >= 2]
-    if not seqs:
-        raise EditError("the text-damage guard's sample tokenizes to nothing")
-    ids, mask = km.pad(seqs)
-    logits = km.model(input_ids=ids, attention_mask=mask).logits.float()  # [batch, seq, vocab]
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # [batch, seq-1]
-    m = mask[:, 1:].float()
-    return float(-(logp * m).sum() / m.sum())
+    try:
+        return mean_text_nll(km, texts, max_tokens)
+    except KnEditError as exc:
+        raise EditError(f"the text-damage guard's sample: {exc}") from None
 
 
 def text_change(km, changes: Sequence[SliceChange], texts: Sequence[str], max_tokens: int = GUARD_TOKENS) -> float:

@@ -23,7 +23,7 @@ from .ledger import commit
 from .rules import paper_deltas, signed_direction, signed_unit_deltas, unscaled_deltas
 from .sensitivity import least_norm_step, value_gradients
 from .settings import EraseSettings, LocateSettings, RelationEraseSettings, UpdateSettings, with_overrides
-from .targets import UpdateTarget, embedding, margins, prompt_margins, require_predicted, update_target
+from .targets import UpdateTarget, embedding, margins, require_predicted, update_target
 from .values import checked, value_changes, value_vectors
 
 

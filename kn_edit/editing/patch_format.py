@@ -23,9 +23,8 @@ the digests.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +32,7 @@ import torch
 
 from ..errors import EditError
 from ..storage.atomic import atomic_file
+from ..storage.digest import tensor_digest
 
 if TYPE_CHECKING:
     from .ledger import Edit  # the ledger imports this module (Edit.save); typed here only
@@ -54,11 +54,6 @@ READABLE_VERSIONS = (1, 2)
 _META_KEY = "kn_edit_patch"
 _FLOAT_DTYPES = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
-
-def tensor_digest(t: torch.Tensor) -> str:
-    """sha256 of the tensor's bytes (row-major, native little-endian as safetensors stores them)."""
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 # ----- the metadata schema --------------------------------------------------------------------------------

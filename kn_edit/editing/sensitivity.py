@@ -32,7 +32,7 @@ def value_gradients(km, steps: Sequence[AnswerStep], neurons: Sequence[Neuron], 
         gap = (logits[rows, new] - logits[rows, old]).mean()
         grads = torch.autograd.grad(gap, [km.value_weight(l) for l in layers])
     # the gradient has the weight's layout; read it the way km.value_vectors reads the weight: [d_ff, d_model]
-    by_layer = {l: (g if km.adapter.value_weight_transposed else g.t()) for l, g in zip(layers, grads)}
+    by_layer = {l: km.adapter.as_value_vectors(g) for l, g in zip(layers, grads)}
     return torch.stack([by_layer[n.layer][n.index].float().cpu() for n in neurons])
 
 

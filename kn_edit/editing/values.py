@@ -18,7 +18,7 @@ def value_location(km, layer: int) -> tuple[str, int]:
     weight = km.value_weight(layer)
     for name, param in km.model.named_parameters():
         if param is weight:
-            return name, 0 if km.adapter.value_weight_transposed else 1
+            return name, km.adapter.value_dim
     raise EditError(f"layer {layer}'s value weight is not a named parameter of the model")
 
 
@@ -58,7 +58,7 @@ def slice_dim(km, name: str) -> int:
     param = km.model.get_parameter(name)
     for layer in range(km.n_layers):
         if km.value_weight(layer) is param:
-            return 0 if km.adapter.value_weight_transposed else 1
+            return km.adapter.value_dim
     return 0
 
 

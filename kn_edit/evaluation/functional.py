@@ -6,7 +6,8 @@ Every log-probability comes from ``log_softmax``/``cross_entropy``, never ``soft
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from ..models.likelihood import token_nll  # noqa: F401  (the metric math's one token NLL)
 
 
 def _check(name: str, *tensors: torch.Tensor) -> None:
@@ -67,20 +68,6 @@ def perplexity(nll_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return torch.exp(nll_sum / count) if float(count) > 0 else torch.tensor(float("nan"))
 
 
-def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal-LM (summed next-token NLL, number of predicted tokens) of right-padded text.
-
-    logits [batch, seq, vocab]; input_ids, attention_mask [batch, seq].
-    """
-    if logits.dim() != 3 or input_ids.shape != logits.shape[:2] or attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"token_nll: logits [batch, seq, vocab] and ids/mask [batch, seq]; got {tuple(logits.shape)}, "
-            f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}"
-        )
-    pred = logits[:, :-1].float()
-    gold = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), gold.reshape(-1), ignore_index=-100, reduction="sum")
-    return nll, (gold != -100).sum().float()
 
 
 def relative_change(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:

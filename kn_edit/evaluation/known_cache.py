@@ -18,10 +18,10 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-import torch
 
 from ..data.records import FactRecord
 from ..errors import KnEditError
+from ..storage.digest import weights_digest
 from ..storage.atomic import atomic_file
 
 log = logging.getLogger(__name__)
@@ -32,13 +32,7 @@ RULE_VERSION = 1
 
 def parameters_digest(km) -> str:
     """sha256 over the name, dtype, shape and bytes of every parameter and buffer of the model (~1 s for 135M)."""
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, t in list(km.model.named_parameters()) + list(km.model.named_buffers()):
-            flat = t.detach().cpu().contiguous().reshape(-1)
-            digest.update(f"{name};{t.dtype};{tuple(t.shape)};".encode())
-            digest.update(flat.view(torch.uint8).numpy())
-    return digest.hexdigest()
+    return weights_digest(list(km.model.named_parameters()) + list(km.model.named_buffers()))
 
 
 def fact_key(record: FactRecord, min_share: float) -> str:

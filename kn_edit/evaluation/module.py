@@ -22,6 +22,7 @@ from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from ..data.records import FactRecord
 from ..editing.base import Edit, Editor
 from ..errors import EditError, KnEditError
+from ..models.likelihood import text_nll, tokenized_text
 from . import functional as Fn
 from .config import FluencyConfig, ProbeConfig
 from .datamodule import EditCase
@@ -45,22 +46,8 @@ def score_pairs(km, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> t
     return Fn.answer_scores(logits, targets, torch.tensor(owner, device=logits.device), len(pairs))
 
 
-def tokenized_text(km, passages: Sequence[str], max_tokens: int) -> list[torch.Tensor]:
-    ids = [km.tokenizer(p, add_special_tokens=True)["input_ids"][:max_tokens] for p in passages]
-    return [torch.tensor(i, dtype=torch.long) for i in ids if len(i) >= 2]
 
 
-@torch.no_grad()
-def text_nll(km, text: Sequence[torch.Tensor], batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed next-token NLL, predicted tokens) of tokenized passages."""
-    nll = torch.zeros((), device=km.device)
-    count = torch.zeros((), device=km.device)
-    for start in range(0, len(text), batch_size):
-        ids, mask = km.pad(list(text[start : start + batch_size]))
-        logits = km.model(input_ids=ids, attention_mask=mask).logits
-        batch_nll, batch_count = Fn.token_nll(logits, ids, mask)
-        nll, count = nll + batch_nll, count + batch_count
-    return nll, count
 
 
 @torch.no_grad()

@@ -41,6 +41,7 @@ from .locate import (
     relation_neurons,
 )
 from ..models.neurons import Neuron
+from ..storage.digest import weights_digest as tensors_digest
 from ..storage.atomic import atomic_dir, atomic_file
 from ..progress import NullReporter, Reporter
 
@@ -100,7 +101,7 @@ def _identity_tensors(km) -> list[torch.Tensor]:
 
 
 def weights_digest(km) -> str:
-    """sha256 over the bytes of :func:`_identity_tensors` (about 1 s for 135M fp32 parameters). Cached on the
+    """The digest (kn_edit.storage.digest) of :func:`_identity_tensors` (about 1 s for 135M fp32 parameters). Cached on the
     model object while the model's ledger holds no active edit and none of those tensors was written in place
     since (torch counts every in-place write in the tensor's version; a write through ``.data`` escapes it)."""
     tensors = _identity_tensors(km)
@@ -108,14 +109,9 @@ def weights_digest(km) -> str:
     cached = km.model.__dict__.get(_IDENTITY_ATTR)
     if cached is not None and cached[0] == versions and not km.active_edits:
         return cached[1]
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for t in tensors:
-            flat = t.detach().cpu().contiguous().reshape(-1)
-            digest.update(f"{t.dtype}{tuple(t.shape)};".encode())
-            digest.update(flat.view(torch.uint8).numpy())
-    km.model.__dict__[_IDENTITY_ATTR] = (versions, digest.hexdigest())
-    return digest.hexdigest()
+    digest = tensors_digest((str(i), t) for i, t in enumerate(tensors))
+    km.model.__dict__[_IDENTITY_ATTR] = (versions, digest)
+    return digest
 
 
 def model_identity(km) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
@@ -32,6 +33,20 @@ class ArchitectureAdapter:
     masked_lm: bool = False
     # Gemma multiplies input embeddings by sqrt(d_model); recorded so users of E(x) can see it.
     embedding_scale_sqrt_d: bool = False
+
+    # The weight's orientation is known here only: everything else reads value vectors through these.
+    @property
+    def value_dim(self) -> int:
+        """The value weight's dim that indexes neurons: value vector i is the weight's slice i along it."""
+        return 0 if self.value_weight_transposed else 1
+
+    def as_value_vectors(self, weight: torch.Tensor) -> torch.Tensor:
+        """A value weight (or anything in its layout, e.g. its gradient) viewed as [d_ff, d_model] rows."""
+        return weight if self.value_weight_transposed else weight.t()
+
+    def as_value_weight(self, vectors: torch.Tensor) -> torch.Tensor:
+        """[d_ff, d_model] rows viewed in the value weight's layout (the inverse of :meth:`as_value_vectors`)."""
+        return vectors if self.value_weight_transposed else vectors.t()
 
 
 ADAPTERS: tuple[ArchitectureAdapter, ...] = (

@@ -78,13 +78,11 @@ class KnModel:
 
     @property
     def d_ff(self) -> int:
-        w = self._value_projs[0].weight
-        return w.shape[0] if self.adapter.value_weight_transposed else w.shape[1]
+        return self._value_projs[0].weight.shape[self.adapter.value_dim]
 
     @property
     def d_model(self) -> int:
-        w = self._value_projs[0].weight
-        return w.shape[1] if self.adapter.value_weight_transposed else w.shape[0]
+        return self._value_projs[0].weight.shape[1 - self.adapter.value_dim]
 
     @property
     def is_masked_lm(self) -> bool:
@@ -105,8 +103,7 @@ class KnModel:
 
     def value_vectors(self, layer: int) -> torch.Tensor:
         """View [d_ff, d_model] of layer's value vectors; writing to it writes the weight."""
-        w = self._value_projs[layer].weight
-        return w if self.adapter.value_weight_transposed else w.t()
+        return self.adapter.as_value_vectors(self._value_projs[layer].weight)
 
     def input_embedding(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Rows [n, d_model] of the input word-embedding table (unscaled)."""

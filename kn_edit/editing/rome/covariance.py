@@ -27,6 +27,7 @@ import torch
 from ...models.adapters import first_submodule
 from ...errors import DataError
 from ...models.hooks import value_input_hooks
+from ...storage.digest import weights_digest
 from ...storage.atomic import atomic_file
 from ...progress import NullReporter, Reporter
 
@@ -59,19 +60,12 @@ class KeyStatistics:
 
 
 def key_weights_digest(km, layer: int) -> str:
-    """blake2b of the parameters layer's keys depend on (see the module docstring), by name, dtype, shape."""
+    """The digest (kn_edit.storage.digest) of the parameters layer's keys depend on (see the module docstring), by name, dtype, shape."""
     blocks = first_submodule(km.model, km.adapter.layers)
     later = {id(p) for block in list(blocks)[layer + 1 :] for p in block.parameters()}
     proj = km.value_proj(layer)
     later |= {id(p) for p in proj.parameters()}
-    h = hashlib.blake2b(digest_size=16)
-    for name, param in km.model.named_parameters():
-        if id(param) in later:
-            continue
-        data = param.detach().cpu().contiguous()
-        h.update(f"{name}|{data.dtype}|{tuple(data.shape)}".encode())
-        h.update(data.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return weights_digest((name, p) for name, p in km.model.named_parameters() if id(p) not in later)
 
 
 def corpus_id(corpus: str, texts: Sequence[str] | None) -> str:

@@ -57,5 +57,5 @@ def exact_direction(mom2: torch.Tensor, keys: torch.Tensor, ridge: float = 0.0) 
 def weight_change(km, delta: torch.Tensor) -> torch.Tensor:
     """``delta`` [d_model, d_ff] in the orientation (and dtype) of the value projection's weight."""
     weight = km.value_weight(0)
-    oriented = delta.t() if km.adapter.value_weight_transposed else delta
+    oriented = km.adapter.as_value_weight(delta.t())  # delta is [d_model, d_ff], nn.Linear's layout
     return oriented.to(weight.dtype).contiguous()
