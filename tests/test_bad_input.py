@@ -176,6 +176,13 @@ def _unwritable_skip() -> str | None:
     return "/sys is writable here"
 
 
+def _earlier_run(world: Path) -> None:
+    """An earlier evaluation's folder (runs/taken) and a stopped sequential run's progress (runs/stopped...)."""
+    (world / "runs" / "taken").mkdir(parents=True, exist_ok=True)
+    (world / "runs" / "taken" / "metrics.json").write_text('{"metrics": {"edit/top1": 0.5}}')
+    (world / "runs" / "stopped.progress.json").write_text('{"edits_made": 7}')
+
+
 def _apply(patch: str, fragment: str, model: str = "{model}") -> Case:
     return Case(f"patch-{patch}", ["apply-patch", "-m", model, "--patch", f"{{w}}/{patch}.safetensors"], fragment)
 
@@ -253,6 +260,13 @@ CASES: list[Case] = [
     Case("max-tokens-zero", ["--max-tokens", "0", "update-fact", "-m", "{model}", *EDIT], "positive integer"),
     # data
     Case("jsonl-not-utf8", ["evaluate", "--quiet", "--config", "{w}/eval.yaml"], "latin1.jsonl:2: not UTF-8"),
+    # an earlier run's name: refused before anything is loaded (the data error above would come first otherwise)
+    Case("evaluate-existing-run", ["evaluate", "--quiet", "--config", "{w}/eval.yaml", "run_name=taken"],
+         "runs/taken already exists", setup=_earlier_run),
+    Case("evaluate-existing-progress", ["evaluate", "--quiet", "--config", "{w}/eval.yaml", "run_name=stopped",
+                                        "mode=sequential"], "runs/stopped.progress.json already exists", setup=_earlier_run),
+    Case("compare-existing-run", ["compare", "--quiet", "--config", "{w}/eval.yaml", "run_name=taken"],
+         "runs/taken already exists", setup=_earlier_run),
     # patch files
     _apply("flipped", "does not match its sha256 digest"),
     _apply("fp16", "'0.after' is torch.float16, the metadata says torch.float32"),

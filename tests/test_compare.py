@@ -189,3 +189,150 @@ def test_every_committed_comparison_config_loads(path):
     assert config.methods
     for entry in config.methods:
         method_config(entry.method, overrides=dict(entry.settings))  # unknown methods or settings raise
+
+
+# ----- kept parts are checked before reuse: digest, fields, and metrics against the per-fact rows -------------
+@pytest.fixture(scope="module")
+def kept_parts(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
+    """A finished tiny comparison's parts folder and each kept part's payload, as written."""
+    import kn_edit
+    import kn_edit.evaluation.compare as compare_module
+    from tiny_models import build_model
+
+    tmp = tmp_path_factory.mktemp("kept")
+    config = tiny_compare_config(tmp)
+    config.plots = False
+    compare_methods(config, km=kn_edit.wrap(*build_model("llama"), name="tiny-llama"), facts=tiny_facts(), passages=PASSAGES)
+    parts = compare_module.parts_dir(config)
+    return parts, {p.stem: json.loads(p.read_text()) for p in parts.glob("*.json")}
+
+
+def _write_part(path: Path, payload: dict, redigest: bool = True) -> None:
+    """``payload`` at ``path``; ``redigest``: with the digest of its (changed) content, as a careful forger would."""
+    from kn_edit.evaluation.compare import _content_digest
+
+    body = {k: v for k, v in payload.items() if k != "digest"}
+    path.write_text(json.dumps(body | {"digest": _content_digest(body)} if redigest else payload, allow_nan=True))
+
+
+def _set(section: str, path: str, value):
+    """A change setting ``payload[section][a][b]...`` (``path`` "a|b|...", list indices as digits) to ``value``."""
+    keys = [int(k) if k.isdigit() else k for k in path.split("|")]
+
+    def change(payload: dict) -> None:
+        target = payload[section]
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+
+    return change
+
+
+# (id, change to a kept part, digest recomputed, what the reason names)
+ALTERED = [
+    ("number", _set("metrics", "edit/top1", 0.123456), False, "does not match its digest"),
+    ("no-digest", lambda p: p.pop("digest"), False, "carries no digest"),
+    ("number-redigested", _set("metrics", "edit/top1", 0.123456), True, "its edit/top1 is 0.123456, its rows give"),
+    ("retention", _set("metrics", "inter/retained", 0.123456), True, "its inter/retained is 0.123456"),
+    ("drift", _set("metrics", "drift/max_change", -0.5), True, "its drift/max_change is -0.5"),
+    ("refused", _set("metrics", "run/edit_errors", 3.0), True, "its run/edit_errors is 3.0, its rows give 0.0"),
+    ("seconds", _set("metrics", "edit/seconds", 1e-9), True, "its edit/seconds is 1e-09"),
+    ("metric-dropped", lambda p: p["metrics"].pop("generalization/top1"), True, "its generalization/top1 is None"),
+    ("probe-metric", _set("metrics", "probe/suppressed", 7.0), True, "its probe/suppressed is 7.0"),
+    ("per-relation", _set("per_relation", "capital|edit/top1", 0.123456), True, "per-relation table does not follow"),
+    ("probe-table", _set("probe_per_relation", "capital|suppressed", 7.0), True, "probe table does not follow"),
+    ("row", _set("rows", "0|edit|top1", 0.5), True, "its rows give"),
+    ("no-rows", lambda p: p.pop("rows"), True, "its 'rows' is missing or not a JSON list"),
+    ("curve-null", lambda p: p.update(curve=None), True, "its 'curve' is missing or not a JSON list"),
+    ("metrics-list", lambda p: p.update(metrics=[1, 2]), True, "its 'metrics' is missing or not a JSON dict"),
+    ("row-without-relation", lambda p: p["rows"][0].pop("relation"), True, "malformed (KeyError: 'relation')"),
+    ("row-not-an-object", lambda p: p["rows"].append(3), True, "rows or metrics are not what an evaluation writes"),
+    ("checkpoint-string", lambda p: p.update(curve=[{"n_edits": "many", "metrics": {}}]), True, "malformed (ValueError"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ALTERED, ids=[c[0] for c in ALTERED])
+def test_an_altered_or_malformed_kept_part_is_refused_with_its_reason(kept_parts, tmp_path, case):
+    from kn_edit.evaluation.compare import UnusablePart, load_part
+
+    _, change, redigest, reason = case
+    payload = json.loads(json.dumps(kept_parts[1]["value-vector"]))
+    change(payload)
+    path = tmp_path / "value-vector.json"
+    _write_part(path, payload, redigest)
+    with pytest.raises(UnusablePart) as info:
+        load_part(path, kept_parts[1]["value-vector"]["key"])
+    assert reason in str(info.value) and info.value.path == path
+
+
+def test_kept_parts_as_written_are_reused_and_unreadable_ones_refused(kept_parts, tmp_path):
+    from kn_edit.evaluation.compare import UnusablePart, load_part
+
+    parts, payloads = kept_parts
+    for title, payload in payloads.items():
+        result = load_part(parts / f"{title}.json", payload["key"])
+        assert result is not None and result.metrics == pytest.approx(payload["metrics"], nan_ok=True)
+        assert load_part(parts / f"{title}.json", "other settings") is None  # stale: run again, no warning
+    assert load_part(tmp_path / "absent.json", "key") is None
+    (tmp_path / "torn.json").write_text('{"key": "k", "metr')
+    with pytest.raises(UnusablePart, match="unreadable"):
+        load_part(tmp_path / "torn.json", "k")
+
+
+def test_an_altered_part_is_evaluated_again_with_a_warning(tiny_factory, tmp_path, monkeypatch, caplog):
+    """resume=true with an altered kept part: the method runs again, the user is told why (a warning in the log
+    and on the reporter's line), and the comparison reports the measured numbers, not the altered ones."""
+    import logging
+    from contextlib import contextmanager
+
+    import kn_edit.evaluation.compare as compare_module
+    from kn_edit.progress import NullReporter
+
+    km = tiny_factory("llama")
+    config = tiny_compare_config(tmp_path)
+    config.plots = False
+    first = compare_methods(config, km=km, facts=tiny_facts(), passages=PASSAGES)
+    path = compare_module.parts_dir(config) / "value-vector.json"
+    payload = json.loads(path.read_text())
+    payload["metrics"]["edit/top1"] = 0.123456
+    _write_part(path, payload)
+
+    lines: list[str] = []
+
+    class Recording(NullReporter):
+        @contextmanager
+        def task(self, description, total=None):
+            lines.append(description)
+            with super().task(description, total) as task:
+                yield task
+
+    real, calls = compare_module.evaluate, []
+    monkeypatch.setattr(compare_module, "evaluate", lambda c, **kw: calls.append(c.editor.method) or real(c, **kw))
+    config.resume, config.run_name = True, "resumed"
+    with caplog.at_level(logging.WARNING, logger="kn_edit.evaluation.compare"):
+        resumed = compare_methods(config, km=km, facts=tiny_facts(), passages=PASSAGES, reporter=Recording())
+    assert calls == ["test_eval_loop:ValueVectorEditor"]
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1 and "value-vector" in warning[0] and "its edit/top1 is 0.123456" in warning[0]
+    assert any("value-vector" in line and "not reusing" in line and "its edit/top1 is 0.123456" in line for line in lines)
+    top1 = json.loads((resumed.run_dir / "metrics.json").read_text())["methods"]["value-vector"]["edit/top1"]
+    assert top1 == pytest.approx(first.results["value-vector"].metrics["edit/top1"]) and top1 != 0.123456
+    assert compare_module.load_part(path, payload["key"]) is not None  # written again, whole
+
+
+def test_a_kept_sequential_part_is_checked_against_its_rows():
+    from kn_edit.evaluation.compare import part_problem
+    from kn_edit.evaluation.runner import EvalResult
+    from kn_edit.evaluation.sequential import Checkpoint
+
+    def result(rows=2, refused_at_2=1.0, final_held=0.5) -> EvalResult:
+        curve = [Checkpoint(0, {"edits/refused": 0.0}), Checkpoint(1, {"edits/refused": 0.0, "edits/held": 1.0}),
+                 Checkpoint(2, {"edits/refused": refused_at_2, "edits/held": 0.5})]  # fmt: skip
+        made = [{"order": 1, "fact_id": "a"}, {"order": 2, "fact_id": "b", "error": "EditError: refused"}][:rows]
+        metrics = {"edits/refused": refused_at_2, "edits/held": final_held, "edits/n": 2.0}
+        return EvalResult(metrics, made, {}, {}, {}, curve=curve)
+
+    assert part_problem(result()) is None
+    assert "1 rows for 2 edits" in part_problem(result(rows=1))
+    assert "checkpoint 2 counts 0.0 refused edits, its rows 1.0" in part_problem(result(refused_at_2=0.0))
+    assert "its edits/held is 0.9" in part_problem(result(final_held=0.9))

@@ -1,9 +1,11 @@
 """Saves never remove or replace what they did not create: a target that appears during a save survives, of
 two concurrent saves exactly one wins, SIGTERM cleans up, leftovers of killed saves are removed next time,
-results get the user's umask."""
+results get the user's umask. Evaluation runs never touch an earlier run's files, and stop on Ctrl-C / SIGTERM
+with exit 130 / 143 under Lightning, keeping what a resumed comparison needs."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -17,7 +19,9 @@ import pytest
 
 import kn_edit
 from kn_edit import EditError, Neuron
+from kn_edit.cli import main
 from kn_edit.storage.atomic import atomic_dir, atomic_file, check_writable, rename_noreplace
+from test_eval_loop import ValueVectorEditor
 from tiny_models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -349,3 +353,193 @@ def test_a_save_after_a_killed_one_removes_its_leftover(saved, tmp_path, capsys)
     assert main(["erase-fact", "-m", str(saved), "-p", PROMPT, "-t", "Paris", "--force", "--neurons", "1:5",
                  "--quiet", "--save", str(target)]) == 0
     assert partials(tmp_path) == [] and (target / "config.json").is_file()
+
+
+# ----- evaluation runs: an existing run is never touched; Ctrl-C / SIGTERM under Lightning ------------------------
+class WaitingEditor(ValueVectorEditor):
+    """The tests' value-vector editor; where $KN_EDIT_TEST_READY names a file not yet there, its edit number
+    $KN_EDIT_TEST_AFTER + 1 (default 1) in process 0 creates that file and waits (up to a minute) to be stopped,
+    so that a signal lands in the middle of Lightning's test loop."""
+
+    calls = 0
+
+    def compute(self, km, requests):
+        ready = os.environ.get("KN_EDIT_TEST_READY")
+        WaitingEditor.calls += 1
+        first, after = os.environ.get("LOCAL_RANK", "0") == "0", int(os.environ.get("KN_EDIT_TEST_AFTER", "0"))
+        if ready and first and WaitingEditor.calls > after and not os.path.exists(ready):
+            Path(ready).write_text(str(os.getpid()))
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                time.sleep(0.05)
+        return super().compute(km, requests)
+
+
+# The command line as a user's terminal runs it: Ctrl-C raises KeyboardInterrupt even where the test runner was
+# started in the background (which leaves SIGINT ignored in its children). A file, not `-c`: Lightning's DDP
+# launcher starts the other processes by running sys.argv[0] again.
+RUNNER = """
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from kn_edit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def eval_world(tmp_path) -> Path:
+    """A tiny saved model, its facts and text, eval.yaml (the waiting editor) and cmp.yaml (the value-vector
+    editor, then the waiting one)."""
+    from test_eval_loop import PASSAGES, SUBJECTS
+
+    kn_edit.wrap(*build_model("llama"), name="tiny").save(tmp_path / "model")
+    (tmp_path / "facts.jsonl").write_text("".join(
+        json.dumps({"subject": s, "relation": "capital", "object": o, "prompts": ["The capital of [X] is"],
+                    "heldout_prompts": ["[X]'s capital is"]}) + "\n" for s, o in SUBJECTS))  # fmt: skip
+    (tmp_path / "text.txt").write_text("\n\n".join(PASSAGES))
+    common = f"""
+model: {tmp_path / "model"}
+data: {{source: jsonl, path: {tmp_path / "facts.jsonl"}, only_known: false, neighbours: 2}}
+text: {{source: file, path: {tmp_path / "text.txt"}, passages: 2}}
+probe: {{steps: 2}}
+trainer: {{accelerator: cpu}}
+output_dir: {tmp_path / "runs"}
+plots: false
+"""
+    (tmp_path / "eval.yaml").write_text("name: ev\n" + common + 'editor: {method: "test_safe_saves:WaitingEditor"}\n')
+    (tmp_path / "cmp.yaml").write_text("name: cmp\n" + common + "methods:\n"
+                                       '  - {method: "test_eval_loop:ValueVectorEditor", label: vv}\n'
+                                       '  - {method: "test_safe_saves:WaitingEditor", label: waiting}\n')  # fmt: skip
+    (tmp_path / "runner.py").write_text(RUNNER)
+    return tmp_path
+
+
+def _stopped_run(world: Path, argv: list[str], signum: int, after: int = 0, check=None) -> tuple[int, str]:
+    """Run the CLI in a child process, send ``signum`` once the waiting editor waits (after ``check()``, which
+    may look at what was written so far), and return (exit code, stderr)."""
+    ready = world / "ready"
+    env = {**os.environ, "KN_EDIT_TEST_READY": str(ready), "KN_EDIT_TEST_AFTER": str(after),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, str(world / "runner.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=world)  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while not ready.exists():
+            assert time.time() < deadline and proc.poll() is None, proc.communicate(timeout=60)
+            time.sleep(0.05)
+        if check is not None:
+            check()
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, err
+
+
+def _snapshot_runs(runs: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(runs)): p.read_bytes() for p in sorted(runs.rglob("*")) if p.is_file()}
+
+
+def test_an_existing_run_is_refused_before_the_model_is_loaded(tmp_path, monkeypatch):
+    """evaluate and compare with the run_name of an earlier run: refused before any model is loaded, and the
+    earlier run's folder and sequential progress file are left byte for byte as they were."""
+    import kn_edit.loading
+    from kn_edit import ConfigError
+    from kn_edit.evaluation import EvalConfig, evaluate
+    from kn_edit.evaluation.compare import compare_methods
+    from kn_edit.evaluation.config import CompareConfig
+
+    runs = tmp_path / "runs"
+    (runs / "taken").mkdir(parents=True)
+    (runs / "taken" / "metrics.json").write_text("{}")
+    (runs / "stopped.progress.json").write_text('{"edits_made": 7}')  # a stopped sequential run's curve
+    before = _snapshot_runs(runs)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(kn_edit.loading, "load", no_loading)
+    for config, run in ((EvalConfig(), "taken"), (EvalConfig(mode="sequential"), "stopped"), (CompareConfig(), "taken")):
+        config.output_dir, config.run_name = str(runs), run
+        with pytest.raises(ConfigError, match=f"{run}(.progress.json)? already exists"):
+            (compare_methods if isinstance(config, CompareConfig) else evaluate)(config)
+    assert _snapshot_runs(runs) == before
+
+
+def test_a_progress_file_that_appears_during_a_sequential_run_survives(tiny_factory, tmp_path):
+    """The first checkpoint's progress file is written only where none is: one that appeared after the checks
+    (another run of the same name) is left alone, and the run stops."""
+    from test_eval_loop import PASSAGES, tiny_config, tiny_facts
+
+    config = tiny_config(tmp_path)
+    config.mode, config.checkpoints = "sequential", [1, 2]
+    progress = tmp_path / "run.progress.json"
+
+    class Racing(ValueVectorEditor):
+        def compute(self, km, requests):
+            if not progress.exists():
+                progress.write_text("mine")
+            return super().compute(km, requests)
+
+    from kn_edit.evaluation import evaluate
+
+    with pytest.raises(EditError, match="run.progress.json already exists"):
+        evaluate(config, km=tiny_factory("llama"), editor=Racing(), facts=tiny_facts(), passages=PASSAGES)
+    assert progress.read_text() == "mine" and not (tmp_path / "run").exists()
+
+
+def test_sigterm_during_compare_exits_143_and_resuming_gives_the_uninterrupted_numbers(eval_world, monkeypatch, capsys):
+    import kn_edit.evaluation.compare as compare_module
+
+    runs, parts = eval_world / "runs", eval_world / "runs" / ".cmp.parts"
+    config = ["compare", "--quiet", "--config", str(eval_world / "cmp.yaml")]
+
+    def first_method_kept():
+        assert sorted(p.name for p in parts.iterdir()) == ["vv.json"]
+
+    code, err = _stopped_run(eval_world, config + ["run_name=stopped"], signal.SIGTERM, check=first_method_kept)
+    assert code == 143, err
+    assert "terminated" in err and "Traceback" not in err
+    assert not (runs / "stopped").exists() and partials(runs) == [] and partials(parts) == []
+    assert sorted(p.name for p in parts.iterdir()) == ["vv.json"]
+
+    real, calls = compare_module.evaluate, []
+    monkeypatch.setattr(compare_module, "evaluate", lambda c, **kw: calls.append(c.editor.method) or real(c, **kw))
+    assert main(config + ["run_name=resumed", "resume=true"]) == 0
+    assert calls == ["test_safe_saves:WaitingEditor"]  # the method that was stopped, only
+    assert main(config + ["run_name=fresh"]) == 0
+    capsys.readouterr()
+    resumed, fresh = (json.loads((runs / name / "metrics.json").read_text())["methods"] for name in ("resumed", "fresh"))
+    assert resumed.keys() == fresh.keys() == {"vv", "waiting"}
+    for title in fresh:
+        measured = [k for k in fresh[title] if "seconds" not in k and "memory" not in k]
+        ours, theirs = ({k: m[title][k] for k in measured} for m in (resumed, fresh))
+        assert ours == pytest.approx(theirs, nan_ok=True), title
+
+
+@pytest.mark.parametrize("kind", ["single-sigint", "ddp-sigterm", "sequential-sigterm"])
+def test_a_stopped_evaluate_exits_130_or_143_and_writes_no_run(eval_world, kind, capsys):
+    """Ctrl-C: 130, SIGTERM: 143, with the CLI's message, also when Lightning runs the loop in two processes
+    (the signal goes to the first). A sequential run keeps the curve it had measured; the run's name stays taken
+    by it: a second run of that name is refused and leaves it as it was."""
+    runs = eval_world / "runs"
+    argv = ["evaluate", "--quiet", "--config", str(eval_world / "eval.yaml"), "run_name=stopped"]
+    extra = {"single-sigint": [], "ddp-sigterm": ["trainer.devices=2", "trainer.strategy=ddp"],
+             "sequential-sigterm": ["mode=sequential", "checkpoints=[1,2,4]"]}[kind]  # fmt: skip
+    signum = signal.SIGINT if "sigint" in kind else signal.SIGTERM
+    code, err = _stopped_run(eval_world, argv + extra, signum, after=2 if kind.startswith("sequential") else 0)
+    assert code == (130 if signum == signal.SIGINT else 143), err
+    assert ("interrupted" if signum == signal.SIGINT else "terminated") in err and "Traceback" not in err
+    assert not (runs / "stopped").exists()
+    if not kind.startswith("sequential"):
+        assert not runs.exists() or partials(runs) == []
+        return
+    assert partials(runs) == []
+    progress = json.loads((runs / "stopped.progress.json").read_text())
+    assert progress["edits_made"] == 2 and [c["n_edits"] for c in progress["curve"]] == [0, 1, 2]
+    before = _snapshot_runs(runs)
+    assert main(argv + extra) == 2
+    assert "stopped.progress.json already exists" in capsys.readouterr().err
+    assert _snapshot_runs(runs) == before

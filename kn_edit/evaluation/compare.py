@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +19,14 @@ from ..editing.registry import make_editor
 from ..storage.atomic import atomic_dir
 from ..progress import NullReporter, Reporter
 from .config import CompareConfig, EditorConfig, EvalConfig, RegressionConfig, RunConfig
+from .metrics import row_metrics
+from .module import PROBE_CONDITIONS
 from .regression import Regression, compare as compare_metrics, load_metrics
-from .report import curve_markdown, fmt
-from .runner import EvalResult, evaluate, load_passages, run_dir_for
+from .report import curve_markdown, fmt, per_relation
+from .runner import EvalResult, check_new_outputs, evaluate, load_passages, run_dir_for
 from .sequential import Checkpoint
+
+log = logging.getLogger(__name__)
 
 # (metric, column title) of the comparison table, in display order.
 COLUMNS = (
@@ -66,6 +72,9 @@ def compare_methods(config: CompareConfig, km=None, facts: FactSet | None = None
 
     config.check()
     reporter = reporter or NullReporter()
+    target = run_dir_for(config) if write else None  # named once (without run_name it carries the start time)
+    if target is not None:  # before the model is loaded: an existing run is never overwritten
+        check_new_outputs(target)
     km = km if km is not None else load(config.model, device="cpu", reporter=reporter)
     editors = [(entry.title, make_editor(entry.method, overrides=dict(entry.settings))) for entry in config.methods]
     passages = list(passages) if passages is not None else load_passages(config)
@@ -78,13 +87,19 @@ def compare_methods(config: CompareConfig, km=None, facts: FactSet | None = None
     shared = inputs_digest(km.name, datamodule.cases, passages)  # what every method's key has in common
     for (title, editor), entry in zip(editors, config.methods):
         key = part_key(config, entry, editor, shared)
-        done = load_part(parts / f"{_safe(title)}.json", key) if config.resume else None
+        done, note = None, ""
+        if config.resume:
+            try:
+                done = load_part(parts / f"{_safe(title)}.json", key)
+            except UnusablePart as exc:
+                log.warning("method %s: not reusing the kept result %s: %s; evaluating it again", title, exc.path, exc)
+                note = f": not reusing its kept result ({exc}), evaluating it again"
         if done is not None:
             with reporter.task(f"method {title}: finished evaluation reused from {parts}", total=1) as task:
                 task.advance()
             results[title] = done
             continue
-        with reporter.task(f"method {title}", total=None):
+        with reporter.task(f"method {title}{note}", total=None):
             progress = parts / f"{_safe(title)}.progress.json" if write else None  # sequential: the curve so far
             results[title] = evaluate(eval_config_for(config, entry), km=km, editor=editor, passages=passages,
                                       reporter=reporter, write=False, datamodule=datamodule,
@@ -95,8 +110,8 @@ def compare_methods(config: CompareConfig, km=None, facts: FactSet | None = None
     if config.regression.baseline:
         baseline = load_metrics(config.regression.baseline)
         result.regressions = compare_metrics(result.flat_metrics(), baseline, config.regression.tolerances)
-    if write:
-        result.run_dir = write_comparison(config, km, result)
+    if target is not None:
+        result.run_dir = write_comparison(config, km, result, target)
     return result
 
 
@@ -127,26 +142,129 @@ def _digest(*pieces: str) -> str:
     return digest.hexdigest()
 
 
+class UnusablePart(Exception):
+    """A kept method result that cannot be trusted (unreadable, altered, malformed): it is evaluated again."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(reason)
+        self.path = path
+
+
+# The fields of a kept result besides its key and digest, and their JSON types.
+_PART_FIELDS = {"metrics": dict, "rows": list, "summary": dict, "per_relation": dict, "probe_per_relation": dict,
+                "curve": list}  # fmt: skip
+
+
+def _content_digest(body: dict) -> str:
+    return _digest(json.dumps(body, sort_keys=True, allow_nan=True))
+
+
 def save_part(path: Path, key: str, result: EvalResult) -> None:
     from ..storage.atomic import atomic_file
 
-    payload = {"key": key, "metrics": result.metrics, "rows": result.rows, "summary": result.summary,
-               "per_relation": result.per_relation, "probe_per_relation": result.probe_per_relation,
-               "curve": [{"n_edits": c.n_edits, "metrics": c.metrics} for c in result.curve]}  # fmt: skip
+    body = {"key": key, "metrics": result.metrics, "rows": result.rows, "summary": result.summary,
+            "per_relation": result.per_relation, "probe_per_relation": result.probe_per_relation,
+            "curve": [{"n_edits": c.n_edits, "metrics": c.metrics} for c in result.curve]}  # fmt: skip
+    body = json.loads(json.dumps(body, allow_nan=True))  # the digest is of what will be read back
     with atomic_file(path, overwrite=True, what="method result") as tmp:
-        tmp.write_text(json.dumps(payload, allow_nan=True))
+        tmp.write_text(json.dumps(body | {"digest": _content_digest(body)}, allow_nan=True))
 
 
 def load_part(path: Path, key: str) -> EvalResult | None:
-    """The saved evaluation at ``path`` if it was made under ``key``; None when absent, stale or unreadable."""
+    """The evaluation kept at ``path`` if it was made under ``key``; None when there is none or it was made under
+    other settings. Raises UnusablePart (with the reason) for one that is unreadable, whose content does not
+    match its digest, that lacks a field, or whose metrics do not follow from its per-fact rows."""
+    if not path.exists():
+        return None
     try:
         payload = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
+        raise UnusablePart(path, f"unreadable: {exc}") from None
+    if not isinstance(payload, dict):
+        raise UnusablePart(path, "not a JSON object")
+    if payload.get("key") != key:
         return None
-    if not isinstance(payload, dict) or payload.get("key") != key:
-        return None
-    return EvalResult(payload["metrics"], payload["rows"], payload["summary"], payload["per_relation"],
-                      payload["probe_per_relation"], curve=[Checkpoint(c["n_edits"], c["metrics"]) for c in payload["curve"]])  # fmt: skip
+    body = {k: v for k, v in payload.items() if k != "digest"}
+    if "digest" not in payload:
+        raise UnusablePart(path, "it carries no digest of its content (kept by an older kn-edit, or altered)")
+    if payload["digest"] != _content_digest(body):
+        raise UnusablePart(path, "its content does not match its digest (changed since it was written)")
+    for name, kind in _PART_FIELDS.items():
+        if not isinstance(payload.get(name), kind):
+            raise UnusablePart(path, f"its {name!r} is missing or not a JSON {kind.__name__}")
+    try:
+        curve = [Checkpoint(int(c["n_edits"]), dict(c["metrics"])) for c in payload["curve"]]
+        result = EvalResult(payload["metrics"], payload["rows"], payload["summary"], payload["per_relation"],
+                            payload["probe_per_relation"], curve=curve)  # fmt: skip
+        problem = part_problem(result)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ZeroDivisionError) as exc:
+        raise UnusablePart(path, f"malformed ({type(exc).__name__}: {exc})") from None
+    if problem:
+        raise UnusablePart(path, problem)
+    return result
+
+
+def part_problem(result: EvalResult) -> str | None:
+    """What in a kept evaluation disagrees with its per-fact rows (None: everything that follows from them
+    agrees): a single-edit run's metrics (``metrics.row_metrics``), per-relation table and probe table; a
+    sequential run's final metrics (its last checkpoint's), its number of rows and refused edits per checkpoint."""
+    rows, metrics = result.rows, result.metrics
+    if not all(isinstance(r, dict) for r in rows) or not all(_is_number(v) for v in metrics.values()):
+        return "its rows or metrics are not what an evaluation writes"
+    if result.curve:
+        last = result.curve[-1]
+        if len(rows) != last.n_edits:
+            return f"it has {len(rows)} rows for {last.n_edits} edits"
+        for point in result.curve:
+            refused, counted = float(sum("error" in r for r in rows[: point.n_edits])), point.metrics.get("edits/refused")
+            if not _close(counted, refused):
+                return f"its checkpoint {point.n_edits} counts {counted} refused edits, its rows {refused}"
+        expected, relations, probes = dict(last.metrics) | {"edits/n": float(last.n_edits)}, {}, {}
+        if set(metrics) != set(expected):
+            return "its metrics are not its last checkpoint's"
+    else:
+        expected, relations = row_metrics(rows), per_relation(rows)
+        probes = {rel: _probe_means(rows, rel) for rel in result.probe_per_relation}
+        if any("probe" in r and r["relation"] not in probes for r in rows):
+            return "its probe table leaves out a probed relation"
+        for condition in PROBE_CONDITIONS if "probe/facts" in metrics else ():
+            finite = [v[condition] for v in probes.values() if not math.isnan(v[condition])]
+            expected[f"probe/{condition}"] = sum(finite) / len(finite) if finite else float("nan")
+    for key, value in expected.items():
+        if key not in metrics or not _close(metrics[key], value):
+            return f"its {key} is {metrics.get(key)}, its rows give {value}"
+    if not _same(result.per_relation, relations):
+        return "its per-relation table does not follow from its rows"
+    if not _same(result.probe_per_relation, probes):
+        return "its probe table does not follow from its rows"
+    return None
+
+
+def _probe_means(rows: list[dict], relation: str) -> dict[str, float]:
+    """The mean probe change ratios of a relation's probed facts (NaN where none was probed)."""
+    probed = [r["probe"] for r in rows if r["relation"] == relation and "probe" in r]
+    return {c: sum(p[c] for p in probed) / len(probed) if probed else float("nan") for c in PROBE_CONDITIONS}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _close(a, b) -> bool:
+    """Equal up to the rounding of float32 sums (torchmetrics) and of the numbers rows keep; NaN equals NaN."""
+    if not (_is_number(a) and _is_number(b)):
+        return False
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Two tables of numbers (relation -> key -> number) agree (``_close``)."""
+    if not (isinstance(a, dict) and a.keys() == b.keys()):
+        return False
+    return all(isinstance(a[k], dict) and a[k].keys() == b[k].keys() and all(_close(a[k][j], v) for j, v in b[k].items())
+               for k in b)  # fmt: skip
 
 
 def comparison_markdown(config: CompareConfig, model: str, result: CompareResult, plots: list[str]) -> str:
@@ -186,11 +304,12 @@ def comparison_markdown(config: CompareConfig, model: str, result: CompareResult
     return "\n".join(lines)
 
 
-def write_comparison(config: CompareConfig, km, result: CompareResult) -> Path:
+def write_comparison(config: CompareConfig, km, result: CompareResult, target: Path | None = None) -> Path:
+    """The comparison's folder ``target`` (default ``run_dir_for(config)``), written atomically."""
     from .plots import comparison_figure, curve_figure
     from .report import write_jsonl
 
-    target = run_dir_for(config)
+    target = target or run_dir_for(config)
     with atomic_dir(target) as tmp:
         for title, r in result.results.items():
             write_jsonl(tmp / f"facts-{_safe(title)}.jsonl", r.rows)

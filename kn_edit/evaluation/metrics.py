@@ -7,10 +7,35 @@ import torch
 from torchmetrics import Metric
 
 from . import functional as Fn
+from .report import RETENTION
 
 
 def _state(metric: Metric, name: str, reduce: str = "sum", init: float = 0.0, shape: tuple[int, ...] = ()) -> None:
     metric.add_state(name, default=torch.full(shape, init, dtype=torch.float64), dist_reduce_fx=reduce)
+
+
+def edit_success_summary(n_facts, top1, new_beats_old, delta_p_new) -> dict[str, torch.Tensor]:
+    """EditSuccess's result from its sums (float64 tensors): the per-fact means macro-averaged over facts."""
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=n_facts.device)
+    sums = {"top1": top1, "new_beats_old": new_beats_old, "delta_p_new": delta_p_new}
+    return {k: v / n_facts if n_facts > 0 else nan for k, v in sums.items()} | {"n_facts": n_facts}
+
+
+def retention_summary(n, correct_before, correct_after, kept, nll_before, nll_after) -> dict[str, torch.Tensor]:
+    """Retention's result from its sums (float64 tensors, the keys of ``functional.retention_counts``)."""
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=n.device)
+    ratio = lambda a, b: a / b if b > 0 else nan  # noqa: E731
+    ppl_before = Fn.perplexity(nll_before, n).to(n.device)
+    ppl_after = Fn.perplexity(nll_after, n).to(n.device)
+    return {
+        "acc_before": ratio(correct_before, n),
+        "acc_after": ratio(correct_after, n),
+        "retained": ratio(kept, correct_before),
+        "ppl_before": ppl_before,
+        "ppl_after": ppl_after,
+        "ppl_change": Fn.relative_change(ppl_before, ppl_after),
+        "n_prompts": n,
+    }
 
 
 class EditSuccess(Metric):
@@ -35,11 +60,7 @@ class EditSuccess(Metric):
             setattr(self, key, getattr(self, key) + value.double())
 
     def compute(self) -> dict[str, torch.Tensor]:
-        n = self.n_facts
-        nan = torch.tensor(float("nan"), dtype=torch.float64, device=n.device)
-        out = {k: getattr(self, k) / n if n > 0 else nan for k in ("top1", "new_beats_old", "delta_p_new")}
-        out["n_facts"] = n
-        return out
+        return edit_success_summary(self.n_facts, self.top1, self.new_beats_old, self.delta_p_new)
 
 
 class Retention(Metric):
@@ -59,19 +80,8 @@ class Retention(Metric):
             setattr(self, key, getattr(self, key) + value.double())
 
     def compute(self) -> dict[str, torch.Tensor]:
-        nan = torch.tensor(float("nan"), dtype=torch.float64, device=self.n.device)
-        ratio = lambda a, b: a / b if b > 0 else nan  # noqa: E731
-        ppl_before = Fn.perplexity(self.nll_before, self.n).to(self.n.device)
-        ppl_after = Fn.perplexity(self.nll_after, self.n).to(self.n.device)
-        return {
-            "acc_before": ratio(self.correct_before, self.n),
-            "acc_after": ratio(self.correct_after, self.n),
-            "retained": ratio(self.kept, self.correct_before),
-            "ppl_before": ppl_before,
-            "ppl_after": ppl_after,
-            "ppl_change": Fn.relative_change(ppl_before, ppl_after),
-            "n_prompts": self.n,
-        }
+        return retention_summary(self.n, self.correct_before, self.correct_after, self.kept, self.nll_before,
+                                 self.nll_after)  # fmt: skip
 
 
 class PerplexityDrift(Metric):
@@ -140,3 +150,37 @@ class GroupedMean(Metric):
 
     def compute(self) -> torch.Tensor:
         return torch.where(self.count > 0, self.total / self.count.clamp(min=1), torch.full_like(self.total, float("nan")))
+
+
+def row_metrics(rows: list[dict]) -> dict[str, float]:
+    """The metrics of a single-edit run (EditEvaluation) that follow from its per-fact rows alone, by the formulas
+    the Metrics above use: edit success and generalization, the retention slices, refused edits, the text
+    perplexity's mean and largest change, fluency, facts probed, seconds and peak memory per edit. (The rows keep
+    rounded text perplexities, so the other drift figures and the probe's pooled ratios are not recomputed.)
+    A kept result whose metrics disagree with these was altered."""
+    f64 = lambda value: torch.tensor(float(value), dtype=torch.float64)  # noqa: E731
+    out: dict[str, float] = {}
+    for section in ("edit", "generalization"):
+        facts = [r[section] for r in rows if section in r]
+        sums = {k: f64(sum(f[k] for f in facts)) for k in ("top1", "new_beats_old", "delta_p_new")}
+        out |= {f"{section}/{k}": float(v) for k, v in edit_success_summary(f64(len(facts)), **sums).items()}
+    for section in RETENTION:
+        counts = [r[section] for r in rows if section in r]
+        keys = ("n", "correct_before", "correct_after", "kept", "nll_before", "nll_after")
+        out |= {f"{section}/{k}": float(v)
+                for k, v in retention_summary(**{k: f64(sum(c[k] for c in counts)) for k in keys}).items()}  # fmt: skip
+    out["run/edit_errors"] = float(sum("error" in r for r in rows))
+    changes = [r["text_ppl"]["after"] / r["text_ppl"]["before"] - 1 for r in rows if "text_ppl" in r]
+    if changes:
+        out["drift/mean_change"], out["drift/max_change"] = sum(changes) / len(changes), max(changes)
+    entropies = [r["fluency"] for r in rows if "fluency" in r]
+    for key in ("entropy_before", "entropy_after") if entropies else ():
+        out[f"fluency/{key}"] = sum(e[key] for e in entropies) / len(entropies)
+    if any("probe" in r or "probe_error" in r for r in rows):
+        out["probe/facts"] = float(sum("probe" in r for r in rows))
+    reports = [r["editor"]["report"] for r in rows if (r.get("editor") or {}).get("report") is not None]
+    out["edit/seconds"] = sum(r["seconds"] for r in reports) / len(reports) if reports else float("nan")
+    peaks = [r["peak_memory_mb"] for r in reports if r["peak_memory_mb"] is not None]
+    if peaks:
+        out["run/peak_memory_mb"] = max(peaks)
+    return out

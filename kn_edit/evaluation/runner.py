@@ -4,6 +4,9 @@ a run directory with per-fact JSONL, metrics JSON, a markdown report and plots; 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +18,7 @@ from ..storage.config import to_yaml
 from ..data.records import FactSet
 from ..editing.base import Editor
 from ..errors import ConfigError
-from ..storage.atomic import atomic_dir, atomic_file
+from ..storage.atomic import atomic_dir, atomic_file, check_writable
 from ..progress import NullReporter, Reporter
 from .config import EvalConfig, Mode
 from .regression import Regression, compare, load_metrics
@@ -78,6 +81,58 @@ class ReporterProgress(pl.Callback):
         self.on_test_end(trainer, pl_module)
 
 
+class KeepInterrupt(pl.Callback):
+    """Lightning answers Ctrl-C (and the CLI's SIGTERM, raised as a KeyboardInterrupt) in its loop with its
+    clean-up and ``sys.exit(1)``; this keeps the interrupt so that ``run_test`` raises it again after that clean-up
+    (the CLI then exits 130 or 143 with its message, and the callers' ``finally`` blocks run).
+
+    Where the caller handles SIGTERM itself, its handler is put back for the loop: Lightning's own, which it
+    installs in front, broadcasts over the process group from inside the signal handler, which hangs a
+    distributed run whose other processes wait in another collective."""
+
+    def __init__(self) -> None:
+        self.interrupt: KeyboardInterrupt | None = None
+        self._sigterm = None
+
+    def setup(self, trainer, pl_module, stage) -> None:  # before Lightning installs its signal handlers
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm = signal.getsignal(signal.SIGTERM)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        if callable(self._sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._sigterm)  # Lightning's teardown restores its own record
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            self.interrupt = exception
+
+
+def run_test(trainer: pl.Trainer, module: pl.LightningModule, datamodule) -> None:
+    """``trainer.test``, with an interrupt raised as itself rather than turned into SystemExit(1)."""
+    keep = next(c for c in trainer.callbacks if isinstance(c, KeepInterrupt))
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.test(module, datamodule=datamodule, verbose=False)
+    except SystemExit:
+        if keep.interrupt is None:
+            raise
+        # Lightning ignores further Ctrl-C from the interrupt on, and restores it only when it was interrupted
+        # after installing its own signal handlers.
+        if sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
+        raise keep.interrupt from None
+
+
+def check_new_outputs(*paths: Path) -> None:
+    """Refuse, before any model is loaded, a run whose folder or files exist already (an earlier run's: they are
+    never touched) or cannot be written."""
+    for path in paths:
+        if os.path.lexists(path):
+            raise ConfigError(f"{path} already exists (an earlier run's); choose another run_name, or move it away "
+                              "(nothing was written)")
+        check_writable(path)
+
+
 def evaluate(
     config: EvalConfig,
     km=None,
@@ -104,6 +159,13 @@ def evaluate(
         # Spawned processes receive the model through shared memory: they would all edit the same weights.
         raise ConfigError(f"strategy {config.trainer.strategy!r} is not supported: use ddp (or auto)")
     reporter = reporter or NullReporter()
+    # Named once: without run_name the name carries the start time, and the progress file must match the folder.
+    run_dir = run_dir_for(config) if write else None
+    own_progress = progress_path is None and run_dir is not None and config.mode == Mode.sequential
+    if own_progress:
+        progress_path = run_dir.with_name(run_dir.name + ".progress.json")
+    if run_dir is not None:  # before the model is loaded: an existing run is never overwritten
+        check_new_outputs(run_dir, *([progress_path] if own_progress else []))
     if km is None:
         from ..models.loading import load
 
@@ -112,19 +174,15 @@ def evaluate(
     passages = list(passages) if passages is not None else load_passages(config)
     if datamodule is None:
         datamodule = FactDataModule(km, config.data, facts=facts)
-    # Named once: without run_name the name carries the start time, and the progress file must match the folder.
-    run_dir = run_dir_for(config) if write else None
     if config.mode == Mode.sequential:
-        if progress_path is None and run_dir is not None:
-            progress_path = run_dir.with_name(run_dir.name + ".progress.json")
-        return _sequential(config, km, editor, datamodule, passages, reporter, run_dir, progress_path)
+        return _sequential(config, km, editor, datamodule, passages, reporter, run_dir, progress_path, own_progress)
     module = EditEvaluation(km, editor, passages, probe=config.probe, fluency=config.fluency,
                             max_text_tokens=config.text.max_tokens,
                             text_batch_size=config.text.batch_size, batch_size=config.data.batch_size,
                             verify_revert=config.verify_revert, before_cache=before_cache)  # fmt: skip
     trainer = _trainer(config, reporter)
     started = time.time()
-    trainer.test(module, datamodule=datamodule, verbose=False)
+    run_test(trainer, module, datamodule)
     summary = dict(datamodule.summary)
     summary |= {"seconds": round(time.time() - started, 1), "world_size": trainer.world_size,
                 "editor": editor.name}
@@ -149,28 +207,33 @@ def _trainer(config, reporter: Reporter, devices=None) -> pl.Trainer:
         inference_mode=False,  # editors may need gradients (attribution)
         use_distributed_sampler=False,  # the DataModule shards cases itself, without padding duplicates
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[ReporterProgress(reporter)],
+        callbacks=[ReporterProgress(reporter), KeepInterrupt()],
     )  # fmt: skip
 
 
 def _sequential(config, km, editor, datamodule, passages, reporter, run_dir: Path | None,
-                progress_path: str | Path | None = None) -> EvalResult:
+                progress_path: str | Path | None = None, new_progress: bool = False) -> EvalResult:
     """mode=sequential: one process, edits kept until the end, measured at the checkpoints; written to
-    ``run_dir`` unless None."""
+    ``run_dir`` unless None. ``new_progress``: the progress file is this run's own, so its first write must not
+    replace anything (the caller's, e.g. a comparison's kept progress, is rewritten)."""
     from .sequential import SequentialEvaluation
 
     started = time.time()
     on_checkpoint = None
     if progress_path is not None:
+        replace = not new_progress  # whether a file already there is ours to replace
+
         def on_checkpoint(module) -> None:
-            write_progress(progress_path, editor.name, module, time.time() - started)
+            nonlocal replace
+            write_progress(progress_path, editor.name, module, time.time() - started, overwrite=replace)
+            replace = True
 
     module = SequentialEvaluation(km, editor, passages, config.checkpoints, config.fluency,
                                   max_text_tokens=config.text.max_tokens, text_batch_size=config.text.batch_size,
                                   batch_size=config.data.batch_size, on_checkpoint=on_checkpoint)  # fmt: skip
     trainer = _trainer(config, reporter, devices=1)
     try:
-        trainer.test(module, datamodule=datamodule, verbose=False)
+        run_test(trainer, module, datamodule)
     finally:
         module.restore()  # every edit reverted, bit for bit, also when the run stopped half-way
     summary = dict(datamodule.summary) | {"seconds": round(time.time() - started, 1), "world_size": 1,
@@ -185,14 +248,14 @@ def _sequential(config, km, editor, datamodule, passages, reporter, run_dir: Pat
     return result
 
 
-def write_progress(path: str | Path, editor: str, module, seconds: float) -> None:
+def write_progress(path: str | Path, editor: str, module, seconds: float, overwrite: bool = True) -> None:
     """The checkpoints a sequential run has measured so far, its edits' rows and its wall seconds (JSON, replaced
-    atomically after each checkpoint)."""
+    atomically after each checkpoint; ``overwrite=False``: only where no file is yet)."""
     payload = {"editor": editor, "edits_made": len(module.made), "edits_planned": module.total,
                "seconds": round(seconds, 1), "written": time.strftime("%Y-%m-%d %H:%M:%S"),
                "curve": [{"n_edits": c.n_edits, **c.metrics} for c in module.curve], "rows": module.rows()}  # fmt: skip
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path, overwrite=True, what="sequential progress") as tmp:
+    with atomic_file(path, overwrite=overwrite, what="sequential progress") as tmp:
         tmp.write_text(json.dumps(payload, indent=1, allow_nan=True, default=str))
 
 
