@@ -445,7 +445,7 @@ def _snapshot_runs(runs: Path) -> dict[str, bytes]:
 def test_an_existing_run_is_refused_before_the_model_is_loaded(tmp_path, monkeypatch):
     """evaluate and compare with the run_name of an earlier run: refused before any model is loaded, and the
     earlier run's folder and sequential progress file are left byte for byte as they were."""
-    import kn_edit.loading
+    import kn_edit.models.loading
     from kn_edit import ConfigError
     from kn_edit.evaluation import EvalConfig, evaluate
     from kn_edit.evaluation.compare import compare_methods
@@ -460,7 +460,7 @@ def test_an_existing_run_is_refused_before_the_model_is_loaded(tmp_path, monkeyp
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(kn_edit.loading, "load", no_loading)
+    monkeypatch.setattr(kn_edit.models.loading, "load", no_loading)
     for config, run in ((EvalConfig(), "taken"), (EvalConfig(mode="sequential"), "stopped"), (CompareConfig(), "taken")):
         config.output_dir, config.run_name = str(runs), run
         with pytest.raises(ConfigError, match=f"{run}(.progress.json)? already exists"):

@@ -10,7 +10,7 @@ two subjects' FFN activations are nearly orthogonal (cosine 0.07 at layer 3, 0.1
 Per request, on layer l (ROME's layer for the model unless set):
 
 1. Locate: integrated gradients of P(old | prompt) with respect to layer l's FFN activations at the subject's
-   last token (kn_edit.attribution, ``positions=``), averaged over the edit prompts; S = the ``neurons``
+   last token (kn_edit.locating.attribution, ``positions=``), averaged over the edit prompts; S = the ``neurons``
    strongest (null: every neuron of the layer).
 2. Key and value: k* = the FFN activation at the subject's last token after context prefixes, and the residual
    δ = v* − W k* that makes new the answer (ROME's pieces: kn_edit.editing.rome.keys / values).
