@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from .attribution import check_layers
+from .configuration import check_finite
 from .errors import ConfigError, PromptError
 from .neurons import Neuron
 
@@ -60,6 +61,7 @@ class LocateConfig(LocateSettings):
     strategy: str = "auto"
 
     def check(self) -> "LocateConfig":
+        check_finite(self)  # done by load_config too; here for configs built in Python
         self.check_locate()
         if not 0.0 < self.share_start <= 1.0:
             raise ConfigError(f"share_start must be in (0, 1], got {self.share_start}")

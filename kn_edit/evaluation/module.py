@@ -22,6 +22,7 @@ from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from ..data.records import FactRecord
 from ..editing.base import Edit, Editor
 from ..errors import EditError, KnEditError
+from ..prompts import encode_heads
 from . import functional as Fn
 from .config import FluencyConfig, ProbeConfig
 from .datamodule import EditCase
@@ -46,7 +47,7 @@ def score_pairs(km, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> t
 
 
 def tokenized_text(km, passages: Sequence[str], max_tokens: int) -> list[torch.Tensor]:
-    ids = [km.tokenizer(p, add_special_tokens=True)["input_ids"][:max_tokens] for p in passages]
+    ids = encode_heads(km.tokenizer, list(passages), max_tokens, add_special_tokens=True)["input_ids"]
     return [torch.tensor(i, dtype=torch.long) for i in ids if len(i) >= 2]
 
 
