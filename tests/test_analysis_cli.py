@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +119,49 @@ def test_top_text_locates_the_neurons_of_a_prompt(tiny_load, tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     expected = kn_edit.locate(tiny_load, ["The capital of France is", "France's capital is"], "Paris", steps=2, share=0.5)
     assert data["neurons"] == [str(n) for n in sorted(expected)] and data["n_texts"] == len(CORPUS)
+
+
+# In a subprocess: top-text on a tiny model over the corpus file argv[1] (extra arguments follow); prints the scan's
+# JSON, then "STATS" and the command's exit code, seconds and peak-RSS growth (bytes).
+_BIG_SCAN = """
+import json, resource, sys, time
+import kn_edit
+from kn_edit.cli import main
+from tiny_models import build_model
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+model, tok = build_model("llama")
+km = kn_edit.wrap(model, tok, name="tiny")
+kn_edit.load = lambda *a, **k: km
+base = status("VmHWM:")
+# Holding the whole line would now fail (a MemoryError, or an abort in the tokenizer) instead of taking the machine.
+resource.setrlimit(resource.RLIMIT_DATA, (status("VmData:") + (1 << 30), resource.RLIM_INFINITY))
+start = time.perf_counter()
+code = main(["analyze", "top-text", "--neurons", "1:3", "--corpus", sys.argv[1], "-k", "1", "--json", *sys.argv[2:]])
+print("STATS", json.dumps({"code": code, "seconds": time.perf_counter() - start, "growth": status("VmHWM:") - base}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads peak memory from /proc")
+@pytest.mark.parametrize("unit", ["sentence", "passage"])
+def test_top_text_scans_a_50_mb_line_in_bounded_memory_and_time(tmp_path, unit):
+    """A one-line 50 MB corpus (it took 6 GB and minutes, tokenized whole) is read a chunk at a time and each text
+    cut by characters before tokenizing: the scan's peak memory grows by megabytes, and the answer is its head."""
+    corpus = tmp_path / "one-line.txt"
+    corpus.write_text("paris is the capital of france and rome is in italy " * 1_000_000, encoding="utf-8")
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)]), "OMP_NUM_THREADS": "1"}
+    extra = ["--passages"] if unit == "passage" else []
+    run = subprocess.run([sys.executable, "-c", _BIG_SCAN, str(corpus), *extra], capture_output=True, text=True,
+                         env=env, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    out, _, stats = run.stdout.rpartition("STATS ")
+    stats, scan = json.loads(stats), json.loads(out)
+    assert stats["code"] == 0 and scan["n_texts"] == 1 and scan["n_tokens"] == 128  # the first --max-tokens
+    assert stats["growth"] < 256 * 2**20, stats
+    assert stats["seconds"] < 60, stats
+    hit = scan["per_neuron"][0]["top"][0]
+    assert hit["text"].startswith("paris is the capital") and len(hit["text"]) < 100_000

@@ -127,3 +127,71 @@ def test_memory_stays_bounded_on_a_long_corpus(tiny_factory):
                        on_batch=lambda ext, held: (sizes.append(ext.size()), held_sizes.append(len(held))))
     assert result.n_texts == 600
     assert max(sizes) == k and max(held_sizes) <= 2 * k * len(neurons)
+
+
+# ----- reading and cutting long text -----------------------------------------------------------------------------
+_END = __import__("re").compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
+
+
+def _reference_paragraphs(path) -> list[str]:
+    """The plain reading: lines stripped, joined by a space within a paragraph (up to a blank line)."""
+    out, lines = [], []
+    for line in open(path, encoding="utf-8"):
+        if line.strip():
+            lines.append(line.strip())
+        elif lines:
+            out.append(" ".join(lines))
+            lines = []
+    return out + ([" ".join(lines)] if lines else [])
+
+
+def _reference_sentences(text: str) -> list[str]:
+    return [s.strip() for s in _END.split(" ".join(text.split())) if s.strip()]
+
+
+def test_streamed_corpus_reads_as_the_whole_text_would(tmp_path, monkeypatch):
+    """Read a few characters at a time (lines and sentences cut across reads), the texts, sentences, limits and
+    character cuts are those of reading each paragraph whole."""
+    from kn_edit.analysis import corpus
+
+    monkeypatch.setattr(corpus, "_CHUNK", 3)
+    rng = random.Random(0)
+    alphabet = ["ab", "Z", "7", ".", "!", "?", " ", "   ", "\t", "\n", "\n\n", " \n ", "'", "(", "\u00a0", "é"]
+    path = tmp_path / "c.txt"
+    for _ in range(400):
+        path.write_text("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))), encoding="utf-8")
+        paragraphs = _reference_paragraphs(path)
+        sentences = [s for p in paragraphs for s in _reference_sentences(p)]
+        assert list(corpus.file_texts(path)) == paragraphs
+        assert corpus.split_sentences(path.read_text(encoding="utf-8")) == _reference_sentences(path.read_text(encoding="utf-8"))
+        if not paragraphs:
+            continue
+        assert list(corpus.corpus_texts(str(path), sentences=False)) == paragraphs
+        if sentences:
+            assert list(corpus.corpus_texts(str(path))) == sentences
+        for cap in (1, 4):
+            assert list(corpus.corpus_texts(str(path), sentences=False, max_chars=cap)) == [p[:cap] for p in paragraphs]
+            if sentences:
+                assert list(corpus.corpus_texts(str(path), max_chars=cap)) == [s[:cap] for s in sentences]
+        first = [s for p in paragraphs[:1] for s in _reference_sentences(p)]
+        if first:
+            assert list(corpus.corpus_texts(str(path), limit=1)) == first
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_the_character_cut_never_changes_a_scan(tiny_factory, monkeypatch, family):
+    """Texts far longer than max_tokens tokens scan exactly as when tokenized whole: the same scores, peaks,
+    tokens and spans (for WordPiece also a 100 kB unknown word, one token, where the cut head falls back)."""
+    import kn_edit.models.prompts as prompts
+
+    km = tiny_factory(family, n_layers=2)
+    neurons = [Neuron(1, 3), Neuron(0, 5)]
+    texts = list(CORPUS) + [" ".join(CORPUS) * 30, "Paris " * 2000, ("x" * 100_000 + " " + CORPUS[0]).lower()]
+    assert any(prompts.text_head(km.tokenizer, t, 8) is not t for t in texts)
+    cut = top_texts(km, neurons, texts, k=len(texts), batch_size=4, max_tokens=8)
+    monkeypatch.setattr(prompts, "head_chars", lambda tokenizer, n: None)  # no cut: every text tokenized whole
+    whole = top_texts(km, neurons, texts, k=len(texts), batch_size=4, max_tokens=8)
+    for a, b in zip(cut.per_neuron, whole.per_neuron):
+        assert [(h.text_id, h.score, h.position, h.token, h.span) for h in a.top + a.bottom] == \
+               [(h.text_id, h.score, h.position, h.token, h.span) for h in b.top + b.bottom]  # fmt: skip
+    assert cut.n_tokens == whole.n_tokens

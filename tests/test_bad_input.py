@@ -210,6 +210,30 @@ CASES: list[Case] = [
                                 "--subject", "France", "--quiet", "--method", "kn-subject", "neurons=0"],
          "neurons must be >= 1"),
     Case("max-text-change", ["update-fact", "-m", "{model}", *EDIT, "max_text_change=0"], "max_text_change"),
+    # NaN and infinities: refused by name when the settings are built (configuration.check_finite, ui.FiniteFloat)
+    Case("margin-nan", ["update-fact", "-m", "{model}", *EDIT, "margin=nan"], "margin must be a finite number, got nan"),
+    Case("ridge-inf", ["update-fact", "-m", "{model}", *EDIT, "ridge=inf"], "ridge must be a finite number, got inf"),
+    Case("max-change-minus-inf", ["update-fact", "-m", "{model}", *EDIT, "max_change=-.inf"],
+         "max_change must be a finite number, got -inf"),
+    Case("rome-lr-nan", ["update-fact", "-m", "{model}", "-p", PROMPT, "--old", "Paris", "--new", "Rome", "--method",
+                         "rome", "lr=nan"], "lr must be a finite number, got nan"),
+    Case("memit-weight-inf", ["update-fact", "-m", "{model}", "-p", PROMPT, "--old", "Paris", "--new", "Rome",
+                              "--subject", "France", "--method", "memit", "mom2_update_weight=.inf"],
+         "mom2_update_weight must be a finite number, got inf"),
+    Case("ft-norm-bound-nan", ["update-fact", "-m", "{model}", "-p", PROMPT, "--old", "Paris", "--new", "Rome",
+                               "--method", "ft", "norm_bound=nan"], "norm_bound must be a number (.inf allowed), got nan"),
+    Case("locate-share-step-nan", ["locate", "-m", "{model}", "-p", PROMPT, "-t", "Paris", "share_step=nan"],
+         "share_step must be a finite number, got nan"),
+    Case("trace-noise-nan", ["trace", "-m", "{model}", "-p", PROMPT, "-s", "France", "-t", "Paris", "--noise-scale",
+                             "nan"], "--noise-scale must be a finite number, got nan"),
+    Case("probe-factor-inf", ["probe", "-m", "{model}", "-p", PROMPT, "-t", "Paris", "--neurons", "1:5", "--factor",
+                              "inf"], "--factor must be a finite number, got inf"),
+    Case("eval-tolerance-inf", ["evaluate", "--quiet", "--config", "{w}/eval.yaml", "regression.tolerances={edit/top1: .inf}"],
+         "regression.tolerances.edit/top1 must be a finite number, got inf"),
+    Case("eval-fraction-nan", ["evaluate", "--quiet", "--config", "{w}/eval.yaml", "data.heldout_fraction=nan"],
+         "data.heldout_fraction must be a finite number, got nan"),
+    Case("eval-method-margin-nan", ["evaluate", "--quiet", "--config", "{w}/eval.yaml", "editor.settings.margin=.nan"],
+         "editor: margin must be a finite number, got nan"),
     Case("old-equals-new", ["update-fact", "-m", "{model}", "-p", PROMPT, "--old", "Paris", "--new", "Paris"], "same"),
     Case("not-predicted", ["update-fact", "-m", "{model}", "-p", PROMPT, "--old", "Paris", "--new", "Rome",
                            "--neurons", "1:5", "--quiet"], "--force"),
@@ -356,3 +380,55 @@ def test_update_on_zero_value_vectors_is_refused_with_the_model_unchanged(tiny_f
         kn_edit.update_fact(km, [PROMPT], "Paris", "Rome", neurons=neurons, force=True)
     assert all(torch.equal(v, state[k]) for k, v in km.model.named_parameters())
     assert len(kn_edit.editing.ledger.active_edits(km)) == 1  # only the erasure
+
+
+def test_every_number_setting_is_checked_finite():
+    """check_finite walks every number field, also in Optional, lists, dicts and nested dataclasses, skips
+    fields typed Any, and lets .inf through only where a field allows it; Python-built settings are checked too."""
+    import math
+    from dataclasses import field, make_dataclass
+    from typing import Any, Optional
+
+    from kn_edit.storage.config import INF_ALLOWED, check_finite
+    from kn_edit.editing.finetune import FineTuneEditor
+    from kn_edit.editing.knowledge_neurons import KnowledgeNeuronEditor
+    from kn_edit.evaluation.config import EvalConfig
+
+    Inner = make_dataclass("Inner", [("weights", list[float], field(default_factory=lambda: [1.0]))])
+    Outer = make_dataclass("Outer", [
+        ("rate", Optional[float], None), ("steps", int, 1), ("inner", Inner, field(default_factory=Inner)),
+        ("by_name", dict[str, float], field(default_factory=dict)), ("free", Any, None),
+        ("bound", float, field(default=1.0, metadata=INF_ALLOWED))])  # fmt: skip
+    check_finite(Outer(free=math.nan, bound=math.inf))  # Any is another schema's business; .inf allowed there
+    for kwargs, key in [({"rate": math.nan}, "rate"), ({"steps": math.inf}, "steps"), ({"bound": math.nan}, "bound"),
+                        ({"inner": Inner([1.0, -math.inf])}, r"inner.weights\[1\]"),
+                        ({"by_name": {"a": math.nan}}, "by_name.a")]:  # fmt: skip
+        with pytest.raises(kn_edit.ConfigError, match=key):
+            check_finite(Outer(**kwargs))
+    with pytest.raises(kn_edit.ConfigError, match="margin must be a finite number"):
+        KnowledgeNeuronEditor(margin=math.nan)
+    with pytest.raises(kn_edit.ConfigError, match="lr must be a finite number"):
+        FineTuneEditor(lr=math.inf)
+    assert FineTuneEditor(norm_bound=math.inf).settings.norm_bound == math.inf
+    config = EvalConfig()
+    config.probe.threshold = math.nan
+    with pytest.raises(kn_edit.ConfigError, match="probe.threshold must be a finite number"):
+        config.check()
+
+
+def test_a_10_mb_prompt_in_a_fact_file_is_refused_quickly(world, tmp_path, capsys):
+    """The token limit is checked on the prompt's head (kn_edit.models.prompts.check_head): refused in well under a second
+    with the usual one-line error, where tokenizing the whole prompt took 14 s and 1.5 GB."""
+    import time
+
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps({"subject": "France", "relation": "capital", "object": "Paris", "new": "Rome",
+                                 "prompts": ["The capital of France is " * 400_000]}) + "\n", encoding="utf-8")
+    start = time.perf_counter()
+    code = main(["update-fact", "-m", str(world / "model"), "--facts", str(facts), "--neurons", "1:5", "--force",
+                 "--quiet"])  # fmt: skip
+    seconds = time.perf_counter() - start
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: prompt 'The capital of France is") and "above the limit of 512" in lines[0]
+    assert seconds < 5

@@ -101,6 +101,15 @@ def test_wiki_heldout_slice_and_text_files(tmp_path):
     assert text_file_passages(text) == ["First paragraph still first.", "Second one."]
     with pytest.raises(DataError, match="not found"):
         text_file_passages(tmp_path / "none.txt")
+    # Read a line at a time, split as the whole text's split("\n\n"), and no further than the n passages asked for.
+    for raw in ["\n\nA\n \nB\n\n\n\nC", "\nA\r\n\r\nB\u2028b\n\n \n\nC  \n", "A\n\n\nB", "A\x0c\n\nB"]:
+        text.write_text(raw, encoding="utf-8", newline="")
+        whole = [" ".join(p.split()) for p in text.read_text(encoding="utf-8").split("\n\n")]
+        assert text_file_passages(text) == [p for p in whole if p]
+    text.write_bytes(b"First.\n\nSecond " * 100_000 + b"\n\n\xff")
+    assert text_file_passages(text, 2) == ["First.", "Second First."]
+    with pytest.raises(DataError, match="not UTF-8"):
+        text_file_passages(text)
 
 
 @pytest.mark.parametrize("min_share", [1.0, 0.7, 0.5, 0.34, 0.01])

@@ -107,3 +107,71 @@ def test_batched_right_padding_gives_the_same_logits(tiny):
     for i, step in enumerate(steps):
         single = tiny.step_logits([step])[0]
         torch.testing.assert_close(batched[i], single, rtol=1e-4, atol=1e-5)
+
+
+# ----- cutting by characters before tokenizing ---------------------------------------------------------------------
+def _random_texts(rng, tokenizer, n_tokens: int) -> list[str]:
+    """Texts around the character bound: words of the corpus, the longest vocabulary string repeated (the most
+    characters n tokens can span), runs of spaces, and for WordPiece long unknown words (one token however long)."""
+    from kn_edit.models.prompts import _longest_token, head_chars
+    from tiny_models import CORPUS
+
+    longest = max(tokenizer.get_vocab(), key=len)
+    piece = tokenizer.convert_tokens_to_string([longest])
+    bound = head_chars(tokenizer, n_tokens)
+    words = " ".join(CORPUS).split() + ["", " ", "   ", piece, "#" * 40, "@" * (bound + 5)]
+    texts = [piece * (n_tokens - 2), piece * n_tokens, "x" * (bound + 1), " " * (3 * bound) + "Paris"]
+    for _ in range(40):
+        size = rng.choice([1, 5, n_tokens, 3 * n_tokens, 10 * n_tokens])
+        texts.append(" ".join(rng.choice(words) for _ in range(size)))
+    assert _longest_token(tokenizer) == len(longest)
+    return texts
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_character_cut_never_changes_the_first_tokens(masked):
+    """encode_heads gives exactly tokenize-whole-then-cut (ids and offsets), for texts that fit and texts far
+    longer than the bound alike; a byte-level BPE text that fits is never even cut."""
+    import random
+
+    from kn_edit.models.prompts import encode_heads, text_head
+    from tiny_models import masked_tokenizer
+
+    tok = masked_tokenizer() if masked else causal_tokenizer()
+    rng = random.Random(0)
+    for n in (4, 16, 64):
+        texts = _random_texts(rng, tok, n)
+        got = encode_heads(tok, texts, n, add_special_tokens=True, return_offsets_mapping=True)
+        for i, text in enumerate(texts):
+            whole = tok(text, add_special_tokens=True, return_offsets_mapping=True)
+            assert got["input_ids"][i] == whole["input_ids"][:n], (n, text[:80])
+            assert [tuple(o) for o in got["offset_mapping"][i]] == [tuple(o) for o in whole["offset_mapping"][:n]]
+            if not masked and len(whole["input_ids"]) <= n:  # (WordPiece drops spaces: exact by the fallback)
+                assert text_head(tok, text, n) is text  # a text that fits is never cut
+    assert encode_heads(tok, [], 4) == {"input_ids": []}
+
+
+def test_a_pasted_document_is_refused_from_its_head(tiny_factory):
+    """A 10 MB prompt is refused as quickly as a short one, with the same one-line error; prompts at the limit,
+    and a long unknown word that is one WordPiece token, still pass."""
+    import time
+
+    from kn_edit.models.prompts import DEFAULT_MAX_TOKENS, token_limit
+
+    km = tiny_factory("llama")
+    document = "The capital of France is " * 400_000  # 10 MB
+    start = time.perf_counter()
+    with pytest.raises(kn_edit.PromptError, match=r"^prompt 'The capital of France is The capital.*' is over \d+ "
+                       rf"tokens long, above the limit of {DEFAULT_MAX_TOKENS}; raise the limit with --max-tokens N"):
+        km.encode(document, "Paris")
+    with pytest.raises(kn_edit.TargetError, match=r"^target .* is over \d+ tokens long"):
+        km.encode("The capital of France is", " Paris" * 2_000_000)
+    with pytest.raises(kn_edit.PromptError, match="is over"):
+        km.predict(document)
+    assert time.perf_counter() - start < 5  # tokenizing the whole document took 14 s and 1.5 GB
+    prompt = "The capital of France is"
+    n = len(km.encode(prompt, "Paris").steps[0].input_ids)
+    with token_limit(n):
+        km.encode(prompt, "Paris")
+    bert = tiny_factory("bert")
+    bert.encode("x" * 100_000 + " the capital of france is [MASK].", "paris")  # 9 tokens in 100 kB: fits

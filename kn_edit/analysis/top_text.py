@@ -20,6 +20,7 @@ import torch
 from ..errors import ConfigError, DataError
 from ..models.neurons import Neuron, check_neurons
 from ..progress import NullReporter, Reporter
+from ..models.prompts import encode_heads
 from .forward import neuron_activations
 
 
@@ -127,9 +128,10 @@ def _encode(km, texts: Sequence[str], max_tokens: int):
     """(input_ids, attention_mask [batch, seq], offsets per text or None)."""
     tok = km.tokenizer
     fast = getattr(tok, "is_fast", False)
-    # Cut by hand: not every tokenizer backend supports the truncation settings.
-    enc = tok(list(texts), add_special_tokens=True, return_offsets_mapping=fast)
-    seqs = [torch.tensor(ids[:max_tokens], dtype=torch.long) for ids in enc["input_ids"]]
+    # Each text's first max_tokens tokens, tokenizing only its head (a one-line book costs a page), cut by hand:
+    # not every tokenizer backend supports the truncation settings.
+    enc = encode_heads(tok, list(texts), max_tokens, add_special_tokens=True, return_offsets_mapping=fast)
+    seqs = [torch.tensor(ids, dtype=torch.long) for ids in enc["input_ids"]]
     if any(len(s) == 0 for s in seqs):
         seqs = [s if len(s) else torch.tensor([km._pad_id]) for s in seqs]
     ids, mask = km.pad(seqs)

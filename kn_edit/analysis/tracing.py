@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from ..models.adapters import first_submodule, get_submodule
+from ..storage.config import finite
 from ..errors import ConfigError, PromptError, UnsupportedArchitectureError
 
 KINDS = ("hidden", "mlp", "attn")
@@ -253,6 +254,7 @@ def trace(
     the seeded draw (tests)."""
     if samples < 1 or window < 1 or batch_rows < 1:
         raise ConfigError("samples, window and batch rows must be at least 1")
+    finite(noise_scale, "noise_scale")
     for kind in kinds:
         if kind not in KINDS:
             raise ConfigError(f"unknown trace kind {kind!r}: choose from {', '.join(KINDS)}")

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from ..storage.config import finite
 from ..errors import DataError, PromptError
 from .located import LocatedFact
 from .tracing import make_noise, prepare, trace
@@ -143,6 +144,7 @@ def where(
 
     if not facts:
         raise DataError("no located facts to trace")
+    finite(noise_scale, "noise_scale")
     module = _module(km, samples, noise_scale, seed, window)
     loader = DataLoader(list(facts), batch_size=1, shuffle=False, collate_fn=_collate)
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,

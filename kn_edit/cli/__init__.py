@@ -90,8 +90,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..errors import KnEditError
     from .ui import console_err
 
+    def error(exc: KnEditError) -> int:
+        # soft_wrap: the message stays one line (for logs and scripts), however narrow the terminal
+        console_err().print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return 2
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except KnEditError as exc:  # an option's own check (ui.FiniteFloat)
+        return error(exc)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -102,9 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KnEditError as exc:
         if args.debug:
             raise
-        # soft_wrap: the message stays one line (for logs and scripts), however narrow the terminal
-        console_err().print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        return 2
+        return error(exc)
     except Terminated:
         console_err().print("[bold red]terminated[/] (SIGTERM): stopped; nothing partial was left behind")
         return 143

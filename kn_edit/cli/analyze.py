@@ -9,8 +9,8 @@ import json
 import time
 from pathlib import Path
 
-from .ui import (add_model_argument, add_plot_arguments, add_settings_arguments, check_plot_argument, console,
-                 console_err, table)
+from .ui import (FiniteFloat, add_model_argument, add_plot_arguments, add_settings_arguments, check_plot_argument,
+                 console, console_err, table)
 
 
 # ----- arguments -----------------------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_argument(wh)
     _add_facts(wh)
     wh.add_argument("--samples", type=int, default=10, help="noise samples per fact (default 10)")
-    wh.add_argument("--noise-scale", type=float, default=3.0, help="noise std in embedding stds (default 3)")
+    wh.add_argument("--noise-scale", action=FiniteFloat, default=3.0, help="noise std in embedding stds (default 3)")
     wh.add_argument("--window", type=int, default=1, help="restore this many layers around each (default 1)")
     _add_out(wh, "where")
     wh.set_defaults(func=run_where)
@@ -95,7 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--target", "-t", required=True, help="the answer (its first token is traced)")
     tr.add_argument("--kinds", default="hidden,mlp,attn", help="what to restore (default hidden,mlp,attn)")
     tr.add_argument("--samples", type=int, default=10, help="noise samples (default 10)")
-    tr.add_argument("--noise-scale", type=float, default=3.0, help="noise std in embedding stds (default 3)")
+    tr.add_argument("--noise-scale", action=FiniteFloat, default=3.0, help="noise std in embedding stds (default 3)")
     tr.add_argument("--window", type=int, default=1, help="restore this many layers around each (paper: 10)")
     tr.add_argument("--seed", type=int, default=0)
     add_plot_arguments(tr, "the heatmaps")
@@ -308,6 +308,7 @@ def run_top_text(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..models.neurons import parse_neurons
     from ..progress import NullReporter
+    from ..models.prompts import head_chars
 
     if args.k < 1:
         raise ConfigError(f"-k must be at least 1 (got {args.k})")
@@ -332,7 +333,8 @@ def run_top_text(args: argparse.Namespace) -> int:
     from ..models.neurons import check_neurons
 
     neurons = check_neurons(neurons, km.n_layers, km.d_ff)
-    texts = corpus_texts(args.corpus, args.limit, sentences=not args.passages)
+    texts = corpus_texts(args.corpus, args.limit, sentences=not args.passages,
+                         max_chars=head_chars(km.tokenizer, args.max_tokens))  # texts are read no further
     # Read the first text now, so an empty or unreadable corpus fails before the scan starts.
     texts = itertools.chain([next(texts)], texts)
     result = top_texts(km, neurons, texts, k=args.k, batch_size=args.batch_size, max_tokens=args.max_tokens,

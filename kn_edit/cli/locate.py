@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .ui import (add_model_argument, add_plot_arguments, add_prompts_argument, add_settings_arguments,
+from .ui import (FiniteFloat, add_model_argument, add_plot_arguments, add_prompts_argument, add_settings_arguments,
                  check_plot_argument, console, table)
 
 
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_fact(probe)
     probe.add_argument("--neurons", metavar="L:I,L:I", help="neurons to probe (default: locate them first)")
     probe.add_argument("--controls", type=int, default=3, help="random control sets, same size and layers (default 3)")
-    probe.add_argument("--factor", type=float, default=2.0, help="amplification factor (default 2)")
+    probe.add_argument("--factor", action=FiniteFloat, default=2.0, help="amplification factor (default 2)")
     probe.add_argument("--seed", type=int, default=0, help="seed of the control neurons (default 0)")
     _add_settings(probe)
     probe.set_defaults(func=run_probe)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from rich.console import Console
 from rich.table import Table
 
@@ -21,6 +23,20 @@ def table(title: str, columns: list[str], rows: list[list[object]]) -> Table:
     for row in rows:
         out.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
     return out
+
+
+class FiniteFloat(argparse.Action):
+    """A float option that refuses NaN and infinities (argparse's float takes both) with a ConfigError naming
+    the option, which main prints as one line: ``add_argument("--factor", action=FiniteFloat, default=2.0)``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("type", float)
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from ..storage.config import finite
+
+        setattr(namespace, self.dest, finite(values, option_string or self.dest))
 
 
 def add_model_argument(parser, required: bool = False) -> None:

@@ -20,8 +20,10 @@ import random
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import DataError, ProvisionError
+from ..models.prompts import normalize
 from ..storage.atomic import atomic_file
 from .download import data_cache
 
@@ -83,13 +85,34 @@ def wiki_key_passages(path: str | Path | None = None, download: bool = True) -> 
     return [p for p in (data[t]["extract"].strip() for t in keep) if p]
 
 
+def _raw_paragraphs(path: Path) -> Iterator[str]:
+    """The file's text split at every "\n\n" (as ``text.split("\n\n")``), read a line at a time."""
+    lines: list[str] = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                if line == "\n":  # an empty line: the newline before it and its own make "\n\n"
+                    yield "".join(lines)
+                    lines = []
+                else:
+                    lines.append(line)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    yield "".join(lines)
+
+
 def text_file_passages(path: str | Path, n: int | None = None) -> list[str]:
-    """Paragraphs (separated by blank lines) of a UTF-8 text file, the first ``n`` if given."""
+    """Paragraphs (separated by blank lines) of a UTF-8 text file, whitespace collapsed, the first ``n`` if given
+    (the file is read no further)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"text file not found: {path}")
-    paragraphs = [" ".join(p.split()) for p in path.read_text(encoding="utf-8").split("\n\n")]
-    paragraphs = [p for p in paragraphs if p]
+    paragraphs = []
+    for raw in _raw_paragraphs(path):
+        if paragraph := normalize(raw):
+            paragraphs.append(paragraph)
+            if n and len(paragraphs) == n:
+                break
     if not paragraphs:
         raise DataError(f"{path}: no text")
-    return paragraphs[:n] if n else paragraphs
+    return paragraphs

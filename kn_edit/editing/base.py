@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Sequence
 
 from ..data.records import EditRequest
 from ..errors import EditError
+from ..models.prompts import normalize
 from .ledger import Edit, ParamPatch, SliceChange, commit
 from .report import EditReport, measured, parameter_changes, prompt_outcomes
 
@@ -43,7 +44,7 @@ class Editor(ABC):
         wanted: dict[str, EditRequest] = {}  # one batch cannot ask one prompt for two new objects
         for r in requests:
             for prompt in r.prompts:
-                key = " ".join(prompt.split())
+                key = normalize(prompt)
                 seen = wanted.setdefault(key, r)
                 if seen.new != r.new:
                     raise EditError(f"prompt {prompt!r} is asked for {seen.new!r} and for {r.new!r} in one batch; give "
@@ -52,7 +53,7 @@ class Editor(ABC):
         for r in requests:
             if r.subject is None or r.relation is None:
                 continue
-            seen = facts.setdefault((" ".join(r.subject.split()), r.relation), r)
+            seen = facts.setdefault((normalize(r.subject), r.relation), r)
             if seen.new != r.new:
                 raise EditError(f"{r.subject!r} ({r.relation}) is asked for {seen.new!r} and for {r.new!r} in one "
                                 "batch; give each fact one new object")

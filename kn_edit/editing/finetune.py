@@ -41,6 +41,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..storage.config import INF_ALLOWED
 from ..errors import ConfigError, EditError
 from ..progress import NullReporter, Reporter
 from .base import Editor, EditRequest
@@ -91,7 +92,8 @@ class FineTuneSettings:
     loss: FtLoss = FtLoss.full  # full | masked | last (module docstring)
     steps: int = 25  # at most this many Adam steps
     lr: float = 5e-4  # Adam's learning rate (Adam moves each entry by ~lr per step, whatever the gradient's scale)
-    norm_bound: float = 0.05  # ε = norm_bound × the weight scale of bound_unit; .inf: no bound
+    # ε = norm_bound × the weight scale of bound_unit; .inf: no bound (the one setting where infinity is allowed)
+    norm_bound: float = field(default=0.05, metadata=INF_ALLOWED)
     bound_unit: BoundUnit = BoundUnit.mean_abs  # mean_abs | std | absolute (ε = norm_bound)
     margin: float = 1.0  # stop once every token of new leads every other token by this many logits
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields, replace
 from enum import Enum
 from typing import Optional
 
+from ..storage.config import check_finite
 from ..errors import ConfigError
 from ..locating.locate import LocateSettings
 from .nullspace import check_null_space
@@ -184,9 +185,12 @@ class RelationEraseSettings(LocateSettings):
 
 
 def with_overrides(settings, overrides: dict):
-    """``settings`` with keyword overrides; an unknown key is a ConfigError naming it."""
+    """``settings`` with keyword overrides, checked; an unknown key, or a NaN or infinite number
+    (:func:`kn_edit.storage.config.check_finite`), is a ConfigError naming it."""
     names = {f.name for f in fields(settings)}
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ConfigError(f"unknown setting(s) {unknown}; known: {sorted(names)}")
-    return replace(settings, **overrides).check()
+    settings = replace(settings, **overrides)
+    check_finite(settings)
+    return settings.check()

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
+from ..storage.config import check_finite
 from ..errors import ConfigError
 from ..locating.locate import LocateSettings
 
@@ -108,6 +109,7 @@ class RunConfig:
     plots: bool = True
 
     def check(self):
+        check_finite(self)  # done by load_config too; here for configs built in Python
         d = self.data
         if d.source not in ("pararel", "known1000", "jsonl"):
             raise ConfigError(f"data.source must be pararel, known1000 or jsonl, got {d.source!r}")
@@ -144,6 +146,21 @@ class EvalConfig(RunConfig):
 
     editor: EditorConfig = field(default_factory=EditorConfig)
 
+    def check(self) -> "EvalConfig":
+        super().check()
+        _check_method(self.editor.method, self.editor.settings, "editor")
+        return self
+
+
+def _check_method(method: str, settings: dict, where: str) -> None:
+    """The method's own settings checked now (unknown keys, ranges, NaN), before any model is loaded."""
+    from ..editing.registry import method_config
+
+    try:
+        method_config(method, overrides=dict(settings))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
 
 @dataclass
 class MethodEntry:
@@ -174,4 +191,6 @@ class CompareConfig(RunConfig):
         titles = [m.title for m in self.methods]
         if len(set(titles)) != len(titles):
             raise ConfigError(f"methods: labels must differ, got {titles} (set label: for repeated methods)")
+        for i, m in enumerate(self.methods):
+            _check_method(m.method, m.settings, f"methods[{i}] ({m.title})")
         return self

@@ -20,6 +20,7 @@ import torch
 from .attribution import check_layers
 from ..errors import ConfigError, PromptError
 from ..models.neurons import Neuron
+from ..storage.config import check_finite
 
 # Shares are compared as count >= share * n_prompts; this absorbs float error in e.g. 0.7 - 3 * 0.05.
 _SHARE_EPS = 1e-9
@@ -60,6 +61,7 @@ class LocateConfig(LocateSettings):
     strategy: str = "auto"
 
     def check(self) -> "LocateConfig":
+        check_finite(self)  # done by load_config too; here for configs built in Python
         self.check_locate()
         if not 0.0 < self.share_start <= 1.0:
             raise ConfigError(f"share_start must be in (0, 1], got {self.share_start}")

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from ..errors import KnEditError
+from ..storage.config import finite
 from .locate import check_prompts
 from .manipulate import amplify, suppress
 from ..models.neurons import Neuron, by_layer, check_neurons
@@ -126,6 +127,7 @@ def probe(
         raise KnEditError("no neurons to probe: locate some first (or pass --neurons LAYER:INDEX,...)")
     if isinstance(n_controls, bool) or not isinstance(n_controls, int) or n_controls < 1:
         raise KnEditError(f"n_controls must be an integer >= 1, got {n_controls!r}")
+    finite(factor, "factor")
     generator = torch.Generator().manual_seed(seed)
     controls = [control_neurons(km, neurons, generator) for _ in range(n_controls)]
 

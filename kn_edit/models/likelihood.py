@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import KnEditError
+from .prompts import encode_heads
 
 
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,7 +31,10 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: tor
 def tokenized_text(km, passages: Sequence[str], max_tokens: int | None) -> list[torch.Tensor]:
     """Each passage's token ids [n] (special tokens included), cut at ``max_tokens``; passages of fewer than two
     tokens predict nothing and are left out."""
-    ids = [km.tokenizer(p, add_special_tokens=True)["input_ids"][:max_tokens] for p in passages]
+    if max_tokens is None:
+        ids = [km.tokenizer(p, add_special_tokens=True)["input_ids"] for p in passages]
+    else:  # tokenizes only each passage's head: bounded however long a passage is
+        ids = encode_heads(km.tokenizer, list(passages), max_tokens, add_special_tokens=True)["input_ids"]
     return [torch.tensor(i, dtype=torch.long) for i in ids if len(i) >= 2]
 
 

@@ -15,10 +15,11 @@
 from __future__ import annotations
 
 import re
+import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -30,6 +31,7 @@ SLOT_MARKERS = ("[Y]", "[MASK]")
 DEFAULT_MAX_TOKENS = 512
 _max_tokens: ContextVar[int] = ContextVar("kn_edit_max_tokens", default=DEFAULT_MAX_TOKENS)
 _TRAILING_AFTER_SLOT = re.compile(r"^[\s\.\,\;\:\!\?\"\')]*$")
+_BLOCK = 1 << 16  # characters normalized at a time
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,24 @@ def join_target(prompt: str, target: str) -> tuple[str, str]:
     if target[:1].isspace():
         return prompt, target
     return prompt, " " + target
+
+
+def normalize(text: str) -> str:
+    """``" ".join(text.split())``, a block at a time: the list of a long text's words would cost some fifty bytes
+    a word (gigabytes for a pasted book)."""
+    pieces: list[str] = []
+    space = False  # a space is due before the next word
+    for start in range(0, len(text), _BLOCK):
+        block = text[start : start + _BLOCK]
+        words = " ".join(block.split())
+        if not words:
+            space = space or bool(pieces)
+            continue
+        if pieces and (space or block[0].isspace()):
+            pieces.append(" ")
+        pieces.append(words)
+        space = block[-1].isspace()
+    return "".join(pieces)
 
 
 def check_text(prompt: str, target: str | None) -> None:
@@ -114,16 +134,98 @@ def _short(text: str) -> str:
     return repr(text if len(text) <= 60 else text[:57] + "...")
 
 
+# ----- cutting by characters before tokenizing -------------------------------------------------------------------
+# A token stands for at most as many characters as its vocabulary string has (a byte-level token's string has one
+# character per byte, a SentencePiece one marks its space with one), so n tokens span at most n × the longest
+# vocabulary string. A text's head of twice that many characters therefore holds its first n tokens well inside it,
+# and a text of at most n tokens is never cut. The exceptions, tokenizers that let one token stand for more (WordPiece
+# drops runs of spaces and gives a whole long word one unknown token), show as a head with too few tokens
+# (:func:`head_holds`): those texts are tokenized whole where the whole text is at hand.
+_LONGEST_TOKEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _longest_token(tokenizer) -> int | None:
+    """The longest vocabulary string of ``tokenizer`` in characters (None where it lists no vocabulary); kept
+    per tokenizer while its vocabulary keeps its size (tokens added later count)."""
+    try:
+        size = len(tokenizer)
+        cached = _LONGEST_TOKEN.get(tokenizer)
+    except TypeError:  # no size, or not weak-referenceable: computed each time
+        size, cached = None, None
+    if cached is not None and cached[0] == size:
+        return cached[1]
+    try:
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=0) or None
+    except (AttributeError, NotImplementedError, TypeError):
+        longest = None
+    try:
+        _LONGEST_TOKEN[tokenizer] = (size, longest)
+    except TypeError:
+        pass
+    return longest
+
+
+def head_chars(tokenizer, n_tokens: int) -> int | None:
+    """How many characters of a text to tokenize for its first ``n_tokens`` tokens (see above); None: all."""
+    longest = _longest_token(tokenizer)
+    return None if longest is None else 2 * max(n_tokens, 1) * longest
+
+
+def text_head(tokenizer, text: str, n_tokens: int) -> str:
+    """``text`` cut to :func:`head_chars` characters (the same object when it is not longer)."""
+    bound = head_chars(tokenizer, n_tokens)
+    return text if bound is None or len(text) <= bound else text[:bound]
+
+
+def head_holds(ids: Sequence[int], n_tokens: int) -> bool:
+    """Whether a cut text's token ids (``ids``) hold its first ``n_tokens`` tokens: more than n + 1 of them, so that
+    neither the token cut at the end nor a closing special token is among the first n."""
+    return len(ids) > n_tokens + 1
+
+
+def encode_heads(tokenizer, texts: Sequence[str], n_tokens: int, **kwargs) -> dict[str, list]:
+    """``tokenizer(texts, **kwargs)`` with every field (input_ids, offset_mapping, ...) cut to each text's first
+    ``n_tokens`` tokens, exactly as tokenizing the texts whole would give, while tokenizing only each text's head
+    (:func:`text_head`): memory and time stay bounded however long a text. A head that does not hold enough
+    tokens (:func:`head_holds`) is tokenized whole instead."""
+    if not texts:  # (tokenizers fail on an empty batch)
+        return {"input_ids": []}
+    heads = [text_head(tokenizer, t, n_tokens) for t in texts]
+    out = {key: list(value) for key, value in tokenizer(heads, **kwargs).items()}
+    for i, (text, head) in enumerate(zip(texts, heads)):
+        if head is not text and not head_holds(out["input_ids"][i], n_tokens):
+            whole = tokenizer(text, **kwargs)
+            for key in out:
+                out[key][i] = whole[key]
+    return {key: [list(row)[:n_tokens] for row in rows] for key, rows in out.items()}
+
+
+def _too_long(kind: str, text: str, n: int, limit: int, at_least: bool = False) -> str:
+    how = "raise the limit with --max-tokens N (command line) or kn_edit.token_limit(N) (Python)"
+    return f"{kind} {_short(text)} is {'over ' if at_least else ''}{n} tokens long, above the limit of {limit}; {how}"
+
+
+def check_head(tokenizer, text: str, kind: str = "prompt") -> None:
+    """PromptError (``kind`` prompt) or TargetError (target) when the head of ``text`` (:func:`text_head`) alone
+    is above the token limit: a pasted document is refused after tokenizing a few pages, not all of it."""
+    limit = max_tokens()
+    head = text_head(tokenizer, text, limit)
+    if head is not text:
+        ids = _tokenize(tokenizer, head, special=False)
+        if head_holds(ids, limit):
+            error = TargetError if kind == "target" else PromptError
+            raise error(_too_long(kind, text, len(ids) - 1, limit, at_least=True))
+
+
 def check_length(prompt: str, n_prompt: int, target: str | None = None, n_target: int = 0,
                  context: int | None = None, total: int | None = None) -> None:
     """PromptError / TargetError where the prompt or target exceeds the token limit, or the model's input
     (``total`` tokens, default prompt + target) its context."""
     limit = max_tokens()
-    how = "raise the limit with --max-tokens N (command line) or kn_edit.token_limit(N) (Python)"
     if n_prompt > limit:
-        raise PromptError(f"prompt {_short(prompt)} is {n_prompt} tokens long, above the limit of {limit}; {how}")
+        raise PromptError(_too_long("prompt", prompt, n_prompt, limit))
     if target is not None and n_target > limit:
-        raise TargetError(f"target {_short(target)} is {n_target} tokens long, above the limit of {limit}; {how}")
+        raise TargetError(_too_long("target", target, n_target, limit))
     total = n_prompt + n_target if total is None else total
     if context is not None and total > context:
         raise PromptError(f"prompt {_short(prompt)} with its target is {total} tokens long, more than "
@@ -155,6 +257,8 @@ def _target_ids(tokenizer, prompt: str, target: str) -> list[int]:
 
 def encode_causal(tokenizer, prompt: str, target: str, context: int | None = None) -> EncodedFact:
     check_text(prompt, target)
+    check_head(tokenizer, prompt)
+    check_head(tokenizer, target, "target")
     prompt, target = join_target(causal_prompt(prompt), target)
     target_ids = _target_ids(tokenizer, prompt, target)
     prompt_ids = _tokenize(tokenizer, prompt, special=True)
@@ -185,6 +289,8 @@ def masked_prompt(tokenizer, prompt: str) -> str:
 
 def encode_masked(tokenizer, prompt: str, target: str, context: int | None = None) -> EncodedFact:
     check_text(prompt, target)
+    check_head(tokenizer, prompt)
+    check_head(tokenizer, target, "target")
     prompt = masked_prompt(tokenizer, prompt)
     target_ids = _tokenize(tokenizer, target.strip(), special=False)
     if not target_ids:
@@ -207,6 +313,7 @@ def encode_masked(tokenizer, prompt: str, target: str, context: int | None = Non
 def encode_prompt_only(tokenizer, prompt: str, masked: bool, context: int | None = None) -> tuple[torch.Tensor, int]:
     """(input_ids [seq], answer position) for a prompt without a target, as used by predict()."""
     check_text(prompt, None)
+    check_head(tokenizer, prompt)
     if masked:
         prompt = masked_prompt(tokenizer, prompt)
         ids = _tokenize(tokenizer, prompt, special=True)

@@ -1,10 +1,13 @@
 """Typed configuration: OmegaConf structured configs (dataclasses) merged with YAML files and dot-list
-overrides, so a typo or a wrong type is an error naming the key. Nothing here runs at import time."""
+overrides, so a typo, a wrong type or a NaN is an error naming the key. Nothing here runs at import time."""
 
 from __future__ import annotations
 
+import math
+import re
+from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Mapping, Sequence, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar, get_args, get_type_hints
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -12,6 +15,54 @@ from omegaconf.errors import OmegaConfBaseException
 from ..errors import ConfigError
 
 T = TypeVar("T")
+
+# Metadata of a float field where an infinity is a meaningful value (e.g. ``norm_bound: .inf``, no bound):
+# ``field(default=..., metadata=INF_ALLOWED)``. NaN is refused there too; the field's own check sets the range.
+INF_ALLOWED = {"inf_allowed": True}
+
+
+def finite(value: float, key: str) -> float:
+    """``value``, or a ConfigError naming ``key`` when it is not a number or is NaN or infinite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    return value
+
+
+def check_finite(config: Any, prefix: str = "") -> None:
+    """ConfigError naming the key of the first NaN or infinity in a number field of ``config`` (a dataclass),
+    also inside Optional, lists, dicts and nested dataclasses. NaN passes every range check (its comparisons are
+    all false) and infinity most of them, and either would only surface as NaN results or a failure deep inside
+    a solve. Fields typed Any (e.g. another schema's settings, checked when that schema is built) are skipped."""
+    try:
+        hints = get_type_hints(type(config))
+    except Exception:  # annotations that do not resolve (a user's editor config): read their text
+        hints = {}
+    for f in fields(config):
+        numeric = _numeric(hints.get(f.name, f.type))
+        _check_value(getattr(config, f.name), prefix + f.name, numeric, bool(f.metadata.get("inf_allowed")))
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field of this type may hold a number (float or int, also as a type argument)."""
+    if isinstance(annotation, str):
+        return re.search(r"\b(float|int)\b", annotation) is not None
+    return annotation in (float, int) or any(_numeric(a) for a in get_args(annotation))
+
+
+def _check_value(value: Any, key: str, numeric: bool, inf_allowed: bool) -> None:
+    if is_dataclass(value) and not isinstance(value, type):
+        check_finite(value, key + ".")
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_value(v, f"{key}.{k}", numeric, inf_allowed)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_value(v, f"{key}[{i}]", numeric, inf_allowed)
+    elif numeric and isinstance(value, float) and not math.isfinite(value):
+        if not inf_allowed:
+            finite(value, key)
+        elif math.isnan(value):
+            raise ConfigError(f"{key} must be a number (.inf allowed), got nan")
 
 
 def _read_yaml(path: Path):
@@ -36,7 +87,14 @@ def _read_yaml(path: Path):
 def load_config(schema: type[T], files: Sequence[str | Path] = (), overrides: Sequence[str] | Mapping = (),
                 defaults: Mapping | None = None) -> T:
     """An instance of dataclass ``schema``: its defaults, then ``defaults``, then each YAML file, then
-    ``key=value`` overrides (or a mapping of them)."""
+    ``key=value`` overrides (or a mapping of them). A NaN or infinite number is a ConfigError (check_finite)."""
+    config = _merged(schema, files, overrides, defaults)
+    check_finite(config)
+    return config
+
+
+def _merged(schema: type[T], files: Sequence[str | Path], overrides: Sequence[str] | Mapping,
+            defaults: Mapping | None) -> T:
     try:
         merged = OmegaConf.structured(schema)
         if defaults:

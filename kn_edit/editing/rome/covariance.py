@@ -30,6 +30,7 @@ from ...models.hooks import value_input_hooks
 from ...storage.digest import weights_digest
 from ...storage.atomic import atomic_file
 from ...progress import NullReporter, Reporter
+from ...models.prompts import encode_heads
 
 WIKIPEDIA = "wikipedia"
 _FORMAT = 1  # bump when the file layout or the way statistics are taken changes
@@ -100,7 +101,7 @@ def token_batches(km, texts: Sequence[str], n_tokens: int, max_length: int, batc
     batches. Fewer tokens when the text runs out."""
     seqs, total = [], 0
     for text in texts:
-        ids = list(km.tokenizer(text, add_special_tokens=True)["input_ids"])[: max_length]
+        ids = encode_heads(km.tokenizer, [text], max_length, add_special_tokens=True)["input_ids"][0]
         ids = ids[: n_tokens - total]
         if len(ids) < 2:
             if total >= n_tokens:
