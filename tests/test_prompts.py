@@ -135,7 +135,7 @@ def test_the_character_cut_never_changes_the_first_tokens(masked):
     import random
 
     from kn_edit.models.prompts import encode_heads, text_head
-    from tiny_models import masked_tokenizer
+    from tiny_models import causal_tokenizer, masked_tokenizer
 
     tok = masked_tokenizer() if masked else causal_tokenizer()
     rng = random.Random(0)
