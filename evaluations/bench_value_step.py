@@ -1,4 +1,4 @@
-"""Benchmark one step of the v* optimisation shared by ROME, MEMIT and kn-subject (kn_edit.editing.rome.values).
+"""Benchmark one step of the v* optimisation shared by ROME, MEMIT and kn-subject (kn_edit.editing.keyvalue.target).
 
 A step is the forward of every rewrite row from the subject's last token on (the prefix before it is cached) with δ
 added there, and the backward to δ; only the positions the objective reads (answer tokens, KL position) reach the
@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import kn_edit  # noqa: E402
-from kn_edit.editing.rome.keys import context_prefixes  # noqa: E402
+from kn_edit.editing.keyvalue.keys import context_prefixes  # noqa: E402
 from kn_edit.editing.rome.settings import RomeSettings  # noqa: E402
-from kn_edit.editing.rome.values import _Steps, kl_row, rewrite_rows  # noqa: E402
+from kn_edit.editing.keyvalue.target import _Steps, kl_row, rewrite_rows  # noqa: E402
 
 
 def main() -> None:

@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 import kn_edit  # noqa: E402
 from kn_edit.editing.memit import default_layers  # noqa: E402
-from kn_edit.editing.rome.covariance import key_statistics  # noqa: E402
-from kn_edit.editing.rome.keys import context_prefixes, keys_at, subject_texts  # noqa: E402
+from kn_edit.editing.keyvalue.statistics import key_statistics  # noqa: E402
+from kn_edit.editing.keyvalue.keys import context_prefixes, keys_at, subject_texts  # noqa: E402
 
 
 def subjects_by_relation(path: Path) -> dict[str, list[str]]:

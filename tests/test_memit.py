@@ -14,8 +14,8 @@ from kn_edit.editing import EditRequest, make_editor
 from kn_edit.editing.ledger import ledger_for
 from kn_edit.editing.memit import MemitEditor, default_layers, memit_delta
 from kn_edit.editing.rome import RomeEditor, key_statistics
-from kn_edit.editing.rome.keys import context_prefixes, prompt_text, subject_texts
-from kn_edit.editing.rome.values import rewrite_rows
+from kn_edit.editing.keyvalue.keys import context_prefixes, prompt_text, subject_texts
+from kn_edit.editing.keyvalue.target import rewrite_rows
 from kn_edit.editing.values import value_location
 from plain_values import plain_key, plain_weight, same, set_weight, snapshot
 from tiny_models import CORPUS
@@ -156,7 +156,7 @@ def test_the_solve_form_equals_the_paper_s_form():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_edits_in_sequence_revert_in_any_order_and_reuse_the_statistics(tiny_factory, tmp_path, monkeypatch, family):
-    from kn_edit.editing.rome import covariance
+    from kn_edit.editing.keyvalue import statistics as covariance
 
     km = tiny_factory(family, n_layers=3)
     original = snapshot(km)

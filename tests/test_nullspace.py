@@ -57,7 +57,7 @@ def test_projected_update_is_the_paper_s_formula_and_its_minimiser():
 
 
 def test_key_statistics_compute_their_null_space_once():
-    from kn_edit.editing.rome.covariance import KeyStatistics
+    from kn_edit.editing.keyvalue.statistics import KeyStatistics
 
     g = torch.Generator().manual_seed(1)
     k = torch.randn(8, 5, generator=g)

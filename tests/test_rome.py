@@ -12,9 +12,9 @@ from kn_edit import ConfigError, EditError, Neuron
 from kn_edit.editing import EditRequest, make_editor
 from kn_edit.editing.ledger import ledger_for
 from kn_edit.editing.rome import RomeEditor, default_layer, key_statistics
-from kn_edit.editing.rome import covariance as covariance_module
-from kn_edit.editing.rome import values as values_module
-from kn_edit.editing.rome.keys import subject_texts, token_at
+from kn_edit.editing.keyvalue import statistics as covariance_module
+from kn_edit.editing.keyvalue import target as values_module
+from kn_edit.editing.keyvalue.keys import subject_texts, token_at
 from kn_edit.editing.values import value_location
 from plain_values import plain_keys, plain_weight, same, snapshot
 from tiny_models import CORPUS
@@ -250,7 +250,7 @@ def test_the_value_optimisation_lowers_the_objective(tiny_factory, tmp_path):
 
 
 def test_the_cached_suffix_forward_equals_the_full_forward(tiny_factory):
-    from kn_edit.editing.rome.values import _groups, _suffix_logits, added_output, kl_row, rewrite_rows
+    from kn_edit.editing.keyvalue.target import _groups, _suffix_logits, added_output, kl_row, rewrite_rows
 
     for family in FAMILIES:
         km = tiny_factory(family, n_layers=3)
@@ -280,7 +280,7 @@ def test_the_padded_step_forward_equals_the_full_forward(family, window):
     the logits at the wanted positions equal each row's own full forward. gemma3 with a window shorter than the
     padded rows falls back to one forward per group, with the same logits."""
     import kn_edit
-    from kn_edit.editing.rome.values import _Steps, added_output, kl_row, rewrite_rows
+    from kn_edit.editing.keyvalue.target import _Steps, added_output, kl_row, rewrite_rows
     from tiny_models import build_model
 
     model, tok = build_model(family, n_layers=3, **({"sliding_window": window} if window else {}))

@@ -527,7 +527,7 @@ def test_joint_batch_gives_one_subject_s_facts_one_delta_over_all_their_rows(tin
     """Two facts of one subject share its key, so the joint solve gives them one δ, optimised over both facts'
     rewrite rows (each row with its own new object): recomputed here by optimising over those rows directly."""
     from kn_edit.editing import subject_neurons
-    from kn_edit.editing.rome.values import kl_row, rewrite_rows
+    from kn_edit.editing.keyvalue.target import kl_row, rewrite_rows
 
     km = tiny_factory(family)
     state = snapshot(km)

@@ -13,7 +13,7 @@ Per request, on layer l (ROME's layer for the model unless set):
    last token (kn_edit.locating.attribution, ``positions=``), averaged over the edit prompts; S = the ``neurons``
    strongest (null: every neuron of the layer).
 2. Key and value: k* = the FFN activation at the subject's last token after context prefixes, and the residual
-   δ = v* − W k* that makes new the answer (ROME's pieces: kn_edit.editing.rome.keys / values).
+   δ = v* − W k* that makes new the answer (the key-value pieces: kn_edit.editing.keyvalue.keys / target).
 3. Least change of S's value vectors V_S [d_model, |S|] (the paper's knowledge-neuron edit, solved):
 
        minimise  tr(D C_SS Dᵀ)   subject to   D k*_S = δ   and   D k_j,S = 0 for each preserved key k_j
@@ -76,12 +76,18 @@ from .base import Editor, EditRequest
 from .guard import guard_edit, guard_sample, text_change
 from .ledger import commit
 from .nullspace import edited_keys
-from .rome.covariance import key_statistics
-from .rome.keys import check_subjects, context_prefixes, fitted_keys, keys_at, prompt_text, subject_end, subject_texts, token_at
-from .rome.settings import KeyText, RomeSettings
-from .rome.values import kl_row, optimise_value, rewrite_rows
+from .keyvalue.solve import least_change
+from .keyvalue.statistics import statistics_for
+from .keyvalue.keys import check_causal_requests, context_prefixes, fitted_keys, keys_at, prompt_text, subject_end, subject_texts, token_at
+from .keyvalue.settings import KeyText
+from .rome.settings import RomeSettings
+from .keyvalue.target import kl_row, optimise_value, rewrite_rows
 from .settings import BatchSolve, as_choice, check_text_limit, with_overrides
 from .values import value_changes
+
+
+# The least-change solve's advice when it is singular here: its C is the edited neurons' block of the statistics.
+EDIT_MORE_NEURONS = "edit more neurons, preserve fewer subjects, or set cov_ridge > 0"
 
 
 @dataclass
@@ -116,34 +122,6 @@ class SubjectSettings(RomeSettings):
         return self
 
 
-def least_change(mom2: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, ridge: float = 0.0,
-                 penalty: torch.Tensor | None = None) -> torch.Tensor:
-    """D [d_model, n] float64 minimising tr(D C Dᵀ) subject to D keys[j] = targets[j] for every j.
-
-    mom2: C [n, n] (symmetric positive definite); keys [m, n]; targets [m, d_model]; ridge: C + ridge ·
-    mean(diag C) · I; penalty: [n, n] added to C after the ridge (so the ridge scales with C alone).
-    Solution D = R (Aᵀ C⁻¹ A)⁻¹ Aᵀ C⁻¹ with A = keysᵀ, R = targetsᵀ."""
-    c = mom2.to(torch.float64)
-    if ridge:
-        c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
-    if penalty is not None:
-        c = c + penalty.to(torch.float64)
-    a = keys.to(torch.float64).t()  # [n, m]
-    t = targets.to(torch.float64)
-    try:
-        c_inv_a = torch.linalg.solve(c, a)  # [n, m]
-    except RuntimeError as exc:  # torch.linalg.LinAlgError subclasses RuntimeError
-        raise EditError(f"the least-change solve is singular ({exc}); edit more neurons or set cov_ridge > 0") from exc
-    gram = a.t() @ c_inv_a  # [m, m]
-    # The pseudo-inverse: edit prompts that start with the subject share one key (the key depends only on the
-    # tokens up to the subject), so repeated keys with the same target are one constraint, not a singular one.
-    weights = torch.linalg.pinv((gram + gram.t()) / 2, hermitian=True, rtol=1e-10) @ t  # [m, d_model]
-    out = (c_inv_a @ weights).t()  # [d_model, n]
-    missed = float((out @ a - t.t()).abs().max()) if len(t) else 0.0
-    if not bool(torch.isfinite(out).all()) or missed > 1e-5 * max(float(t.abs().max()), 1e-12):
-        raise EditError("the least-change constraints are singular and conflict (a preserved subject gives the "
-                        "edited subject's key?); preserve fewer subjects, edit more neurons, or set cov_ridge > 0")
-    return out
 
 
 def neuron_counts(first: int | None, d_ff: int, factor: int, widen: bool) -> list[int]:
@@ -240,14 +218,9 @@ class SubjectNeuronEditor(Editor):
 
     def compute(self, km, requests: list[EditRequest]) -> tuple[list, SubjectDetails]:
         s = self.settings
-        if km.is_masked_lm:
-            raise EditError("kn-subject edits causal language models (the subject comes before the answer); this is "
-                            "a masked language model")
+        check_causal_requests(km, requests, "kn-subject", "its neurons are located at the subject's last token")
         layer = s.layer_for(km)
-        check_subjects(requests, "kn-subject", "its neurons are located at the subject's last token")
-        stats = key_statistics(km, layer, self.key_texts, corpus=s.cov_corpus, n_tokens=s.cov_tokens,
-                               max_length=s.cov_max_length, batch_size=s.cov_batch_size, cache=s.cache,
-                               cache_dir=s.cache_dir, reporter=self.reporter)
+        stats = statistics_for(km, layer, s, self.key_texts, self.reporter)
         prefixes = context_prefixes(km, s.n_prefixes, s.prefix_length, s.prefix_top_k, s.prefix_seed)
         whole = s.key_text == KeyText.subject
         preserved = (torch.stack([keys_at(km, layer, subject_texts(km, x, [], prefixes, True)).mean(dim=0)
@@ -335,7 +308,8 @@ class SubjectNeuronEditor(Editor):
             index = torch.tensor(list(dict.fromkeys(int(i) for f in at for i in f.index)), dtype=torch.long)
             keys = torch.cat([f.moved for f in at] + [preserved])[:, index]
             targets = torch.cat([f.targets for f in at] + [torch.zeros(len(preserved), km.d_model)])
-            d = least_change(mom2[index][:, index], keys, targets, s.cov_ridge, self._penalty(index, earlier))
+            d = least_change(mom2[index][:, index], keys, targets, s.cov_ridge, self._penalty(index, earlier),
+                             hint=EDIT_MORE_NEURONS)
             if len(counts) == 1:
                 return at, index, d, tried
             change = text_change(km, value_changes(km, [Neuron(layer, int(i)) for i in index], d.t().float(), True),

@@ -3,7 +3,7 @@
 For a batch of requests, over critical layers R = l_1 < ... < L:
 
 1. per request i, a target residual z_i = h_i^L + δ_i at the subject's last token after layer L: δ_i is
-   optimised like ROME's v* (kn_edit.editing.rome.values.optimise_value: added to layer L's FFN output, which
+   optimised like ROME's v* (kn_edit.editing.keyvalue.target.optimise_value: added to layer L's FFN output, which
    adds it to the residual stream), and h_i^L is the residual after layer L averaged over the rewrite rows (every
    edit prompt after every context prefix);
 2. for each l in R in order, on the model with the earlier layers' updates applied: the keys K_l (each request's
@@ -30,16 +30,15 @@ from typing import Sequence
 
 import torch
 
-from ...errors import EditError
 from ...progress import NullReporter, Reporter
 from ..base import Editor, EditRequest
 from ..ledger import commit
 from ..nullspace import null_space_delta
-from ..rome.covariance import KeyStatistics, key_statistics
-from ..rome.keys import check_subjects, context_prefixes, fitted_keys, keys_at, prompt_text, subject_texts
-from ..rome.settings import KeyFit, KeyText
+from ..keyvalue.statistics import KeyStatistics, statistics_for
+from ..keyvalue.keys import check_causal_requests, context_prefixes, fitted_keys, keys_at, prompt_text, subject_texts
+from ..keyvalue.settings import KeyFit, KeyText
 from ..rome.update import weight_change
-from ..rome.values import kl_row, optimise_value, rewrite_rows
+from ..keyvalue.target import kl_row, optimise_value, rewrite_rows
 from ..settings import with_overrides
 from ..values import value_location, whole_change
 from .hidden import hidden_at_subject
@@ -135,19 +134,13 @@ class MemitEditor(Editor):
     def statistics(self, km, layer: int) -> KeyStatistics:
         held = self._statistics.setdefault(km.model, {})
         if layer not in held:
-            s = self.settings
-            held[layer] = key_statistics(km, layer, self.key_texts, corpus=s.cov_corpus, n_tokens=s.cov_tokens,
-                                         max_length=s.cov_max_length, batch_size=s.cov_batch_size, cache=s.cache,
-                                         cache_dir=s.cache_dir, reporter=self.reporter)
+            held[layer] = statistics_for(km, layer, self.settings, self.key_texts, self.reporter)
         return held[layer]
 
     def compute(self, km, requests: list[EditRequest]) -> tuple[list, MemitDetails]:
         s = self.settings
-        if km.is_masked_lm:
-            raise EditError("MEMIT edits causal language models (the key is read at the subject's last token before "
-                            "the answer); this is a masked language model")
+        check_causal_requests(km, requests, "MEMIT")
         layers = s.layers_for(km)
-        check_subjects(requests, "MEMIT")
         stats = {layer: self.statistics(km, layer) for layer in layers}
         prefixes = context_prefixes(km, s.n_prefixes, s.prefix_length, s.prefix_top_k, s.prefix_seed)
         texts = [subject_texts(km, r.subject, [prompt_text(p) for p in r.prompts], prefixes,

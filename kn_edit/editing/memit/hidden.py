@@ -9,7 +9,7 @@ import torch
 
 from ...models.adapters import first_submodule
 from ...errors import EditError
-from ..rome.values import Row
+from ..keyvalue.target import Row
 
 
 def block(km, layer: int) -> torch.nn.Module:

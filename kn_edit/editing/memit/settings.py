@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 from ...errors import ConfigError, EditError
-from ..nullspace import check_null_space
-from ..rome.settings import KeyFit, KeyText, RomeSettings, default_layer
+from ..keyvalue.settings import KeyFit, KeyValueSettings
+from ..rome.settings import default_layer
 from ..settings import as_choice
 
 # (adapter family, n_layers, d_model) → critical layers R (0-based, ascending). smollm2-135m: five layers around
@@ -30,12 +30,11 @@ def default_layers(km) -> list[int]:
 
 
 @dataclass
-class MemitSettings:
-    """MEMIT (Meng et al. 2023): for every layer l of R in turn, ΔW_l = R_l K_lᵀ (λ C_l + K_l K_lᵀ)⁻¹."""
+class MemitSettings(KeyValueSettings):
+    """MEMIT (Meng et al. 2023): for every layer l of R in turn, ΔW_l = R_l K_lᵀ (λ C_l + K_l K_lᵀ)⁻¹. Keys, z's δ
+    (optimised as ROME's v*), statistics: :class:`KeyValueSettings`."""
 
     layers: Optional[list[int]] = None  # critical layers R, ascending; null: the model's default (DEFAULT_LAYERS)
-    # k: the value projection's input at the subject's last token, averaged over context prefixes (as ROME)
-    key_text: KeyText = KeyText.subject  # subject (paper: prefix + subject) | prompts (prefix + edit prompt)
     # keys each layer's update is solved for: mean (each request's prefix-averaged key, the paper) | prompts (also
     # each edit prompt's own key, with the request's residual) | rows (also every prefixed rewrite row's key)
     fit: KeyFit = KeyFit.mean
@@ -45,36 +44,12 @@ class MemitSettings:
     # (93 % against 68 %, neighbours kept as before) and after 100 in sequence (88 % held); in one edit of 76 it
     # keeps fewer other-object neighbours (86 % against 97 %; evaluations/README.md, batch and sequential sections)
     refit: Optional[KeyFit] = KeyFit.prompts
-    n_prefixes: int = 5
-    prefix_length: int = 10
-    prefix_top_k: int = 5
-    prefix_seed: int = 0
-    # z = h^L + δ: δ added to the last critical layer's FFN output, optimised as ROME's v* (Adam, KL, clamp)
-    lr: float = 0.5
-    steps: int = 25
-    stop_loss: float = 0.05
-    kl_factor: float = 0.0625
-    weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
     # λ: weight of the preserved keys' statistics C = E[k kᵀ] against the batch's own keys
     mom2_update_weight: float = 1500.0
-    cov_corpus: str = "wikipedia"
-    cov_tokens: int = 50000
-    cov_max_length: int = 128
-    cov_batch_size: int = 16
-    cov_ridge: float = 0.0
-    cache: bool = True
-    cache_dir: Optional[str] = None
-    # AlphaEdit: project each layer's update onto the null space of its preserved keys (kn_edit.editing.nullspace)
-    null_space: bool = False
-    null_space_threshold: float = 0.01  # eigenvalues of C below this × the largest span the null space
-    null_space_ridge: float = 0.1  # α in (K_p K_pᵀ P + K Kᵀ P + α I)⁻¹, in units of mean(diag C)
 
     def check(self) -> "MemitSettings":
-        # The settings MEMIT shares with ROME are checked by ROME's own rules.
-        shared = {f.name: getattr(self, f.name) for f in fields(RomeSettings) if hasattr(self, f.name)}
-        checked = RomeSettings(**shared).check()
-        self.key_text, self.fit = checked.key_text, checked.fit
+        super().check()
+        self.fit = as_choice(KeyFit, self.fit, "fit")
         if self.refit is not None:
             self.refit = as_choice(KeyFit, self.refit, "refit")
         if self.layers is not None:
@@ -88,7 +63,6 @@ class MemitSettings:
             self.layers = layers
         if self.mom2_update_weight < 0:
             raise ConfigError(f"mom2_update_weight must be >= 0, got {self.mom2_update_weight}")
-        check_null_space(self)
         return self
 
     def layers_for(self, km) -> list[int]:
@@ -96,4 +70,3 @@ class MemitSettings:
         if layers[-1] >= km.n_layers:
             raise EditError(f"layer {layers[-1]} does not exist: the model has {km.n_layers} layers (0..{km.n_layers - 1})")
         return layers
-

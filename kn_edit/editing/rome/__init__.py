@@ -1,9 +1,10 @@
 """ROME (Meng et al. 2022, "Locating and Editing Factual Associations in GPT"), implemented from the paper:
 a rank-one update of one layer's FFN value projection that maps the subject's key k* to a value v* making the
-new object the answer. Modules: keys (k*, context prefixes), covariance (C = E[k kᵀ], cached; reusable by
-MEMIT), values (v*), update (the closed form), editor (RomeEditor)."""
+new object the answer. Modules: settings, update (the closed form), editor (RomeEditor); the keys (k*, context
+prefixes), key statistics (C = E[k kᵀ], cached), v* and the least-change solve are the key-value machinery that
+MEMIT and kn-subject share (kn_edit.editing.keyvalue)."""
 
-from .covariance import KeyStatistics, key_statistics
+from ..keyvalue.statistics import KeyStatistics, key_statistics
 from .editor import RomeDetails, RomeEditor, RomeRequestDetails
 from .settings import DEFAULT_LAYERS, KeyFit, KeyText, RomeSettings, default_layer
 

@@ -12,18 +12,17 @@ from typing import Sequence
 
 import torch
 
-from ...errors import EditError
 from ...progress import NullReporter, Reporter
 from ..base import Editor, EditRequest
 from ..ledger import commit
 from ..nullspace import null_space_delta
 from ..settings import with_overrides
 from ..values import value_location, whole_change
-from .covariance import KeyStatistics, key_statistics
-from .keys import check_subjects, context_prefixes, fitted_keys, keys_at, prompt_text, subject_texts
+from ..keyvalue.statistics import KeyStatistics, statistics_for
+from ..keyvalue.keys import check_causal_requests, context_prefixes, fitted_keys, keys_at, prompt_text, subject_texts
 from .settings import KeyText, RomeSettings
 from .update import exact_direction, weight_change
-from .values import kl_row, optimise_value, rewrite_rows
+from ..keyvalue.target import kl_row, optimise_value, rewrite_rows
 
 
 @dataclass
@@ -90,18 +89,12 @@ class RomeEditor(Editor):
         self.reporter = reporter or NullReporter()
 
     def statistics(self, km, layer: int) -> KeyStatistics:
-        s = self.settings
-        return key_statistics(km, layer, self.key_texts, corpus=s.cov_corpus, n_tokens=s.cov_tokens,
-                              max_length=s.cov_max_length, batch_size=s.cov_batch_size, cache=s.cache,
-                              cache_dir=s.cache_dir, reporter=self.reporter)
+        return statistics_for(km, layer, self.settings, self.key_texts, self.reporter)
 
     def compute(self, km, requests: list[EditRequest]) -> tuple[list, RomeDetails]:
         s = self.settings
-        if km.is_masked_lm:
-            raise EditError("ROME edits causal language models (the key is read at the subject's last token before "
-                            "the answer); this is a masked language model")
+        check_causal_requests(km, requests, "ROME")
         layer = s.layer_for(km)
-        check_subjects(requests, "ROME")
         stats = self.statistics(km, layer)
         prefixes = context_prefixes(km, s.n_prefixes, s.prefix_length, s.prefix_top_k, s.prefix_seed)
         name = value_location(km, layer)[0]

@@ -21,37 +21,18 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import EditError
+from ..keyvalue.solve import least_change
 
 
-def solve_key(mom2: torch.Tensor, key: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
-    """u = (C + ridge · mean(diag C) · I)⁻¹ k* [d_ff] float64; mom2: C [d_ff, d_ff], key: k* [d_ff] (or several
-    keys as columns [d_ff, m], giving [d_ff, m])."""
-    c = mom2.to(torch.float64)
-    if ridge:
-        c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
-    try:
-        u = torch.linalg.solve(c, key.to(torch.float64).cpu())
-    except RuntimeError as exc:  # torch.linalg.LinAlgError subclasses RuntimeError
-        raise EditError(f"the key statistics are singular ({exc}); take them over more text (cov_tokens) or set "
-                        "cov_ridge > 0") from exc
-    if not bool(torch.isfinite(u).all()):
-        raise EditError("the key statistics are singular; take them over more text (cov_tokens) or set cov_ridge > 0")
-    return u
 
 
 def exact_direction(mom2: torch.Tensor, keys: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
     """w [d_ff] float64 of least wᵀCw with wᵀk_j = 1 for every row k_j of ``keys`` [m, d_ff] (see the module
-    docstring); one key: C⁻¹k / (kᵀC⁻¹k), the paper's direction."""
-    keys = keys.to(torch.float64).cpu()
-    solved = solve_key(mom2, keys.T, ridge)  # C⁻¹K [d_ff, m]
-    gram = keys @ solved  # KᵀC⁻¹K [m, m], symmetric positive definite when the keys are independent
-    gram = (gram + gram.T) / 2
-    if not bool(gram.diagonal().min() > 0):
-        raise EditError(f"kᵀC⁻¹k = {float(gram.diagonal().min()):.3g} is not positive: the key statistics do not "
-                        "fit this key")
-    # The pseudo-inverse: two prompts with the same key (a repeated prompt) are one constraint, not a singular one.
-    return solved @ (torch.linalg.pinv(gram, hermitian=True, rtol=1e-10) @ torch.ones(len(keys), dtype=torch.float64))
+    docstring): the shared least-change solve (kn_edit.editing.keyvalue.solve) with every target 1. One key:
+    C⁻¹k / (kᵀC⁻¹k), the paper's direction."""
+    ones = torch.ones(len(keys), 1, dtype=torch.float64)
+    # check_exact off: the pseudo-inverse's least-squares answer is the update even where keys nearly coincide
+    return least_change(mom2, keys, ones, ridge, check_exact=False)[0]
 
 
 def weight_change(km, delta: torch.Tensor) -> torch.Tensor:

@@ -182,3 +182,11 @@ def key_statistics(km, layer: int, texts: Sequence[str] | None = None, *, corpus
     return KeyStatistics(layer, mom2, mean, count, name, False, time.perf_counter() - start,
                          str(path) if path is not None else None)
 
+
+def statistics_for(km, layer: int, settings, key_texts: Sequence[str] | None = None,
+                   reporter: Reporter | None = None) -> KeyStatistics:
+    """:func:`key_statistics` of ``layer`` as a key-value editor's settings (KeyValueSettings' cov_* and cache
+    fields) ask for them; ``key_texts`` replace the corpus (tests, benchmarks)."""
+    s = settings
+    return key_statistics(km, layer, key_texts, corpus=s.cov_corpus, n_tokens=s.cov_tokens, max_length=s.cov_max_length,
+                          batch_size=s.cov_batch_size, cache=s.cache, cache_dir=s.cache_dir, reporter=reporter)

@@ -119,6 +119,15 @@ def keys_at(km, layer: int, texts: Sequence[SubjectText], batch_size: int = 32) 
     return torch.cat(out)
 
 
+def check_causal_requests(km, requests, method: str, why: str = "the key is read at the subject's last token") -> None:
+    """What every key-value editor needs before computing anything: a causal LM (the subject comes before the
+    answer), and a subject in every request that every one of its prompts contains."""
+    if km.is_masked_lm:
+        raise EditError(f"{method} edits causal language models ({why} before the answer); this is a masked "
+                        "language model")
+    check_subjects(requests, method, why)
+
+
 def check_subjects(requests, method: str, why: str = "the key is read at the subject's last token") -> None:
     """Every request has a subject and every prompt contains it (checked before anything is computed)."""
     for request in requests:
