@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from ..errors import ConfigError, DataError
 from ..models.neurons import Neuron, check_neurons
 from ..models.prompts import AnswerStep, encode_prompt_only
 from .located import LocatedFact
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 GROUPS = ("own", "same_relation", "other_relation", "wiki")
 
@@ -114,7 +117,8 @@ def _columns(neurons: Sequence[Neuron]) -> tuple[list[int], dict[Neuron, tuple[i
     return layers, {n: (row[n.layer], n.index) for n in neurons}
 
 
-def prompt_activations(km, prompts: Sequence[str], neurons: Sequence[Neuron], batch_size: int = 64) -> torch.Tensor:
+def prompt_activations(km: KnModel, prompts: Sequence[str], neurons: Sequence[Neuron],
+                       batch_size: int = 64) -> torch.Tensor:
     """[n_prompts, n_neurons]: each neuron's activation at each prompt's answer position."""
     neurons = check_neurons(neurons, km.n_layers, km.d_ff) if neurons else []
     layers, where = _columns(neurons)
@@ -129,7 +133,7 @@ def prompt_activations(km, prompts: Sequence[str], neurons: Sequence[Neuron], ba
     return torch.cat(out) if out else torch.empty(0, len(neurons))
 
 
-def peak_activations(km, texts: Sequence[str], neurons: Sequence[Neuron], batch_size: int = 32,
+def peak_activations(km: KnModel, texts: Sequence[str], neurons: Sequence[Neuron], batch_size: int = 32,
                      max_tokens: int = 128) -> torch.Tensor:  # fmt: skip
     """[n_texts, n_neurons]: each neuron's peak activation over each text's tokens."""
     from .top_text import _encode, scan_scores
@@ -159,7 +163,7 @@ def _pick(pool: Sequence[LocatedFact], k: int, rng: random.Random) -> list[Locat
 
 
 def activation_by_prompt_type(
-    km,
+    km: KnModel,
     facts: Sequence[LocatedFact],
     sentences: Sequence[str] | None = None,
     others: int = 5,

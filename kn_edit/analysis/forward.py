@@ -7,11 +7,14 @@ same operations as in the full forward pass, so it is bit-for-bit the same (test
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
 from ..models.hooks import value_input_hooks
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 
 class _StopForward(Exception):
@@ -20,7 +23,7 @@ class _StopForward(Exception):
 
 @torch.no_grad()
 def neuron_activations(
-    km,
+    km: KnModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     indices: Mapping[int, Sequence[int] | torch.Tensor],

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ..errors import DataError
 from ..models.neurons import Neuron
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ def read_located(folder: str | Path) -> list[LocatedFact]:
     return facts
 
 
-def locate_facts(km, records: Sequence, out: str | Path, config=None, attribute_fn=None, reporter=None,
+def locate_facts(km: KnModel, records: Sequence, out: str | Path, config=None, attribute_fn=None, reporter=None,
                  progress: bool = False) -> tuple[list[LocatedFact], int]:
     """Run the dataset attribution (cached) into ``out``; (located facts, prompts computed rather than read)."""
     from ..locating.dataset import locate_dataset

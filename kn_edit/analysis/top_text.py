@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import torch
 
@@ -22,6 +22,9 @@ from ..models.neurons import Neuron, check_neurons
 from ..progress import NullReporter, Reporter
 from ..models.prompts import encode_heads
 from .forward import neuron_activations
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,7 @@ def _split(buffer: list[tuple[int, str]], size: int) -> Iterator[list[tuple[int,
         yield ordered[start : start + size]
 
 
-def _encode(km, texts: Sequence[str], max_tokens: int):
+def _encode(km: KnModel, texts: Sequence[str], max_tokens: int):
     """(input_ids, attention_mask [batch, seq], offsets per text or None)."""
     tok = km.tokenizer
     fast = getattr(tok, "is_fast", False)
@@ -138,7 +141,7 @@ def _encode(km, texts: Sequence[str], max_tokens: int):
     return ids, mask, (enc["offset_mapping"] if fast else None)
 
 
-def scan_scores(km, ids: torch.Tensor, mask: torch.Tensor, neurons: Sequence[Neuron], stop_early: bool = True):
+def scan_scores(km: KnModel, ids: torch.Tensor, mask: torch.Tensor, neurons: Sequence[Neuron], stop_early: bool = True):
     """(peak scores [n_neurons, batch], peak positions [n_neurons, batch]) of a padded batch."""
     layers: dict[int, list[int]] = {}
     for n in neurons:
@@ -158,7 +161,7 @@ def scan_scores(km, ids: torch.Tensor, mask: torch.Tensor, neurons: Sequence[Neu
 
 
 def top_texts(
-    km,
+    km: KnModel,
     neurons: Sequence[Neuron],
     texts: Iterable[str],
     k: int = 20,

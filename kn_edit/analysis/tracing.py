@@ -16,13 +16,16 @@ a hook on each layer restores exactly the rows assigned to that layer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from ..models.adapters import first_submodule, get_submodule
 from ..storage.config import finite
 from ..errors import ConfigError, PromptError, UnsupportedArchitectureError
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 KINDS = ("hidden", "mlp", "attn")
 
@@ -70,7 +73,7 @@ class TraceInput:
     prompt: str
 
 
-def trace_modules(km, kind: str) -> list[torch.nn.Module]:
+def trace_modules(km: KnModel, kind: str) -> list[torch.nn.Module]:
     """The module whose output is restored, for each layer: the block, its MLP or its attention."""
     if km.is_masked_lm:
         raise UnsupportedArchitectureError("causal tracing needs a causal language model (the prompt's last token "
@@ -92,12 +95,12 @@ def trace_modules(km, kind: str) -> list[torch.nn.Module]:
     return mods
 
 
-def embeddings_module(km) -> torch.nn.Module:
+def embeddings_module(km: KnModel) -> torch.nn.Module:
     return first_submodule(km.model, km.adapter.embeddings)
 
 
 @torch.no_grad()
-def embedding_std(km, chunk: int = 8192) -> float:
+def embedding_std(km: KnModel, chunk: int = 8192) -> float:
     """Standard deviation of every entry of the embedding module's output over the whole vocabulary
     (so a scaled embedding, as Gemma's, is measured as the model sees it)."""
     emb = embeddings_module(km)
@@ -113,7 +116,7 @@ def embedding_std(km, chunk: int = 8192) -> float:
     return float(max(total_sq / count - mean * mean, 0.0) ** 0.5)
 
 
-def subject_span(km, prompt: str, subject: str, n_ids: int) -> tuple[int, int]:
+def subject_span(km: KnModel, prompt: str, subject: str, n_ids: int) -> tuple[int, int]:
     """[start, end) token positions of the first occurrence of ``subject`` in the (encoded) prompt."""
     if not subject or not subject.strip():
         raise PromptError("empty subject")
@@ -136,7 +139,7 @@ def subject_span(km, prompt: str, subject: str, n_ids: int) -> tuple[int, int]:
     return start, stop
 
 
-def prepare(km, prompt: str, subject: str, target: str) -> TraceInput:
+def prepare(km: KnModel, prompt: str, subject: str, target: str) -> TraceInput:
     step = km.encode(prompt, target).steps[0]
     encoded_prompt = km.encode(prompt, target).prompt
     ids = step.input_ids[: step.position + 1]
@@ -152,7 +155,7 @@ def _replace_first(out, value):
 
 
 @torch.no_grad()
-def clean_run(km, inp: TraceInput, kinds: Sequence[str]) -> tuple[float, dict[str, list[torch.Tensor]]]:
+def clean_run(km: KnModel, inp: TraceInput, kinds: Sequence[str]) -> tuple[float, dict[str, list[torch.Tensor]]]:
     """(P(target) clean, {kind: per layer the clean output [seq, d_model]})."""
     saved: dict[str, list[torch.Tensor | None]] = {k: [None] * km.n_layers for k in kinds}
     handles = []
@@ -177,7 +180,7 @@ def clean_run(km, inp: TraceInput, kinds: Sequence[str]) -> tuple[float, dict[st
 
 @torch.no_grad()
 def corrupted_probs(
-    km,
+    km: KnModel,
     inp: TraceInput,
     noise: torch.Tensor,
     rows: torch.Tensor,
@@ -227,14 +230,14 @@ def corrupted_probs(
     return torch.cat(out)
 
 
-def make_noise(km, n_tokens: int, samples: int, scale: float, seed: int) -> tuple[torch.Tensor, float]:
+def make_noise(km: KnModel, n_tokens: int, samples: int, scale: float, seed: int) -> tuple[torch.Tensor, float]:
     std = embedding_std(km)
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(samples, n_tokens, km.d_model, generator=gen) * (scale * std), std
 
 
 def trace(
-    km,
+    km: KnModel,
     prompt: str,
     subject: str,
     target: str,

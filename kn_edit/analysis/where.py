@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -22,6 +22,9 @@ from ..storage.config import finite
 from ..errors import DataError, PromptError
 from .located import LocatedFact
 from .tracing import make_noise, prepare, trace
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 
 @dataclass
@@ -78,7 +81,7 @@ def summarize(group: Sequence[FactTrace], n_layers: int) -> dict:
     }
 
 
-def trace_fact(km, fact: LocatedFact, samples: int, noise_scale: float, seed: int, window: int) -> FactTrace:
+def trace_fact(km: KnModel, fact: LocatedFact, samples: int, noise_scale: float, seed: int, window: int) -> FactTrace:
     """Trace the first prompt of ``fact`` that contains its subject (PromptError if none does)."""
     if not fact.subject:
         raise PromptError(f"fact {fact.fact_id} has no subject")
@@ -101,7 +104,7 @@ def _collate(batch):
     return batch
 
 
-def _module(km, samples: int, noise_scale: float, seed: int, window: int):
+def _module(km: KnModel, samples: int, noise_scale: float, seed: int, window: int):
     import pytorch_lightning as pl
 
     class TracingModule(pl.LightningModule):
@@ -127,7 +130,7 @@ def _module(km, samples: int, noise_scale: float, seed: int, window: int):
 
 
 def where(
-    km,
+    km: KnModel,
     facts: Sequence[LocatedFact],
     samples: int = 10,
     noise_scale: float = 3.0,

@@ -8,9 +8,13 @@ import itertools
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .ui import (FiniteFloat, add_model_argument, add_plot_arguments, add_settings_arguments, check_plot_argument,
                  console, console_err, table)
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 
 # ----- arguments -----------------------------------------------------------------------------------------------
@@ -110,7 +114,7 @@ def _quiet_lightning() -> None:
     quiet()
 
 
-def _load(args, quiet: bool):
+def _load(args, quiet: bool) -> KnModel:
     from .. import load
     from ..progress import default_reporter
 
@@ -135,7 +139,7 @@ def _locate_config(args):
     return cfg
 
 
-def _facts(args, km, tmp: Path, reporter):
+def _facts(args, km: KnModel, tmp: Path, reporter):
     """(located facts, prompts computed): read --located, or choose facts and run the cached dataset attribution."""
     from ..analysis.located import locate_facts, read_located
     from ..errors import ConfigError, DataError
@@ -197,7 +201,7 @@ def _run(args, command: str, body) -> int:
 
 # ----- commands ------------------------------------------------------------------------------------------------
 def run_distribution(args: argparse.Namespace) -> int:
-    def body(km, facts, tmp, meta):
+    def body(km: KnModel, facts, tmp, meta):
         from ..analysis.distribution import distribution, markdown
         from ..analysis.plots import distribution_figure
 
@@ -214,7 +218,7 @@ def run_distribution(args: argparse.Namespace) -> int:
 
 
 def run_activations(args: argparse.Namespace) -> int:
-    def body(km, facts, tmp, meta):
+    def body(km: KnModel, facts, tmp, meta):
         from ..analysis.activations import GROUPS, activation_by_prompt_type, markdown
         from ..analysis.corpus import split_sentences, wiki_extracts
         from ..analysis.plots import activations_figure
@@ -248,7 +252,7 @@ def run_activations(args: argparse.Namespace) -> int:
 
 
 def run_where(args: argparse.Namespace) -> int:
-    def body(km, facts, tmp, meta):
+    def body(km: KnModel, facts, tmp, meta):
         from ..analysis.plots import where_figure
         from ..analysis.where import markdown, where
 

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 import inspect
+from typing import TYPE_CHECKING
 
 from .ui import add_model_argument, add_prompts_argument, add_settings_arguments, console, report_tables, table
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 # Facts unrelated to most edits: their top prediction should survive an edit.
 DEFAULT_CONTROLS = [
@@ -108,20 +112,20 @@ def _editor(args: argparse.Namespace):
     return make_editor(args.method, args.config, overrides, **extras)
 
 
-def _load(args: argparse.Namespace, quiet: bool = False):
+def _load(args: argparse.Namespace, quiet: bool = False) -> KnModel:
     from .. import load
     from ..progress import default_reporter
 
     return load(args.model, device=args.device, reporter=default_reporter(quiet))
 
 
-def _control_prompt(km, text: str) -> str:
+def _control_prompt(km: KnModel, text: str) -> str:
     if km.is_masked_lm and not any(m in text for m in ("[MASK]", "[Y]", km.tokenizer.mask_token or "[MASK]")):
         return text + " [MASK]."
     return text
 
 
-def _snapshot(km, prompts: list[str], objects: list[str]) -> list[dict]:
+def _snapshot(km: KnModel, prompts: list[str], objects: list[str]) -> list[dict]:
     """Per prompt: top prediction and P(object) for each object."""
     rows = []
     for prompt in prompts:
@@ -139,7 +143,7 @@ def _before_after_table(title: str, prompts: list[str], kinds: list[str], object
     return table(title, ["", "prompt", "top before", "top after"] + [f"P({o})" for o in objects], rows)
 
 
-def _check_save(km, args: argparse.Namespace) -> None:
+def _check_save(km: KnModel, args: argparse.Namespace) -> None:
     """Refuse a bad --save/--save-patch path before the (slow) edit, not after it."""
     from ..models.saving import check_model_path, check_new_file
 
@@ -149,7 +153,7 @@ def _check_save(km, args: argparse.Namespace) -> None:
         check_new_file(args.save_patch)
 
 
-def _save(km, edit, args: argparse.Namespace) -> str | None:
+def _save(km: KnModel, edit, args: argparse.Namespace) -> str | None:
     if getattr(args, "save", None):
         path = km.save(args.save)
         return f"edited model written to {path}"

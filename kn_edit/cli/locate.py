@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
 from .ui import (FiniteFloat, add_model_argument, add_plot_arguments, add_prompts_argument, add_settings_arguments,
                  check_plot_argument, console, table)
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
@@ -60,14 +64,14 @@ def _config(args: argparse.Namespace):
     return load_config(LocateConfig, args.config, args.overrides).check()
 
 
-def _load(args: argparse.Namespace, quiet: bool):
+def _load(args: argparse.Namespace, quiet: bool) -> KnModel:
     from .. import load
     from ..progress import default_reporter
 
     return load(args.model, device=args.device, reporter=default_reporter(quiet))
 
 
-def _locate(km, args: argparse.Namespace, cfg):
+def _locate(km: KnModel, args: argparse.Namespace, cfg):
     from ..locating.locate import adaptive_share, locate_detailed
 
     result = locate_detailed(km, args.prompts, args.target, cfg.threshold, cfg.share, cfg.steps, cfg.layers, args.subject)
@@ -149,7 +153,7 @@ def run_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_facts(args: argparse.Namespace, km):
+def _read_facts(args: argparse.Namespace, km: KnModel):
     from ..data import expressible, load_jsonl_facts, load_known1000, load_pararel
     from ..data.records import FactSet
     from ..errors import ConfigError

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -22,8 +22,11 @@ from .records import EditRequest
 from ..errors import PromptError, TargetError
 from .records import FactRecord, FactSet, SkippedFact
 
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
-def unusable_reason(km, record: FactRecord, target: str | None = None) -> SkippedFact | None:
+
+def unusable_reason(km: KnModel, record: FactRecord, target: str | None = None) -> SkippedFact | None:
     """Why the fact cannot be used with this model (its object, or ``target``, does not encode after one of its
     prompts), or None when it can."""
     try:
@@ -36,7 +39,7 @@ def unusable_reason(km, record: FactRecord, target: str | None = None) -> Skippe
     return None
 
 
-def expressible(km, facts: FactSet) -> FactSet:
+def expressible(km: KnModel, facts: FactSet) -> FactSet:
     """The facts whose every prompt encodes with their object; the others move to ``skipped``."""
     kept, skipped = [], list(facts.skipped)
     for record in facts.records:
@@ -49,7 +52,7 @@ def expressible(km, facts: FactSet) -> FactSet:
 
 
 @torch.no_grad()
-def prompt_top1(km, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> list[bool]:
+def prompt_top1(km: KnModel, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> list[bool]:
     """For each (prompt, target): is every teacher-forced target token the top-1 prediction?"""
     steps, owner = [], []
     for i, (prompt, target) in enumerate(pairs):
@@ -66,7 +69,7 @@ def prompt_top1(km, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> l
     return correct
 
 
-def known_mask(km, records: Sequence[FactRecord], min_share: float = 0.5, batch_size: int = 64) -> list[bool]:
+def known_mask(km: KnModel, records: Sequence[FactRecord], min_share: float = 0.5, batch_size: int = 64) -> list[bool]:
     """Whether the model predicts each fact correctly (rule in the module docstring).
 
     Prompts are checked in rounds, the j-th prompt of every fact still undecided in round j: a fact is decided

@@ -9,13 +9,16 @@ have always imported them from.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from ..data.records import EditRequest
 from ..errors import EditError
 from ..models.prompts import normalize
 from .ledger import Edit, ParamPatch, SliceChange, commit
 from .report import EditReport, measured, parameter_changes, prompt_outcomes
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 
 class Editor(ABC):
@@ -59,7 +62,7 @@ class Editor(ABC):
                                 "batch; give each fact one new object")
         return requests
 
-    def apply(self, km, requests: Sequence[EditRequest]) -> Edit:
+    def apply(self, km: KnModel, requests: Sequence[EditRequest]) -> Edit:
         """Apply every request at once and return the handle that reverts them. If this raises (a refused
         edit, an error, an interrupt), the model is left as it was."""
         requests = self.check_requests(requests)
@@ -78,7 +81,7 @@ class Editor(ABC):
         return edit
 
     @abstractmethod
-    def compute(self, km, requests: list[EditRequest]) -> tuple[list[SliceChange], Any]:
+    def compute(self, km: KnModel, requests: list[EditRequest]) -> tuple[list[SliceChange], Any]:
         """(changes to make, the method's details). The model must be as before when this returns or raises
         (trial changes go through the ledger and are reverted)."""
 

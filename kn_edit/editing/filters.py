@@ -14,13 +14,16 @@ knowledge of this fact and editing them damages everything. Two filters:
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 
 from ..errors import ConfigError
 from ..models.neurons import Neuron
 from ..models.prompts import AnswerStep, encode_prompt_only
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 # Answer-slot prompts without a subject: templates of common relations and everyday sentences. A neuron that
 # fires as much here as on "The capital of France is" is about the form of the prompt, not about France.
@@ -80,14 +83,14 @@ def drop_relation_shared(
     return kept, [n for n in neurons if counts[n] > limit + 1e-9]
 
 
-def with_slot(km, prompt: str) -> str:
+def with_slot(km: KnModel, prompt: str) -> str:
     """The prompt with an answer slot: masked LMs get " [MASK]." appended where it has none."""
     if km.is_masked_lm and km.tokenizer.mask_token not in prompt and "[Y]" not in prompt and "[MASK]" not in prompt:
         return prompt + " [MASK]."
     return prompt
 
 
-def slot_activations(km, prompts: Sequence[str], quantile: float = 0.75) -> torch.Tensor:
+def slot_activations(km: KnModel, prompts: Sequence[str], quantile: float = 0.75) -> torch.Tensor:
     """The ``quantile`` over the prompts of |a| at the answer slot of answer-slot prompts (masked LMs:
     " [MASK]." is appended where missing): [n_layers, d_ff], float32 CPU."""
     if not 0.0 <= quantile <= 1.0:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 
@@ -48,6 +48,9 @@ from .base import Editor, EditRequest
 from .ledger import SliceChange
 from .settings import Choice, as_choice, with_overrides
 from .values import value_location, whole_change
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 
 class FtLoss(Choice):
@@ -70,7 +73,7 @@ MODEL_LAYERS = {"smollm2-135m": 0}
 FAMILY_LAYERS = {"gpt2": 0, "gptj": 0}
 
 
-def default_layer(km) -> int:
+def default_layer(km: KnModel) -> int:
     """The layer to fine-tune when none is given: the model's entry in MODEL_LAYERS (by kn-edit's model name
     or the checkpoint folder's name), then its family's in FAMILY_LAYERS, else layer 0 (the first FFN, what
     the published FT-L settings use for every model they list)."""
@@ -165,7 +168,7 @@ class _Row:
     prompt: int
 
 
-def _rows(km, requests: Sequence[EditRequest], loss: FtLoss) -> tuple[list[_Row], int]:
+def _rows(km: KnModel, requests: Sequence[EditRequest], loss: FtLoss) -> tuple[list[_Row], int]:
     """The batch for every prompt of every request, and the number of prompts."""
     if km.is_masked_lm and loss != FtLoss.masked:
         raise EditError(f"loss={loss.value} needs a causal language model; a masked LM is fine-tuned with loss=masked")
@@ -196,7 +199,7 @@ def _rows(km, requests: Sequence[EditRequest], loss: FtLoss) -> tuple[list[_Row]
 class _Batch:
     """The rows padded once, with flat indices of the scored and checked logits."""
 
-    def __init__(self, km, rows: list[_Row], n_prompts: int) -> None:
+    def __init__(self, km: KnModel, rows: list[_Row], n_prompts: int) -> None:
         self.ids, self.mask = km.pad([r.input_ids for r in rows])
         dev = self.ids.device
         flat = lambda attr: torch.tensor([i for i, r in enumerate(rows) for _ in getattr(r, attr)], device=dev)  # noqa: E731
@@ -222,14 +225,15 @@ class _Batch:
         return loss, gold - checked.max(dim=-1).values
 
 
-def _forward(km, name: str, weight: torch.Tensor, batch: _Batch) -> torch.Tensor:
+def _forward(km: KnModel, name: str, weight: torch.Tensor, batch: _Batch) -> torch.Tensor:
     """Logits [batch, seq, vocab] of the model with parameter ``name`` replaced by ``weight`` (functionally)."""
     out = torch.func.functional_call(km.model, {name: weight}, args=(),
                                      kwargs={"input_ids": batch.ids, "attention_mask": batch.mask})
     return out.logits
 
 
-def finetune_loss(km, requests: Sequence[EditRequest], loss: FtLoss | str = FtLoss.full, layer: int | None = None,
+def finetune_loss(km: KnModel, requests: Sequence[EditRequest], loss: FtLoss | str = FtLoss.full,
+                  layer: int | None = None,
                   delta: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
     """(loss, margins [n_checked]) of the requests on the model as it is, or with ``delta`` added to layer's
     value weight (functionally): the objective the editor minimises, for inspection and tests."""
@@ -265,7 +269,7 @@ class FineTuneEditor(Editor):
         if self.settings.loss == FtLoss.masked:
             self.name = "ft-m"
 
-    def compute(self, km, requests: list[EditRequest]) -> tuple[list[SliceChange], FineTuneDetails]:
+    def compute(self, km: KnModel, requests: list[EditRequest]) -> tuple[list[SliceChange], FineTuneDetails]:
         s = self.settings
         layer = default_layer(km) if s.layer is None else s.layer
         if layer >= km.n_layers:

@@ -11,12 +11,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 
 from ..errors import EditError, KnEditError
 from ..models.likelihood import mean_text_nll
 from .ledger import SliceChange, commit
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 GUARD_PASSAGES = 8
 GUARD_TOKENS = 48
@@ -35,7 +38,7 @@ def guard_sample(texts: Sequence[str] | None = None) -> tuple[str, ...]:
     return tuple(texts) if texts is not None else guard_texts()
 
 
-def text_nll(km, texts: Sequence[str], max_tokens: int = GUARD_TOKENS) -> float:
+def text_nll(km: KnModel, texts: Sequence[str], max_tokens: int = GUARD_TOKENS) -> float:
     """Mean per-token negative log-likelihood of ``texts`` (each cut at ``max_tokens`` tokens), one batch."""
     try:
         return mean_text_nll(km, texts, max_tokens)
@@ -43,7 +46,8 @@ def text_nll(km, texts: Sequence[str], max_tokens: int = GUARD_TOKENS) -> float:
         raise EditError(f"the text-damage guard's sample: {exc}") from None
 
 
-def text_change(km, changes: Sequence[SliceChange], texts: Sequence[str], max_tokens: int = GUARD_TOKENS) -> float:
+def text_change(km: KnModel, changes: Sequence[SliceChange], texts: Sequence[str],
+                max_tokens: int = GUARD_TOKENS) -> float:
     """Relative perplexity change exp(NLL_after − NLL_before) − 1 of ``texts`` under ``changes`` (applied as a
     trial and reverted; the model is as before when this returns or raises)."""
     before = text_nll(km, texts, max_tokens)
@@ -65,7 +69,7 @@ class TextGuard:
     max_tokens: int
 
 
-def guard_edit(km, changes: Sequence[SliceChange], limit: float | None, what: str,
+def guard_edit(km: KnModel, changes: Sequence[SliceChange], limit: float | None, what: str,
                texts: Sequence[str] | None = None, measured: float | None = None) -> TextGuard:
     """Measure ``changes``' text damage; refuse (EditError, model unchanged) when it exceeds ``limit``
     (None: measured, never refused). texts: the sample (default :func:`guard_texts`); measured: the change

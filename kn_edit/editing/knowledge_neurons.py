@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -25,6 +25,9 @@ from .sensitivity import least_norm_step, value_gradients
 from .settings import EraseSettings, LocateSettings, RelationEraseSettings, UpdateSettings, with_overrides
 from .targets import UpdateTarget, embedding, margins, require_predicted, update_target
 from .values import checked, value_changes, value_vectors
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 
 @dataclass
@@ -87,7 +90,7 @@ class Located:
 Locator = Callable[[object, Sequence[str], str, LocateSettings], Located]
 
 
-def default_locator(km, prompts: Sequence[str], target: str, settings: LocateSettings) -> Located:
+def default_locator(km: KnModel, prompts: Sequence[str], target: str, settings: LocateSettings) -> Located:
     from ..locating.locate import locate_detailed
 
     found = locate_detailed(km, list(prompts), target, settings.threshold, settings.share, settings.steps, settings.layers)
@@ -138,7 +141,7 @@ def _settings_dict(settings) -> dict:
     return {k: (v.value if isinstance(v, Enum) else v) for k, v in vars(settings).items()}
 
 
-def _embedding_kind(km) -> str:
+def _embedding_kind(km: KnModel) -> str:
     return "tied input/output embedding" if km.embeddings_tied else "output embedding (unembedding)"
 
 
@@ -154,7 +157,7 @@ class _NeuronEditor(Editor):
         self.relation_neurons = dict(relation_neurons or {})
         self.reporter = reporter or NullReporter()
 
-    def _plans(self, km, requests: list[EditRequest], plan_one: Callable) -> list[_Plan]:
+    def _plans(self, km: KnModel, requests: list[EditRequest], plan_one: Callable) -> list[_Plan]:
         """plan_one(request, given, generic) for each request in turn, with progress; given: the caller's
         neurons for it (or None), generic: the generic-prompt activations (or None, filter off)."""
         generic = self._generic(km)
@@ -165,7 +168,7 @@ class _NeuronEditor(Editor):
                 task.advance()
         return plans
 
-    def _locate(self, km, request: EditRequest, given: Located | None) -> Located:
+    def _locate(self, km: KnModel, request: EditRequest, given: Located | None) -> Located:
         """The caller's neurons (checked) or, without them, the located ones."""
         if given is not None:
             return Located(checked(km, given.neurons), given.scores)
@@ -206,7 +209,7 @@ class _NeuronEditor(Editor):
         activation = by_neuron(neurons).mean(dim=0)
         return _Plan(request, neurons, scores, activation, dropped, unpredicted)
 
-    def _generic(self, km) -> torch.Tensor | None:
+    def _generic(self, km: KnModel) -> torch.Tensor | None:
         if not self.settings.generic_filter:
             return None
         return slot_activations(km, self.generic_prompts, self.settings.generic_quantile)
@@ -234,7 +237,7 @@ class KnowledgeNeuronEditor(_NeuronEditor):
     def name(self) -> str:  # the registry name of the rule
         return "kn" if self.settings.rule == "signed" else f"kn-{self.settings.rule}"
 
-    def compute(self, km, requests: list[EditRequest]) -> tuple[list, KnDetails]:
+    def compute(self, km: KnModel, requests: list[EditRequest]) -> tuple[list, KnDetails]:
         s = self.settings
         plans = self._plans(km, requests, lambda request, given, generic: self._plan_or_fallback(km, request, given, generic))
         if s.rule == "signed":
@@ -258,7 +261,8 @@ class KnowledgeNeuronEditor(_NeuronEditor):
             return None
         return self.relation_neurons.get(request.relation) or None
 
-    def _plan_or_fallback(self, km, request: EditRequest, given: Located | None, generic: torch.Tensor | None) -> _Plan:
+    def _plan_or_fallback(self, km: KnModel, request: EditRequest, given: Located | None,
+                          generic: torch.Tensor | None) -> _Plan:
         """The plan with the relation-share filter; where that filter applies, dropped neurons and
         ``relation_fallback`` is on, also the way back to the plan without it (used when the filter leaves no
         neuron, or, for the signed rule, when the remaining neurons cannot reach the margin). The fact is
@@ -288,7 +292,7 @@ class KnowledgeNeuronEditor(_NeuronEditor):
         return planned
 
     # ----- rules ---------------------------------------------------------------------------------------
-    def _fixed(self, km, plans: list[_Plan]) -> tuple[list[Neuron], torch.Tensor, list[float | None]]:
+    def _fixed(self, km: KnModel, plans: list[_Plan]) -> tuple[list[Neuron], torch.Tensor, list[float | None]]:
         """paper / unscaled: deltas from the current value vectors; no search, no scale."""
         s = self.settings
         neurons, deltas = [], []
@@ -302,7 +306,7 @@ class KnowledgeNeuronEditor(_NeuronEditor):
             deltas.append(d)
         return neurons, torch.cat(deltas), [None] * len(plans)
 
-    def _signed(self, km, plans: list[_Plan]) -> tuple[list[Neuron], torch.Tensor, list[float | None]]:
+    def _signed(self, km: KnModel, plans: list[_Plan]) -> tuple[list[Neuron], torch.Tensor, list[float | None]]:
         """The least change that makes new the top prediction with the margin on every edit prompt, each try
         applied and reverted exactly; with the relation-share filter's neurons first, then (relation_fallback)
         with all of them. Several requests: one joint solve (gradient direction, batch=joint), else per request
@@ -327,7 +331,8 @@ class KnowledgeNeuronEditor(_NeuronEditor):
                 task.advance()
         return neurons, deltas, scales
 
-    def _attempt(self, km, plan: _Plan, neurons: list[Neuron], deltas: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+    def _attempt(self, km: KnModel, plan: _Plan, neurons: list[Neuron],
+                 deltas: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
         """(change [n, d_model] of plan's neurons, scale, reached) on top of the earlier requests' deltas."""
         s, t = self.settings, plan.target
         trial_neurons = neurons + plan.neurons
@@ -346,7 +351,7 @@ class KnowledgeNeuronEditor(_NeuronEditor):
         scale, reached = search_scale(worst_margin, s.margin, s.initial_scale, s.max_scale, s.bisect_steps)
         return scale * unit, scale, reached
 
-    def _solve(self, km, neurons: list[Neuron], steps: list, what: str, prior_neurons: list[Neuron],
+    def _solve(self, km: KnModel, neurons: list[Neuron], steps: list, what: str, prior_neurons: list[Neuron],
                prior_deltas: torch.Tensor, hold: bool = False) -> tuple[torch.Tensor, float, bool]:
         """gradient direction: successive least-norm steps (kn_edit.editing.rules) on ``neurons``, on top of
         ``prior_deltas`` of ``prior_neurons``. Each step linearizes the margin (logit of the step's target
@@ -394,7 +399,7 @@ class KnowledgeNeuronEditor(_NeuronEditor):
             change = proposed
         return change, float(change.norm()) / size, False
 
-    def _null_projector(self, km, neurons: list[Neuron]) -> torch.Tensor:
+    def _null_projector(self, km: KnModel, neurons: list[Neuron]) -> torch.Tensor:
         """P [n, n]: the null space of the neurons' co-activation over every token of the generic prompts and of
         the edit prompts of the model's active edits (earlier edits in a sequence stay put on these neurons)."""
         from .ledger import active_edits
@@ -404,7 +409,7 @@ class KnowledgeNeuronEditor(_NeuronEditor):
         acts = token_activations(km, list(self.generic_prompts) + list(dict.fromkeys(earlier)), neurons)  # [T, n]
         return neuron_projector(acts.T.double() @ acts.double() / len(acts), self.settings.null_space_threshold)
 
-    def _joint(self, km, plans: list[_Plan]) -> tuple[list[Neuron], torch.Tensor, list[float | None]]:
+    def _joint(self, km: KnModel, plans: list[_Plan]) -> tuple[list[Neuron], torch.Tensor, list[float | None]]:
         """batch=joint (gradient direction, several requests): one least-change problem whose constraints are
         every request's answer steps, over the union of their neurons; where it fails and the relation filter
         dropped neurons, once more with every located neuron (relation_fallback)."""
@@ -434,7 +439,7 @@ class KnowledgeNeuronEditor(_NeuronEditor):
                 "unchanged (raise that limit, lower margin, give more neurons, or set on_failure=apply to keep the "
                 "last change tried)")
 
-    def _signed_unit(self, km, plan: _Plan) -> torch.Tensor:
+    def _signed_unit(self, km: KnModel, plan: _Plan) -> torch.Tensor:
         """The signed rule's deltas for s = 1 (before the earlier requests' deltas are applied)."""
         s, t = self.settings, plan.target
         d_hat = signed_direction(embedding(km, [t.old_token]), embedding(km, [t.new_token]), s.direction)
@@ -476,7 +481,7 @@ class KnowledgeNeuronEraser(_NeuronEditor):
         super().__init__(with_overrides(settings or EraseSettings(), overrides), neurons, locator, generic_prompts,
                          None, reporter)
 
-    def compute(self, km, requests: list[EditRequest]) -> tuple[list, KnDetails]:
+    def compute(self, km: KnModel, requests: list[EditRequest]) -> tuple[list, KnDetails]:
         s = self.settings
 
         def plan_one(request: EditRequest, given: Located | None, generic: torch.Tensor | None) -> _Plan:
@@ -493,7 +498,7 @@ class KnowledgeNeuronEraser(_NeuronEditor):
         return value_changes(km, neurons, values, additive=False), details
 
 
-def erase_values(km, n: int, mode: str) -> torch.Tensor:
+def erase_values(km: KnModel, n: int, mode: str) -> torch.Tensor:
     """[n, d_model] new value vectors: zeros, or the unknown token's output-embedding row."""
     if mode == "zero":
         return torch.zeros(n, km.d_model)
@@ -504,7 +509,7 @@ def erase_values(km, n: int, mode: str) -> torch.Tensor:
 
 
 # ----- one-call forms --------------------------------------------------------------------------------------
-def update_fact(km, prompts: Sequence[str] | str, old: str, new: str, rule: str = "signed", neurons=None, *,
+def update_fact(km: KnModel, prompts: Sequence[str] | str, old: str, new: str, rule: str = "signed", neurons=None, *,
                 subject: str | None = None, relation: str | None = None,
                 relation_neurons: Sequence[Iterable[Neuron]] | None = None, locator: Locator | None = None,
                 reporter: Reporter | None = None, **settings) -> Edit:
@@ -523,7 +528,7 @@ def update_fact(km, prompts: Sequence[str] | str, old: str, new: str, rule: str 
     return editor.apply(km, [request])
 
 
-def erase_fact(km, prompts: Sequence[str] | str, target: str, mode: str = "zero", neurons=None, *,
+def erase_fact(km: KnModel, prompts: Sequence[str] | str, target: str, mode: str = "zero", neurons=None, *,
                locator: Locator | None = None, reporter: Reporter | None = None, **settings) -> Edit:
     """Erase the fact that ``prompts`` complete with ``target`` (its knowledge neurons' value vectors set to 0,
     or to E(unknown token) with mode="unk"). settings: any field of EraseSettings."""
@@ -547,7 +552,7 @@ class KnowledgeNeuronRelationEraser(Editor):
         self._locator = locator or default_locator
         self.reporter = reporter or NullReporter()
 
-    def compute(self, km, requests: list[EditRequest]) -> tuple[list, KnDetails]:
+    def compute(self, km: KnModel, requests: list[EditRequest]) -> tuple[list, KnDetails]:
         s = self.settings
         if self.neuron_sets is None:
             sets = []
@@ -568,7 +573,7 @@ class KnowledgeNeuronRelationEraser(Editor):
         return value_changes(km, neurons, erase_values(km, len(neurons), s.mode), additive=False), details
 
 
-def erase_relation(km, facts: Sequence[EditRequest], share: float = 0.1, mode: str = "zero",
+def erase_relation(km: KnModel, facts: Sequence[EditRequest], share: float = 0.1, mode: str = "zero",
                    neuron_sets: Sequence[Iterable[Neuron]] | None = None, *, locator: Locator | None = None,
                    settings: LocateSettings | None = None, reporter: Reporter | None = None) -> Edit:
     """Erase a relation (:class:`KnowledgeNeuronRelationEraser`). facts: one EditRequest (prompts, old =

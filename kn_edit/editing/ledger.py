@@ -28,6 +28,7 @@ from ..models.model import LEDGER_ATTR as _ATTR
 from .patch_format import save_patch
 
 if TYPE_CHECKING:
+    from ..models.model import KnModel
     from .report import EditReport  # the report imports nothing of the ledger; typed here only
 
 @dataclass(eq=False)
@@ -55,7 +56,7 @@ class Edit:
     editor: str
     requests: tuple[EditRequest, ...]
     patches: list[ParamPatch]
-    model: Any  # the KnModel the edit was applied to
+    model: KnModel  # the model the edit was applied to
     ledger: Any = field(repr=False)  # the model's Ledger: the one way back
     report: EditReport | None = None
     active: bool = True
@@ -92,7 +93,7 @@ class SliceChange:
     additive: bool = True
 
 
-def ledger_for(km) -> "Ledger":
+def ledger_for(km: KnModel) -> "Ledger":
     """The ledger of ``km``'s model, created at first use. It lives on the Hugging Face module, so two
     KnModels wrapping the same module share it."""
     model = km.model
@@ -103,7 +104,7 @@ def ledger_for(km) -> "Ledger":
     return ledger
 
 
-def commit(km, editor: str, requests: Sequence[EditRequest], changes: Sequence[SliceChange]) -> Edit:
+def commit(km: KnModel, editor: str, requests: Sequence[EditRequest], changes: Sequence[SliceChange]) -> Edit:
     """Apply ``changes`` to ``km`` as one revertible Edit (nothing changes if this raises)."""
     return ledger_for(km).commit(km, editor, requests, changes)
 
@@ -250,7 +251,7 @@ class Ledger:
         else:
             self._pristine[key] = (known[keep], pristine.index_select(key[1], keep.nonzero().flatten()))
 
-    def commit(self, km, editor: str, requests: Sequence[EditRequest], changes: Sequence[SliceChange]) -> Edit:
+    def commit(self, km: KnModel, editor: str, requests: Sequence[EditRequest], changes: Sequence[SliceChange]) -> Edit:
         if km.model is not self._model:
             raise EditError("this ledger belongs to another model")
         ops = self._operations(changes)
@@ -302,6 +303,6 @@ class Ledger:
             edit.revert()
 
 
-def active_edits(km) -> list[Edit]:
+def active_edits(km: KnModel) -> list[Edit]:
     """The edits applied to ``km`` and not reverted, oldest first."""
     return km.active_edits

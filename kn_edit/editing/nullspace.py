@@ -25,10 +25,14 @@ from the neurons' co-activation over preserved tokens ([n, n]), is applied along
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import EditError
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 
 @dataclass
@@ -110,7 +114,7 @@ def project_neurons(projector: torch.Tensor, tensor: torch.Tensor) -> torch.Tens
     return torch.einsum("ij,...jd->...id", projector.to(tensor.dtype), tensor)
 
 
-def edited_keys(km, layer: int) -> torch.Tensor | None:
+def edited_keys(km: KnModel, layer: int) -> torch.Tensor | None:
     """[m, d_in] float64: the keys of layer ``layer`` that the model's active ROME, MEMIT and kn-subject edits
     wrote, read from their reports (ROME, kn-subject: each request's k*; MEMIT: each layer's keys), so a sequence
     of edits carries them
@@ -130,7 +134,7 @@ def edited_keys(km, layer: int) -> torch.Tensor | None:
     return torch.cat([k.to(torch.float64).cpu() for k in found]) if found else None
 
 
-def null_space_delta(km, layer: int, mom2: torch.Tensor, residuals: torch.Tensor, keys: torch.Tensor,
+def null_space_delta(km: KnModel, layer: int, mom2: torch.Tensor, residuals: torch.Tensor, keys: torch.Tensor,
                      threshold: float, ridge: float, earlier: torch.Tensor | None = None,
                      space: NullSpace | None = None) -> tuple[torch.Tensor, NullSpace]:
     """(ΔW [d_model, d_ff] float64, the null space) of layer ``layer`` for ROME or MEMIT with null_space on:

@@ -4,6 +4,7 @@ taken off one that carries it, through the model's edit ledger, after every chec
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,9 +23,12 @@ from .patch_format import (
 )
 from .report import EditReport, parameter_changes
 
+if TYPE_CHECKING:
+    from ..models.model import KnModel
+
 
 # ----- applying -------------------------------------------------------------------------------------------
-def check_model(km, meta: dict | PatchMeta, path: str | Path) -> None:
+def check_model(km: KnModel, meta: dict | PatchMeta, path: str | Path) -> None:
     """Refuse a patch made for a different model, naming what differs."""
     if isinstance(meta, PatchMeta):
         meta = meta.to_dict()
@@ -41,7 +45,7 @@ def check_model(km, meta: dict | PatchMeta, path: str | Path) -> None:
         raise EditError(f"{path} was made for {who}: " + "; ".join(diffs))
 
 
-def apply_patch(km, path: str | Path, reverse: bool = False, check_values: bool = True) -> Edit:
+def apply_patch(km: KnModel, path: str | Path, reverse: bool = False, check_values: bool = True) -> Edit:
     """Apply the patch file to ``km`` (``reverse``: take it off a model that has it) and return the Edit.
 
     The file is checked completely (see the module docstring) before anything is written. The touched rows must
@@ -86,7 +90,7 @@ def apply_patch(km, path: str | Path, reverse: bool = False, check_values: bool 
     return edit
 
 
-def remove_patch(km, path: str | Path, check_values: bool = True) -> Edit:
+def remove_patch(km: KnModel, path: str | Path, check_values: bool = True) -> Edit:
     """Take a patch off a model that carries it (e.g. a saved patched model); revert() puts it back."""
     return apply_patch(km, path, reverse=True, check_values=check_values)
 

@@ -11,7 +11,7 @@ smollm2: 84.4 % against 86.4 %, evaluations/edit_rules.py, so it is not done.)
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -20,8 +20,11 @@ from ..models.neurons import Neuron
 from ..models.prompts import encode_prompt_only
 from .filters import with_slot
 
+if TYPE_CHECKING:
+    from ..models.model import KnModel
+
 @torch.no_grad()
-def token_activations(km, prompts: Sequence[str], neurons: Sequence[Neuron]) -> torch.Tensor:
+def token_activations(km: KnModel, prompts: Sequence[str], neurons: Sequence[Neuron]) -> torch.Tensor:
     """The neurons' activations at every token of every prompt (masked LMs: with an answer slot appended
     where a prompt has none): [n_tokens, n_neurons], float32 CPU."""
     encoded = [encode_prompt_only(km.tokenizer, with_slot(km, p), km.is_masked_lm)[0] for p in prompts]
@@ -37,7 +40,7 @@ def token_activations(km, prompts: Sequence[str], neurons: Sequence[Neuron]) -> 
     return torch.stack([captured[n.layer][:, n.index] for n in neurons], dim=1)
 
 
-def preservation_metric(km, neurons: Sequence[Neuron], prompts: Sequence[str], ridge: float) -> torch.Tensor:
+def preservation_metric(km: KnModel, neurons: Sequence[Neuron], prompts: Sequence[str], ridge: float) -> torch.Tensor:
     """[n, n]: C + ridge·mean(diag C)·I, C the neurons' co-activation over every token of ``prompts``."""
     acts = token_activations(km, prompts, neurons)  # [T, n]
     cov = acts.T @ acts / len(acts)

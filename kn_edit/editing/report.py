@@ -17,11 +17,14 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
 from ..models.neurons import Neuron
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def prompt_outcomes(km, requests: Sequence) -> list[PromptOutcome]:
+def prompt_outcomes(km: KnModel, requests: Sequence) -> list[PromptOutcome]:
     """Every request's prompts, judged on the model as it is now (see the module docstring)."""
     from .targets import margins
 
@@ -138,7 +141,7 @@ def request_successes(requests: Sequence, outcomes: Sequence[PromptOutcome]) -> 
     return found
 
 
-def parameter_changes(km, patches) -> list[ParameterChange]:
+def parameter_changes(km: KnModel, patches) -> list[ParameterChange]:
     out = []
     for p in patches:
         param = km.model.get_parameter(p.name)

@@ -10,15 +10,19 @@ fixed direction such as E(new) − E(old) ignores.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from ..models.neurons import Neuron
 from ..models.prompts import AnswerStep
 
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
-def value_gradients(km, steps: Sequence[AnswerStep], neurons: Sequence[Neuron], old_ids: Sequence[int]) -> torch.Tensor:
+
+def value_gradients(km: KnModel, steps: Sequence[AnswerStep], neurons: Sequence[Neuron],
+                    old_ids: Sequence[int]) -> torch.Tensor:
     """[n_neurons, d_model] float32 CPU: ∂/∂v_i of the mean over ``steps`` of logit(step.target_id) −
     logit(old_ids[k]) at each step's answer position."""
     layers = sorted({n.layer for n in neurons})

@@ -12,12 +12,15 @@ common prefix teacher-forced; the ``contrast`` and ``new`` directions also check
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from ..errors import EditError, TargetError
 from ..models.prompts import AnswerStep
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class UpdateTarget:
         return self.old_ids[self.split]
 
 
-def update_target(km, prompts: Sequence[str], old: str, new: str) -> UpdateTarget:
+def update_target(km: KnModel, prompts: Sequence[str], old: str, new: str) -> UpdateTarget:
     """Encode an update of ``old`` into ``new`` on every prompt (token ids taken after the first prompt)."""
     encodings = [(km.encode(p, old), km.encode(p, new)) for p in prompts]
     old_ids, new_ids = encodings[0][0].target_ids, encodings[0][1].target_ids
@@ -63,12 +66,12 @@ def update_target(km, prompts: Sequence[str], old: str, new: str) -> UpdateTarge
                         tuple(tuple(enc_new.steps) for _, enc_new in encodings))
 
 
-def embedding(km, ids: Sequence[int]) -> torch.Tensor:
+def embedding(km: KnModel, ids: Sequence[int]) -> torch.Tensor:
     """E of a token sequence [d_model] (float32, CPU): the mean of its output-embedding rows."""
     return km.output_embedding(list(ids)).detach().float().cpu().mean(dim=0)
 
 
-def margins(km, steps: Sequence[AnswerStep], with_rivals: bool = False):
+def margins(km: KnModel, steps: Sequence[AnswerStep], with_rivals: bool = False):
     """[n_steps]: logit of each step's target minus the largest other logit (> 0 iff the target is top-1);
     with_rivals: also the token of that largest other logit [n_steps]."""
     logits = km.step_logits(list(steps)).cpu()  # [n, vocab]
@@ -80,7 +83,7 @@ def margins(km, steps: Sequence[AnswerStep], with_rivals: bool = False):
     return (target - best.values, best.indices) if with_rivals else target - best.values
 
 
-def prompt_margins(km, groups: Sequence[Sequence[AnswerStep]]) -> torch.Tensor:
+def prompt_margins(km: KnModel, groups: Sequence[Sequence[AnswerStep]]) -> torch.Tensor:
     """[n_groups]: per group (one prompt's answer steps), the smallest margin over its steps."""
     flat = [step for group in groups for step in group]
     m = margins(km, flat)
@@ -91,7 +94,7 @@ def prompt_margins(km, groups: Sequence[Sequence[AnswerStep]]) -> torch.Tensor:
     return torch.stack(out)
 
 
-def unpredicted(km, prompts: Sequence[str], target: str) -> list[tuple[str, str]]:
+def unpredicted(km: KnModel, prompts: Sequence[str], target: str) -> list[tuple[str, str]]:
     """Prompts on which greedy decoding does not give ``target`` (every teacher-forced token top-1),
     each with the token the model predicts at the first miss."""
     misses = []
@@ -106,7 +109,7 @@ def unpredicted(km, prompts: Sequence[str], target: str) -> list[tuple[str, str]
     return misses
 
 
-def require_predicted(km, prompts: Sequence[str], target: str, force: bool) -> list[tuple[str, str]]:
+def require_predicted(km: KnModel, prompts: Sequence[str], target: str, force: bool) -> list[tuple[str, str]]:
     """Raise unless the model predicts ``target`` on every prompt (or ``force``); return the misses."""
     misses = unpredicted(km, prompts, target)
     if misses and not force:

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ..storage.config import to_yaml
 from ..data.records import FactSet
@@ -25,6 +25,9 @@ from .regression import Regression, compare as compare_metrics, load_metrics
 from .report import curve_markdown, fmt, per_relation
 from .runner import EvalResult, check_new_outputs, evaluate, load_passages, run_dir_for
 from .sequential import Checkpoint
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +67,9 @@ def eval_config_for(config: CompareConfig, entry) -> EvalConfig:
     return EvalConfig(**shared, editor=EditorConfig(entry.method, dict(entry.settings)))
 
 
-def compare_methods(config: CompareConfig, km=None, facts: FactSet | None = None, passages: Sequence[str] | None = None,
-                    reporter: Reporter | None = None, write: bool = True) -> CompareResult:
+def compare_methods(config: CompareConfig, km: KnModel | None = None, facts: FactSet | None = None,
+                    passages: Sequence[str] | None = None, reporter: Reporter | None = None,
+                    write: bool = True) -> CompareResult:
     """Run every method of ``config`` on the same requests; write one report (``write``)."""
     from ..models.loading import load
     from .datamodule import FactDataModule
@@ -304,7 +308,7 @@ def comparison_markdown(config: CompareConfig, model: str, result: CompareResult
     return "\n".join(lines)
 
 
-def write_comparison(config: CompareConfig, km, result: CompareResult, target: Path | None = None) -> Path:
+def write_comparison(config: CompareConfig, km: KnModel, result: CompareResult, target: Path | None = None) -> Path:
     """The comparison's folder ``target`` (default ``run_dir_for(config)``), written atomically."""
     from .plots import comparison_figure, curve_figure
     from .report import write_jsonl

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -26,6 +26,9 @@ from ..errors import DataError
 from ..models.provision import cache_root
 from .known_cache import KnownCache
 from .config import DataConfig
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,8 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _gathered_known(km, chunk: list[FactRecord], config: DataConfig, cache: KnownCache | None = None) -> list[bool]:
+def _gathered_known(km: KnModel, chunk: list[FactRecord], config: DataConfig,
+                    cache: KnownCache | None = None) -> list[bool]:
     """known_mask over the chunk, split across processes and gathered (identical on every process); flags found
     in ``cache`` are not recomputed, and the computed ones are added to it."""
     rank, world = _distributed()
@@ -102,7 +106,7 @@ def _gathered_known(km, chunk: list[FactRecord], config: DataConfig, cache: Know
 class _Usable:
     """Memoized "can this model use this fact" (see ``unusable_reason``); reasons of the unusable ones kept."""
 
-    def __init__(self, km) -> None:
+    def __init__(self, km: KnModel) -> None:
         self.km = km
         self.seen: dict[str, SkippedFact | None] = {}
 
@@ -116,7 +120,7 @@ class _Usable:
         return [s for s in self.seen.values() if s is not None]
 
 
-def select_known(km, facts: FactSet, config: DataConfig, usable: _Usable,
+def select_known(km: KnModel, facts: FactSet, config: DataConfig, usable: _Usable,
                  cache: KnownCache | None = None) -> tuple[list[FactRecord], list[SkippedFact]]:
     """(facts to edit, facts found not known), checking candidates in a seeded order, relations interleaved,
     chunk by chunk until the limits are met. Facts left unchecked then are neither (the summary counts them)."""
@@ -167,7 +171,7 @@ def _sample(pool: Sequence[FactRecord], k: int, rng: random.Random) -> tuple[Fac
 class FactDataModule(pl.LightningDataModule):
     """Edit cases of a fact set for one model. ``facts`` (optional) replaces reading ``config``'s source."""
 
-    def __init__(self, km, config: DataConfig, facts: FactSet | None = None) -> None:
+    def __init__(self, km: KnModel, config: DataConfig, facts: FactSet | None = None) -> None:
         super().__init__()
         self.km = km
         self.config = config

@@ -16,12 +16,15 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Hashable, Sequence, Union
+from typing import TYPE_CHECKING, Hashable, Sequence, Union
 
 import torch
 
 from ..errors import ConfigError, UnsupportedArchitectureError
 from ..models.prompts import encode_prompt_only
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 Tokens = Sequence[Hashable]
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -80,7 +83,7 @@ class Generation:
 
 
 @torch.no_grad()
-def greedy_generations(km, prompts: Sequence[str], max_new_tokens: int = 20, batch_size: int = 16,
+def greedy_generations(km: KnModel, prompts: Sequence[str], max_new_tokens: int = 20, batch_size: int = 16,
                        stop_at_eos: bool = True) -> list[Generation]:
     """Greedy (argmax) continuations of ``prompts``, ``max_new_tokens`` tokens at most each, in batches:
     prompts left-padded, positions counted from each prompt's first real token, a KV cache between steps.
@@ -104,7 +107,8 @@ def greedy_generations(km, prompts: Sequence[str], max_new_tokens: int = 20, bat
     return out
 
 
-def _generate(km, sequences: Sequence[torch.Tensor], max_new_tokens: int, stop_at_eos: bool) -> list[list[int]]:
+def _generate(km: KnModel, sequences: Sequence[torch.Tensor], max_new_tokens: int,
+              stop_at_eos: bool) -> list[list[int]]:
     """Greedy tokens [n][<= max_new_tokens] after each 1-D id tensor (left-padded into one batch)."""
     dev = km.device
     eos = km.tokenizer.eos_token_id if stop_at_eos else None

@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 
 from ..data.records import FactRecord
@@ -24,13 +24,16 @@ from ..errors import KnEditError
 from ..storage.digest import weights_digest
 from ..storage.atomic import atomic_file
 
+if TYPE_CHECKING:
+    from ..models.model import KnModel
+
 log = logging.getLogger(__name__)
 
 # Bump when the top-1 rule (kn_edit.data.requests.known_mask) changes meaning.
 RULE_VERSION = 1
 
 
-def parameters_digest(km) -> str:
+def parameters_digest(km: KnModel) -> str:
     """sha256 over the name, dtype, shape and bytes of every parameter and buffer of the model (~1 s for 135M)."""
     return weights_digest(list(km.model.named_parameters()) + list(km.model.named_buffers()))
 
@@ -43,7 +46,7 @@ def fact_key(record: FactRecord, min_share: float) -> str:
 class KnownCache:
     """{fact key: known} of one model, in ``root/<parameters digest>.json``."""
 
-    def __init__(self, km, root: str | Path) -> None:
+    def __init__(self, km: KnModel, root: str | Path) -> None:
         self.path = Path(root).expanduser() / f"{parameters_digest(km)}.json"
         self.flags: dict[str, bool] = self._read()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -29,12 +29,16 @@ from .datamodule import EditCase
 from .fluency import greedy_generations, ngram_entropy
 from .metrics import EditSuccess, GroupedMean, PerplexityDrift, Retention
 
+if TYPE_CHECKING:
+    from ..models.model import KnModel
+
 PROBE_CONDITIONS = ("suppressed", "amplified", "control_suppressed", "control_amplified")
 # Generation prompts for the fluency measure: the subject, then a short neutral start.
 GENERATION_TEMPLATES = ("{}", "{} is", "{} was", "The story of {}")
 
 
-def score_pairs(km, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def score_pairs(km: KnModel, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> tuple[torch.Tensor,
+                torch.Tensor]:
     """(log P(target) [n], target top-1 [n], every teacher-forced token) of (prompt, target) pairs, batched."""
     steps, owner = [], []
     for i, (prompt, target) in enumerate(pairs):
@@ -51,12 +55,12 @@ def score_pairs(km, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> t
 
 
 @torch.no_grad()
-def parameter_sums(km) -> dict[str, float]:
+def parameter_sums(km: KnModel) -> dict[str, float]:
     """A float64 sum per parameter: a cheap fingerprint to notice changes an editor did not declare."""
     return {name: float(p.detach().double().sum()) for name, p in km.model.named_parameters()}
 
 
-def check_reverted(km, edit: Edit) -> None:
+def check_reverted(km: KnModel, edit: Edit) -> None:
     """Every patched slice holds its ``before`` values again, bit for bit."""
     for patch in edit.patches:
         param = km.model.get_parameter(patch.name).detach()
@@ -71,7 +75,7 @@ class EditEvaluation(pl.LightningModule):
 
     def __init__(
         self,
-        km,
+        km: KnModel,
         editor: Editor,
         passages: Sequence[str] = (),
         probe: ProbeConfig | None = None,

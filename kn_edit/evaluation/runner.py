@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import pytorch_lightning as pl
 
@@ -22,6 +22,9 @@ from ..storage.atomic import atomic_dir, atomic_file, check_writable
 from ..progress import NullReporter, Reporter
 from .config import EvalConfig, Mode
 from .regression import Regression, compare, load_metrics
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 
 @dataclass
@@ -135,7 +138,7 @@ def check_new_outputs(*paths: Path) -> None:
 
 def evaluate(
     config: EvalConfig,
-    km=None,
+    km: KnModel | None = None,
     editor: Editor | None = None,
     facts: FactSet | None = None,
     passages: Sequence[str] | None = None,
@@ -211,7 +214,7 @@ def _trainer(config, reporter: Reporter, devices=None) -> pl.Trainer:
     )  # fmt: skip
 
 
-def _sequential(config, km, editor, datamodule, passages, reporter, run_dir: Path | None,
+def _sequential(config, km: KnModel, editor, datamodule, passages, reporter, run_dir: Path | None,
                 progress_path: str | Path | None = None, new_progress: bool = False) -> EvalResult:
     """mode=sequential: one process, edits kept until the end, measured at the checkpoints; written to
     ``run_dir`` unless None. ``new_progress``: the progress file is this run's own, so its first write must not
@@ -264,7 +267,7 @@ def run_dir_for(config: EvalConfig) -> Path:
     return Path(config.output_dir) / name
 
 
-def write_run(config: EvalConfig, km, result: EvalResult, target: Path) -> Path:
+def write_run(config: EvalConfig, km: KnModel, result: EvalResult, target: Path) -> Path:
     """The run's folder ``target`` (``run_dir_for(config)``, named once per run), written atomically."""
     from .plots import curve_figure, probe_figure, relation_figure
     from .report import curve_markdown, markdown, write_jsonl

@@ -18,7 +18,7 @@ A Lightning test loop like the single-edit evaluation, with one case per step in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -29,6 +29,9 @@ from .config import FluencyConfig
 from .datamodule import EditCase
 from .fluency import greedy_generations, ngram_entropy
 from .module import GENERATION_TEMPLATES, score_pairs, text_nll, tokenized_text
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 
 @dataclass
@@ -48,7 +51,8 @@ class _Pool:
 class SequentialEvaluation(pl.LightningModule):
     """Apply ``editor`` to the cases in order, measure after each checkpoint's number of edits, revert all."""
 
-    def __init__(self, km, editor, passages: Sequence[str] = (), checkpoints: Sequence[int] = (1, 10, 25, 50, 100),
+    def __init__(self, km: KnModel, editor, passages: Sequence[str] = (),
+                 checkpoints: Sequence[int] = (1, 10, 25, 50, 100),
                  fluency: FluencyConfig | None = None, max_text_tokens: int = 128, text_batch_size: int = 8,
                  batch_size: int = 64, on_checkpoint: Callable[["SequentialEvaluation"], None] | None = None) -> None:
         super().__init__()

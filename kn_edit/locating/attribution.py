@@ -36,6 +36,7 @@ import inspect
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -43,6 +44,9 @@ from ..models.adapters import first_submodule
 from ..errors import ConfigError, PromptError
 from ..models.hooks import value_input_hooks
 from ..models.prompts import AnswerStep
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 # Rough memory budget for one batched pass when the device cannot tell us (CPU).
 _CPU_BUDGET_BYTES = 2 * 1024**3
@@ -56,7 +60,7 @@ _MAX_AUTO_ROWS = 4096
 
 
 def attribute(
-    km,
+    km: KnModel,
     prompt: str,
     target: str,
     steps: int = 20,
@@ -76,7 +80,7 @@ def attribute(
 
 
 def attribute_prompts(
-    km,
+    km: KnModel,
     prompts: Sequence[str],
     target: str,
     steps: int = 20,
@@ -99,7 +103,7 @@ def attribute_prompts(
 
 
 def check_options(
-    km, steps: int, layers: Sequence[int] | None, batch_size: int | None, prefix_cache: bool | None
+    km: KnModel, steps: int, layers: Sequence[int] | None, batch_size: int | None, prefix_cache: bool | None
 ) -> list[int]:
     """Validate the attribution settings; the layer list to use."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -111,7 +115,7 @@ def check_options(
     return check_layers(km, layers)
 
 
-def check_layers(km, layers: Sequence[int] | None) -> list[int]:
+def check_layers(km: KnModel, layers: Sequence[int] | None) -> list[int]:
     """The layer list to score: all layers for None, else distinct in-range indices (a ConfigError otherwise)."""
     if layers is None:
         return list(range(km.n_layers))
@@ -129,7 +133,7 @@ def check_layers(km, layers: Sequence[int] | None) -> list[int]:
 
 
 def attribute_steps(
-    km,
+    km: KnModel,
     answer_steps: Sequence[AnswerStep],
     steps: int = 20,
     layers: Sequence[int] | None = None,
@@ -276,7 +280,7 @@ class _GoldProbability(torch.autograd.Function):
         return grad.to(ctx.logits_dtype), None
 
 
-def _auto_rows(km, seq_len: int, cached: bool, m: int) -> int:
+def _auto_rows(km: KnModel, seq_len: int, cached: bool, m: int) -> int:
     """Rows per pass from a memory estimate: the activations autograd keeps per token and layer, the logits,
     and (cached) the gathered prefix keys/values; on CPU at most ~_CPU_ROWS (whole multiples of m)."""
     elem = km.value_weight(0).element_size()
@@ -297,7 +301,7 @@ def _auto_rows(km, seq_len: int, cached: bool, m: int) -> int:
 
 
 def _attribute_group(
-    km,
+    km: KnModel,
     group: list[AnswerStep],
     out_index: torch.Tensor,
     layers: list[int],

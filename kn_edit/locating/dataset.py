@@ -25,7 +25,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -44,6 +44,9 @@ from ..models.neurons import Neuron
 from ..storage.digest import weights_digest as tensors_digest
 from ..storage.atomic import atomic_dir, atomic_file
 from ..progress import NullReporter, Reporter
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 # Bump when the attribution's numbers change, so stale cache entries are never read.
 METHOD_VERSION = "ig-v1"
@@ -89,7 +92,7 @@ def as_fact(item: Any) -> Fact:
 _IDENTITY_ATTR = "_kn_edit_weights_digest"
 
 
-def _identity_tensors(km) -> list[torch.Tensor]:
+def _identity_tensors(km: KnModel) -> list[torch.Tensor]:
     """The weights the cache key covers: every value projection and the word embeddings (and the unembedding
     where it is not tied)."""
     tensors = [km.value_weight(l) for l in range(km.n_layers)]
@@ -100,7 +103,7 @@ def _identity_tensors(km) -> list[torch.Tensor]:
     return tensors
 
 
-def weights_digest(km) -> str:
+def weights_digest(km: KnModel) -> str:
     """The digest (kn_edit.storage.digest) of :func:`_identity_tensors` (about 1 s for 135M fp32 parameters). Cached on the
     model object while the model's ledger holds no active edit and none of those tensors was written in place
     since (torch counts every in-place write in the tensor's version; a write through ``.data`` escapes it)."""
@@ -114,7 +117,7 @@ def weights_digest(km) -> str:
     return digest
 
 
-def model_identity(km) -> dict:
+def model_identity(km: KnModel) -> dict:
     """What distinguishes one model's scores from another's: name, shape, and a sha256 digest of the weights
     that editing methods change (value projections) plus the word embeddings."""
     return {"name": km.name, "fingerprint": km.fingerprint(), "weights": weights_digest(km)}
@@ -160,7 +163,8 @@ def _collate(batch: list[Fact]) -> list[Fact]:
 AttributeFn = Callable[..., torch.Tensor]
 
 
-def _make_module(km, cache: ScoreCache, steps: int, layers: list[int], attribute_fn: AttributeFn | None, rows: int | None):
+def _make_module(km: KnModel, cache: ScoreCache, steps: int, layers: list[int], attribute_fn: AttributeFn | None,
+                 rows: int | None):
     import pytorch_lightning as pl
 
     class AttributionModule(pl.LightningModule):
@@ -194,7 +198,7 @@ def _make_module(km, cache: ScoreCache, steps: int, layers: list[int], attribute
 
 
 def run_attribution(
-    km,
+    km: KnModel,
     facts: Sequence[Fact],
     cache: ScoreCache,
     config: LocateConfig,
@@ -296,7 +300,7 @@ class DatasetResult:
 
 
 def write_results(
-    km, facts: Sequence[Fact], cache: ScoreCache, config: LocateConfig, out: str | Path, reporter: Reporter
+    km: KnModel, facts: Sequence[Fact], cache: ScoreCache, config: LocateConfig, out: str | Path, reporter: Reporter
 ) -> DatasetResult:
     from safetensors.torch import save_file
 
@@ -339,7 +343,7 @@ def write_results(
 
 
 def locate_dataset(
-    km,
+    km: KnModel,
     facts: Sequence[Any],
     out: str | Path,
     config: LocateConfig | None = None,
@@ -370,7 +374,7 @@ def locate_dataset(
 
         fn = attribute_prompts
 
-    def counted(km_, prompts, target, **kwargs):
+    def counted(km_: KnModel, prompts, target, **kwargs):
         calls["prompts"] += len(prompts)
         return fn(km_, prompts, target, **kwargs)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
@@ -21,6 +21,9 @@ from .attribution import check_layers
 from ..errors import ConfigError, PromptError
 from ..models.neurons import Neuron
 from ..storage.config import check_finite
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 # Shares are compared as count >= share * n_prompts; this absorbs float error in e.g. 0.7 - 3 * 0.05.
 _SHARE_EPS = 1e-9
@@ -222,7 +225,7 @@ class LocateResult:
 
 
 def locate_detailed(
-    km,
+    km: KnModel,
     prompts: Sequence[str],
     target: str,
     threshold: float = 0.2,
@@ -242,7 +245,7 @@ def locate_detailed(
 
 
 def locate(
-    km,
+    km: KnModel,
     prompts: Sequence[str],
     target: str,
     threshold: float = 0.2,

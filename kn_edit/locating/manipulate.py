@@ -17,7 +17,7 @@ registered on entry and exactly ours are removed on exit, also on an exception; 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
@@ -25,8 +25,12 @@ from ..errors import KnEditError
 from ..models.hooks import value_input_hooks
 from ..models.neurons import Neuron, by_layer, check_neurons
 
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
-def answer_positions(km, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor:
+
+def answer_positions(km: KnModel, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                     seq_len: int) -> torch.Tensor:
     """Answer position [batch] of each row within the current input (-1: none), on the inputs' device."""
     if km.is_masked_lm:
         if input_ids is None:
@@ -64,7 +68,7 @@ def _model_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, torch
 
 
 @contextmanager
-def scale_neurons(km, neurons: Sequence[Neuron], factor: float) -> Iterator[None]:
+def scale_neurons(km: KnModel, neurons: Sequence[Neuron], factor: float) -> Iterator[None]:
     """Multiply the neurons' activations by ``factor`` at the answer position (``factor=0``: set to exactly 0)."""
     neurons = check_neurons(neurons, km.n_layers, km.d_ff)
     if not neurons:
@@ -114,14 +118,14 @@ def scale_neurons(km, neurons: Sequence[Neuron], factor: float) -> Iterator[None
 
 
 @contextmanager
-def suppress(km, neurons: Sequence[Neuron]) -> Iterator[None]:
+def suppress(km: KnModel, neurons: Sequence[Neuron]) -> Iterator[None]:
     """Set the neurons' activations to 0 at the answer position while the block runs."""
     with scale_neurons(km, neurons, 0.0):
         yield
 
 
 @contextmanager
-def amplify(km, neurons: Sequence[Neuron], factor: float = 2.0) -> Iterator[None]:
+def amplify(km: KnModel, neurons: Sequence[Neuron], factor: float = 2.0) -> Iterator[None]:
     """Multiply the neurons' activations by ``factor`` (default: double them) at the answer position."""
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not torch.isfinite(torch.tensor(float(factor))):
         raise KnEditError(f"amplify factor must be a finite number, got {factor!r}")

@@ -9,7 +9,7 @@ seeded generator and their results averaged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -19,8 +19,11 @@ from .locate import check_prompts
 from .manipulate import amplify, suppress
 from ..models.neurons import Neuron, by_layer, check_neurons
 
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
-def prompt_probs(km, prompts: Sequence[str], target: str) -> torch.Tensor:
+
+def prompt_probs(km: KnModel, prompts: Sequence[str], target: str) -> torch.Tensor:
     """P(target | prompt) [n_prompts] (product over the target's teacher-forced tokens), one batched pass."""
     encoded = [km.encode(p, target) for p in prompts]
     steps = [s for e in encoded for s in e.steps]
@@ -32,7 +35,7 @@ def prompt_probs(km, prompts: Sequence[str], target: str) -> torch.Tensor:
     return torch.stack(sums).double().exp()
 
 
-def control_neurons(km, neurons: Sequence[Neuron], generator: torch.Generator) -> list[Neuron]:
+def control_neurons(km: KnModel, neurons: Sequence[Neuron], generator: torch.Generator) -> list[Neuron]:
     """A random neuron of the same layer for each neuron, none of them among ``neurons``."""
     taken = set(neurons)
     out = []
@@ -111,7 +114,7 @@ class ProbeResult:
 
 
 def probe(
-    km,
+    km: KnModel,
     prompts: Sequence[str],
     target: str,
     neurons: Sequence[Neuron],

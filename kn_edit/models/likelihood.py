@@ -3,13 +3,16 @@ perplexity drift in evaluation and the benchmarks all use."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import KnEditError
 from .prompts import encode_heads
+
+if TYPE_CHECKING:
+    from .model import KnModel
 
 
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,7 +31,7 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: tor
     return nll, (gold != -100).sum().float()
 
 
-def tokenized_text(km, passages: Sequence[str], max_tokens: int | None) -> list[torch.Tensor]:
+def tokenized_text(km: KnModel, passages: Sequence[str], max_tokens: int | None) -> list[torch.Tensor]:
     """Each passage's token ids [n] (special tokens included), cut at ``max_tokens``; passages of fewer than two
     tokens predict nothing and are left out."""
     if max_tokens is None:
@@ -39,7 +42,7 @@ def tokenized_text(km, passages: Sequence[str], max_tokens: int | None) -> list[
 
 
 @torch.no_grad()
-def text_nll(km, text: Sequence[torch.Tensor], batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def text_nll(km: KnModel, text: Sequence[torch.Tensor], batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed next-token NLL, predicted tokens) of tokenized passages, ``batch_size`` at a time."""
     nll = torch.zeros((), device=km.device)
     count = torch.zeros((), device=km.device)
@@ -50,7 +53,7 @@ def text_nll(km, text: Sequence[torch.Tensor], batch_size: int = 8) -> tuple[tor
     return nll, count
 
 
-def mean_text_nll(km, texts: Sequence[str], max_tokens: int | None = None) -> float:
+def mean_text_nll(km: KnModel, texts: Sequence[str], max_tokens: int | None = None) -> float:
     """Mean per-token NLL of ``texts`` (each cut at ``max_tokens`` tokens), in one batch."""
     seqs = tokenized_text(km, texts, max_tokens)
     if not seqs:

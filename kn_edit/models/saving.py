@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import EditError
 from ..storage.atomic import atomic_dir, check_writable
+
+if TYPE_CHECKING:
+    from .model import KnModel
 
 MANIFEST = "kn_edit.json"
 
@@ -17,7 +21,7 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def check_model_path(km, path: str | Path) -> Path:
+def check_model_path(km: KnModel, path: str | Path) -> Path:
     """The resolved new folder ``path`` for saving ``km``; an EditError where it exists, overlaps the source or
     its folder is not writable. Callers check before long work so a bad path fails at once."""
     target = Path(path).expanduser().resolve()
@@ -44,7 +48,7 @@ def check_new_file(path: str | Path, overwrite: bool = False, flag: str | None =
     return check_writable(target)
 
 
-def save_model(km, path: str | Path) -> Path:
+def save_model(km: KnModel, path: str | Path) -> Path:
     """Write ``km`` to the new folder ``path`` and return it."""
     target = check_model_path(km, path)
     edits = [
