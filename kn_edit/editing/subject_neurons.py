@@ -64,7 +64,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
@@ -84,6 +84,9 @@ from .rome.settings import RomeSettings
 from .keyvalue.target import kl_row, optimise_value, rewrite_rows
 from .settings import BatchSolve, as_choice, check_text_limit, with_overrides
 from .values import value_changes
+
+if TYPE_CHECKING:
+    from ..models.model import KnModel
 
 
 # The least-change solve's advice when it is singular here: its C is the edited neurons' block of the statistics.
@@ -138,7 +141,7 @@ def strongest(scores: torch.Tensor, n: int) -> torch.Tensor:
     return torch.arange(len(scores)) if n >= len(scores) else scores.argsort(descending=True)[:n]
 
 
-def subject_positions(km, prompt: str, subject: str, target: str):
+def subject_positions(km: KnModel, prompt: str, subject: str, target: str):
     """(answer steps of ``target`` after ``prompt``, the subject's last token's position in each)."""
     text = prompt_text(prompt)
     ids, pos = token_at(km.tokenizer, text, subject_end(text, subject))
@@ -149,7 +152,7 @@ def subject_positions(km, prompt: str, subject: str, target: str):
     return list(steps), [pos] * len(steps)
 
 
-def subject_scores(km, prompts: Sequence[str], subject: str, target: str, layer: int, steps: int) -> torch.Tensor:
+def subject_scores(km: KnModel, prompts: Sequence[str], subject: str, target: str, layer: int, steps: int) -> torch.Tensor:
     """[d_ff]: integrated-gradients scores of layer's neurons at the subject's last token for ``target``,
     averaged over each prompt's answer tokens, then over the prompts."""
     per_prompt = []
@@ -216,7 +219,7 @@ class SubjectNeuronEditor(Editor):
         self.guard_texts = tuple(guard_texts) if guard_texts is not None else None
         self.reporter = reporter or NullReporter()
 
-    def compute(self, km, requests: list[EditRequest]) -> tuple[list, SubjectDetails]:
+    def compute(self, km: KnModel, requests: list[EditRequest]) -> tuple[list, SubjectDetails]:
         s = self.settings
         check_causal_requests(km, requests, "kn-subject", "its neurons are located at the subject's last token")
         layer = s.layer_for(km)
@@ -245,7 +248,7 @@ class SubjectNeuronEditor(Editor):
                                  neurons=list(dict.fromkeys(neurons)))
         return changes, details
 
-    def _sequential(self, km, layer: int, mom2: torch.Tensor, prefixes: list[str], whole: bool,
+    def _sequential(self, km: KnModel, layer: int, mom2: torch.Tensor, prefixes: list[str], whole: bool,
                     preserved: torch.Tensor, requests: list[EditRequest], active: torch.Tensor | None,
                     ) -> tuple[list[Neuron], list[torch.Tensor], list[SubjectRequestDetails]]:
         """Each request located and solved on the model with the earlier ones' changes applied (as trials)."""
@@ -270,7 +273,7 @@ class SubjectNeuronEditor(Editor):
                 trial.revert()
         return neurons, rows, done
 
-    def _joint(self, km, layer: int, mom2: torch.Tensor, prefixes: list[str], whole: bool, preserved: torch.Tensor,
+    def _joint(self, km: KnModel, layer: int, mom2: torch.Tensor, prefixes: list[str], whole: bool, preserved: torch.Tensor,
                requests: list[EditRequest], active: torch.Tensor | None,
                ) -> tuple[list[Neuron], list[torch.Tensor], list[SubjectRequestDetails]]:
         """Every request prepared on the model as it is (one subject's requests together: one δ for them all),
@@ -292,7 +295,7 @@ class SubjectNeuronEditor(Editor):
         done = [self._details(km, layer, r, f, d, len(preserved), active, tried) for r, f in zip(requests, found)]
         return [Neuron(layer, int(i)) for i in index], [d.t().float()], done
 
-    def _solve(self, km, layer: int, mom2: torch.Tensor, found: list["_Prepared"], preserved: torch.Tensor,
+    def _solve(self, km: KnModel, layer: int, mom2: torch.Tensor, found: list["_Prepared"], preserved: torch.Tensor,
                earlier: torch.Tensor | None,
                ) -> tuple[list["_Prepared"], torch.Tensor, torch.Tensor, list[tuple[int, float]]]:
         """One least-change solve over the union S of ``found``'s neurons, every request's keys moved by its δ
@@ -339,7 +342,7 @@ class SubjectNeuronEditor(Editor):
         found = [k for k in (active,) if k is not None] + [r.key.to(torch.float64)[None] for r in done]
         return torch.cat(found) if found else None
 
-    def _prepare(self, km, layer: int, prefixes: list[str], whole: bool,
+    def _prepare(self, km: KnModel, layer: int, prefixes: list[str], whole: bool,
                  requests: Sequence[EditRequest]) -> list["_Prepared"]:
         """Each request's neurons, key k* and the keys the solve moves, on the model as it is now, and one δ for
         them all: ``requests`` are one subject's (one request, or all of a joint batch's requests of that
@@ -371,7 +374,7 @@ class SubjectNeuronEditor(Editor):
             out.append(_Prepared(scores, index, key, found, moved, found.delta[None].expand(len(moved), -1)))
         return out
 
-    def _details(self, km, layer: int, request: EditRequest, found: "_Prepared", d: torch.Tensor, preserved: int,
+    def _details(self, km: KnModel, layer: int, request: EditRequest, found: "_Prepared", d: torch.Tensor, preserved: int,
                  earlier: torch.Tensor | None, tried: list[tuple[int, float]]) -> SubjectRequestDetails:
         """The request's details; ``d`` [d_model, n] is the change of the solve it took part in (joint: shared)."""
         values = km.value_vectors(layer)[found.index].detach().float().cpu()  # [|S|, d_model]

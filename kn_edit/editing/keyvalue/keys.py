@@ -9,7 +9,7 @@ plus the empty prefix. A prefix is joined to a text as ``"{prefix}. {text}"``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -18,9 +18,12 @@ from ...models.hooks import value_input_hooks
 from ...models.prompts import causal_prompt
 from .settings import KeyFit
 
+if TYPE_CHECKING:
+    from ...models.model import KnModel
+
 
 @torch.no_grad()
-def context_prefixes(km, n: int, length: int, top_k: int = 5, seed: int = 0) -> list[str]:
+def context_prefixes(km: KnModel, n: int, length: int, top_k: int = 5, seed: int = 0) -> list[str]:
     """``[""]`` followed by ``n`` short texts sampled from the model (see the module docstring)."""
     if n == 0:
         return [""]
@@ -81,7 +84,7 @@ class SubjectText:
     position: int
 
 
-def subject_texts(km, subject: str, prompts: Sequence[str], prefixes: Sequence[str], whole_subject: bool) -> list[SubjectText]:
+def subject_texts(km: KnModel, subject: str, prompts: Sequence[str], prefixes: Sequence[str], whole_subject: bool) -> list[SubjectText]:
     """Texts k* is averaged over: each prefix followed by the subject (``whole_subject``) or by each prompt cut
     just after the subject."""
     out = []
@@ -100,7 +103,7 @@ def prompt_text(prompt: str) -> str:
 
 
 @torch.no_grad()
-def keys_at(km, layer: int, texts: Sequence[SubjectText], batch_size: int = 32) -> torch.Tensor:
+def keys_at(km: KnModel, layer: int, texts: Sequence[SubjectText], batch_size: int = 32) -> torch.Tensor:
     """[n, d_ff] float32 CPU: layer's value-projection input at each text's position."""
     out = []
     for start in range(0, len(texts), batch_size):
@@ -119,7 +122,7 @@ def keys_at(km, layer: int, texts: Sequence[SubjectText], batch_size: int = 32) 
     return torch.cat(out)
 
 
-def check_causal_requests(km, requests, method: str, why: str = "the key is read at the subject's last token") -> None:
+def check_causal_requests(km: KnModel, requests, method: str, why: str = "the key is read at the subject's last token") -> None:
     """What every key-value editor needs before computing anything: a causal LM (the subject comes before the
     answer), and a subject in every request that every one of its prompts contains."""
     if km.is_masked_lm:
@@ -138,7 +141,7 @@ def check_subjects(requests, method: str, why: str = "the key is read at the sub
             subject_end(prompt_text(prompt), request.subject)
 
 
-def fitted_keys(km, layer: int, key: torch.Tensor, subject: str, prompts: Sequence[str], prefixes: Sequence[str],
+def fitted_keys(km: KnModel, layer: int, key: torch.Tensor, subject: str, prompts: Sequence[str], prefixes: Sequence[str],
                 fit: KeyFit) -> torch.Tensor:
     """[m, d_ff]: the keys an update gives the whole shift δ (kn_edit/editing/rome/update.py): k* [d_ff], and with
     ``fit`` prompts / rows also each edit prompt's own key (no prefix / after every prefix)."""

@@ -20,7 +20,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -31,6 +31,9 @@ from ...storage.digest import weights_digest
 from ...storage.atomic import atomic_file
 from ...progress import NullReporter, Reporter
 from ...models.prompts import encode_heads
+
+if TYPE_CHECKING:
+    from ...models.model import KnModel
 
 WIKIPEDIA = "wikipedia"
 _FORMAT = 1  # bump when the file layout or the way statistics are taken changes
@@ -60,7 +63,7 @@ class KeyStatistics:
         return memo[threshold]
 
 
-def key_weights_digest(km, layer: int) -> str:
+def key_weights_digest(km: KnModel, layer: int) -> str:
     """The digest (kn_edit.storage.digest) of the parameters layer's keys depend on (see the module docstring), by name, dtype, shape."""
     blocks = first_submodule(km.model, km.adapter.layers)
     later = {id(p) for block in list(blocks)[layer + 1 :] for p in block.parameters()}
@@ -87,7 +90,7 @@ def corpus_texts(corpus: str) -> list[str]:
     return wiki_key_passages() if corpus == WIKIPEDIA else text_file_passages(corpus)
 
 
-def cache_path(km, layer: int, corpus: str, n_tokens: int, max_length: int, cache_dir: str | Path | None) -> Path:
+def cache_path(km: KnModel, layer: int, corpus: str, n_tokens: int, max_length: int, cache_dir: str | Path | None) -> Path:
     from ...models.provision import cache_root
 
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "rome"
@@ -96,7 +99,7 @@ def cache_path(km, layer: int, corpus: str, n_tokens: int, max_length: int, cach
     return root / "key_statistics" / f"{tag}-{digest[:16]}" / f"layer{layer}-{corpus}-{n_tokens}tok-len{max_length}-v{_FORMAT}.safetensors"
 
 
-def token_batches(km, texts: Sequence[str], n_tokens: int, max_length: int, batch_size: int) -> list[list[torch.Tensor]]:
+def token_batches(km: KnModel, texts: Sequence[str], n_tokens: int, max_length: int, batch_size: int) -> list[list[torch.Tensor]]:
     """Passages as id tensors (cut at max_length; the last one cut so the total is at most n_tokens), in
     batches. Fewer tokens when the text runs out."""
     seqs, total = [], 0
@@ -119,7 +122,7 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def compute_statistics(km, layer: int, batches: Sequence[Sequence[torch.Tensor]], reporter: Reporter) -> tuple[torch.Tensor, torch.Tensor, int]:
+def compute_statistics(km: KnModel, layer: int, batches: Sequence[Sequence[torch.Tensor]], reporter: Reporter) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(Σ k kᵀ [d_ff, d_ff] float64, Σ k [d_ff] float64, token count) over every real token of the batches."""
     d = km.d_ff
     mom2 = torch.zeros(d, d, dtype=torch.float64, device=km.device)
@@ -147,7 +150,7 @@ def compute_statistics(km, layer: int, batches: Sequence[Sequence[torch.Tensor]]
     return mom2.cpu(), total.cpu(), count
 
 
-def key_statistics(km, layer: int, texts: Sequence[str] | None = None, *, corpus: str = WIKIPEDIA,
+def key_statistics(km: KnModel, layer: int, texts: Sequence[str] | None = None, *, corpus: str = WIKIPEDIA,
                    n_tokens: int = 50000, max_length: int = 128, batch_size: int = 16,
                    cache: bool = True, cache_dir: str | Path | None = None,
                    reporter: Reporter | None = None) -> KeyStatistics:
@@ -183,7 +186,7 @@ def key_statistics(km, layer: int, texts: Sequence[str] | None = None, *, corpus
                          str(path) if path is not None else None)
 
 
-def statistics_for(km, layer: int, settings, key_texts: Sequence[str] | None = None,
+def statistics_for(km: KnModel, layer: int, settings, key_texts: Sequence[str] | None = None,
                    reporter: Reporter | None = None) -> KeyStatistics:
     """:func:`key_statistics` of ``layer`` as a key-value editor's settings (KeyValueSettings' cov_* and cache
     fields) ask for them; ``key_texts`` replace the corpus (tests, benchmarks)."""

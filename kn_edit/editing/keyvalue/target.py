@@ -27,13 +27,16 @@ import copy
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
 from ...errors import EditError
 from ...progress import NullReporter, Reporter
 from .keys import prompt_text, subject_end, token_at, with_prefix
+
+if TYPE_CHECKING:
+    from ...models.model import KnModel
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class Row:
     targets: tuple[int, ...]
 
 
-def rewrite_rows(km, prompts: Sequence[str], subject: str, new: str, prefixes: Sequence[str]) -> list[Row]:
+def rewrite_rows(km: KnModel, prompts: Sequence[str], subject: str, new: str, prefixes: Sequence[str]) -> list[Row]:
     """Every prompt after every prefix, with ``new`` teacher-forced (all its tokens)."""
     rows = []
     for prompt in prompts:
@@ -63,7 +66,7 @@ def rewrite_rows(km, prompts: Sequence[str], subject: str, new: str, prefixes: S
     return rows
 
 
-def kl_row(km, subject: str) -> Row:
+def kl_row(km: KnModel, subject: str) -> Row:
     """The paper's essence prompt "{subject} is a": the next-token distribution after it is kept."""
     text = f"{subject.strip()} is a"
     ids, pos = token_at(km.tokenizer, text, len(subject.strip()))
@@ -126,7 +129,7 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _groups(km, rows: Sequence[Row]) -> list[_Group]:
+def _groups(km: KnModel, rows: Sequence[Row]) -> list[_Group]:
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, r in enumerate(rows):
         by_shape.setdefault((r.subject, len(r.input_ids)), []).append(i)
@@ -142,7 +145,7 @@ def _groups(km, rows: Sequence[Row]) -> list[_Group]:
     return out
 
 
-def _suffix_logits(km, module: torch.nn.Module, group: _Group, delta: torch.Tensor,
+def _suffix_logits(km: KnModel, module: torch.nn.Module, group: _Group, delta: torch.Tensor,
                    select: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Logits [g, length - start, vocab] of the group's positions from ``start`` on, δ added at ``start``; with
     ``select`` = (rows [n], positions [n], from ``start``) only those [n, vocab]: the other positions never reach
@@ -220,7 +223,7 @@ class _Padded:
     cache: object | None  # prefix keys/values [n, heads, width, head_dim] per layer; None when width == 0
 
 
-def _padded(km, rows: Sequence[Row], groups: Sequence[_Group]) -> _Padded | None:
+def _padded(km: KnModel, rows: Sequence[Row], groups: Sequence[_Group]) -> _Padded | None:
     """The rows as one padded batch, built from the groups' prefix caches; None if the cache's layout is unknown."""
     n, width = len(rows), max(r.subject for r in rows)
     length = max(len(r.input_ids) - r.subject for r in rows)
@@ -255,7 +258,7 @@ def _padded(km, rows: Sequence[Row], groups: Sequence[_Group]) -> _Padded | None
     return _Padded(ids, positions, mask, cache)
 
 
-def _padded_logits(km, module: torch.nn.Module, plan: _Padded, delta: torch.Tensor,
+def _padded_logits(km: KnModel, module: torch.nn.Module, plan: _Padded, delta: torch.Tensor,
                    select: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Logits [len(select[0]), vocab] at (row, position from the subject's last token) of ``select``, δ added at
     every row's subject's last token; only those positions reach the output head."""
@@ -282,7 +285,7 @@ class _Steps:
     """The logits a step needs, at ``wanted`` (row, absolute position) pairs, in that order: one padded forward
     when the cache layout allows it, else one forward per group of rows of one shape."""
 
-    def __init__(self, km, rows: Sequence[Row], wanted: Sequence[tuple[int, int]], padded: bool = True) -> None:
+    def __init__(self, km: KnModel, rows: Sequence[Row], wanted: Sequence[tuple[int, int]], padded: bool = True) -> None:
         self.km, self.rows = km, list(rows)
         groups = _groups(km, self.rows)
         self.plan = _padded(km, self.rows, groups) if padded else None
@@ -315,7 +318,7 @@ class _Steps:
         return torch.cat(parts)[self.order]
 
 
-def optimise_value(km, layer: int, rows: Sequence[Row], kl: Row, init_norm: float, *, lr: float, steps: int,
+def optimise_value(km: KnModel, layer: int, rows: Sequence[Row], kl: Row, init_norm: float, *, lr: float, steps: int,
                    stop_loss: float, kl_factor: float, weight_decay: float, clamp_norm_factor: float,
                    reporter: Reporter | None = None, padded: bool = True) -> ValueResult:
     """δ for ``rows`` (see the module docstring). init_norm: ‖W k*‖, the scale of the norm terms. ``padded``:

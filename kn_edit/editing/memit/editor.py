@@ -26,7 +26,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -44,6 +44,9 @@ from ..values import value_location, whole_change
 from .hidden import hidden_at_subject
 from .settings import MemitSettings
 from .solve import memit_delta
+
+if TYPE_CHECKING:
+    from ...models.model import KnModel
 
 
 @dataclass
@@ -131,13 +134,13 @@ class MemitEditor(Editor):
         # per model: {layer: statistics of the unedited model} (see the module docstring)
         self._statistics: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def statistics(self, km, layer: int) -> KeyStatistics:
+    def statistics(self, km: KnModel, layer: int) -> KeyStatistics:
         held = self._statistics.setdefault(km.model, {})
         if layer not in held:
             held[layer] = statistics_for(km, layer, self.settings, self.key_texts, self.reporter)
         return held[layer]
 
-    def compute(self, km, requests: list[EditRequest]) -> tuple[list, MemitDetails]:
+    def compute(self, km: KnModel, requests: list[EditRequest]) -> tuple[list, MemitDetails]:
         s = self.settings
         check_causal_requests(km, requests, "MEMIT")
         layers = s.layers_for(km)
@@ -166,7 +169,7 @@ class MemitEditor(Editor):
                                refitted=refitted, settings=_settings_dict(s))
         return changes, details
 
-    def _solve(self, km, layers: list[int], stats: dict, requests: list[EditRequest], texts: list, prefixes: list[str],
+    def _solve(self, km: KnModel, layers: list[int], stats: dict, requests: list[EditRequest], texts: list, prefixes: list[str],
                rows: list, targets: list[MemitRequestDetails], fits: list[KeyFit]) -> tuple[list, list[MemitLayerDetails]]:
         """(one whole change per critical layer, their details): every layer l in order solved on top of the
         earlier ones' updates (applied as trials, reverted before returning) for the residual still missing,
@@ -198,7 +201,7 @@ class MemitEditor(Editor):
         return changes, updates
 
     @staticmethod
-    def _short(km, requests: list[EditRequest], changes: list) -> list[int]:
+    def _short(km: KnModel, requests: list[EditRequest], changes: list) -> list[int]:
         """Indices of the requests whose edit prompts do not all have the new object top-1 with ``changes``
         applied (as a trial, reverted before returning)."""
         from ..report import prompt_outcomes, request_successes
@@ -210,7 +213,7 @@ class MemitEditor(Editor):
             trial.revert()
         return [i for i, held in enumerate(request_successes(requests, outcomes)) if not held]
 
-    def _fitted(self, km, layer: int, requests: list[EditRequest], texts: list, prefixes: list[str],
+    def _fitted(self, km: KnModel, layer: int, requests: list[EditRequest], texts: list, prefixes: list[str],
                 residuals: torch.Tensor, fits: list[KeyFit]) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys [m, d_ff], residuals [m, d_model]) the layer's update is solved for: each request's prefix-averaged
         key k_i with its residual r_i, and with ``fit`` prompts / rows also each edit prompt's own key (no prefix /
@@ -225,11 +228,11 @@ class MemitEditor(Editor):
             rows.append(residual[None].expand(len(own), -1))
         return torch.cat(keys), torch.cat(rows).double()
 
-    def _hidden(self, km, layer: int, rows: list[list]) -> torch.Tensor:
+    def _hidden(self, km: KnModel, layer: int, rows: list[list]) -> torch.Tensor:
         """h^L of each request now: the residual after ``layer`` averaged over its rewrite rows [n, d_model]."""
         return torch.stack([hidden_at_subject(km, layer, r).mean(dim=0) for r in rows])
 
-    def _target(self, km, last: int, request: EditRequest, texts, rows) -> MemitRequestDetails:
+    def _target(self, km: KnModel, last: int, request: EditRequest, texts, rows) -> MemitRequestDetails:
         """δ = z − h^L for one request on the model as it is (ROME's v* objective at layer L)."""
         s = self.settings
         key = keys_at(km, last, texts).mean(dim=0)
@@ -247,7 +250,7 @@ class MemitEditor(Editor):
             remaining=float("nan"), fit=str(s.fit), delta=found.delta.double(), hidden=hidden,
         )
 
-    def _update(self, km, layer: int, stats: KeyStatistics, keys: torch.Tensor,
+    def _update(self, km: KnModel, layer: int, stats: KeyStatistics, keys: torch.Tensor,
                 residuals: torch.Tensor) -> tuple[torch.Tensor, MemitLayerDetails]:
         """(ΔW_l [d_model, d_ff] float64, its details) for keys [n, d_ff] and residuals [n, d_model]."""
         s = self.settings

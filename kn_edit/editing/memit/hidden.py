@@ -3,7 +3,7 @@ the residual still missing, z − h^L, are measured in."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -11,8 +11,11 @@ from ...models.adapters import first_submodule
 from ...errors import EditError
 from ..keyvalue.target import Row
 
+if TYPE_CHECKING:
+    from ...models.model import KnModel
 
-def block(km, layer: int) -> torch.nn.Module:
+
+def block(km: KnModel, layer: int) -> torch.nn.Module:
     blocks = first_submodule(km.model, km.adapter.layers)
     if blocks is None:  # pragma: no cover - every adapter names its layer list
         raise EditError("cannot find the model's layer list")
@@ -20,7 +23,7 @@ def block(km, layer: int) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def hidden_at_subject(km, layer: int, rows: Sequence[Row], batch_size: int = 32) -> torch.Tensor:
+def hidden_at_subject(km: KnModel, layer: int, rows: Sequence[Row], batch_size: int = 32) -> torch.Tensor:
     """[n_rows, d_model] float64 CPU: the output of block ``layer`` (the residual stream after it) at each row's
     subject position. Rows are right-padded, so real tokens keep their positions and, causally, their states."""
     out = []

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ...errors import ConfigError, EditError
 from ..keyvalue.settings import KeyFit, KeyValueSettings
 from ..rome.settings import default_layer
 from ..settings import as_choice
+
+if TYPE_CHECKING:
+    from ...models.model import KnModel
 
 # (adapter family, n_layers, d_model) → critical layers R (0-based, ascending). smollm2-135m: five layers around
 # ROME's layer 5 (its sweep: 3 edits more, 8 generalizes less), like MEMIT's five for GPT-2 XL (13–17 of 48) and
@@ -19,7 +22,7 @@ DEFAULT_LAYERS: dict[tuple[str, int, int], list[int]] = {
 }
 
 
-def default_layers(km) -> list[int]:
+def default_layers(km: KnModel) -> list[int]:
     """The critical layers for ``km``: the table above, else ROME's layer for the model and the two below it
     (clipped at 0): R ends at the layer ROME edits, as MEMIT's R ends at (or just past) ROME's layer."""
     found = DEFAULT_LAYERS.get((km.adapter.family, km.n_layers, km.d_model))
@@ -65,7 +68,7 @@ class MemitSettings(KeyValueSettings):
             raise ConfigError(f"mom2_update_weight must be >= 0, got {self.mom2_update_weight}")
         return self
 
-    def layers_for(self, km) -> list[int]:
+    def layers_for(self, km: KnModel) -> list[int]:
         layers = default_layers(km) if self.layers is None else list(self.layers)
         if layers[-1] >= km.n_layers:
             raise EditError(f"layer {layers[-1]} does not exist: the model has {km.n_layers} layers (0..{km.n_layers - 1})")

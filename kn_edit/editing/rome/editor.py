@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -23,6 +23,9 @@ from ..keyvalue.keys import check_causal_requests, context_prefixes, fitted_keys
 from .settings import KeyText, RomeSettings
 from .update import exact_direction, weight_change
 from ..keyvalue.target import kl_row, optimise_value, rewrite_rows
+
+if TYPE_CHECKING:
+    from ...models.model import KnModel
 
 
 @dataclass
@@ -88,10 +91,10 @@ class RomeEditor(Editor):
         self.key_texts = list(key_texts) if key_texts is not None else None
         self.reporter = reporter or NullReporter()
 
-    def statistics(self, km, layer: int) -> KeyStatistics:
+    def statistics(self, km: KnModel, layer: int) -> KeyStatistics:
         return statistics_for(km, layer, self.settings, self.key_texts, self.reporter)
 
-    def compute(self, km, requests: list[EditRequest]) -> tuple[list, RomeDetails]:
+    def compute(self, km: KnModel, requests: list[EditRequest]) -> tuple[list, RomeDetails]:
         s = self.settings
         check_causal_requests(km, requests, "ROME")
         layer = s.layer_for(km)
@@ -119,7 +122,7 @@ class RomeEditor(Editor):
         )
         return [whole_change(km, name, weight_change(km, total))], details
 
-    def _one(self, km, layer: int, stats: KeyStatistics, prefixes: list[str], request: EditRequest,
+    def _one(self, km: KnModel, layer: int, stats: KeyStatistics, prefixes: list[str], request: EditRequest,
              weight_norm: float, earlier: Sequence[torch.Tensor] = ()) -> tuple[RomeRequestDetails, torch.Tensor]:
         """(details, ΔW [d_model, d_ff] float64) of one request on the model as it is now."""
         s = self.settings

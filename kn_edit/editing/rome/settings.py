@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ...errors import ConfigError, EditError
 from ..keyvalue.settings import KeyFit, KeyText, KeyValueSettings
 from ..settings import as_choice
+
+if TYPE_CHECKING:
+    from ...models.model import KnModel
 
 __all__ = ["DEFAULT_LAYERS", "KeyFit", "KeyText", "RomeSettings", "default_layer"]
 
@@ -28,7 +31,7 @@ DEFAULT_LAYERS: dict[tuple[str, int, int], int] = {
 }
 
 
-def default_layer(km) -> int:
+def default_layer(km: KnModel) -> int:
     """The edited layer for ``km``: the table above, else a third of the depth for GPT-2-like models (ROME's
     choices for GPT-2) and a sixth for the others (LLaMA-7B: 5 of 32; smollm2: 5 of 30). Never the last layer:
     the subject comes before the answer, so its last token reaches the answer only through later layers."""
@@ -54,7 +57,7 @@ class RomeSettings(KeyValueSettings):
             raise ConfigError(f"layer must be >= 0 (or null for the model's default), got {self.layer}")
         return self
 
-    def layer_for(self, km) -> int:
+    def layer_for(self, km: KnModel) -> int:
         layer = default_layer(km) if self.layer is None else self.layer
         if layer >= km.n_layers:
             raise EditError(f"layer {layer} does not exist: the model has {km.n_layers} layers (0..{km.n_layers - 1})")

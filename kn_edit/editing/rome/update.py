@@ -19,9 +19,14 @@ and a quarter of the edits failed on them (evaluations/results/rome_check.md).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..keyvalue.solve import least_change
+
+if TYPE_CHECKING:
+    from ...models.model import KnModel
 
 
 
@@ -35,7 +40,7 @@ def exact_direction(mom2: torch.Tensor, keys: torch.Tensor, ridge: float = 0.0) 
     return least_change(mom2, keys, ones, ridge, check_exact=False)[0]
 
 
-def weight_change(km, delta: torch.Tensor) -> torch.Tensor:
+def weight_change(km: KnModel, delta: torch.Tensor) -> torch.Tensor:
     """``delta`` [d_model, d_ff] in the orientation (and dtype) of the value projection's weight."""
     weight = km.value_weight(0)
     oriented = km.adapter.as_value_weight(delta.t())  # delta is [d_model, d_ff], nn.Linear's layout
