@@ -516,7 +516,8 @@ def test_sigterm_during_compare_exits_143_and_resuming_gives_the_uninterrupted_n
     for title in fresh:
         measured = [k for k in fresh[title] if "seconds" not in k and "memory" not in k]
         ours, theirs = ({k: m[title][k] for k in measured} for m in (resumed, fresh))
-        assert ours == pytest.approx(theirs, nan_ok=True), title
+        # the kept part was measured in another process, whose thread count can round float32 sums differently
+        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-9, nan_ok=True), title
 
 
 @pytest.mark.parametrize("kind", ["single-sigint", "ddp-sigterm", "sequential-sigterm"])
