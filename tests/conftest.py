@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny_models import FAMILIES, build_model
+from tiny_models import FAMILIES, tiny_km
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -12,21 +12,23 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 @pytest.fixture(params=FAMILIES)
 def tiny(request):
     """A KnModel around a tiny random model of each supported family."""
-    import kn_edit
-
-    model, tok = build_model(request.param)
-    return kn_edit.wrap(model, tok, name=f"tiny-{request.param}")
+    return tiny_km(request.param)
 
 
 @pytest.fixture
 def tiny_factory():
+    """tiny_km: a KnModel around a tiny random model of a family (seed, layers)."""
+    return tiny_km
+
+
+@pytest.fixture
+def tiny_load(monkeypatch, tiny_factory):
+    """kn_edit.load replaced: any model name loads one tiny LLaMA, which this returns."""
     import kn_edit
 
-    def make(family: str, seed: int = 0, n_layers: int = 2):
-        model, tok = build_model(family, seed=seed, n_layers=n_layers)
-        return kn_edit.wrap(model, tok, name=f"tiny-{family}")
-
-    return make
+    km = tiny_factory("llama")
+    monkeypatch.setattr(kn_edit, "load", lambda name, device="auto", reporter=None, adapter=None: km)
+    return km
 
 
 @pytest.fixture(scope="session")

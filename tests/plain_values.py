@@ -1,19 +1,11 @@
-"""Plain references shared by the tests of the value-projection editors (ROME, MEMIT, null space): parameter
-snapshots, the value projection's W in one orientation, and its input read with a hook, one text at a time (no
-padding, no batching), so that the editors' batched code is checked against the simplest computation."""
+"""Plain references shared by the tests of the value-projection editors (ROME, MEMIT, null space): the value
+projection's W in one orientation, and its input read with a hook, one text at a time (no padding, no
+batching), so that the editors' batched code is checked against the simplest computation."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-
-
-def snapshot(km) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in km.model.named_parameters()}
-
-
-def same(km, state) -> bool:
-    return all(torch.equal(p, state[name]) for name, p in km.model.named_parameters())
 
 
 def plain_weight(km, layer: int) -> np.ndarray:

@@ -22,13 +22,6 @@ FACTS = [
 
 
 @pytest.fixture
-def tiny_load(monkeypatch, tiny_factory):
-    km = tiny_factory("llama", n_layers=2)
-    monkeypatch.setattr(kn_edit, "load", lambda name, device="auto", reporter=None, adapter=None: km)
-    return km
-
-
-@pytest.fixture
 def facts_file(tmp_path):
     path = tmp_path / "facts.jsonl"
     path.write_text("".join(json.dumps(f) + "\n" for f in FACTS), encoding="utf-8")

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from helpers import hook_count
 from kn_edit.analysis.forward import neuron_activations
 from kn_edit.analysis.top_text import RunningExtremes, top_texts
 from kn_edit.models.neurons import Neuron
@@ -26,10 +27,6 @@ def plain_value_inputs(km, ids: torch.Tensor) -> dict[int, torch.Tensor]:
         for h in handles:
             h.remove()
     return seen
-
-
-def hook_count(km) -> int:
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in km.model.modules())
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])

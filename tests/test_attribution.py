@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import kn_edit
+from helpers import assert_same, hook_count, snapshot
 from kn_edit import ConfigError, PromptError, TargetError
 from reference_attribution import probability_with, reference_attribute
 from tiny_models import prompt_for
@@ -41,11 +42,6 @@ def multi_token_target(km, prompt: str) -> str:
     target = "Paris France" if not km.is_masked_lm else "paris france"
     assert len(km.encode(prompt, target).steps) > 1
     return target
-
-
-def pre_hook_count(km) -> int:
-    """Pre-hooks on any module (value projections and the blocks where cached rows are widened)."""
-    return sum(len(module._forward_pre_hooks) for module in km.model.modules())
 
 
 @pytest.mark.parametrize("prefix_cache", [None, False], ids=["auto", "full-sequence"])
@@ -145,16 +141,16 @@ def test_completeness(tiny_factory, family):
 
 def test_leaves_model_and_hooks_untouched(tiny_factory):
     km = tiny_factory("gptj")
-    before = {k: v.clone() for k, v in km.model.state_dict().items()}
+    before = snapshot(km)
     kn_edit.attribute(km, *prompt_for("gptj"), steps=2)
-    assert pre_hook_count(km) == 0
-    assert all(torch.equal(before[k], v) for k, v in km.model.state_dict().items())
+    assert hook_count(km) == 0
+    assert_same(km, before)
     assert all(p.grad is None for p in km.model.parameters())
 
 
 def test_hooks_removed_after_exception(tiny_factory):
     km = tiny_factory("llama")
-    assert pre_hook_count(km) == 0
+    assert hook_count(km) == 0
 
     def boom(_module, _args, _output):
         raise RuntimeError("boom")
@@ -165,7 +161,7 @@ def test_hooks_removed_after_exception(tiny_factory):
             kn_edit.attribute(km, *prompt_for("llama"), steps=2)
     finally:
         handle.remove()
-    assert pre_hook_count(km) == 0
+    assert hook_count(km) == 0
 
 
 def test_works_under_inference_mode(tiny_factory):

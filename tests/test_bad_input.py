@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import kn_edit
+from helpers import assert_same, file_tree, redigest, snapshot
 from kn_edit import Neuron
 from kn_edit.cli import main
 from tiny_models import build_model
@@ -47,17 +48,6 @@ def _rewrite_patch(src: Path, dst: Path, edit_tensors=None, edit_meta=None, raw_
     save_file(tensors, str(dst), metadata=meta)
 
 
-def _redigest(meta: dict, tensors: dict) -> dict:
-    """Metadata whose recorded dtype/shape/digest match ``tensors`` (so only the other checks can refuse)."""
-    from kn_edit.editing.patchfile import tensor_digest
-
-    for i, p in enumerate(meta["params"]):
-        for k, m in p["tensors"].items():
-            t = tensors[f"{i}.{k}"]
-            m.update(dtype=str(t.dtype), shape=list(t.shape), sha256=tensor_digest(t))
-    return meta
-
-
 def _flip_last_byte(src: Path, dst: Path) -> None:
     data = bytearray(src.read_bytes())
     (n,) = struct.unpack("<Q", bytes(data[:8]))
@@ -72,8 +62,8 @@ def _tampered(world: Path, name: str, **kw) -> Path:
     return dst
 
 
-def _with_tensor(key: str, fn: Callable[[torch.Tensor], torch.Tensor], redigest: bool):
-    """(edit_tensors, edit_meta) replacing tensor ``key`` by fn(it); ``redigest``: the metadata follows."""
+def _with_tensor(key: str, fn: Callable[[torch.Tensor], torch.Tensor], follow: bool):
+    """(edit_tensors, edit_meta) replacing tensor ``key`` by fn(it); ``follow``: the metadata follows it."""
     state: dict = {}
 
     def tensors(ts: dict) -> dict:
@@ -83,7 +73,7 @@ def _with_tensor(key: str, fn: Callable[[torch.Tensor], torch.Tensor], redigest:
         return ts
 
     def meta(m: dict) -> dict:
-        return _redigest(m, state["ts"]) if redigest else m
+        return redigest(m, state["ts"]) if follow else m
 
     return tensors, meta
 
@@ -129,7 +119,7 @@ output_dir: {w / "runs"}
 
     # patch files damaged in every way the reader must notice
     _flip_last_byte(w / "patch.safetensors", w / "flipped.safetensors")
-    for name, key, fn, redigest in [
+    for name, key, fn, follow in [
         ("fp16", "0.after", lambda t: t.half(), False),
         ("bool", "0.after", lambda t: t.bool(), True),
         ("int", "0.after", lambda t: t.to(torch.int32), True),
@@ -140,7 +130,7 @@ output_dir: {w / "runs"}
         ("index-float", "0.index", lambda t: t.float(), True),
         ("index-repeated", "0.index", lambda t: torch.zeros_like(t), True),
     ]:
-        tensors, meta = _with_tensor(key, fn, redigest)
+        tensors, meta = _with_tensor(key, fn, follow)
         _tampered(w, name, edit_tensors=tensors, edit_meta=meta)
     _tampered(w, "not-json", raw_meta="{not json")
     _tampered(w, "no-params", edit_meta=lambda m: {k: v for k, v in m.items() if k != "params"})
@@ -320,15 +310,6 @@ CASES: list[Case] = [
 ]
 
 
-def _snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every file (bytes) and folder (None) under ``root``."""
-    out: dict[str, bytes | None] = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        out[rel] = None if path.is_dir() else path.read_bytes()
-    return out
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_one_clear_line(case: Case, world: Path, tmp_path, monkeypatch, capsys):
     reason = case.skip() if case.skip else None
@@ -342,7 +323,7 @@ def test_bad_input_is_one_clear_line(case: Case, world: Path, tmp_path, monkeypa
     if case.before_load:
         monkeypatch.setattr(kn_edit, "load", lambda *a, **kw: pytest.fail("the model was loaded before the refusal"))
     argv = [a.replace("{model}", str(world / "model")).replace("{w}", str(world)) for a in case.argv]
-    before = _snapshot(world), _snapshot(cache)
+    before = file_tree(world), file_tree(cache)
     capsys.readouterr()
     code = main(argv)
     err = capsys.readouterr().err
@@ -351,7 +332,7 @@ def test_bad_input_is_one_clear_line(case: Case, world: Path, tmp_path, monkeypa
     assert len(lines) == 1, err
     assert "Traceback" not in err and lines[0].startswith("error: ")
     assert case.fragment in lines[0], lines[0]
-    assert (_snapshot(world), _snapshot(cache)) == before
+    assert (file_tree(world), file_tree(cache)) == before
 
 
 def test_debug_shows_the_traceback(world):
@@ -375,10 +356,10 @@ def test_update_on_zero_value_vectors_is_refused_with_the_model_unchanged(tiny_f
     km = tiny_factory("llama")
     neurons = [Neuron(1, 5), Neuron(1, 7)]
     kn_edit.erase_fact(km, [PROMPT], "Paris", neurons=neurons, force=True)
-    state = {k: v.detach().clone() for k, v in km.model.named_parameters()}
+    state = snapshot(km)
     with pytest.raises(kn_edit.EditError, match="value vectors of neurons 1:5,1:7 are all zero"):
         kn_edit.update_fact(km, [PROMPT], "Paris", "Rome", neurons=neurons, force=True)
-    assert all(torch.equal(v, state[k]) for k, v in km.model.named_parameters())
+    assert_same(km, state)
     assert len(kn_edit.editing.ledger.active_edits(km)) == 1  # only the erasure
 
 

@@ -13,13 +13,6 @@ PROMPTS = ["--prompt", "The capital of France is", "--prompt", "Paris is the cap
            "The Eiffel Tower is in"]
 
 
-@pytest.fixture
-def tiny_load(monkeypatch, tiny_factory):
-    km = tiny_factory("llama")
-    monkeypatch.setattr(kn_edit, "load", lambda name, device="auto", reporter=None, adapter=None: km)
-    return km
-
-
 def run_json(capsys, argv):
     assert main(argv) == 0
     return json.loads(capsys.readouterr().out)

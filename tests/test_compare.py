@@ -8,26 +8,21 @@ from pathlib import Path
 
 import pytest
 
+from helpers import PASSAGES, tiny_facts, tiny_sized, write_capital_facts
 from kn_edit.cli import main
 from kn_edit.evaluation import evaluate
 from kn_edit.evaluation.compare import COLUMNS, compare_methods, eval_config_for
 from kn_edit.editing.registry import make_editor
 from kn_edit.evaluation.config import CompareConfig, MethodEntry
-from test_eval_loop import PASSAGES, tiny_facts
 
 TINY_METHODS = [
     MethodEntry("kn-unscaled", settings={"force": True, "steps": 2, "generic_filter": False}),
-    MethodEntry("test_eval_loop:ValueVectorEditor", label="value-vector", settings={"scale": 10.0}),
+    MethodEntry("helpers:ValueVectorEditor", label="value-vector", settings={"scale": 10.0}),
 ]
 
 
 def tiny_compare_config(tmp_path) -> CompareConfig:
-    config = CompareConfig(name="tiny", output_dir=str(tmp_path), run_name="cmp", methods=list(TINY_METHODS))
-    config.data.only_known = False
-    config.data.neighbours = 2
-    config.probe.steps = 2
-    config.trainer.accelerator = "cpu"
-    return config
+    return tiny_sized(CompareConfig(name="tiny", output_dir=str(tmp_path), run_name="cmp", methods=list(TINY_METHODS)))
 
 
 def test_compare_runs_every_method_on_the_same_requests(tiny_factory, tmp_path):
@@ -60,10 +55,7 @@ def test_compare_runs_every_method_on_the_same_requests(tiny_factory, tmp_path):
 def test_compare_command_and_its_gate(tiny_factory, tmp_path, capsys):
     model, folder = tiny_factory("llama"), tmp_path / "model"
     model.save(folder)
-    facts = tmp_path / "facts.jsonl"
-    facts.write_text("".join(json.dumps({"subject": s, "relation": "capital", "object": o, "prompts": ["The capital of [X] is"],
-                                         "heldout_prompts": ["[X]'s capital is"]}) + "\n"
-                             for s, o in [("France", "Paris"), ("Italy", "Rome"), ("Japan", "Tokyo")]))  # fmt: skip
+    facts = write_capital_facts(tmp_path / "facts.jsonl", [("France", "Paris"), ("Italy", "Rome"), ("Japan", "Tokyo")])
     config = tmp_path / "cmp.yaml"
     config.write_text(f"""
 name: cli
@@ -75,7 +67,7 @@ trainer: {{accelerator: cpu}}
 output_dir: {tmp_path / "runs"}
 methods:
   - {{method: kn-unscaled, settings: {{force: true, steps: 2, generic_filter: false}}}}
-  - {{method: "test_eval_loop:ValueVectorEditor", label: vv}}
+  - {{method: "helpers:ValueVectorEditor", label: vv}}
 """)
     assert main(["compare", "--quiet", "--config", str(config), "run_name=one"]) == 0
     out = capsys.readouterr().out
@@ -118,13 +110,13 @@ def test_an_interrupted_comparison_resumes_from_its_finished_methods(tiny_factor
     monkeypatch.setattr(compare_module, "evaluate", lambda c, **kw: calls.append(c.editor.method) or real(c, **kw))
     config.resume = True
     resumed = compare_methods(config, km=km, facts=tiny_facts(), passages=PASSAGES)
-    assert calls == ["test_eval_loop:ValueVectorEditor"]  # the finished method is not run again
+    assert calls == ["helpers:ValueVectorEditor"]  # the finished method is not run again
     assert sorted(p.name for p in parts.iterdir()) == ["kn-unscaled.json", "value-vector.json"]
 
     # the reused numbers are those of a fresh full run (all but the clock and memory readings)
     config.run_name, config.resume, calls[:] = "fresh", False, []
     fresh = compare_methods(config, km=km, facts=tiny_facts(), passages=PASSAGES)
-    assert calls == ["kn-unscaled", "test_eval_loop:ValueVectorEditor"]
+    assert calls == ["kn-unscaled", "helpers:ValueVectorEditor"]
     measured = ("seconds", "memory")
     for title in fresh.results:
         ours, theirs = resumed.results[title].metrics, fresh.results[title].metrics
@@ -311,7 +303,7 @@ def test_an_altered_part_is_evaluated_again_with_a_warning(tiny_factory, tmp_pat
     config.resume, config.run_name = True, "resumed"
     with caplog.at_level(logging.WARNING, logger="kn_edit.evaluation.compare"):
         resumed = compare_methods(config, km=km, facts=tiny_facts(), passages=PASSAGES, reporter=Recording())
-    assert calls == ["test_eval_loop:ValueVectorEditor"]
+    assert calls == ["helpers:ValueVectorEditor"]
     warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warning) == 1 and "value-vector" in warning[0] and "its edit/top1 is 0.123456" in warning[0]
     assert any("value-vector" in line and "not reusing" in line and "its edit/top1 is 0.123456" in line for line in lines)

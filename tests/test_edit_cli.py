@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kn_edit
+from helpers import assert_same, differences, snapshot
 from kn_edit import EditError, Neuron
 from kn_edit.cli import main
 
@@ -23,7 +24,7 @@ def saved_tiny(tiny_factory, tmp_path) -> Path:
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in kn_edit.load(str(path), device="cpu").model.named_parameters()}
+    return snapshot(kn_edit.load(str(path), device="cpu"))
 
 
 def test_update_fact_shows_the_edit_and_writes_nothing(saved_tiny, capsys):
@@ -50,8 +51,8 @@ def test_patch_commands_round_trip(saved_tiny, tmp_path, capsys):
                  "--save", str(tmp_path / "unpatched")]) == 0
     capsys.readouterr()
     original, patched, unpatched = weights(saved_tiny), weights(tmp_path / "patched"), weights(tmp_path / "unpatched")
-    assert any(not torch.equal(original[k], patched[k]) for k in original)
-    assert all(torch.equal(original[k], unpatched[k]) for k in original)
+    assert differences(original, patched) == [f"model.layers.{l}.mlp.down_proj.weight" for l in (0, 1)]
+    assert differences(original, unpatched) == []
     # the patched model does not hold the patch's original values any more
     assert main(["apply-patch", "--model", str(tmp_path / "patched"), "--patch", str(patch)]) == 2
     assert "original values" in capsys.readouterr().err
@@ -90,7 +91,7 @@ def test_cli_errors_are_one_line(saved_tiny, tmp_path, capsys):
 
 def test_library_bad_input(tiny_factory, tmp_path):
     km = tiny_factory("gpt2")
-    state = {k: v.detach().clone() for k, v in km.model.named_parameters()}
+    state = snapshot(km)
     with pytest.raises(EditError, match="same"):
         kn_edit.update_fact(km, ["The capital of France is"], "Paris", " Paris", neurons=[Neuron(0, 1)])
     with pytest.raises(EditError, match="does not predict 'Paris'"):
@@ -105,7 +106,7 @@ def test_library_bad_input(tiny_factory, tmp_path):
         kn_edit.update_fact(km, ["The capital of France is"], "Paris", "Rome", neurons=[Neuron(0, 1)], marginn=1)
     with pytest.raises(EditError, match="prefix"):
         kn_edit.update_fact(km, ["The capital of France is"], "Paris", "Paris, France", neurons=[Neuron(0, 1)], force=True)
-    assert all(torch.equal(v, state[k]) for k, v in km.model.named_parameters())
+    assert_same(km, state)
 
 
 @pytest.mark.parametrize("name", list(kn_edit.editing.METHODS))
@@ -146,10 +147,10 @@ def test_update_fact_with_a_facts_file_edits_them_all_in_one_patch(saved_tiny, t
     meta, _ = read_patch(patch)
     assert [(r["subject"], r["new"]) for r in meta["requests"]] == [("France", "Rome"), ("Japan", "Berlin")]
     km = kn_edit.load(str(saved_tiny), device="cpu")
-    state = {k: v.detach().clone() for k, v in km.model.named_parameters()}
+    state = snapshot(km)
     edit = kn_edit.apply_patch(km, patch)
     edit.revert()
-    assert all(torch.equal(v, state[k]) for k, v in km.model.named_parameters())
+    assert_same(km, state)
 
 
 @pytest.mark.parametrize("lines, message", [
@@ -197,11 +198,11 @@ def test_memit_edits_a_facts_file_in_one_patch_over_its_layers(saved_tiny, tmp_p
     meta, _ = read_patch(patch)
     assert [(r["subject"], r["new"]) for r in meta["requests"]] == [("France", "Rome"), ("Japan", "Berlin")]
     km = kn_edit.load(str(saved_tiny), device="cpu")
-    state = {k: v.detach().clone() for k, v in km.model.named_parameters()}
+    state = snapshot(km)
     edit = kn_edit.apply_patch(km, patch)
     assert sorted(edit.touched_parameters) == sorted(kn_edit.editing.values.value_location(km, l)[0] for l in (0, 1))
     edit.revert()
-    assert all(torch.equal(v, state[k]) for k, v in km.model.named_parameters())
+    assert_same(km, state)
 
 
 def test_memit_with_a_malformed_facts_line_applies_nothing(saved_tiny, tmp_path, capsys):

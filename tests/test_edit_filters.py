@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kn_edit
+from helpers import assert_same, snapshot
 from kn_edit import ConfigError, EditError, EditRequest, Neuron
 from kn_edit.editing.filters import drop_generic, drop_relation_shared, shared_by, slot_activations
 from kn_edit.editing.knowledge_neurons import search_scale
@@ -56,7 +57,7 @@ def test_search_scale_finds_the_smallest_scale():
 
 def test_erase_relation_zeroes_the_shared_neurons(tiny_factory):
     km = tiny_factory("gpt2")
-    before = {k: v.detach().clone() for k, v in km.model.named_parameters()}
+    before = snapshot(km)
     facts = [EditRequest(("The capital of France is",), "Paris"), EditRequest(("The capital of Italy is",), "Rome"),
              EditRequest(("The capital of Japan is",), "Tokyo")]
     edit = kn_edit.erase_relation(km, facts, share=0.5, neuron_sets=[{A, B}, {A}, {C}])
@@ -64,7 +65,7 @@ def test_erase_relation_zeroes_the_shared_neurons(tiny_factory):
     assert torch.equal(km.value_vectors(0)[1], torch.zeros(km.d_model))
     assert torch.equal(km.value_vectors(0)[2], before_vector(km, before, B))
     edit.revert()
-    assert all(torch.equal(v, before[k]) for k, v in km.model.named_parameters())
+    assert_same(km, before)
     with pytest.raises(EditError, match="no neuron is shared"):
         kn_edit.erase_relation(km, facts, share=1.0, neuron_sets=[{A}, {B}, {C}])
 
@@ -101,7 +102,7 @@ def test_relation_filter_falls_back_when_its_neurons_cannot_carry_the_edit(tiny_
     from kn_edit.editing import KnowledgeNeuronEditor
 
     km = tiny_factory("llama")
-    before = {k: v.detach().clone() for k, v in km.model.named_parameters()}
+    before = snapshot(km)
     real = KnowledgeNeuronEditor._attempt
 
     def weak_alone(self, km_, plan, neurons, deltas):  # the single relation-specific neuron "cannot" reach it
@@ -117,7 +118,7 @@ def test_relation_filter_falls_back_when_its_neurons_cannot_carry_the_edit(tiny_
     edit.revert()
     with pytest.raises(EditError, match="no change within"):
         _editor(relation_fallback=False).apply(km, [request])
-    assert all(torch.equal(v, before[k]) for k, v in km.model.named_parameters())
+    assert_same(km, before)
 
 
 def test_relation_filter_falls_back_when_it_leaves_no_neuron(tiny_factory):

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import kn_edit
+from helpers import RULE_NEURONS as NEURONS  # the three neurons the rule tests edit
+from helpers import assert_only_neurons_changed, assert_same, neuron_slice, new_object, raw_value, snapshot
 from kn_edit import ConfigError, Neuron
 from kn_edit.editing.preserve import preservation_metric
 from kn_edit.editing.sensitivity import least_norm_step, value_gradients
-from test_edit_rules import NEURONS, assert_only_neurons_changed, assert_same, new_object, raw_value, snapshot
 from tiny_models import prompt_for
 
 
@@ -25,7 +26,7 @@ def raw_gap_gradient(km, prompts: list[str], old: str, new: str, n: Neuron) -> t
         old_id = km.encode(prompt, old).target_ids[0]
         logits = km.model(input_ids=step.input_ids[None]).logits[0, step.position]
         (g,) = torch.autograd.grad(logits[step.target_id] - logits[old_id], [w])
-        total += g[n.index] if w.shape[0] == km.d_ff and w.shape[1] == km.d_model else g[:, n.index]
+        total += neuron_slice(km, g, n.index)
     return total / len(prompts)
 
 
@@ -119,7 +120,7 @@ def raw_margin_gradient(km, prompt: str, new: str, n: Neuron) -> tuple[float, to
     others[step.target_id] = float("-inf")
     margin = logits[step.target_id] - logits[int(others.argmax())]
     (g,) = torch.autograd.grad(margin, [w])
-    return float(margin.detach()), (g[n.index] if w.shape[0] == km.d_ff and w.shape[1] == km.d_model else g[:, n.index])
+    return float(margin.detach()), neuron_slice(km, g, n.index)
 
 
 @pytest.mark.parametrize("preserve", [False, True])

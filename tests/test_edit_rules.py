@@ -8,31 +8,13 @@ import pytest
 import torch
 
 import kn_edit
+from helpers import RULE_NEURONS as NEURONS  # the three neurons the rule tests edit
+from helpers import assert_only_neurons_changed, assert_same, new_object, raw_value, snapshot
 from kn_edit import EditError, Neuron
 from tiny_models import prompt_for
 
-NEURONS = [Neuron(0, 3), Neuron(1, 5), Neuron(1, 7)]
 
-
-def new_object(km) -> str:
-    return "rome" if km.is_masked_lm else "Rome"
-
-
-def snapshot(km) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in km.model.named_parameters()}
-
-
-def assert_same(km, before: dict[str, torch.Tensor]) -> None:
-    for name, p in km.model.named_parameters():
-        assert torch.equal(p, before[name]), name
-
-
-# ----- plain reference: read everything from the raw modules, not through kn_edit --------------------------
-def raw_value(km, n: Neuron) -> torch.Tensor:
-    w = km.value_proj(n.layer).weight
-    return (w[n.index] if w.shape[0] == km.d_ff and w.shape[1] == km.d_model else w[:, n.index]).detach().clone()
-
-
+# ----- plain reference: read everything from the raw modules, not through kn_edit (raw_value: helpers) -----
 def raw_E(km, ids) -> torch.Tensor:
     head = km.model.get_output_embeddings()
     return head.weight[list(ids)].detach().float().mean(dim=0)
@@ -52,22 +34,6 @@ def raw_activation(km, prompt: str, target: str, n: Neuron) -> float:
     finally:
         handle.remove()
     return seen["a"]
-
-
-def assert_only_neurons_changed(km, before, neurons, expected: dict[Neuron, torch.Tensor], atol=1e-6) -> None:
-    changed = {(n.layer, n.index) for n in neurons}
-    for name, p in km.model.named_parameters():
-        layer = next((l for l in range(km.n_layers) if km.value_proj(l).weight is p), None)
-        if layer is None:
-            assert torch.equal(p, before[name]), f"{name} changed"
-            continue
-        for i in range(km.d_ff):
-            now = raw_value(km, Neuron(layer, i))
-            was = before[name][i] if p.shape[0] == km.d_ff and p.shape[1] == km.d_model else before[name][:, i]
-            if (layer, i) in changed:
-                torch.testing.assert_close(now, expected[Neuron(layer, i)], atol=atol, rtol=1e-5)
-            else:
-                assert torch.equal(now, was), f"value vector {layer}:{i} changed"
 
 
 def test_paper_rule_formula(tiny):

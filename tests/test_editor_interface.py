@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kn_edit
+from helpers import same, snapshot
 from kn_edit import ConfigError, EditError, Neuron
 from kn_edit.editing import EditRequest, Editor, make_editor, method_config, whole_change
 from kn_edit.editing.ledger import SliceChange, commit, ledger_for
@@ -18,14 +19,6 @@ from kn_edit.editing.settings import Rule
 from kn_edit.editing.values import value_location
 
 PROMPT = "The capital of France is"
-
-
-def snapshot(km) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in km.model.named_parameters()}
-
-
-def same(km, state) -> bool:
-    return all(torch.equal(v, state[k]) for k, v in km.model.named_parameters())
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -142,9 +135,9 @@ def test_registry_names_and_settings():
     assert make_editor("kn").name == "kn" and make_editor("kn-unscaled").settings.rule == Rule.unscaled
     assert method_config("kn-paper").rule == "paper"
     assert method_config("kn", overrides={"margin": 2.5}).margin == 2.5
-    cls, presets, name = resolve("test_eval_loop:ValueVectorEditor")
-    assert cls.__name__ == "ValueVectorEditor" and presets == {} and name == "test_eval_loop:ValueVectorEditor"
-    assert make_editor("test_eval_loop:ValueVectorEditor", overrides=["scale=3"]).settings.scale == 3.0
+    cls, presets, name = resolve("helpers:ValueVectorEditor")
+    assert cls.__name__ == "ValueVectorEditor" and presets == {} and name == "helpers:ValueVectorEditor"
+    assert make_editor("helpers:ValueVectorEditor", overrides=["scale=3"]).settings.scale == 3.0
 
 
 @pytest.mark.parametrize("name, overrides, message", [

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
+from helpers import PASSAGES, SUBJECTS, write_capital_facts
 from kn_edit.cli import main
 from kn_edit.evaluation.regression import compare, direction
 from kn_edit.errors import ConfigError
-from test_eval_loop import PASSAGES, SUBJECTS
 from tiny_models import build_model
 
 
@@ -19,9 +19,7 @@ def setup(tmp_path):
     model, tokenizer = build_model("gpt2")
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    facts = tmp_path / "facts.jsonl"
-    facts.write_text("".join(json.dumps({"subject": s, "relation": "capital", "object": o, "prompts": ["The capital of [X] is"],
-                                         "heldout_prompts": ["[X]'s capital is"]}) + "\n" for s, o in SUBJECTS))  # fmt: skip
+    facts = write_capital_facts(tmp_path / "facts.jsonl")
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(PASSAGES))
     config = tmp_path / "eval.yaml"
@@ -30,7 +28,7 @@ name: cli
 model: {tmp_path / "model"}
 data: {{source: jsonl, path: {facts}, only_known: false, neighbours: 2}}
 text: {{source: file, path: {text}, passages: 2}}
-editor: {{method: "test_eval_loop:ValueVectorEditor", settings: {{scale: 10.0}}}}
+editor: {{method: "helpers:ValueVectorEditor", settings: {{scale: 10.0}}}}
 probe: {{steps: 2}}
 trainer: {{accelerator: cpu}}
 output_dir: {tmp_path / "runs"}

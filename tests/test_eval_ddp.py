@@ -16,8 +16,8 @@ import torch
 import torch.multiprocessing as mp
 
 import kn_edit
+from helpers import PASSAGES, ValueVectorEditor, assert_same, snapshot, tiny_config, tiny_facts
 from kn_edit.evaluation import EditEvaluation, FactDataModule, evaluate
-from test_eval_loop import PASSAGES, ValueVectorEditor, assert_unchanged, snapshot, tiny_config, tiny_facts
 from tiny_models import build_model
 
 
@@ -36,7 +36,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", inference_mode=False, use_distributed_sampler=False,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.test(module, datamodule=datamodule, verbose=False)
-    assert_unchanged(km, before)
+    assert_same(km, before)
     torch.save({"metrics": module.results["metrics"], "facts": [r["fact_id"] for r in module.results["rows"]],
                 "local": len(datamodule.local_cases)}, os.path.join(tmp, f"rank{rank}.pt"))  # fmt: skip
 

@@ -5,96 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 import pytest
 import torch
 
+from helpers import LANGUAGES, PASSAGES, SUBJECTS, ValueVectorEditor, assert_same, snapshot, tiny_config, tiny_facts
 from kn_edit.data.records import FactRecord, FactSet
-from kn_edit.editing.base import Editor, EditRequest
-from kn_edit.editing.values import value_changes
 from kn_edit.errors import EditError
-from kn_edit.evaluation import EvalConfig, evaluate
+from kn_edit.evaluation import evaluate
 from kn_edit.evaluation.report import SUMMARY
-from kn_edit.models.neurons import Neuron
-
-SUBJECTS = [("France", "Paris"), ("Italy", "Rome"), ("Japan", "Tokyo"), ("Germany", "Berlin"), ("Spain", "Madrid"),
-            ("Portugal", "Lisbon")]  # fmt: skip
-LANGUAGES = [("France", "French"), ("Italy", "Italian"), ("Dante", "Italian"), ("Paris", "French")]
-PASSAGES = ["The Eiffel Tower is in Paris, France.", "Rome is located in Italy. Tokyo is a city in Japan."]
-
-
-def tiny_facts() -> FactSet:
-    records = [
-        FactRecord(f"capital:{s}", s, "capital", o, (f"The capital of {s} is", f"{s}'s capital is"), (f"The capital city of {s} is",))
-        for s, o in SUBJECTS
-    ] + [
-        FactRecord(f"language:{s}", s, "language", o, (f"The official language of {s} is",), ())
-        for s, o in LANGUAGES
-    ]  # fmt: skip
-    return FactSet("tiny", records)
-
-
-@dataclass
-class ValueVectorSettings:
-    scale: float = 20.0
-    fail_on: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ValueVectorDetails:
-    neurons: list[Neuron]
-    scale: float
-
-
-class ValueVectorEditor(Editor):
-    """A small real editor for the tests: for the request's first prompt, the last layer's most active neuron
-    at the answer position gets ``scale`` · sign(a) · (E(new) − E(old)) / |a| added to its value vector."""
-
-    name = "value-vector"
-    config_class = ValueVectorSettings
-
-    def __init__(self, settings: ValueVectorSettings | None = None, *, reporter=None, **overrides) -> None:
-        self.settings = replace(settings or ValueVectorSettings(), **overrides)
-
-    def compute(self, km, requests: Sequence[EditRequest]):
-        layer = km.n_layers - 1
-        neurons, deltas = [], []
-        for request in requests:
-            if request.subject in self.settings.fail_on:
-                raise EditError(f"refusing to edit {request.subject}")
-            old, new = km.encode(request.prompts[0], request.old), km.encode(request.prompts[0], request.new)
-            act = km.activations(old.steps[:1], [layer])[0, 0]  # [d_ff]
-            i = int(act.abs().argmax())
-            direction = km.output_embedding([new.target_ids[0]]) - km.output_embedding([old.target_ids[0]])
-            neurons.append(Neuron(layer, i))
-            deltas.append((self.settings.scale * torch.sign(act[i]) / act[i].abs().clamp(min=1e-3)) * direction[0])
-        changes = value_changes(km, neurons, torch.stack(deltas).detach().float().cpu(), additive=True)
-        return changes, ValueVectorDetails(neurons, self.settings.scale)
-
-
-def tiny_config(tmp_path, **overrides) -> EvalConfig:
-    config = EvalConfig(name="tiny", output_dir=str(tmp_path), run_name="run")
-    config.data.only_known = False  # a random tiny model knows no fact
-    config.data.neighbours = 2
-    config.probe.steps = 2
-    config.trainer.accelerator = "cpu"
-    for key, value in overrides.items():
-        section, _, field = key.partition(".")
-        setattr(getattr(config, section), field, value)
-    return config
-
-
-def snapshot(km) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in km.model.state_dict().items()}
-
-
-def assert_unchanged(km, before: dict[str, torch.Tensor]) -> None:
-    after = km.model.state_dict()
-    assert after.keys() == before.keys()
-    changed = [k for k in before if not torch.equal(before[k], after[k])]
-    assert not changed, f"parameters changed by the run: {changed}"
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -102,7 +21,7 @@ def test_tiny_run_has_every_metric_and_leaves_the_model_unchanged(tiny_factory, 
     km = tiny_factory(family)
     before = snapshot(km)
     result = evaluate(tiny_config(tmp_path), km=km, editor=ValueVectorEditor(), facts=tiny_facts(), passages=PASSAGES)
-    assert_unchanged(km, before)
+    assert_same(km, before)
     for key, _ in SUMMARY:
         assert key in result.metrics, key
     assert result.metrics["edit/n_facts"] == len(tiny_facts().records)
@@ -156,7 +75,7 @@ def test_masked_lm_run_measures_everything_but_text_perplexity(tiny_factory, tmp
                 for s, o in LANGUAGES[:2]]  # fmt: skip
     result = evaluate(tiny_config(tmp_path), km=km, editor=ValueVectorEditor(), facts=FactSet("masked", records),
                       passages=PASSAGES, write=False)  # fmt: skip
-    assert_unchanged(km, before)
+    assert_same(km, before)
     assert result.metrics["edit/n_facts"] == 6 and result.metrics["generalization/n_facts"] == 4
     assert not any(k.startswith("drift/") for k in result.metrics)  # causal-LM perplexity only
     assert math.isfinite(result.metrics["probe/suppressed"])
@@ -249,7 +168,7 @@ def test_sequential_run_measures_every_checkpoint_and_restores_the_model(tiny_fa
     config.mode, config.checkpoints = "sequential", [1, 3, 5]
     editor = ValueVectorEditor(fail_on=["Japan"])
     result = evaluate(config, km=km, editor=editor, facts=tiny_facts(), passages=PASSAGES)
-    assert_unchanged(km, before)
+    assert_same(km, before)
     assert [c.n_edits for c in result.curve] == [0, 1, 3, 5]
     assert result.metrics["edits/n"] == 5 and (result.run_dir / "curve.json").is_file()
     assert result.metrics["edits/refused"] >= 1  # Japan is among the first five (the recomputation counts exactly)
@@ -301,7 +220,7 @@ def test_sequential_run_measures_every_checkpoint_and_restores_the_model(tiny_fa
     finally:
         for edit in reversed(edits):
             edit.revert()
-    assert_unchanged(km, before)
+    assert_same(km, before)
 
 
 def test_sequential_run_restores_the_model_when_it_stops_half_way(tiny_factory, tmp_path):
@@ -320,7 +239,7 @@ def test_sequential_run_restores_the_model_when_it_stops_half_way(tiny_factory, 
     with pytest.raises(RuntimeError, match="crashed"):
         evaluate(config, km=km, editor=Crashing(), facts=tiny_facts(), passages=PASSAGES, write=False,
                  progress_path=progress)  # fmt: skip
-    assert_unchanged(km, before)
+    assert_same(km, before)
     # what was measured before the crash is kept: every checkpoint before Japan's edit
     kept = json.loads(progress.read_text())
     reached = [n for n in (1, 2, 6) if n <= order.index("Japan")]

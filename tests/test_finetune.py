@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kn_edit
+from helpers import changed, snapshot
 from kn_edit import ConfigError, EditError, Neuron
 from kn_edit.editing import ledger_for, make_editor, method_config
 from kn_edit.editing.base import EditRequest
@@ -27,14 +28,6 @@ from kn_edit.editing.values import value_location
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ("The capital of France is", "Paris is the capital of")
 REQUEST = EditRequest(PROMPTS[:1], "Paris", "Rome")
-
-
-def snapshot(km) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in km.model.named_parameters()}
-
-
-def changed(km, state) -> list[str]:
-    return [name for name, p in km.model.named_parameters() if not torch.equal(p, state[name])]
 
 
 # ----- the L∞ bound -------------------------------------------------------------------------------------------

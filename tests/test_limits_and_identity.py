@@ -14,12 +14,7 @@ from kn_edit import Neuron, PromptError, TargetError
 from kn_edit.locating.dataset import model_identity, weights_digest
 from kn_edit.progress import track
 from kn_edit.models.prompts import DEFAULT_MAX_TOKENS, max_tokens, token_limit
-from tiny_models import build_model, prompt_for
-
-
-def tiny(family="llama", seed=0):
-    model, tok = build_model(family, seed=seed)
-    return kn_edit.wrap(model, tok, name=f"tiny-{family}")
+from tiny_models import prompt_for, tiny_km
 
 
 # ----- limits ---------------------------------------------------------------------------------------------
@@ -102,7 +97,7 @@ def test_track_ends_its_task_when_the_loop_is_left_early():
 
 
 def test_one_request_shows_progress_of_the_solve_steps():
-    km = tiny("llama")
+    km = tiny_km("llama")
     rec = Recorder()
     prompt, old = prompt_for("llama")
     edit = kn_edit.update_fact(km, [prompt], old, "Rome", neurons=[Neuron(1, 5), Neuron(1, 7)], force=True,
@@ -126,14 +121,14 @@ def reference_digest(km) -> str:
 
 
 def test_weights_digest_matches_a_plain_reference():
-    km = tiny("gpt2")
+    km = tiny_km("gpt2")
     assert km.embeddings_tied
     assert weights_digest(km) == reference_digest(km)
 
 
 @pytest.mark.parametrize("change", ["permute", "sign-flip"])
 def test_identity_sees_changes_that_keep_every_sum(change):
-    km = tiny("gpt2")
+    km = tiny_km("gpt2")
     before = model_identity(km)
     vectors = km.value_vectors(1)
     with torch.no_grad():
@@ -146,7 +141,7 @@ def test_identity_sees_changes_that_keep_every_sum(change):
 
 
 def test_identity_is_cached_until_the_weights_change():
-    km = tiny("llama")
+    km = tiny_km("llama")
     first = weights_digest(km)
     cached = km.model.__dict__["_kn_edit_weights_digest"]
     assert weights_digest(km) == first and km.model.__dict__["_kn_edit_weights_digest"] is cached

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import assert_same, hook_count, snapshot
 from kn_edit import KnEditError
 from kn_edit.locating.manipulate import amplify, answer_positions, suppress
 from kn_edit.models.neurons import Neuron
@@ -23,10 +24,6 @@ def facts_for(km):
 
 def all_steps(km):
     return [s for p, t in facts_for(km) for s in km.encode(p, t).steps]
-
-
-def hook_count(km) -> int:
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in km.model.modules())
 
 
 def batch_logits(km, steps):
@@ -115,7 +112,7 @@ def test_model_unchanged_after_exit_and_exception(tiny):
     steps = all_steps(km)
     hooks = hook_count(km)
     clean = batch_logits(km, steps)
-    weights = {k: v.clone() for k, v in km.model.state_dict().items()}
+    weights = snapshot(km)
     with suppress(km, NEURONS):
         changed = batch_logits(km, steps)
     assert not torch.equal(changed, clean)
@@ -127,7 +124,7 @@ def test_model_unchanged_after_exit_and_exception(tiny):
             raise RuntimeError("boom")
     assert hook_count(km) == hooks
     assert torch.equal(batch_logits(km, steps), clean)
-    assert all(torch.equal(v, weights[k]) for k, v in km.model.state_dict().items())
+    assert_same(km, weights)
 
 
 def test_amplify_by_one_is_identity(tiny_factory):

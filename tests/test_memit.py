@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kn_edit
+from helpers import changed, same, snapshot
 from kn_edit import ConfigError, EditError
 from kn_edit.editing import EditRequest, make_editor
 from kn_edit.editing.ledger import ledger_for
@@ -17,7 +18,7 @@ from kn_edit.editing.rome import RomeEditor, key_statistics
 from kn_edit.editing.keyvalue.keys import context_prefixes, prompt_text, subject_texts
 from kn_edit.editing.keyvalue.target import rewrite_rows
 from kn_edit.editing.values import value_location
-from plain_values import plain_key, plain_weight, same, set_weight, snapshot
+from plain_values import plain_key, plain_weight, set_weight
 from tiny_models import CORPUS
 
 FAMILIES = ["gpt2", "llama"]
@@ -89,8 +90,7 @@ def test_a_batch_over_several_layers_matches_a_plain_recomputation(tiny_factory,
     edit = memit(tmp_path, layers=layers, mom2_update_weight=lam, cov_ridge=0.1).apply(km, requests)
     details = edit.report.details
     changes = {l: plain_weight(km, l) - weights[l] for l in layers}
-    changed = sorted(n for n, p in km.model.named_parameters() if not torch.equal(p, original[n]))
-    assert changed == sorted(value_location(km, l)[0] for l in layers)
+    assert changed(km, original) == sorted(value_location(km, l)[0] for l in layers)
     assert len(edit.patches) == 2 and all(p.whole for p in edit.report.parameters)
     edit.revert()
     assert same(km, original)

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 import kn_edit
+from helpers import same, snapshot
 from kn_edit import ConfigError, EditError, Neuron
 from kn_edit.editing import EditRequest, make_editor
 from kn_edit.editing.ledger import ledger_for
 from kn_edit.editing.memit import MemitEditor
 from kn_edit.editing.nullspace import edited_keys, null_space, projected_update
 from kn_edit.editing.rome import RomeEditor, key_statistics
-from plain_values import plain_keys, plain_weight, same, snapshot
+from plain_values import plain_keys, plain_weight
 from tiny_models import CORPUS
 
 FAMILIES = ["gpt2", "llama"]

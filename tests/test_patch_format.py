@@ -13,33 +13,20 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import kn_edit
+from helpers import changed, new_object, redigest, same, snapshot
 from kn_edit import EditError, Neuron
 from kn_edit.editing import apply_patch, read_patch
 from kn_edit.editing.ledger import SliceChange, commit
 from kn_edit.editing.patchfile import check_model, tensor_digest
-from tiny_models import build_model, prompt_for
+from tiny_models import build_model, prompt_for, tiny_km
 
 NEURONS = [Neuron(0, 3), Neuron(1, 5)]
 
 
-def snapshot(km) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in km.model.named_parameters()}
-
-
-def same(km, state) -> bool:
-    return all(torch.equal(p, state[name]) for name, p in km.model.named_parameters())
-
-
-def tiny(family: str = "gpt2", seed: int = 0):
-    model, tok = build_model(family, seed=seed)
-    return kn_edit.wrap(model, tok, name=f"tiny-{family}")
-
-
 def patch_of(tmp_path, family: str = "gpt2"):
-    km = tiny(family)
+    km = tiny_km(family)
     prompt, old = prompt_for(family)
-    edit = kn_edit.update_fact(km, [prompt], old, "rome" if km.is_masked_lm else "Rome", rule="paper",
-                               neurons=NEURONS, force=True)
+    edit = kn_edit.update_fact(km, [prompt], old, new_object(km), rule="paper", neurons=NEURONS, force=True)
     path = tmp_path / "p.safetensors"
     edit.save(path)
     return km, edit, path
@@ -80,11 +67,11 @@ def test_metadata_records_every_tensor(tmp_path):
 TAMPER = {
     "flipped-bit": lambda meta, ts: (meta, {**ts, "1.after": _flip(ts["1.after"])}),
     "fp16": lambda meta, ts: (meta, {**ts, "1.after": ts["1.after"].half()}),
-    "bool-redigested": lambda meta, ts: _redigest(meta, {**ts, "1.after": ts["1.after"].bool()}),
-    "int-redigested": lambda meta, ts: _redigest(meta, {**ts, "1.after": ts["1.after"].to(torch.int32)}),
-    "nan-redigested": lambda meta, ts: _redigest(meta, {**ts, "0.after": torch.full_like(ts["0.after"], float("nan"))}),
-    "shape": lambda meta, ts: _redigest(meta, {**ts, "0.after": ts["0.after"][..., :-1].contiguous()}),
-    "index-out-of-range": lambda meta, ts: _redigest(meta, {**ts, "0.index": ts["0.index"] + 10_000}),
+    "bool-redigested": lambda meta, ts: _replaced(meta, ts, {"1.after": ts["1.after"].bool()}),
+    "int-redigested": lambda meta, ts: _replaced(meta, ts, {"1.after": ts["1.after"].to(torch.int32)}),
+    "nan-redigested": lambda meta, ts: _replaced(meta, ts, {"0.after": torch.full_like(ts["0.after"], float("nan"))}),
+    "shape": lambda meta, ts: _replaced(meta, ts, {"0.after": ts["0.after"][..., :-1].contiguous()}),
+    "index-out-of-range": lambda meta, ts: _replaced(meta, ts, {"0.index": ts["0.index"] + 10_000}),
     "dim": lambda meta, ts: ({**meta, "params": [{**meta["params"][0], "dim": 2}, meta["params"][1]]}, ts),
     "no-params": lambda meta, ts: ({k: v for k, v in meta.items() if k != "params"}, ts),
     "fingerprint-list": lambda meta, ts: ({**meta, "fingerprint": ["gpt2"]}, ts),
@@ -92,8 +79,8 @@ TAMPER = {
     # a third entry changing row 3 of entry 0's parameter again, to other values; or a column of it
     "overlap": lambda meta, ts: _extra(meta, ts, 0, [2, 3]),
     "overlap-other-dim": lambda meta, ts: _extra(meta, ts, 1, [0]),
-    "float64-redigested": lambda meta, ts: _redigest(meta, {**ts, "0.before": ts["0.before"].double(),
-                                                            "0.after": ts["0.after"].double()}),
+    "float64-redigested": lambda meta, ts: _replaced(meta, ts, {"0.before": ts["0.before"].double(),
+                                                               "0.after": ts["0.after"].double()}),
 }
 # what the message must say, where the table's row is about one
 SAYS = {"overlap": "entries 0 and 2 both change rows [3] of transformer.h.0.mlp.c_proj.weight",
@@ -101,14 +88,20 @@ SAYS = {"overlap": "entries 0 and 2 both change rows [3] of transformer.h.0.mlp.
         "float64-redigested": "holds torch.float64 values for transformer.h.0.mlp.c_proj.weight, which is torch.float32"}
 
 
+def _replaced(meta, tensors, new: dict):
+    """The patch with the tensors of ``new`` in place of its own, its metadata following them."""
+    tensors = {**tensors, **new}
+    return redigest(meta, tensors), tensors
+
+
 def _extra(meta, tensors, dim: int, rows: list[int]):
     """The patch with one more entry: ``rows`` along ``dim`` of entry 0's parameter, from their true values + 1."""
     name = meta["params"][0]["name"]
     index = torch.tensor(rows)
-    before = tiny().model.get_parameter(name).detach().index_select(dim, index).contiguous()
+    before = tiny_km("gpt2").model.get_parameter(name).detach().index_select(dim, index).contiguous()
     tensors = {**tensors, "2.index": index, "2.before": before, "2.after": before + 1}
     entry = {**json.loads(json.dumps(meta["params"][0])), "dim": dim, "rows": len(rows)}
-    return _redigest({**meta, "params": [*meta["params"], entry]}, tensors)
+    return redigest({**meta, "params": [*meta["params"], entry]}, tensors), tensors
 
 
 def _flip(t: torch.Tensor) -> torch.Tensor:
@@ -117,22 +110,13 @@ def _flip(t: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.float32).reshape(t.shape)
 
 
-def _redigest(meta, tensors):
-    meta = json.loads(json.dumps(meta))
-    for i, p in enumerate(meta["params"]):
-        for k, m in p["tensors"].items():
-            t = tensors[f"{i}.{k}"]
-            m.update(dtype=str(t.dtype), shape=list(t.shape), sha256=tensor_digest(t))
-    return meta, tensors
-
-
 @pytest.mark.parametrize("how", list(TAMPER))
 def test_tampered_patches_are_refused_before_anything_is_written(tmp_path, how):
     _, _, path = patch_of(tmp_path)
     meta, tensors = TAMPER[how](*load(path))
     bad = tmp_path / "bad.safetensors"
     write(bad, meta, tensors)
-    fresh = tiny()
+    fresh = tiny_km("gpt2")
     original = snapshot(fresh)
     with pytest.raises(EditError) as info:
         apply_patch(fresh, bad)
@@ -146,7 +130,7 @@ def test_the_untampered_patch_applies(tmp_path):
     edited = snapshot(km)
     meta, tensors = load(path)
     write(tmp_path / "copy.safetensors", meta, tensors)  # rewriting alone is no tampering
-    fresh = tiny()
+    fresh = tiny_km("gpt2")
     apply_patch(fresh, tmp_path / "copy.safetensors")
     assert same(fresh, edited)
 
@@ -155,14 +139,14 @@ def test_disjoint_entries_of_one_parameter_apply(tmp_path):
     _, _, path = patch_of(tmp_path)
     meta, tensors = _extra(*load(path), 0, [2])  # row 2 beside entry 0's row 3: no value changed twice
     write(tmp_path / "two.safetensors", meta, tensors)
-    fresh = tiny()
+    fresh = tiny_km("gpt2")
     apply_patch(fresh, tmp_path / "two.safetensors")
     assert torch.equal(fresh.model.get_parameter(meta["params"][0]["name"])[2:4],
                        torch.cat([tensors["2.after"], tensors["0.after"]]))
 
 
 def test_whole_parameter_patch(tmp_path):
-    km = tiny("llama")
+    km = tiny_km("llama")
     original = snapshot(km)
     name = "model.layers.0.mlp.down_proj.weight"
     param = km.model.get_parameter(name)
@@ -176,11 +160,10 @@ def test_whole_parameter_patch(tmp_path):
     edit.revert()
     assert same(km, original)
 
-    fresh = tiny("llama")
+    fresh = tiny_km("llama")
     applied = apply_patch(fresh, tmp_path / "whole.safetensors")
     assert torch.equal(fresh.model.get_parameter(name), new)
-    others = {k for k in original if k != name}
-    assert all(torch.equal(dict(fresh.model.named_parameters())[k], original[k]) for k in others)
+    assert changed(fresh, original) == [name]
     applied.revert()
     assert same(fresh, original)
     _, entries = read_patch(tmp_path / "whole.safetensors")
@@ -193,7 +176,7 @@ def test_version_1_files_still_apply(tmp_path):
     meta, tensors = load(path)
     v1 = {**meta, "version": 1, "params": [{"name": p["name"], "dim": p["dim"], "rows": p["rows"]} for p in meta["params"]]}
     write(tmp_path / "v1.safetensors", v1, tensors)
-    fresh = tiny()
+    fresh = tiny_km("gpt2")
     original = snapshot(fresh)
     applied = apply_patch(fresh, tmp_path / "v1.safetensors")
     assert same(fresh, edited)
@@ -211,14 +194,14 @@ def test_foreign_patch_messages_say_what_differs(tmp_path):
     same_name = kn_edit.wrap(*build_model("gpt2", n_layers=3), name="tiny-gpt2")
     with pytest.raises(EditError, match=r"a model also named 'tiny-gpt2' but with a different layout: n_layers: patch 2, model 3"):
         check_model(same_name, meta, path)
-    other_weights = tiny(seed=1)
+    other_weights = tiny_km("gpt2", seed=1)
     with pytest.raises(EditError, match="weights differ from those of the 'tiny-gpt2'"):
         apply_patch(other_weights, path)
 
 
 def test_patch_sizes_scale_with_rows_not_parameters(tmp_path):
     _, _, path = patch_of(tmp_path)
-    km = tiny()
+    km = tiny_km("gpt2")
     meta = load(path)[0]
     full = sum(km.model.get_parameter(p["name"]).numel() * 4 for p in meta["params"])
     # the tensors (the file without its JSON metadata, which carries the edit's report) are a few rows

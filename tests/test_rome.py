@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kn_edit
+from helpers import changed, hook_count, same, snapshot
 from kn_edit import ConfigError, EditError, Neuron
 from kn_edit.editing import EditRequest, make_editor
 from kn_edit.editing.ledger import ledger_for
@@ -16,7 +17,7 @@ from kn_edit.editing.keyvalue import statistics as covariance_module
 from kn_edit.editing.keyvalue import target as values_module
 from kn_edit.editing.keyvalue.keys import subject_texts, token_at
 from kn_edit.editing.values import value_location
-from plain_values import plain_keys, plain_weight, same, snapshot
+from plain_values import plain_keys, plain_weight
 from tiny_models import CORPUS
 
 FAMILIES = ["gpt2", "llama"]
@@ -170,8 +171,7 @@ def test_revert_restores_bit_for_bit_and_only_the_value_projection_changes(tiny_
     original = snapshot(km)
     edit = editor(tmp_path).apply(km, [REQUEST])
     name = value_location(km, 0)[0]
-    changed = [n for n, p in km.model.named_parameters() if not torch.equal(p, original[n])]
-    assert changed == [name]
+    assert changed(km, original) == [name]
     assert [(p.name, p.whole) for p in edit.report.parameters] == [(name, True)]
     assert edit.touched_parameters == [name]
     edit.revert()
@@ -188,7 +188,7 @@ def test_stacked_with_a_knowledge_neuron_edit_of_the_same_layer(tiny_factory, tm
                              neurons=[Neuron(0, 3), Neuron(0, 7)], force=True)
     after_kn = snapshot(km)
     rome = editor(tmp_path).apply(km, [OTHER])
-    assert not same(km, after_kn)
+    assert changed(km, after_kn) == [value_location(km, 0)[0]]
     first, second = (rome, kn) if rome_first_reverted else (kn, rome)
     first.revert()
     if rome_first_reverted:
@@ -217,7 +217,7 @@ def test_an_exception_inside_compute_leaves_the_model_unchanged(tiny_factory, tm
     assert calls["n"] == 6
     assert same(km, original)
     assert ledger_for(km).active_edits == [] and ledger_for(km).touched_rows == {}
-    assert not km.value_proj(0)._forward_hooks and not km.value_proj(0)._forward_pre_hooks
+    assert hook_count(km) == 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 import kn_edit
+from helpers import PASSAGES, ValueVectorEditor, file_tree, tiny_config, tiny_facts, write_capital_facts
 from kn_edit import EditError, Neuron
 from kn_edit.cli import main
 from kn_edit.storage.atomic import atomic_dir, atomic_file, check_writable, rename_noreplace
-from test_eval_loop import ValueVectorEditor
 from tiny_models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,14 +217,6 @@ TRACE = ["trace", "-p", PROMPT, "-s", "France", "-t", "Paris", "--samples", "2"]
 MINE = b"\x89PNG\r\n\x1a\n the user's own picture"
 
 
-@pytest.fixture
-def tiny_load(monkeypatch):
-    model, tok = build_model("llama")
-    km = kn_edit.wrap(model, tok, name="tiny")
-    monkeypatch.setattr(kn_edit, "load", lambda *a, **kw: km)
-    return km
-
-
 @pytest.mark.parametrize("argv", [LOCATE, TRACE], ids=["locate", "trace"])
 def test_an_existing_plot_is_replaced_only_with_overwrite(tiny_load, tmp_path, capsys, argv):
     from kn_edit.cli import main
@@ -390,12 +382,8 @@ sys.exit(main(sys.argv[1:]))
 def eval_world(tmp_path) -> Path:
     """A tiny saved model, its facts and text, eval.yaml (the waiting editor) and cmp.yaml (the value-vector
     editor, then the waiting one)."""
-    from test_eval_loop import PASSAGES, SUBJECTS
-
     kn_edit.wrap(*build_model("llama"), name="tiny").save(tmp_path / "model")
-    (tmp_path / "facts.jsonl").write_text("".join(
-        json.dumps({"subject": s, "relation": "capital", "object": o, "prompts": ["The capital of [X] is"],
-                    "heldout_prompts": ["[X]'s capital is"]}) + "\n" for s, o in SUBJECTS))  # fmt: skip
+    write_capital_facts(tmp_path / "facts.jsonl")
     (tmp_path / "text.txt").write_text("\n\n".join(PASSAGES))
     common = f"""
 model: {tmp_path / "model"}
@@ -408,7 +396,7 @@ plots: false
 """
     (tmp_path / "eval.yaml").write_text("name: ev\n" + common + 'editor: {method: "test_safe_saves:WaitingEditor"}\n')
     (tmp_path / "cmp.yaml").write_text("name: cmp\n" + common + "methods:\n"
-                                       '  - {method: "test_eval_loop:ValueVectorEditor", label: vv}\n'
+                                       '  - {method: "helpers:ValueVectorEditor", label: vv}\n'
                                        '  - {method: "test_safe_saves:WaitingEditor", label: waiting}\n')  # fmt: skip
     (tmp_path / "runner.py").write_text(RUNNER)
     return tmp_path
@@ -438,10 +426,6 @@ def _stopped_run(world: Path, argv: list[str], signum: int, after: int = 0, chec
     return proc.returncode, err
 
 
-def _snapshot_runs(runs: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(runs)): p.read_bytes() for p in sorted(runs.rglob("*")) if p.is_file()}
-
-
 def test_an_existing_run_is_refused_before_the_model_is_loaded(tmp_path, monkeypatch):
     """evaluate and compare with the run_name of an earlier run: refused before any model is loaded, and the
     earlier run's folder and sequential progress file are left byte for byte as they were."""
@@ -455,7 +439,7 @@ def test_an_existing_run_is_refused_before_the_model_is_loaded(tmp_path, monkeyp
     (runs / "taken").mkdir(parents=True)
     (runs / "taken" / "metrics.json").write_text("{}")
     (runs / "stopped.progress.json").write_text('{"edits_made": 7}')  # a stopped sequential run's curve
-    before = _snapshot_runs(runs)
+    before = file_tree(runs)
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
@@ -465,14 +449,12 @@ def test_an_existing_run_is_refused_before_the_model_is_loaded(tmp_path, monkeyp
         config.output_dir, config.run_name = str(runs), run
         with pytest.raises(ConfigError, match=f"{run}(.progress.json)? already exists"):
             (compare_methods if isinstance(config, CompareConfig) else evaluate)(config)
-    assert _snapshot_runs(runs) == before
+    assert file_tree(runs) == before
 
 
 def test_a_progress_file_that_appears_during_a_sequential_run_survives(tiny_factory, tmp_path):
     """The first checkpoint's progress file is written only where none is: one that appeared after the checks
     (another run of the same name) is left alone, and the run stops."""
-    from test_eval_loop import PASSAGES, tiny_config, tiny_facts
-
     config = tiny_config(tmp_path)
     config.mode, config.checkpoints = "sequential", [1, 2]
     progress = tmp_path / "run.progress.json"
@@ -540,7 +522,7 @@ def test_a_stopped_evaluate_exits_130_or_143_and_writes_no_run(eval_world, kind,
     assert partials(runs) == []
     progress = json.loads((runs / "stopped.progress.json").read_text())
     assert progress["edits_made"] == 2 and [c["n_edits"] for c in progress["curve"]] == [0, 1, 2]
-    before = _snapshot_runs(runs)
+    before = file_tree(runs)
     assert main(argv + extra) == 2
     assert "stopped.progress.json already exists" in capsys.readouterr().err
-    assert _snapshot_runs(runs) == before
+    assert file_tree(runs) == before

@@ -13,12 +13,14 @@ import pytest
 import torch
 
 import kn_edit
+from helpers import changed, same, snapshot
 from kn_edit import ConfigError, EditError, Neuron
 from kn_edit.locating.attribution import attribute_steps
 from kn_edit.editing import EditRequest, make_editor
 from kn_edit.editing.guard import text_change
 from kn_edit.editing.ledger import ledger_for
 from kn_edit.editing.rome import key_statistics
+from kn_edit.editing.values import value_location
 from kn_edit.editing.subject_neurons import SubjectNeuronEditor, least_change, neuron_counts, subject_positions
 from reference_attribution import reference_step
 from tiny_models import CORPUS
@@ -41,15 +43,7 @@ def editor(tmp_path, **overrides) -> SubjectNeuronEditor:
     return SubjectNeuronEditor(key_texts=CORPUS, **extras, **settings)
 
 
-def snapshot(km) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in km.model.named_parameters()}
-
-
-def same(km, state) -> bool:
-    return all(torch.equal(p, state[name]) for name, p in km.model.named_parameters())
-
-
-def plain_key(km, layer: int, subject: str, prefixes) -> np.ndarray:
+def plain_subject_key(km, layer: int, subject: str, prefixes) -> np.ndarray:
     """[d_ff] float64: the value projection's input at the last token of "{prefix}. {subject}" (or the subject
     alone for the empty prefix), one text at a time, averaged over the prefixes."""
     seen = []
@@ -127,18 +121,18 @@ def test_least_change_matches_a_plainly_solved_kkt_system():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_edit_moves_the_subject_s_key_by_delta_and_the_preserved_keys_by_nothing(tiny_factory, tmp_path, family):
     km = tiny_factory(family)
-    before_weight = {n: p.detach().clone() for n, p in km.model.named_parameters()}
+    before_weight = snapshot(km)
     preserved = ["Japan", "Italy"]
     edit = editor(tmp_path, preserve_subjects=preserved).apply(km, [REQUEST])
     details = edit.report.details
     info = details.requests[0]
     assert len(info.neurons) == 8 and info.preserved == 2
     assert edit.report.neurons == [Neuron(0, i) for i in info.neurons]
-    key = plain_key(km, 0, "France", details.prefixes)
+    key = plain_subject_key(km, 0, "France", details.prefixes)
     assert np.allclose(key, info.key.double().numpy(), rtol=1e-5, atol=1e-6)
-    after = {k: layer_output(km, 0, plain_key(km, 0, k, details.prefixes)) for k in ["France", *preserved]}
+    after = {k: layer_output(km, 0, plain_subject_key(km, 0, k, details.prefixes)) for k in ["France", *preserved]}
     heads = [p[: p.rfind("France") + len("France")] for p in REQUEST.prompts]  # fit=prompts: each prompt's own key
-    own = [plain_key(km, 0, head, [""]) for head in heads]
+    own = [plain_subject_key(km, 0, head, [""]) for head in heads]
     own_after = [layer_output(km, 0, k) for k in own]
     edit.revert()
     assert same(km, before_weight)
@@ -149,12 +143,12 @@ def test_edit_moves_the_subject_s_key_by_delta_and_the_preserved_keys_by_nothing
     for k, out in zip(own, own_after):  # each edit prompt's own key moves by δ too
         assert np.abs((out - layer_output(km, 0, k)) - delta).max() <= 1e-4 * scale
     for subject in preserved:  # preserved keys' outputs unmoved (to float32 rounding)
-        assert np.abs(after[subject] - layer_output(km, 0, plain_key(km, 0, subject, details.prefixes))).max() <= 1e-4 * scale
+        assert np.abs(after[subject] - layer_output(km, 0, plain_subject_key(km, 0, subject, details.prefixes))).max() <= 1e-4 * scale
     # only the chosen neurons' value vectors change
     v0 = km.value_vectors(0).detach().clone()
     edit2 = editor(tmp_path, preserve_subjects=preserved).apply(km, [REQUEST])
-    changed = torch.nonzero((km.value_vectors(0).detach() != v0).any(dim=1)).flatten().tolist()
-    assert changed and set(changed) <= set(info.neurons)
+    moved = torch.nonzero((km.value_vectors(0).detach() != v0).any(dim=1)).flatten().tolist()
+    assert moved and set(moved) <= set(info.neurons)
     edit2.revert()
     assert same(km, before_weight)
 
@@ -182,7 +176,7 @@ def test_revert_is_bit_for_bit_and_requests_stack(tiny_factory, tmp_path, family
     state = snapshot(km)
     other = EditRequest(prompts=("The capital of Japan is",), old="Tokyo", new="Berlin", subject="Japan")
     edit = editor(tmp_path).apply(km, [REQUEST, other])
-    assert len(edit.report.details.requests) == 2 and not same(km, state)
+    assert len(edit.report.details.requests) == 2 and changed(km, state) == [value_location(km, 0)[0]]
     assert not ledger_for(km).active_edits[:-1]
     edit.revert()
     assert same(km, state)
@@ -492,15 +486,15 @@ def test_joint_batch_moves_every_request_s_keys_by_its_own_delta_and_the_preserv
     union = sorted({i for r in details.requests for i in r.neurons})
     assert sorted(n.index for n in edit.report.neurons) == union
     # every request's δ was found on the unedited model: the same as its single edit's
-    keys = {r.subject: plain_key(km, 0, r.subject, details.prefixes) for r in requests}
+    keys = {r.subject: plain_subject_key(km, 0, r.subject, details.prefixes) for r in requests}
     after = {x: layer_output(km, 0, k) for x, k in keys.items()}
-    italy = plain_key(km, 0, "Italy", details.prefixes)
+    italy = plain_subject_key(km, 0, "Italy", details.prefixes)
     italy_after = layer_output(km, 0, italy)
-    heads = {r.subject: [plain_key(km, 0, p[: p.rfind(r.subject) + len(r.subject)], [""]) for p in r.prompts]
+    heads = {r.subject: [plain_subject_key(km, 0, p[: p.rfind(r.subject) + len(r.subject)], [""]) for p in r.prompts]
              for r in requests}  # fit=prompts: each prompt's own key is moved by δ too
     heads_after = {x: [layer_output(km, 0, k) for k in ks] for x, ks in heads.items()}
-    changed = torch.nonzero((km.value_vectors(0).detach() != v0).any(dim=1)).flatten().tolist()
-    assert set(changed) <= set(union)
+    moved = torch.nonzero((km.value_vectors(0).detach() != v0).any(dim=1)).flatten().tolist()
+    assert set(moved) <= set(union)
     edit.revert()
     assert same(km, state)
     for info in details.requests:
@@ -541,7 +535,7 @@ def test_joint_batch_gives_one_subject_s_facts_one_delta_over_all_their_rows(tin
     assert len(france) == 2 and torch.equal(france[0].delta, france[1].delta)
     assert torch.equal(france[0].key, france[1].key)  # key_text=subject: one key
     assert len(calls) == 2  # one δ for France (both facts' rows), one for Japan
-    after = layer_output(km, 0, plain_key(km, 0, "France", details.prefixes))
+    after = layer_output(km, 0, plain_subject_key(km, 0, "France", details.prefixes))
     edit.revert()
     assert same(km, state)
     s = ed.settings
@@ -549,13 +543,13 @@ def test_joint_batch_gives_one_subject_s_facts_one_delta_over_all_their_rows(tin
     rows = (rewrite_rows(km, REQUEST.prompts, "France", "Rome", prefixes)
             + rewrite_rows(km, LANGUAGE.prompts, "France", "Italian", prefixes))
     assert calls[0] == len(rows)
-    key = torch.from_numpy(plain_key(km, 0, "France", prefixes)).float()
+    key = torch.from_numpy(plain_subject_key(km, 0, "France", prefixes)).float()
     norm = float(torch.from_numpy(layer_output(km, 0, key.double().numpy())).norm())
     plain = real(km, 0, rows, kl_row(km, "France"), norm, lr=s.lr, steps=s.steps, stop_loss=s.stop_loss,
                  kl_factor=s.kl_factor, weight_decay=s.weight_decay, clamp_norm_factor=s.clamp_norm_factor)
     delta = plain.delta.double()
     assert torch.allclose(france[0].delta.double(), delta, atol=1e-5 * float(delta.abs().max()))
-    moved = after - layer_output(km, 0, plain_key(km, 0, "France", prefixes))  # the shared key moved by that δ
+    moved = after - layer_output(km, 0, plain_subject_key(km, 0, "France", prefixes))  # the shared key moved by that δ
     assert np.abs(moved - france[0].delta.double().numpy()).max() <= 1e-4 * float(delta.abs().max())
     assert same(km, state)
 

@@ -98,6 +98,14 @@ def build_model(family: str, seed: int = 0, n_layers: int = 2, sliding_window: i
     return model, tok
 
 
+def tiny_km(family: str, seed: int = 0, n_layers: int = 2):
+    """A KnModel around ``build_model(family, seed, n_layers)``, named "tiny-FAMILY"."""
+    import kn_edit
+
+    model, tok = build_model(family, seed=seed, n_layers=n_layers)
+    return kn_edit.wrap(model, tok, name=f"tiny-{family}")
+
+
 def prompt_for(family: str) -> tuple[str, str]:
     """(prompt, target) in the family's convention."""
     if family == "bert":
