@@ -1,5 +1,8 @@
 """Report what the methods of a sequential comparison have measured so far, finished or not.
 
+(`kn-edit compare --config FILE --progress` prints the same tables without writing anything; this script also
+writes the report folder and joins an earlier report's methods, ``--merge``.)
+
 `kn-edit compare` keeps each finished method under ``OUTPUT/.NAME.parts/METHOD.json`` and, in sequential mode,
 the checkpoints a method has reached under ``METHOD.progress.json`` (rewritten after each checkpoint). A run
 of 100 edits per method can outlast a machine's time; this writes one report from both kinds of file: per
@@ -25,34 +28,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kn_edit.evaluation.kept import kept_methods as read_methods  # noqa: E402
 from kn_edit.evaluation.plots import curve_figure  # noqa: E402
 from kn_edit.evaluation.report import curve_markdown, write_jsonl  # noqa: E402
 
 
-def read_methods(parts: Path) -> dict[str, dict]:
-    """{method: {"curve", "rows", "edits_made", "edits_planned", "seconds", "finished"}} from a parts folder."""
-    found: dict[str, dict] = {}
-    for path in sorted(parts.glob("*.progress.json")):
-        payload = json.loads(path.read_text())
-        found[path.name[: -len(".progress.json")]] = {
-            "curve": payload["curve"], "rows": payload["rows"], "edits_made": payload["edits_made"],
-            "edits_planned": payload["edits_planned"], "seconds": payload["seconds"], "written": payload["written"],
-            "finished": payload["edits_made"] >= payload["edits_planned"],
-        }  # fmt: skip
-    for path in sorted(parts.glob("*.json")):
-        if path.name.endswith(".progress.json"):
-            continue
-        payload = json.loads(path.read_text())
-        method = path.stem
-        curve = [{"n_edits": c["n_edits"], **c["metrics"]} for c in payload["curve"]]
-        found[method] = {**found.get(method, {}), "curve": curve, "rows": payload["rows"], "finished": True,
-                         "edits_made": curve[-1]["n_edits"] if curve else 0,
-                         "seconds": payload["summary"].get("seconds", found.get(method, {}).get("seconds"))}  # fmt: skip
-    return found
-
-
 def read_report(folder: Path) -> dict[str, dict]:
-    """The methods of an earlier report folder, in the form of `read_methods` (all of them finished runs)."""
+    """The methods of an earlier report folder, in the form of `kept_methods` (all of them finished runs)."""
     curves_path = folder / "curves.json"
     if not curves_path.is_file():
         sys.exit(f"error: {folder} holds no curves.json (not a report of this script)")

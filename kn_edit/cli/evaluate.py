@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _run_arguments(compare, "configs/compare/ci_smollm2.yaml",
                    "data.facts_per_relation=2 'methods=[{method: kn}, {method: rome}]'")
+    compare.add_argument("--progress", action="store_true",
+                         help="compute nothing: print what the comparison has kept so far (finished methods, and a "
+                         "sequential run's checkpoints, also of a stopped or still running one)")
     compare.set_defaults(func=run_compare)
 
 
@@ -64,11 +67,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     out = console()
     s = result.summary
     if result.curve:  # mode=sequential: one row per checkpoint
-        from ..evaluation.report import CURVE_COLUMNS, fmt
-
-        rows = [[c.n_edits] + [fmt(c.metrics.get(k)) for k, _ in CURVE_COLUMNS] for c in result.curve]
-        out.print(table(f"{config.name}: {config.model}, {s['editor']}, edits applied one after another ({s['seconds']} s)",
-                        ["edits"] + [t for _, t in CURVE_COLUMNS], rows))  # fmt: skip
+        out.print(_curve_table(f"{config.name}: {config.model}, {s['editor']}, edits applied one after another "
+                               f"({s['seconds']} s)", [{"n_edits": c.n_edits, **c.metrics} for c in result.curve]))
     else:
         out.print(table(f"{config.name}: {config.model}, {s['editor']}, {s['facts_edited']} facts edited "
                         f"({s['seconds']} s)", ["metric", "key", "value"], [list(r) for r in summary_rows(result.metrics)]))  # fmt: skip
@@ -99,6 +99,8 @@ def run_compare(args: argparse.Namespace) -> int:
 
     _quiet_lightning()
     config = load_config(CompareConfig, args.config, args.overrides).check()
+    if args.progress:
+        return _compare_progress(config)
     result = compare_methods(config, reporter=default_reporter(args.quiet))
     out = console()
     first = next(iter(result.results.values())).summary
@@ -108,3 +110,27 @@ def run_compare(args: argparse.Namespace) -> int:
                     ["metric"] + list(result.results), rows))
     out.print(f"results: {result.run_dir}/ (report.md, metrics.json, facts-METHOD.jsonl, methods.png)")
     return _gate(out, result.regressions, config.regression.baseline, len(config.regression.tolerances))
+
+
+def _compare_progress(config) -> int:
+    """``compare --progress``: each method's state from the comparison's kept files, a sequential method's curve."""
+    from ..evaluation.kept import comparison_progress
+
+    out = console()
+    parts, kept = comparison_progress(config)
+    status = [[t, v["edits_made"], v["edits_planned"], "finished" if v["finished"] else
+               f"stopped or running, at edit {v['edits_made']}", v.get("seconds")] if v else [t, "", "", "nothing kept yet", ""]
+              for t, v in kept.items()]  # fmt: skip
+    out.print(table(f"{config.name}: what {parts} holds", ["method", "edits made", "of", "status", "wall seconds"], status))
+    for title, v in kept.items():
+        if v and v["curve"]:
+            out.print(_curve_table(f"{title}: edits applied one after another", v["curve"]))
+    return 0
+
+
+def _curve_table(title: str, curve: list[dict]):
+    """A sequential run's checkpoints ({"n_edits", metric: value}), one row each."""
+    from ..evaluation.report import CURVE_COLUMNS, fmt
+
+    rows = [[c["n_edits"]] + [fmt(c.get(k)) for k, _ in CURVE_COLUMNS] for c in curve]
+    return table(title, ["edits"] + [t for _, t in CURVE_COLUMNS], rows)

@@ -17,8 +17,9 @@ from ..storage.config import to_yaml
 from ..data.records import FactSet
 from ..editing.registry import make_editor
 from ..storage.atomic import atomic_dir
+from ..storage.manifest import start_manifest, write_manifest
 from ..progress import NullReporter, Reporter
-from .config import CompareConfig, EditorConfig, EvalConfig, RegressionConfig, RunConfig
+from .config import CompareConfig, EditorConfig, EvalConfig, Mode, RegressionConfig, RunConfig
 from .metrics import row_metrics
 from .module import PROBE_CONDITIONS
 from .regression import Regression, compare as compare_metrics, load_metrics
@@ -54,17 +55,29 @@ class CompareResult:
     config: CompareConfig
     regressions: list[Regression] = field(default_factory=list)
     run_dir: Path | None = None
+    reused: list[str] = field(default_factory=list)  # titles whose kept result (resume=true) was reused
 
     def flat_metrics(self) -> dict[str, float]:
         """``title:metric`` → value, the form baselines and tolerances use."""
         return {f"{title}:{k}": v for title, r in self.results.items() for k, v in r.metrics.items()}
 
 
-def eval_config_for(config: CompareConfig, entry) -> EvalConfig:
-    """The evaluation settings of one method: everything the comparison shares, this method's editor."""
+def eval_config_for(config: CompareConfig, entry, mode: Mode | None = None) -> EvalConfig:
+    """The evaluation settings of one method: everything the comparison shares, this method's editor (``mode``:
+    one way of a batch comparison, see ``ways``)."""
     shared = {f: getattr(config, f) for f in RunConfig.__dataclass_fields__}
+    if mode is not None:
+        shared["mode"] = mode
     shared["regression"] = RegressionConfig()  # the comparison gates on its own baseline
     return EvalConfig(**shared, editor=EditorConfig(entry.method, dict(entry.settings)))
+
+
+def ways(config: CompareConfig, title: str) -> list[tuple[str, Mode | None]]:
+    """(title, mode) of each evaluation a method gets: mode=batch measures the N facts edited in one edit
+    (``TITLE/batch``) beside the same facts edited one by one (``TITLE/single``); other modes, one evaluation."""
+    if config.mode == Mode.batch:
+        return [(f"{title}/batch", Mode.batch), (f"{title}/single", Mode.single)]
+    return [(title, None)]
 
 
 def compare_methods(config: CompareConfig, km: KnModel | None = None, facts: FactSet | None = None,
@@ -79,6 +92,7 @@ def compare_methods(config: CompareConfig, km: KnModel | None = None, facts: Fac
     target = run_dir_for(config) if write else None  # named once (without run_name it carries the start time)
     if target is not None:  # before the model is loaded: an existing run is never overwritten
         check_new_outputs(target)
+    provenance = start_manifest()  # the code and command as the comparison starts (its manifest)
     km = km if km is not None else load(config.model, device="cpu", reporter=reporter)
     editors = [(entry.title, make_editor(entry.method, overrides=dict(entry.settings))) for entry in config.methods]
     passages = list(passages) if passages is not None else load_passages(config)
@@ -89,33 +103,36 @@ def compare_methods(config: CompareConfig, km: KnModel | None = None, facts: Fac
     before: dict = {}  # the unedited model's measurements, the same for every method (all settings are shared)
     results: dict[str, EvalResult] = {}
     shared = inputs_digest(km.name, datamodule.cases, passages)  # what every method's key has in common
-    for (title, editor), entry in zip(editors, config.methods):
-        key = part_key(config, entry, editor, shared)
-        done, note = None, ""
-        if config.resume:
-            try:
-                done = load_part(parts / f"{_safe(title)}.json", key)
-            except UnusablePart as exc:
-                log.warning("method %s: not reusing the kept result %s: %s; evaluating it again", title, exc.path, exc)
-                note = f": not reusing its kept result ({exc}), evaluating it again"
-        if done is not None:
-            with reporter.task(f"method {title}: finished evaluation reused from {parts}", total=1) as task:
-                task.advance()
-            results[title] = done
-            continue
-        with reporter.task(f"method {title}{note}", total=None):
-            progress = parts / f"{_safe(title)}.progress.json" if write else None  # sequential: the curve so far
-            results[title] = evaluate(eval_config_for(config, entry), km=km, editor=editor, passages=passages,
-                                      reporter=reporter, write=False, datamodule=datamodule,
-                                      before_cache=before, progress_path=progress)  # fmt: skip
-        if write:  # an interrupted comparison resumes from here with resume=true
-            save_part(parts / f"{_safe(title)}.json", key, results[title])
-    result = CompareResult(results, config)
+    reused: list[str] = []
+    for (method_title, editor), entry in zip(editors, config.methods):
+        for title, mode in ways(config, method_title):
+            key = part_key(config, entry, editor, shared, mode)
+            done, note = None, ""
+            if config.resume:
+                try:
+                    done = load_part(parts / f"{_safe(title)}.json", key)
+                except UnusablePart as exc:
+                    log.warning("method %s: not reusing the kept result %s: %s; evaluating it again", title, exc.path, exc)
+                    note = f": not reusing its kept result ({exc}), evaluating it again"
+            if done is not None:
+                with reporter.task(f"method {title}: finished evaluation reused from {parts}", total=1) as task:
+                    task.advance()
+                results[title] = done
+                reused.append(title)
+                continue
+            with reporter.task(f"method {title}{note}", total=None):
+                progress = parts / f"{_safe(title)}.progress.json" if write else None  # sequential: the curve so far
+                results[title] = evaluate(eval_config_for(config, entry, mode), km=km, editor=editor, passages=passages,
+                                          reporter=reporter, write=False, datamodule=datamodule,
+                                          before_cache=before, progress_path=progress)  # fmt: skip
+            if write:  # an interrupted comparison resumes from here with resume=true
+                save_part(parts / f"{_safe(title)}.json", key, results[title])
+    result = CompareResult(results, config, reused=reused)
     if config.regression.baseline:
         baseline = load_metrics(config.regression.baseline)
         result.regressions = compare_metrics(result.flat_metrics(), baseline, config.regression.tolerances)
     if target is not None:
-        result.run_dir = write_comparison(config, km, result, target)
+        result.run_dir = write_comparison(config, km, result, target, provenance)
     return result
 
 
@@ -130,10 +147,10 @@ def inputs_digest(model: str, cases, passages: Sequence[str]) -> str:
     return _digest(model, repr(list(cases)), repr(list(passages)))
 
 
-def part_key(config: CompareConfig, entry, editor, inputs: str) -> str:
+def part_key(config: CompareConfig, entry, editor, inputs: str, mode: Mode | None = None) -> str:
     """A finished method is reused only for the very same settings (the evaluation's and the editor's resolved
     ones, defaults included) and inputs (``inputs_digest``: model, edit cases and text sample)."""
-    settings = eval_config_for(config, entry)
+    settings = eval_config_for(config, entry, mode)
     settings.run_name = None
     return _digest(inputs, to_yaml(settings), repr(getattr(editor, "settings", None)))
 
@@ -308,8 +325,10 @@ def comparison_markdown(config: CompareConfig, model: str, result: CompareResult
     return "\n".join(lines)
 
 
-def write_comparison(config: CompareConfig, km: KnModel, result: CompareResult, target: Path | None = None) -> Path:
-    """The comparison's folder ``target`` (default ``run_dir_for(config)``), written atomically."""
+def write_comparison(config: CompareConfig, km: KnModel, result: CompareResult, target: Path | None = None,
+                     provenance: dict | None = None) -> Path:
+    """The comparison's folder ``target`` (default ``run_dir_for(config)``), written atomically, with its
+    ``manifest.json`` (``provenance``: ``start_manifest()`` of the comparison's start)."""
     from .plots import comparison_figure, curve_figure
     from .report import write_jsonl
 
@@ -323,7 +342,10 @@ def write_comparison(config: CompareConfig, km: KnModel, result: CompareResult, 
                    "summary": {t: r.summary for t, r in result.results.items()},
                    "regressions": [str(r) for r in result.regressions], "written": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
         (tmp / "metrics.json").write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=True))
-        (tmp / "config.yaml").write_text(to_yaml(config))
+        config_yaml = to_yaml(config)
+        (tmp / "config.yaml").write_text(config_yaml)
+        write_manifest(tmp, provenance, config_yaml, km.device, kind="compare", model=km.name,
+                       reused_parts=result.reused)  # those were computed by an earlier process
         plots = [comparison_figure({t: r.metrics for t, r in result.results.items()}, tmp / "methods.png").name] if config.plots else []
         curves = {t: [{"n_edits": c.n_edits, **c.metrics} for c in r.curve] for t, r in result.results.items() if r.curve}
         if curves:

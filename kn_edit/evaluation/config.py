@@ -84,6 +84,7 @@ class FluencyConfig:
 class Mode(str, Enum):
     single = "single"  # each fact edited, measured and reverted on its own
     sequential = "sequential"  # edits applied one after another, measured at checkpoints, reverted at the end
+    batch = "batch"  # every fact in one edit, each measured as a single edit is; compare: beside the single edits
 
     def __str__(self) -> str:
         return self.value

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import replace
 from typing import TYPE_CHECKING, Sequence
 
 import pytorch_lightning as pl
@@ -21,7 +22,7 @@ from torchmetrics import MaxMetric, MeanMetric, SumMetric
 
 from ..data.records import FactRecord
 from ..editing.base import Edit, Editor
-from ..errors import EditError, KnEditError
+from ..errors import ConfigError, EditError, KnEditError
 from ..models.likelihood import text_nll, tokenized_text
 from . import functional as Fn
 from .config import FluencyConfig, ProbeConfig
@@ -200,39 +201,64 @@ class EditEvaluation(pl.LightningModule):
     def test_step(self, case: EditCase, batch_idx: int) -> None:
         pairs, at = self._pairs(case)
         gen_prompts = self._generation_prompts(case) if self.fluency_on else []
+        before = self._case_before(case, pairs, gen_prompts)
+        edit, error = self._apply_edit([case.request])
+        after = None
+        if edit is not None:
+            try:
+                after = self._after(pairs, gen_prompts)
+            finally:
+                edit.revert()
+            if self.verify_revert:
+                check_reverted(self.km, edit)
+        row = self._record(case, at, before, after, edit, error)
+        if self.probe_config.enabled:
+            self.probed.update(torch.tensor(0.0, device=self.device))  # so every process has a state to reduce
+            self._probe(case, edit, row)
+        self.rows.append(row)
+
+    def _case_before(self, case: EditCase, pairs, gen_prompts: list[str]):
+        """(log P, top-1, generations) of the case's prompts on the unedited model (shared through ``_before``)."""
 
         def before():
             gen = greedy_generations(self.km, gen_prompts, self.fluency_config.max_new_tokens) if gen_prompts else []
             return (*self._score(pairs), gen)
 
-        logp_before, top1_before, gen_before = self._before(("case", case.index, case.fact.fact_id, case.new), before)
-        gen_after = gen_before
-        edit, error = None, None
+        return self._before(("case", case.index, case.fact.fact_id, case.new), before)
+
+    def _apply_edit(self, requests) -> tuple[Edit | None, str | None]:
+        """(the edit, None), or (None, the reason) when the editor refused (the model is then unchanged)."""
         try:
             with torch.enable_grad():
-                edit = self.editor.apply(self.km, [case.request])
+                return self.editor.apply(self.km, list(requests)), None
         except KnEditError as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        if edit is not None:
-            try:
-                logp_after, top1_after = self._score(pairs)
-                text_after = self._text_nll() if self._text else None
-                if gen_prompts:
-                    gen_after = greedy_generations(self.km, gen_prompts, self.fluency_config.max_new_tokens)
-            finally:
-                edit.revert()
-            if self.verify_revert:
-                check_reverted(self.km, edit)
+            return None, f"{type(exc).__name__}: {exc}"
+
+    def _after(self, pairs, gen_prompts: list[str], text_after=None):
+        """(log P, top-1, text NLL, generations) with the edit in place (``text_after``: already measured)."""
+        logp_after, top1_after = self._score(pairs)
+        if text_after is None and self._text:
+            text_after = self._text_nll()
+        gen_after = greedy_generations(self.km, gen_prompts, self.fluency_config.max_new_tokens) if gen_prompts else []
+        return logp_after, top1_after, text_after, gen_after
+
+    def _record(self, case: EditCase, at: dict[str, slice], before, after, edit: Edit | None, error: str | None,
+                timed: bool = True) -> dict:
+        """Update the metrics with one fact's measurements and return its row. ``after`` None: the editor
+        refused, the model is unchanged (after = before), the fact counts as a failed edit. ``timed``: the edit's
+        seconds, memory and report count here (a batch edit counts them at its first fact only)."""
+        logp_before, top1_before, gen_before = before
+        if after is None:
+            logp_after, top1_after, text_after, gen_after = logp_before, top1_before, self._text_before, gen_before
         else:
-            # The editor raised, so the model is unchanged: this fact is a failed edit.
-            logp_after, top1_after, text_after = logp_before, top1_before, self._text_before
+            logp_after, top1_after, text_after, gen_after = after
         self.edit_errors.update(torch.tensor(float(edit is None), device=self.device))
-        if edit is not None and edit.report is not None:
+        if timed and edit is not None and edit.report is not None:
             self.seconds.update(torch.tensor(edit.report.seconds, device=self.device))
             if edit.report.peak_memory_mb is not None:
                 self.peak_memory.update(torch.tensor(edit.report.peak_memory_mb, device=self.device))
 
-        row = self._row(case, edit, error)
+        row = self._row(case, edit, error, with_report=timed)
         for name, metric in (("edit", self.edit_metric), ("held", self.generalization)):
             old, new = at[f"{name}_old"], at[f"{name}_new"]
             args = (top1_after[new], logp_after[new], logp_after[old], logp_before[new])
@@ -254,27 +280,24 @@ class EditEvaluation(pl.LightningModule):
                 row[name] = {k: float(v) for k, v in counts.items()}
         if text_after is not None:
             self.drift.update(*self._text_before, *text_after)
-            before = Fn.perplexity(*self._text_before)
-            row["text_ppl"] = {"before": float(before), "after": float(Fn.perplexity(*text_after))}
-        if gen_prompts:
-            before = ngram_entropy([g.text for g in gen_before])
-            after = ngram_entropy([g.text for g in gen_after])
-            self.entropy_before.update(torch.tensor(before, device=self.device))
-            self.entropy_after.update(torch.tensor(after, device=self.device))
-            row["fluency"] = {"entropy_before": before, "entropy_after": after, "samples": [
+            ppl_before = Fn.perplexity(*self._text_before)
+            row["text_ppl"] = {"before": float(ppl_before), "after": float(Fn.perplexity(*text_after))}
+        if self.fluency_on:  # (then the case has generation prompts)
+            entropy_before = ngram_entropy([g.text for g in gen_before])
+            entropy_after = ngram_entropy([g.text for g in gen_after])
+            self.entropy_before.update(torch.tensor(entropy_before, device=self.device))
+            self.entropy_after.update(torch.tensor(entropy_after, device=self.device))
+            row["fluency"] = {"entropy_before": entropy_before, "entropy_after": entropy_after, "samples": [
                 {"prompt": b.prompt, "before": b.text, "after": a.text}
                 for b, a in list(zip(gen_before, gen_after))[: self.fluency_config.samples]]}
-        if self.probe_config.enabled:
-            self.probed.update(torch.tensor(0.0, device=self.device))  # so every process has a state to reduce
-            self._probe(case, edit, row)
-        self.rows.append(row)
+        return row
 
     def _generation_prompts(self, case: EditCase) -> list[str]:
         """Short prompts that start with the subject (Meng et al. generate from the subject)."""
         subject = case.fact.subject
         return [t.format(subject) for t in GENERATION_TEMPLATES][: self.fluency_config.prompts]
 
-    def _row(self, case: EditCase, edit: Edit | None, error: str | None) -> dict:
+    def _row(self, case: EditCase, edit: Edit | None, error: str | None, with_report: bool = True) -> dict:
         fact = case.fact
         row = {
             "index": case.index,
@@ -290,7 +313,7 @@ class EditEvaluation(pl.LightningModule):
             row["error"] = error
         if edit is not None:
             row["editor"] = {"name": edit.editor, "touched": edit.touched_parameters,
-                             "report": edit.report.to_dict() if edit.report is not None else None}
+                             "report": edit.report.to_dict() if edit.report is not None and with_report else None}
         return row
 
     def on_test_end(self) -> None:
@@ -335,3 +358,53 @@ class EditEvaluation(pl.LightningModule):
                        self.entropy_before, self.entropy_after,
                        *self.probe_metrics.values()):  # fmt: skip
             metric.reset()
+
+
+class BatchEditEvaluation(EditEvaluation):
+    """mode=batch: every case of the data module edited in ONE ``Editor.apply`` (all requests at once), then each
+    fact measured and recorded exactly as EditEvaluation measures a single edit (the same unedited measurements,
+    metrics and row fields, one row per fact), and the one edit reverted at the end. Its seconds and peak memory
+    are the one edit's (recorded at the first fact); the text is measured once after it; the suppress/amplify
+    probe is not run (it measures the unedited model's neurons: the single-edit evaluation does that)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.probe_config = replace(self.probe_config, enabled=False)
+        self.batch_edit: Edit | None = None
+        self.batch_error: str | None = None
+
+    def on_test_start(self) -> None:
+        if self.trainer.world_size > 1:
+            raise ConfigError("batch evaluation runs in one process: the facts are edited in one edit")
+        super().on_test_start()
+        cases = list(self.trainer.datamodule.cases)
+        self._cases_before = {}
+        for case in cases:  # every fact's unedited measurements before the edit
+            pairs, _ = self._pairs(case)
+            gen_prompts = self._generation_prompts(case) if self.fluency_on else []
+            self._cases_before[case.index] = self._case_before(case, pairs, gen_prompts)
+        self.batch_edit, self.batch_error = self._apply_edit([c.request for c in cases])
+        self._text_after = self._text_nll() if self.batch_edit is not None and self._text else None
+        self._first = True
+
+    def test_step(self, case: EditCase, batch_idx: int) -> None:
+        pairs, at = self._pairs(case)
+        after = None
+        if self.batch_edit is not None:
+            gen_prompts = self._generation_prompts(case) if self.fluency_on else []
+            after = self._after(pairs, gen_prompts, text_after=self._text_after)
+        self.rows.append(self._record(case, at, self._cases_before[case.index], after, self.batch_edit,
+                                      self.batch_error, timed=self._first))  # fmt: skip
+        self._first = False
+
+    def on_test_end(self) -> None:
+        self.restore()
+        super().on_test_end()
+
+    def restore(self) -> None:
+        """Revert the batch edit (also after a stopped run) and check its slices are back bit for bit."""
+        edit, self.batch_edit = self.batch_edit, None
+        if edit is not None and edit.active:
+            edit.revert()
+            if self.verify_revert:
+                check_reverted(self.km, edit)

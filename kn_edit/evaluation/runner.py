@@ -19,6 +19,7 @@ from ..data.records import FactSet
 from ..editing.base import Editor
 from ..errors import ConfigError
 from ..storage.atomic import atomic_dir, atomic_file, check_writable
+from ..storage.manifest import start_manifest, write_manifest
 from ..progress import NullReporter, Reporter
 from .config import EvalConfig, Mode
 from .regression import Regression, compare, load_metrics
@@ -154,7 +155,7 @@ def evaluate(
     ``progress_path``: mode=sequential writes the checkpoints measured so far there after each one (default with
     ``write``: next to the run's folder, ``<run_dir>.progress.json``), so a stopped run keeps its curve."""
     from .datamodule import FactDataModule
-    from .module import EditEvaluation
+    from .module import BatchEditEvaluation, EditEvaluation
     from .report import per_relation
 
     config.check()
@@ -169,6 +170,7 @@ def evaluate(
         progress_path = run_dir.with_name(run_dir.name + ".progress.json")
     if run_dir is not None:  # before the model is loaded: an existing run is never overwritten
         check_new_outputs(run_dir, *([progress_path] if own_progress else []))
+    provenance = start_manifest()  # the code and command as the run starts (its manifest)
     if km is None:
         from ..models.loading import load
 
@@ -178,17 +180,23 @@ def evaluate(
     if datamodule is None:
         datamodule = FactDataModule(km, config.data, facts=facts)
     if config.mode == Mode.sequential:
-        return _sequential(config, km, editor, datamodule, passages, reporter, run_dir, progress_path, own_progress)
-    module = EditEvaluation(km, editor, passages, probe=config.probe, fluency=config.fluency,
-                            max_text_tokens=config.text.max_tokens,
-                            text_batch_size=config.text.batch_size, batch_size=config.data.batch_size,
-                            verify_revert=config.verify_revert, before_cache=before_cache)  # fmt: skip
-    trainer = _trainer(config, reporter)
-    started = time.time()
-    run_test(trainer, module, datamodule)
+        return _sequential(config, km, editor, datamodule, passages, reporter, run_dir, progress_path, own_progress,
+                           provenance)
+    batch = config.mode == Mode.batch  # one edit of every fact: one process
+    module = (BatchEditEvaluation if batch else EditEvaluation)(
+        km, editor, passages, probe=config.probe, fluency=config.fluency, max_text_tokens=config.text.max_tokens,
+        text_batch_size=config.text.batch_size, batch_size=config.data.batch_size,
+        verify_revert=config.verify_revert, before_cache=before_cache)  # fmt: skip
+    trainer = _trainer(config, reporter, devices=1 if batch else None)
+    clock = time.time()
+    try:
+        run_test(trainer, module, datamodule)
+    finally:
+        if batch:
+            module.restore()  # the one edit reverted, bit for bit, also when the run stopped half-way
     summary = dict(datamodule.summary)
-    summary |= {"seconds": round(time.time() - started, 1), "world_size": trainer.world_size,
-                "editor": editor.name}
+    summary |= {"seconds": round(time.time() - clock, 1), "world_size": trainer.world_size,
+                "editor": editor.name} | ({"mode": "batch"} if batch else {})
     rows = module.results["rows"]
     result = EvalResult(
         metrics=module.results["metrics"], rows=rows, summary=summary, per_relation=per_relation(rows),
@@ -198,7 +206,7 @@ def evaluate(
         baseline = load_metrics(config.regression.baseline)
         result.regressions = compare(result.metrics, baseline, config.regression.tolerances)
     if run_dir is not None and trainer.is_global_zero:
-        result.run_dir = write_run(config, km, result, run_dir)
+        result.run_dir = write_run(config, km, result, run_dir, provenance)
     return result
 
 
@@ -215,7 +223,8 @@ def _trainer(config, reporter: Reporter, devices=None) -> pl.Trainer:
 
 
 def _sequential(config, km: KnModel, editor, datamodule, passages, reporter, run_dir: Path | None,
-                progress_path: str | Path | None = None, new_progress: bool = False) -> EvalResult:
+                progress_path: str | Path | None = None, new_progress: bool = False,
+                provenance: dict | None = None) -> EvalResult:
     """mode=sequential: one process, edits kept until the end, measured at the checkpoints; written to
     ``run_dir`` unless None. ``new_progress``: the progress file is this run's own, so its first write must not
     replace anything (the caller's, e.g. a comparison's kept progress, is rewritten)."""
@@ -247,7 +256,7 @@ def _sequential(config, km: KnModel, editor, datamodule, passages, reporter, run
     if config.regression.baseline:
         result.regressions = compare(result.metrics, load_metrics(config.regression.baseline), config.regression.tolerances)
     if run_dir is not None:
-        result.run_dir = write_run(config, km, result, run_dir)
+        result.run_dir = write_run(config, km, result, run_dir, provenance)
     return result
 
 
@@ -267,8 +276,10 @@ def run_dir_for(config: EvalConfig) -> Path:
     return Path(config.output_dir) / name
 
 
-def write_run(config: EvalConfig, km: KnModel, result: EvalResult, target: Path) -> Path:
-    """The run's folder ``target`` (``run_dir_for(config)``, named once per run), written atomically."""
+def write_run(config: EvalConfig, km: KnModel, result: EvalResult, target: Path,
+              provenance: dict | None = None) -> Path:
+    """The run's folder ``target`` (``run_dir_for(config)``, named once per run), written atomically, with its
+    ``manifest.json`` (``provenance``: ``start_manifest()`` of the run's start)."""
     from .plots import curve_figure, probe_figure, relation_figure
     from .report import curve_markdown, markdown, write_jsonl
 
@@ -280,6 +291,7 @@ def write_run(config: EvalConfig, km: KnModel, result: EvalResult, target: Path)
         (tmp / "metrics.json").write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=True))
         config_yaml = to_yaml(config)
         (tmp / "config.yaml").write_text(config_yaml)
+        write_manifest(tmp, provenance, config_yaml, km.device, kind="evaluate", model=km.name)
         plots = []
         if result.curve:
             curve = [{"n_edits": c.n_edits, **c.metrics} for c in result.curve]
