@@ -17,6 +17,7 @@ overwritten by the next recomputation.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -60,6 +61,7 @@ class Edit:
     ledger: Any = field(repr=False)  # the model's Ledger: the one way back
     report: EditReport | None = None
     active: bool = True
+    serial: int = field(default=0, repr=False)  # its number among the ledger's edits (never reused)
 
     def revert(self) -> None:
         if not self.active:
@@ -163,6 +165,10 @@ class Ledger:
         self._pristine: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
         # (edit, {key: op}) in the order the edits were applied.
         self._entries: list[tuple[Edit, dict[Key, _Op]]] = []
+        # id(parameter) → how far the ledger's own writes moved its version counter (weights_state); by
+        # identity, since a tied weight has two names
+        self._written: dict[int, int] = {}
+        self._serials = itertools.count(1)  # the edits' serial numbers
 
     @property
     def active_edits(self) -> list[Edit]:
@@ -222,7 +228,9 @@ class Ledger:
 
     def _write(self, key: Key, rows: torch.Tensor, block: torch.Tensor) -> None:
         param = self._param(key[0])
+        version = param._version
         param.index_copy_(key[1], rows.to(param.device), block.to(param.device, param.dtype))
+        self._written[id(param)] = self._written.get(id(param), 0) + param._version - version
 
     def _read(self, key: Key, rows: torch.Tensor) -> torch.Tensor:
         param = self._param(key[0])
@@ -257,7 +265,8 @@ class Ledger:
         ops = self._operations(changes)
         if not ops:
             raise EditError("the edit changes nothing")
-        edit = Edit(editor=editor, requests=tuple(requests), patches=[], model=km, ledger=self)
+        edit = Edit(editor=editor, requests=tuple(requests), patches=[], model=km, ledger=self,
+                    serial=next(self._serials))
         saved = dict(self._pristine)  # values are replaced, never mutated: a shallow copy restores them
         with torch.no_grad():
             befores = {key: self._read(key, op.index) for key, op in ops.items()}
@@ -306,3 +315,28 @@ class Ledger:
 def active_edits(km: KnModel) -> list[Edit]:
     """The edits applied to ``km`` and not reverted, oldest first."""
     return km.active_edits
+
+
+@dataclass(frozen=True)
+class WeightsState:
+    """What a model's weights are, told cheaply (no pass over their bytes): two equal states hold the same
+    weights bit for bit. A cache of something computed from the weights keeps the state it was
+    computed in (e.g. the context prefixes of kn_edit.editing.keyvalue.keys).
+
+    The weights are the pristine ones plus the active edits (the ledger recomputes touched slices from those),
+    so the state is the active edits (their serial numbers) and each tensor's storage and version counter, less
+    the ledger's own writes: an edit applied and reverted comes back to the same state; an edit or patch
+    applied, or any in-place write by other code (torch counts them; a write through ``.data`` escapes it),
+    does not."""
+
+    tensors: tuple[tuple[str, int, int], ...]  # (name, data pointer, version not counting the ledger's writes)
+    edits: tuple[int, ...]  # the active edits' serial numbers, oldest first
+
+
+def weights_state(km: KnModel) -> WeightsState:
+    """The model's :class:`WeightsState` now (its parameters and buffers)."""
+    ledger = km.model.__dict__.get(_ATTR)
+    written = ledger._written if ledger is not None else {}
+    named = list(km.model.named_parameters()) + list(km.model.named_buffers())
+    return WeightsState(tuple((name, t.data_ptr(), t._version - written.get(id(t), 0)) for name, t in named),
+                        tuple(edit.serial for edit in km.active_edits))

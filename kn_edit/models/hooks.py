@@ -1,4 +1,4 @@
-"""Owned forward hooks on the FFN value projections.
+"""Owned forward hooks on the FFN value projections, and a forward left as soon as what it reads is computed.
 
 Hooks are registered on ``__enter__`` and exactly our own handles are removed in ``finally``, so an
 exception inside the block never leaves a hook behind.
@@ -36,3 +36,24 @@ def value_input_hooks(modules: dict[int, nn.Module], fn: ActivationFn) -> Iterat
     finally:
         for handle in handles:
             handle.remove()
+
+
+class _Reached(Exception):
+    """Raised by :func:`run_until`'s hook to leave a forward whose reading is done."""
+
+
+def run_until(model: nn.Module, module: nn.Module, **inputs) -> None:
+    """``model(**inputs)``, left as soon as ``module`` has run and its forward hooks registered before this call
+    (e.g. one reading its input or output) have fired: the blocks above it, the final norm and the head are never
+    computed. What ``module`` and everything before it compute is the same as in the whole forward."""
+
+    def stop(_module: nn.Module, _args: tuple, _output) -> None:
+        raise _Reached
+
+    handle = module.register_forward_hook(stop)
+    try:
+        model(**inputs)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()

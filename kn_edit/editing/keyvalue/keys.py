@@ -3,7 +3,10 @@ last token, averaged over the subject preceded by short context prefixes (Meng e
 
 Context prefixes (the paper's "context templates"): ``n`` texts of ``length`` tokens sampled from the model
 itself, starting from its BOS (or EOS) token, each next token drawn from the top-k with a seeded generator,
-plus the empty prefix. A prefix is joined to a text as ``"{prefix}. {text}"``.
+plus the empty prefix. A prefix is joined to a text as ``"{prefix}. {text}"``. They depend on the model only, not
+on the edit, so they are kept on the model per sampling settings while its weights stay the same
+(kn_edit.editing.ledger.weights_state): an evaluation that edits, measures and reverts fact after fact samples
+them once; an edit or a patch applied (or any other write to the weights) samples them again.
 """
 
 from __future__ import annotations
@@ -14,19 +17,36 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from ...errors import EditError
-from ...models.hooks import value_input_hooks
+from ...models.hooks import run_until, value_input_hooks
 from ...models.prompts import causal_prompt
+from ..ledger import weights_state
 from .settings import KeyFit
 
 if TYPE_CHECKING:
     from ...models.model import KnModel
 
 
-@torch.no_grad()
+# Where the model keeps its sampled prefixes: {(n, length, top_k, seed): (weights state, tokenizer, prefixes)}.
+_PREFIXES_ATTR = "_kn_edit_context_prefixes"
+
+
 def context_prefixes(km: KnModel, n: int, length: int, top_k: int = 5, seed: int = 0) -> list[str]:
-    """``[""]`` followed by ``n`` short texts sampled from the model (see the module docstring)."""
+    """``[""]`` followed by ``n`` short texts sampled from the model, sampled again only when the weights (or the
+    tokenizer) changed since the last time (see the module docstring)."""
     if n == 0:
         return [""]
+    held = km.model.__dict__.setdefault(_PREFIXES_ATTR, {})
+    state, found = weights_state(km), held.get((n, length, top_k, seed))
+    if found is not None and found[1] is km.tokenizer and found[0] == state:
+        return list(found[2])
+    prefixes = sample_prefixes(km, n, length, top_k, seed)
+    held[(n, length, top_k, seed)] = (state, km.tokenizer, tuple(prefixes))
+    return prefixes
+
+
+@torch.no_grad()
+def sample_prefixes(km: KnModel, n: int, length: int, top_k: int = 5, seed: int = 0) -> list[str]:
+    """``[""]`` followed by ``n`` short texts sampled from the model now (see the module docstring)."""
     tok = km.tokenizer
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     if start is None:
@@ -117,7 +137,7 @@ def keys_at(km: KnModel, layer: int, texts: Sequence[SubjectText], batch_size: i
             got["k"] = act[rows, pos].float().cpu()
 
         with value_input_hooks({layer: km.value_proj(layer)}, capture):
-            km.model(input_ids=ids, attention_mask=mask)
+            run_until(km.model, km.value_proj(layer), input_ids=ids, attention_mask=mask)
         out.append(got["k"])
     return torch.cat(out)
 

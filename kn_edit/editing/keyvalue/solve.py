@@ -8,8 +8,10 @@ given keys k_j by given targets t_j:
 with K = [k_1 … k_m] and T = [t_1 … t_m]. ROME's rank-one direction is the exact case with t_j = 1 (one row),
 MEMIT's update (eq. 14, ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹ by the push-through identity) the soft one, kn-subject's edit
 of a few neurons the exact case on those neurons' block of C. One solve with C and an m × m system, never a
-d_ff × d_ff inverse. The pseudo-inverse makes repeated keys with one target one constraint (prompts that start
-with the subject share its key), not a singular system.
+d_ff × d_ff inverse; given a memo (``factors``, kept with the statistics), C's LU factorization is made once and
+each later solve with it is a pair of triangular solves (the same factorization and solve torch.linalg.solve
+makes, so the same numbers). The pseudo-inverse makes repeated keys with one target one constraint (prompts that
+start with the subject share its key), not a singular system.
 """
 
 from __future__ import annotations
@@ -23,21 +25,25 @@ SINGULAR_HINT = "take the key statistics over more text (cov_tokens) or set cov_
 
 def least_change(mom2: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, ridge: float = 0.0,
                  penalty: torch.Tensor | None = None, softness: float = 0.0, check_exact: bool = True,
-                 hint: str = SINGULAR_HINT) -> torch.Tensor:
+                 hint: str = SINGULAR_HINT, factors: dict | None = None) -> torch.Tensor:
     """D [d, n] float64 (see the module docstring). mom2: C [n, n] (symmetric positive definite); keys [m, n];
     targets [m, d]; ridge: C + ridge · mean(diag C) · I; penalty: [n, n] added to C after the ridge (so the ridge
     scales with C alone); softness: λ (0: every key moved exactly by its target). check_exact (λ = 0): refuse,
     rather than return, a D that misses a target (constraints that conflict). hint: what the user can do about a
-    singular C, for the errors."""
-    c = mom2.to(torch.float64).cpu()
-    if ridge:
-        c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
-    if penalty is not None:
-        c = c + penalty.to(torch.float64).cpu()
+    singular C, for the errors. factors: a memo of C's LU factorization per ridge, for solves with this C and no
+    penalty (``KeyStatistics.memo``)."""
     a = keys.to(torch.float64).cpu().t()  # K [n, m]
     t = targets.to(torch.float64).cpu()  # [m, d]
     try:
-        c_inv_a = torch.linalg.solve(c, a)  # C⁻¹K [n, m]
+        if factors is not None and penalty is None:
+            if ("lu", ridge) not in factors:
+                factors["lu", ridge] = torch.linalg.lu_factor(_ridged(mom2, ridge))
+            c_inv_a = torch.linalg.lu_solve(*factors["lu", ridge], a)  # C⁻¹K [n, m]
+        else:
+            c = _ridged(mom2, ridge)
+            if penalty is not None:
+                c = c + penalty.to(torch.float64).cpu()
+            c_inv_a = torch.linalg.solve(c, a)
     except RuntimeError as exc:  # torch.linalg.LinAlgError subclasses RuntimeError
         raise EditError(f"the key statistics are singular ({exc}); {hint}") from exc
     if not bool(torch.isfinite(c_inv_a).all()):
@@ -59,6 +65,12 @@ def least_change(mom2: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, 
             raise EditError(f"the least-change constraints are singular and conflict (two keys that are one asked for "
                             f"different targets); {hint}")
     return out
+
+
+def _ridged(mom2: torch.Tensor, ridge: float) -> torch.Tensor:
+    """C + ridge · mean(diag C) · I, float64 on the CPU."""
+    c = mom2.to(torch.float64).cpu()
+    return c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype) if ridge else c
 
 
 __all__ = ["SINGULAR_HINT", "least_change"]

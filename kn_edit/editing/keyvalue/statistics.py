@@ -6,7 +6,10 @@ under ``$KN_EDIT_CACHE/rome/key_statistics`` (or a given folder). The cache key 
 the keys depend on: the embeddings and every parameter of layers 0..l except layer l's value projection itself
 (and everything outside the layer list, to be safe). So statistics stay valid while that value projection is
 edited (ROME's own updates, knowledge-neuron edits of the same layer) and are recomputed when anything below
-it changes. The forward pass stops at layer l, so the cost grows with l, not with the model's depth.
+it changes. The forward pass stops at layer l, so the cost grows with l, not with the model's depth. Once read,
+they are also kept on the model while its weights stay the same (kn_edit.editing.ledger.weights_state), so an
+evaluation that edits and reverts fact after fact neither hashes the weights nor reads the file again, and the
+factorization of C each solve needs (``KeyStatistics.memo``) is made once.
 
 Corpus ``wikipedia``: the key slice of the Wikipedia extracts (kn_edit/data/text.py), disjoint from the
 held-out passages perplexity is measured on. Passages are cut at ``max_length`` tokens and taken in order
@@ -15,10 +18,11 @@ until ``n_tokens`` tokens are reached (the last one cut to fit).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -26,17 +30,22 @@ import torch
 
 from ...models.adapters import first_submodule
 from ...errors import DataError
-from ...models.hooks import value_input_hooks
+from ...models.hooks import run_until, value_input_hooks
 from ...storage.digest import weights_digest
 from ...storage.atomic import atomic_file
 from ...progress import NullReporter, Reporter
 from ...models.prompts import encode_heads
+from ..ledger import weights_state
 
 if TYPE_CHECKING:
     from ...models.model import KnModel
 
 WIKIPEDIA = "wikipedia"
 _FORMAT = 1  # bump when the file layout or the way statistics are taken changes
+
+
+# Where the model keeps statistics read or computed: {(layer, corpus, tokens, length, folder): (weights state, them)}.
+_STATISTICS_ATTR = "_kn_edit_key_statistics"
 
 
 @dataclass
@@ -51,16 +60,18 @@ class KeyStatistics:
     from_cache: bool
     seconds: float  # computing (or reading) them
     path: str | None = None
+    # what is derived from mom2 once for every edit: ("null space", threshold) and ("lu", ridge) (the
+    # factorization of kn_edit.editing.keyvalue.solve); shared by the copies the model keeps handing out
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def null_space(self, threshold: float):
         """The null space of mom2 at ``threshold`` (kn_edit.editing.nullspace), computed once per statistics
         object: an eigendecomposition of [d_ff, d_ff] that every edit of a sequence would repeat otherwise."""
         from ..nullspace import null_space
 
-        memo = self.__dict__.setdefault("_null_spaces", {})
-        if threshold not in memo:
-            memo[threshold] = null_space(self.mom2, threshold)
-        return memo[threshold]
+        if ("null space", threshold) not in self.memo:
+            self.memo["null space", threshold] = null_space(self.mom2, threshold)
+        return self.memo["null space", threshold]
 
 
 def key_weights_digest(km: KnModel, layer: int) -> str:
@@ -117,10 +128,6 @@ def token_batches(km: KnModel, texts: Sequence[str], n_tokens: int, max_length: 
     return [seqs[i : i + batch_size] for i in range(0, len(seqs), batch_size)]
 
 
-class _Stop(Exception):
-    """Raised by the capture hook: nothing above the layer is needed."""
-
-
 @torch.no_grad()
 def compute_statistics(km: KnModel, layer: int, batches: Sequence[Sequence[torch.Tensor]], reporter: Reporter) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(Σ k kᵀ [d_ff, d_ff] float64, Σ k [d_ff] float64, token count) over every real token of the batches."""
@@ -135,13 +142,9 @@ def compute_statistics(km: KnModel, layer: int, batches: Sequence[Sequence[torch
 
             def capture(_layer: int, act: torch.Tensor) -> None:  # act [batch, seq, d_ff]
                 got["k"] = act[mask.bool()].to(torch.float64)  # [tokens, d_ff]
-                raise _Stop
 
-            try:
-                with value_input_hooks({layer: km.value_proj(layer)}, capture):
-                    km.model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _Stop:
-                pass
+            with value_input_hooks({layer: km.value_proj(layer)}, capture):  # nothing above the layer is needed
+                run_until(km.model, km.value_proj(layer), input_ids=ids, attention_mask=mask, use_cache=False)
             keys = got["k"]
             mom2 += keys.T @ keys
             total += keys.sum(dim=0)
@@ -159,6 +162,10 @@ def key_statistics(km: KnModel, layer: int, texts: Sequence[str] | None = None, 
     reporter = reporter or NullReporter()
     name = corpus_id(corpus, texts)
     start = time.perf_counter()
+    held = km.model.__dict__.setdefault(_STATISTICS_ATTR, {}) if cache else {}
+    key, state = (layer, name, n_tokens, max_length, str(cache_dir)), weights_state(km)
+    if key in held and held[key][0] == state:  # what reading the cache file again would give
+        return dataclasses.replace(held[key][1], from_cache=True, seconds=time.perf_counter() - start)
     path = cache_path(km, layer, name, n_tokens, max_length, cache_dir) if cache else None
     if path is not None and path.is_file():
         from safetensors import safe_open
@@ -166,8 +173,9 @@ def key_statistics(km: KnModel, layer: int, texts: Sequence[str] | None = None, 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             mom2, mean = f.get_tensor("mom2"), f.get_tensor("mean")
-        return KeyStatistics(layer, mom2, mean, int(meta.get("n_tokens", 0)), name, True,
-                             time.perf_counter() - start, str(path))
+        held[key] = (state, KeyStatistics(layer, mom2, mean, int(meta.get("n_tokens", 0)), name, True,
+                                          time.perf_counter() - start, str(path)))
+        return held[key][1]
     source = list(texts) if texts is not None else corpus_texts(corpus)
     batches = token_batches(km, source, n_tokens, max_length, batch_size)
     if not batches:
@@ -182,8 +190,10 @@ def key_statistics(km: KnModel, layer: int, texts: Sequence[str] | None = None, 
                 "max_length": str(max_length), "requested_tokens": str(n_tokens), "format": str(_FORMAT)}
         with atomic_file(path, overwrite=True) as tmp:
             save_file({"mom2": mom2.contiguous(), "mean": mean.contiguous()}, str(tmp), metadata=meta)
-    return KeyStatistics(layer, mom2, mean, count, name, False, time.perf_counter() - start,
-                         str(path) if path is not None else None)
+    stats = KeyStatistics(layer, mom2, mean, count, name, False, time.perf_counter() - start,
+                          str(path) if path is not None else None)
+    held[key] = (state, stats)
+    return stats
 
 
 def statistics_for(km: KnModel, layer: int, settings, key_texts: Sequence[str] | None = None,

@@ -11,14 +11,31 @@ optimised with Adam on
 with ‖δ‖ clamped to ``clamp_norm_factor · ‖W k*‖`` after every step (the paper's norm constraint). It stops
 after ``steps`` evaluations, or as soon as the NLL term is below ``stop_loss``; δ is the last one evaluated.
 
-Speed, exactly: δ changes nothing before the subject's last token (causal attention), so the tokens before it
-run once and their keys/values are reused (the model's cache) by every step, which then runs only the few
-tokens from the subject on. Every row runs in one padded forward per step (``_Padded``: each row's cached prefix
-right-aligned in a masked, zero-padded cache, its suffix padded on the right, its own position ids), and only the
-positions the objective reads reach the output head. The logits are the same (tests check them against each
-row's full forward); on smollm2 (3 prompts × 6 prefixes, 1 thread) a step takes 0.84 s instead of 2.06 s with one
-forward per group of rows of one shape (``evaluations/bench_value_step.py``). Caches this cannot rebuild (a
-sliding window shorter than the rows, unknown layouts) run group by group.
+Speed, exactly (the same logits and gradients, to float rounding; tests check them against each row's own
+forward through every block):
+
+* δ changes nothing before the subject's last token (causal attention), so the tokens before it run once, in one
+  right-padded forward (``_prefixes``), and their keys/values are reused (the model's cache) by every step,
+  which then runs only the few tokens from the subject on.
+* Every row runs in one forward per step: packed (``_packed``: every row's suffix one after the other in one
+  sequence, every row's prefix one after the other in the cache, a 4-D mask letting each token see only its own
+  row, each row's own position ids), so no position is computed for padding; where the attention implementation
+  or a sliding window rules that out, padded (``_Padded``: each row's prefix right-aligned in a masked,
+  zero-padded cache, its suffix padded on the right), and where the cache cannot be rebuilt (a sliding window
+  shorter than the rows, unknown layouts) group by group.
+* Only the positions the objective reads reach the output head (``_head_at``).
+* From the edited layer up only: δ is added inside block l, so no block below it sees δ (at any position). The
+  first step runs every block once more without gradient and keeps block l − 1's output; from then on the blocks
+  below l return that output instead of computing it (``skipped``). The model's own forward still runs around
+  them (its masks, rotary or absolute positions, caches, final norm, head), so every family is driven the same
+  way, and the backward covers only blocks l and up. The first skipping step is checked against that full
+  forward (the same operations on the same inputs); a model where they differ (a forward that carries more than
+  the hidden states from block to block) runs every block.
+* P_original is the first step's own KL distribution (δ = 0 there), not a forward of its own.
+
+On smollm2 (3 prompts × 6 prefixes, layer 5 of 30, one loaded core) a step takes 0.81 s, against 1.09 s padded
+through every block and 1.95 s with one forward per group of rows; a whole ROME edit of one fact 1.5× less CPU
+time than before these, MEMIT 2.6× (``evaluations/bench_value_step.py``, evaluations/README.md).
 """
 
 from __future__ import annotations
@@ -32,6 +49,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 
 from ...errors import EditError
+from ...models.adapters import first_submodule
 from ...progress import NullReporter, Reporter
 from .keys import prompt_text, subject_end, token_at, with_prefix
 
@@ -145,33 +163,84 @@ def _groups(km: KnModel, rows: Sequence[Row]) -> list[_Group]:
     return out
 
 
+def blocks(km: KnModel) -> torch.nn.ModuleList:
+    """The model's transformer blocks (the adapter's layer list; KnModel checked that it exists)."""
+    return first_submodule(km.model, km.adapter.layers)
+
+
+@dataclass
+class _Below:
+    """The blocks below the edited layer, and the output the last of them gave in one full forward of the inputs
+    a step runs (nothing below the layer δ is added in depends on δ)."""
+
+    blocks: list[torch.nn.Module]
+    output: object  # block l − 1's output, as it returned it (a tensor, or a tuple in older transformers)
+
+
+@contextmanager
+def skipped(below: _Below | None) -> Iterator[None]:
+    """While inside, each of ``below.blocks`` returns ``below.output`` without computing anything: the model's
+    forward still runs around them (masks, positions, cache, final norm, head), blocks l and up on that output.
+    Only the last skipped block's output reaches block l; the others' are overwritten by the next one's."""
+    if below is None:
+        yield
+        return
+    own = [block.__dict__.get("forward") for block in below.blocks]  # an instance's own forward, if it had one
+    for block in below.blocks:
+        block.forward = lambda *_args, **_kwargs: below.output
+    try:
+        yield
+    finally:
+        for block, forward in zip(below.blocks, own):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+
+
+def _layer_of(km: KnModel, module: torch.nn.Module) -> int | None:
+    """The index of the block holding ``module`` (None: in none of them)."""
+    return next((i for i, block in enumerate(blocks(km)) if any(m is module for m in block.modules())), None)
+
+
+def _captured(km: KnModel, layer: int, forward) -> tuple[_Below, torch.Tensor]:
+    """(the blocks below ``layer`` with block ``layer`` − 1's output, the logits) of ``forward(None)`` run once
+    through every block without gradient."""
+    below = list(blocks(km))[:layer]
+    got = {}
+    handle = below[-1].register_forward_hook(lambda _module, _args, output: got.setdefault("output", output))
+    try:
+        with torch.no_grad():
+            logits = forward(None)
+    finally:
+        handle.remove()
+    return _Below(below, got["output"]), logits
+
+
+def _agrees(got: torch.Tensor, full: torch.Tensor) -> bool:
+    """Whether logits of a step that skipped the lower blocks equal the full forward's: the same operations on the
+    same inputs, so they differ by float rounding at most; a forward the skipping got wrong moves them by about
+    the logits' own scale."""
+    tolerance = 1e-3 if full.dtype in (torch.float32, torch.float64) else 5e-2
+    scale = max(1.0, float(full.abs().max()))
+    return bool(torch.isfinite(got).all()) and float((got.float() - full.float()).abs().max()) <= tolerance * scale
+
+
 def _suffix_logits(km: KnModel, module: torch.nn.Module, group: _Group, delta: torch.Tensor,
-                   select: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                   select: tuple[torch.Tensor, torch.Tensor] | None = None, below: _Below | None = None) -> torch.Tensor:
     """Logits [g, length - start, vocab] of the group's positions from ``start`` on, δ added at ``start``; with
-    ``select`` = (rows [n], positions [n], from ``start``) only those [n, vocab]: the other positions never reach
-    the output head (a fifth of smollm2's compute per token, forward and backward)."""
+    ``select`` = (rows [n], positions [n], from ``start``) only those [n, vocab] (``_head_at``). ``below``: the
+    blocks below the edited layer skipped."""
     rows = torch.arange(len(group.members), device=km.device)
     at = torch.zeros(len(group.members), dtype=torch.long, device=km.device)
     # A fresh copy each step: the forward appends to the cache.
     cache = copy.deepcopy(group.cache) if group.cache is not None else None
-    head = km.model.get_output_embeddings() if select is not None else None
-    handle = None
-    if head is not None:
-        def selected(_module, args):
-            hidden, *rest = args
-            return (hidden[select[0], select[1]][:, None], *rest)
-
-        handle = head.register_forward_pre_hook(selected)
-    try:
-        with added_output(module, rows, at, delta):
-            extra = {_cache_keyword(km.model): cache} if cache is not None else {}
-            logits = km.model(input_ids=group.ids[:, group.start :], use_cache=cache is not None, **extra).logits
-    finally:
-        if handle is not None:
-            handle.remove()
+    with _head_at(km, select) as reduced, added_output(module, rows, at, delta), skipped(below):
+        extra = {_cache_keyword(km.model): cache} if cache is not None else {}
+        logits = km.model(input_ids=group.ids[:, group.start :], use_cache=cache is not None, **extra).logits
     if select is None:
         return logits
-    return logits[:, 0] if head is not None else logits[select[0], select[1]]
+    return logits[:, 0] if reduced else logits[select[0], select[1]]
 
 
 # Cache layers whose state is their keys and values only (the sliding one also counts the tokens it has seen,
@@ -208,6 +277,63 @@ def _set_cache_layers(cache, tensors: list[list[torch.Tensor]]) -> None:
         cache.key_cache, cache.value_cache = [k for k, _ in tensors], [v for _, v in tensors]
 
 
+@contextmanager
+def _head_at(km: KnModel, select: tuple[torch.Tensor, torch.Tensor] | None) -> Iterator[bool]:
+    """Only the hidden states at ``select`` = (batch rows [k], columns [k]) reach the output head, which then gives
+    logits [k, 1, vocab]: the vocabulary projection of every other position (a fifth of smollm2's compute per
+    token, forward and backward) would be thrown away. What follows the head in the families' forward (Gemma's
+    logit soft-capping) is per position. Yields False (every position computed) for a model without a head module."""
+    head = km.model.get_output_embeddings() if select is not None else None
+    if head is None:
+        yield False
+        return
+
+    def selected(_module, args):
+        hidden, *rest = args
+        return (hidden[select[0], select[1]][:, None], *rest)
+
+    handle = head.register_forward_pre_hook(selected)
+    try:
+        yield True
+    finally:
+        handle.remove()
+
+
+@dataclass
+class _Prefixes:
+    """Every row's prefix (its tokens before the subject's last one) run once, in one right-padded forward (pad
+    positions come after every real one, so real positions keep their keys and values)."""
+
+    template: object | None  # the forward's cache, whose copies the plans fill (None: no row has a prefix)
+    kv: list[list[list[torch.Tensor]] | None]  # per row, per layer [keys, values] [heads, prefix, head_dim]
+
+
+def _prefixes(km: KnModel, rows: Sequence[Row]) -> _Prefixes | None:
+    """The rows' prefixes, or None for a cache this cannot take apart (an unknown layout, or a sliding window the
+    longest prefix reaches, where the cache keeps only the window's last columns)."""
+    having = [i for i, r in enumerate(rows) if r.subject > 0]
+    kv: list[list[list[torch.Tensor]] | None] = [None] * len(rows)
+    if not having:
+        return _Prefixes(None, kv)
+    ids, mask = km.pad([rows[i].input_ids[: rows[i].subject] for i in having])
+    first = torch.zeros(len(having), dtype=torch.long, device=km.device)
+    with torch.no_grad(), _head_at(km, (torch.arange(len(having), device=km.device), first)):
+        out = km.model(input_ids=ids, attention_mask=mask, use_cache=True)
+    cache = out["cache"] if "cache" in out.keys() else out["past_key_values"]
+    layers, window = _cache_layers(cache), _sliding_window(cache)
+    if layers is None or (window is not None and ids.shape[1] >= window):
+        return None
+    for k, i in enumerate(having):
+        kv[i] = [[t[k, ..., : rows[i].subject, :] for t in layer] for layer in layers]
+    return _Prefixes(cache, kv)
+
+
+def _filled(template, layers: list[list[torch.Tensor]]):
+    cache = copy.deepcopy(template)
+    _set_cache_layers(cache, layers)
+    return cache
+
+
 @dataclass
 class _Padded:
     """Every row in one forward per step. Row i's cached prefix (its tokens before the subject's last one) is
@@ -215,16 +341,23 @@ class _Padded:
     subject's last token on) is left-aligned in ``ids`` [n, length], padded on the right (pad positions come after
     every real one, so causal attention never lets a real position see them). Position ids are each row's own.
     Every query sees at least itself, so no attention row is fully masked. One forward of n rows reads each weight
-    matrix once instead of once per group: on CPU the small per-group products are bound by reading the weights."""
+    matrix once instead of once per group: on CPU the small per-group products are bound by reading the weights.
+    ``_packed`` lays the same rows out without the padding, in one sequence."""
 
-    ids: torch.Tensor  # [n, length]
-    positions: torch.Tensor  # [n, length]
-    mask: torch.Tensor  # [n, width + length]
-    cache: object | None  # prefix keys/values [n, heads, width, head_dim] per layer; None when width == 0
+    ids: torch.Tensor  # [batch, length]
+    positions: torch.Tensor  # [batch, length]
+    mask: torch.Tensor  # [batch, width + length], or a 4-D mask the model takes as it is
+    cache: object | None  # prefix keys/values [batch, heads, width, head_dim] per layer; None when width == 0
+    place: list[tuple[int, int]]  # per row: (batch row, column) of its subject's last token in ``ids``
+
+    def at(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch rows [n], columns [n]) of every row's subject's last token: where δ is added."""
+        return (torch.tensor([b for b, _ in self.place], device=device),
+                torch.tensor([c for _, c in self.place], device=device))  # fmt: skip
 
 
-def _padded(km: KnModel, rows: Sequence[Row], groups: Sequence[_Group]) -> _Padded | None:
-    """The rows as one padded batch, built from the groups' prefix caches; None if the cache's layout is unknown."""
+def _padded(km: KnModel, rows: Sequence[Row], prefixes: _Prefixes) -> _Padded | None:
+    """The rows as one padded batch; None where a sliding window is shorter than the padded rows."""
     n, width = len(rows), max(r.subject for r in rows)
     length = max(len(r.input_ids) - r.subject for r in rows)
     ids = torch.zeros(n, length, dtype=torch.long, device=km.device)
@@ -236,65 +369,99 @@ def _padded(km: KnModel, rows: Sequence[Row], groups: Sequence[_Group]) -> _Padd
         ids[i, len(suffix) :] = int(suffix[-1])  # any token: never read, never seen by a real position
         positions[i] = torch.arange(r.subject, r.subject + length, device=km.device)
         mask[i, width - r.subject :] = 1
-    if width == 0:
-        return _Padded(ids, positions, mask, None)
-    template = next(g.cache for g in groups if g.cache is not None)
-    first = _cache_layers(template)
-    window = _sliding_window(template)
-    if first is None or (window is not None and width + length >= window):
-        return None  # a layout this cannot rebuild, or a window the padded rows would overflow
-    # Per layer: [n, heads, width, head_dim] zeros, each group's prefix keys/values at its rows' last columns.
-    combined = [[torch.zeros((n, *t.shape[1:-2], width, t.shape[-1]), dtype=t.dtype, device=t.device) for t in kv]
-                for kv in first]  # fmt: skip
-    for group in groups:
-        if group.cache is None:
-            continue
-        members = torch.tensor(group.members, device=km.device)
-        for layer, kv in enumerate(_cache_layers(group.cache)):
-            for which, tensor in enumerate(kv):
-                combined[layer][which][members, ..., width - group.start :, :] = tensor
-    cache = copy.deepcopy(template)
-    _set_cache_layers(cache, combined)
-    return _Padded(ids, positions, mask, cache)
+    place = [(i, 0) for i in range(n)]
+    if prefixes.template is None:
+        return _Padded(ids, positions, mask, None, place)
+    window = _sliding_window(prefixes.template)
+    if window is not None and width + length >= window:
+        return None
+    # Per layer: [n, heads, width, head_dim] zeros, each row's prefix keys/values in its last columns.
+    some = next(kv for kv in prefixes.kv if kv is not None)
+    combined = [[t.new_zeros((n, *t.shape[:-2], width, t.shape[-1])) for t in layer] for layer in some]
+    for i, kv in enumerate(prefixes.kv):
+        for layer, pair in zip(combined, kv or []):
+            for which, t in enumerate(pair):
+                layer[which][i, ..., width - t.shape[-2] :, :] = t
+    return _Padded(ids, positions, mask, _filled(prefixes.template, combined), place)
+
+
+# The attention implementations whose 4-D masks ``_packed`` can write: allowed pairs True (sdpa), or 0 and the
+# dtype's lowest value added to the scores (eager).
+_PACKABLE = ("sdpa", "eager")
+
+
+def _packed(km: KnModel, rows: Sequence[Row], prefixes: _Prefixes) -> _Padded | None:
+    """The rows without padding: one sequence of every row's suffix after the other, and a cache of every row's
+    prefix after the other, with a 4-D mask that lets each token see its own row's prefix and its own row's
+    suffix up to itself, and each row's own position ids: the same logits as each row's own forward, no position
+    computed for padding. None where this cannot be laid out: an attention implementation whose mask it does not
+    know, or a sliding window a row reaches (the 4-D mask is every layer's, so it holds only within the window)."""
+    implementation = getattr(km.model.config, "_attn_implementation", None)
+    if implementation not in _PACKABLE:
+        return None
+    window = (_sliding_window(prefixes.template) if prefixes.template is not None
+              else getattr(km.model.config, "sliding_window", None))
+    if window is not None and max(len(r.input_ids) for r in rows) >= window:
+        return None
+    device = km.device
+    lengths = [len(r.input_ids) - r.subject for r in rows]
+    ids = torch.cat([r.input_ids[r.subject :] for r in rows])[None].to(device)  # [1, T]
+    positions = torch.cat([torch.arange(r.subject, len(r.input_ids)) for r in rows])[None].to(device)
+    token_row = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])  # [T]
+    prefix_row = torch.cat([torch.full((r.subject,), i) for i, r in enumerate(rows)])  # [P]
+    allowed = token_row[:, None] == torch.cat([prefix_row, token_row])[None, :]  # [T, P + T]: its own row's ...
+    allowed[:, len(prefix_row) :] &= torch.ones(len(token_row), len(token_row), dtype=torch.bool).tril()  # ... so far
+    if implementation == "sdpa":
+        mask = allowed[None, None].to(device)
+    else:
+        dtype = next(km.model.parameters()).dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None].to(device)
+    place = [(0, sum(lengths[:i])) for i in range(len(rows))]
+    if prefixes.template is None:
+        return _Padded(ids, positions, mask, None, place)
+    kv = [k for k in prefixes.kv if k is not None]
+    combined = [[torch.cat([row[layer][which] for row in kv], dim=-2)[None] for which in (0, 1)]
+                for layer in range(len(kv[0]))]  # fmt: skip
+    return _Padded(ids, positions, mask, _filled(prefixes.template, combined), place)
 
 
 def _padded_logits(km: KnModel, module: torch.nn.Module, plan: _Padded, delta: torch.Tensor,
-                   select: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Logits [len(select[0]), vocab] at (row, position from the subject's last token) of ``select``, δ added at
-    every row's subject's last token; only those positions reach the output head."""
-    n = plan.ids.shape[0]
+                   select: tuple[torch.Tensor, torch.Tensor], below: _Below | None = None) -> torch.Tensor:
+    """Logits [len(select[0]), vocab] at (batch row, column) of ``select``, δ added at every row's subject's last
+    token; only those positions reach the output head. ``below``: the blocks below the edited layer skipped."""
     cache = copy.deepcopy(plan.cache) if plan.cache is not None else None  # the forward appends to it
-    head = km.model.get_output_embeddings()
-
-    def selected(_module, args):
-        hidden, *rest = args
-        return (hidden[select[0], select[1]][:, None], *rest)
-
-    handle = head.register_forward_pre_hook(selected)
-    try:
-        with added_output(module, torch.arange(n, device=km.device), torch.zeros(n, dtype=torch.long, device=km.device), delta):
-            extra = {_cache_keyword(km.model): cache} if cache is not None else {}
-            logits = km.model(input_ids=plan.ids, attention_mask=plan.mask, position_ids=plan.positions,
-                              use_cache=cache is not None, **extra).logits  # fmt: skip
-    finally:
-        handle.remove()
-    return logits[:, 0]
+    with _head_at(km, select) as reduced, added_output(module, *plan.at(km.device), delta), skipped(below):
+        extra = {_cache_keyword(km.model): cache} if cache is not None else {}
+        logits = km.model(input_ids=plan.ids, attention_mask=plan.mask, position_ids=plan.positions,
+                          use_cache=cache is not None, **extra).logits  # fmt: skip
+    return logits[:, 0] if reduced else logits[select[0], select[1]]
 
 
 class _Steps:
-    """The logits a step needs, at ``wanted`` (row, absolute position) pairs, in that order: one padded forward
-    when the cache layout allows it, else one forward per group of rows of one shape."""
+    """The logits a step needs, at ``wanted`` (row, absolute position) pairs, in that order: one packed forward (or
+    padded, with ``packed`` False or where packing is ruled out) when the cache layout allows it, else one forward
+    per group of rows of one shape (``padded`` False: always). ``upper``: from the edited layer up only (False:
+    every block, every step). See the module docstring."""
 
-    def __init__(self, km: KnModel, rows: Sequence[Row], wanted: Sequence[tuple[int, int]], padded: bool = True) -> None:
+    def __init__(self, km: KnModel, rows: Sequence[Row], wanted: Sequence[tuple[int, int]], padded: bool = True,
+                 upper: bool = True, packed: bool = True) -> None:
         self.km, self.rows = km, list(rows)
-        groups = _groups(km, self.rows)
-        self.plan = _padded(km, self.rows, groups) if padded else None
+        self.upper = upper
+        # per forward, the blocks below the edited layer and their output (None: run every block), set at the
+        # first step, for the value projection it was given
+        self.below: list[_Below | None] | None = None
+        self._module: torch.nn.Module | None = None
+        self.plan = None
+        prefixes = _prefixes(km, self.rows) if padded else None
+        if prefixes is not None:
+            self.plan = (_packed(km, self.rows, prefixes) if packed else None) or _padded(km, self.rows, prefixes)
         device = km.device
         if self.plan is not None:
-            self.select = (torch.tensor([i for i, _ in wanted], device=device),
-                           torch.tensor([p - self.rows[i].subject for i, p in wanted], device=device))  # fmt: skip
+            place = self.plan.place
+            self.select = (torch.tensor([place[i][0] for i, _ in wanted], device=device),
+                           torch.tensor([place[i][1] + p - self.rows[i].subject for i, p in wanted], device=device))  # fmt: skip
             return
-        self.groups = groups
+        self.groups = groups = _groups(km, self.rows)
         place = {i: (g, j) for g, group in enumerate(groups) for j, i in enumerate(group.members)}
         per_group: list[list[tuple[int, int]]] = [[] for _ in groups]
         order = []  # where each wanted pair lands in the concatenation of the groups' selections
@@ -310,31 +477,54 @@ class _Steps:
                               torch.tensor([p for _, p in picks], device=device, dtype=torch.long))
                              for picks in per_group]  # fmt: skip
 
-    def logits(self, module: torch.nn.Module, delta: torch.Tensor) -> torch.Tensor:
+    def _forwards(self, module: torch.nn.Module, delta: torch.Tensor) -> list:
+        """One callable per forward of a step: given the blocks to skip (or None), its selected logits."""
         if self.plan is not None:
-            return _padded_logits(self.km, module, self.plan, delta, self.select)
-        parts = [_suffix_logits(self.km, module, group, delta, self.group_select[g])
-                 for g, group in enumerate(self.groups) if len(self.group_select[g][0])]  # fmt: skip
-        return torch.cat(parts)[self.order]
+            return [lambda below: _padded_logits(self.km, module, self.plan, delta, self.select, below)]
+        return [lambda below, g=g, group=group: _suffix_logits(self.km, module, group, delta, self.group_select[g], below)
+                for g, group in enumerate(self.groups) if len(self.group_select[g][0])]  # fmt: skip
+
+    @property
+    def skipping(self) -> bool:
+        """Whether the steps so far ran from the edited layer up only."""
+        return bool(self.below) and all(b is not None for b in self.below)
+
+    def logits(self, module: torch.nn.Module, delta: torch.Tensor) -> torch.Tensor:
+        forwards = self._forwards(module, delta)
+        if self.below is not None and module is self._module:
+            parts = [forward(below) for forward, below in zip(forwards, self.below)]
+        else:  # the first step for this value projection
+            self._module = module
+            layer = _layer_of(self.km, module) if self.upper else None
+            if not layer:  # nothing below it (or not asked): every block
+                self.below = [None] * len(forwards)
+                parts = [forward(None) for forward in forwards]
+            else:
+                captured = [_captured(self.km, layer, forward) for forward in forwards]
+                self.below = [below for below, _ in captured]
+                parts = [forward(below) for forward, below in zip(forwards, self.below)]
+                if not all(_agrees(got.detach(), full) for got, (_, full) in zip(parts, captured)):
+                    self.below = [None] * len(forwards)  # this model's forward is not skipped this way
+                    parts = [forward(None) for forward in forwards]
+        return parts[0] if self.plan is not None else torch.cat(parts)[self.order]
 
 
 def optimise_value(km: KnModel, layer: int, rows: Sequence[Row], kl: Row, init_norm: float, *, lr: float, steps: int,
                    stop_loss: float, kl_factor: float, weight_decay: float, clamp_norm_factor: float,
-                   reporter: Reporter | None = None, padded: bool = True) -> ValueResult:
+                   reporter: Reporter | None = None, padded: bool = True, upper: bool = True) -> ValueResult:
     """δ for ``rows`` (see the module docstring). init_norm: ‖W k*‖, the scale of the norm terms. ``padded``:
-    every row in one padded forward per step (False: one forward per group of rows of one shape)."""
+    every row in one forward per step (False: one forward per group of rows of one shape). ``upper``: steps run
+    the blocks from ``layer`` up only (False: every block)."""
     reporter = reporter or NullReporter()
     device = km.device
     everything = list(rows) + [kl]
     # The (row, position) pairs the objective reads, answer tokens first, the KL position last: only those go
     # through the output head.
     wanted = [(i, p) for i, r in enumerate(rows) for p in r.answer] + [(len(rows), kl.answer[0])]
-    steps_plan = _Steps(km, everything, wanted, padded=padded)
+    steps_plan = _Steps(km, everything, wanted, padded=padded, upper=upper)
     token_rows = torch.tensor([i for i, r in enumerate(rows) for _ in r.answer], device=device)
     token_ids = torch.tensor([t for r in rows for t in r.targets], device=device)
-    with torch.no_grad():
-        reference = km.model(input_ids=kl.input_ids[None].to(device)).logits[0, kl.answer[0]]
-        reference = torch.log_softmax(reference.float(), dim=-1)
+    reference = None  # log P_original after "{subject} is a": the first step's (δ = 0 there)
 
     delta = torch.zeros(km.d_model, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=lr)
@@ -345,6 +535,8 @@ def optimise_value(km: KnModel, layer: int, rows: Sequence[Row], kl: Row, init_n
         for step in range(steps):
             logits = steps_plan.logits(module, delta)
             answer_logits, kl_logits = logits[:-1], logits[-1]
+            if reference is None:
+                reference = torch.log_softmax(kl_logits.detach().float(), dim=-1)
             nll, kl_term = objective(answer_logits, token_ids, token_rows, len(rows), kl_logits, reference)
             decay = weight_decay * delta.pow(2).sum() / max(init_norm, 1e-12) ** 2
             loss = nll + kl_factor * kl_term + decay

@@ -181,7 +181,8 @@ class MemitEditor(Editor):
         try:
             with self.reporter.task(f"MEMIT over layers {layers}", total=len(layers)) as task:
                 for j, layer in enumerate(layers):
-                    missing = deltas - (self._hidden(km, last, rows) - before)  # z − h^L now [n, d_model]
+                    # z − h^L now [n, d_model]; before the first layer's update h^L is ``before`` itself
+                    missing = deltas - (self._hidden(km, last, rows) - before) if j else deltas
                     keys, residuals = self._fitted(km, layer, requests, texts, prefixes, missing / (len(layers) - j),
                                                    fits)
                     delta, update = self._update(km, layer, stats[layer], keys, residuals)
@@ -260,7 +261,7 @@ class MemitEditor(Editor):
                                             s.null_space_ridge, space=stats.null_space(s.null_space_threshold))
             dims = space.kept
         else:
-            delta = memit_delta(residuals.T, keys.T, stats.mom2, s.mom2_update_weight, s.cov_ridge)
+            delta = memit_delta(residuals.T, keys.T, stats.mom2, s.mom2_update_weight, s.cov_ridge, stats.memo)
         norm = float(delta.norm())
         return delta, MemitLayerDetails(
             layer=layer, parameter=value_location(km, layer)[0], update_norm=norm,

@@ -7,30 +7,23 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from ...models.adapters import first_submodule
-from ...errors import EditError
-from ..keyvalue.target import Row
+from ...models.hooks import run_until
+from ..keyvalue.target import Row, blocks
 
 if TYPE_CHECKING:
     from ...models.model import KnModel
 
 
-def block(km: KnModel, layer: int) -> torch.nn.Module:
-    blocks = first_submodule(km.model, km.adapter.layers)
-    if blocks is None:  # pragma: no cover - every adapter names its layer list
-        raise EditError("cannot find the model's layer list")
-    return list(blocks)[layer]
-
-
 @torch.no_grad()
 def hidden_at_subject(km: KnModel, layer: int, rows: Sequence[Row], batch_size: int = 32) -> torch.Tensor:
     """[n_rows, d_model] float64 CPU: the output of block ``layer`` (the residual stream after it) at each row's
-    subject position. Rows are right-padded, so real tokens keep their positions and, causally, their states."""
+    subject position. Rows are cut after the subject's last token (nothing later reaches it, causally) and
+    right-padded, so real tokens keep their positions and their states; the forward stops after the block."""
     out = []
-    module = block(km, layer)
+    module = blocks(km)[layer]
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        ids, mask = km.pad([r.input_ids for r in chunk])
+        ids, mask = km.pad([r.input_ids[: r.subject + 1] for r in chunk])
         at = torch.tensor([r.subject for r in chunk], device=km.device)
         got: dict[str, torch.Tensor] = {}
 
@@ -40,7 +33,7 @@ def hidden_at_subject(km: KnModel, layer: int, rows: Sequence[Row], batch_size: 
 
         handle = module.register_forward_hook(hook)
         try:
-            km.model(input_ids=ids, attention_mask=mask)
+            run_until(km.model, module, input_ids=ids, attention_mask=mask)
         finally:
             handle.remove()
         out.append(got["h"])

@@ -16,10 +16,11 @@ from ..keyvalue.solve import least_change
 
 
 def memit_delta(residuals: torch.Tensor, keys: torch.Tensor, mom2: torch.Tensor, weight: float,
-                ridge: float = 0.0) -> torch.Tensor:
+                ridge: float = 0.0, factors: dict | None = None) -> torch.Tensor:
     """ΔW [d_model, d_ff] float64. residuals R [d_model, n], keys K [d_ff, n], mom2 C [d_ff, d_ff], weight λ;
-    ridge: C + ridge · mean(diag C) · I (ROME's cov_ridge)."""
+    ridge: C + ridge · mean(diag C) · I (ROME's cov_ridge); factors: C's factorization memo
+    (``KeyStatistics.memo``)."""
     # the soft least change: λ weighs general text's keys against the batch's own (kn_edit.editing.keyvalue.solve)
     hint = ("take the key statistics over more text (cov_tokens), set cov_ridge > 0 or mom2_update_weight > 0, or "
             "edit requests that share a subject's key in separate batches")
-    return least_change(mom2, keys.T, residuals.T, ridge, softness=weight, hint=hint)
+    return least_change(mom2, keys.T, residuals.T, ridge, softness=weight, hint=hint, factors=factors)

@@ -144,7 +144,7 @@ class RomeEditor(Editor):
                                      s.null_space_ridge, torch.stack(list(earlier)) if earlier else None,
                                      space=stats.null_space(s.null_space_threshold))[0]
         else:
-            direction = exact_direction(stats.mom2, keys, s.cov_ridge)  # w [d_ff]
+            direction = exact_direction(stats.mom2, keys, s.cov_ridge, stats.memo)  # w [d_ff]
             delta = torch.outer(found.delta.to(torch.float64), direction)  # ΔW = δ wᵀ [d_model, d_ff]
         norm = float(delta.norm())
         details = RomeRequestDetails(

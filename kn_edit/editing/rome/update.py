@@ -31,13 +31,13 @@ if TYPE_CHECKING:
 
 
 
-def exact_direction(mom2: torch.Tensor, keys: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+def exact_direction(mom2: torch.Tensor, keys: torch.Tensor, ridge: float = 0.0, factors: dict | None = None) -> torch.Tensor:
     """w [d_ff] float64 of least wᵀCw with wᵀk_j = 1 for every row k_j of ``keys`` [m, d_ff] (see the module
     docstring): the shared least-change solve (kn_edit.editing.keyvalue.solve) with every target 1. One key:
-    C⁻¹k / (kᵀC⁻¹k), the paper's direction."""
+    C⁻¹k / (kᵀC⁻¹k), the paper's direction. factors: C's factorization memo (``KeyStatistics.memo``)."""
     ones = torch.ones(len(keys), 1, dtype=torch.float64)
     # check_exact off: the pseudo-inverse's least-squares answer is the update even where keys nearly coincide
-    return least_change(mom2, keys, ones, ridge, check_exact=False)[0]
+    return least_change(mom2, keys, ones, ridge, check_exact=False, factors=factors)[0]
 
 
 def weight_change(km: KnModel, delta: torch.Tensor) -> torch.Tensor:
