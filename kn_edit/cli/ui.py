@@ -122,13 +122,16 @@ def _details_parts(title: str, details: object, depth: int = 0) -> list:
 
 def report_tables(report) -> list:
     """What an edit did, from its EditReport alone (the same for every method): the parameters it changed,
-    each edit prompt's verdict and margin, cost, and the method's own details."""
+    each edit prompt's verdict and margin, cost (time per phase), and the method's own details."""
+    from ..editing.report import format_timings
+
     params = [[p.name, "all" if p.whole else f"{p.slices} of {p.size}", p.elements] for p in report.parameters]
     parts: list = [table(f"{report.method}: parameters changed", ["parameter", "slices", "elements"], params)]
     prompts = [[p.prompt, repr(p.target), "yes" if p.success else "no", p.margin] for p in report.prompts]
     verdict = "erased" if report.prompts and report.prompts[0].erasure else "holds"
     parts.append(table("edit prompts after the edit", ["prompt", "target", verdict, "margin (logits)"], prompts))
     parts += _details_parts(f"{report.method} details", report.details)
-    memory = "" if report.peak_memory_mb is None else f", peak memory {report.peak_memory_mb:.0f} MB ({report.memory_kind})"
-    parts.append(f"{report.method}: {report.seconds:.1f} s{memory}")
+    parts.append(f"{report.method} time: {format_timings(report.seconds, report.timings)}")
+    if report.peak_memory_mb is not None:
+        parts.append(f"{report.method} peak memory: {report.peak_memory_mb:.0f} MB ({report.memory_kind})")
     return parts

@@ -15,7 +15,7 @@ from ..data.records import EditRequest
 from ..errors import EditError
 from ..models.prompts import normalize
 from .ledger import Edit, ParamPatch, SliceChange, commit
-from .report import EditReport, measured, parameter_changes, prompt_outcomes
+from .report import EditReport, PhaseTimer, measured, parameter_changes, prompt_outcomes
 
 if TYPE_CHECKING:
     from ..models.model import KnModel
@@ -62,22 +62,38 @@ class Editor(ABC):
                                 "batch; give each fact one new object")
         return requests
 
+    @property
+    def timer(self) -> PhaseTimer:
+        """The timer of the edit in progress: ``with self.timer("solve"):`` in :meth:`compute` charges the block
+        to phase "solve" of the report's ``timings``. Outside :meth:`apply`, a timer nobody reads."""
+        return getattr(self, "_timer", None) or PhaseTimer()
+
     def apply(self, km: KnModel, requests: Sequence[EditRequest]) -> Edit:
         """Apply every request at once and return the handle that reverts them. If this raises (a refused
-        edit, an error, an interrupt), the model is left as it was."""
+        edit, an error, an interrupt), the model is left as it was. The report's seconds cover all of it:
+        the method's phases (``timings``), committing, and judging the edit prompts."""
         requests = self.check_requests(requests)
-        with measured(km.device) as cost:
-            changes, details = self.compute(km, requests)
-            edit = commit(km, self.name, requests, changes)
+        timer, outer = PhaseTimer(km.device), getattr(self, "_timer", None)
+        self._timer, edit = timer, None
         try:
+            with measured(km.device) as cost:
+                changes, details = self.compute(km, requests)
+                with timer("commit"):
+                    edit = commit(km, self.name, requests, changes)
+                with timer("report"):
+                    prompts, parameters = prompt_outcomes(km, requests), parameter_changes(km, edit.patches)
             edit.report = EditReport(
-                method=self.name, prompts=prompt_outcomes(km, requests), parameters=parameter_changes(km, edit.patches),
-                seconds=cost.seconds, peak_memory_mb=cost.peak_memory_mb, memory_kind=cost.memory_kind,
+                method=self.name, prompts=prompts, parameters=parameters, seconds=cost.seconds,
+                peak_memory_mb=cost.peak_memory_mb, memory_kind=cost.memory_kind,
                 neurons=list(getattr(details, "neurons", None) or []), details=details,
+                timings=timer.timings(cost.seconds),
             )
         except BaseException:
-            edit.revert()
+            if edit is not None:
+                edit.revert()
             raise
+        finally:
+            self._timer = outer
         return edit
 
     @abstractmethod

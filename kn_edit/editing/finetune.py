@@ -278,9 +278,10 @@ class FineTuneEditor(Editor):
         param = km.model.get_parameter(name)
         # Lightning loops (and callers) may run under inference_mode / no_grad; the optimisation needs gradients,
         # and tensors made under inference_mode cannot take part in it, so everything is made in here.
-        with torch.inference_mode(False), torch.enable_grad(), \
+        with torch.inference_mode(False), torch.enable_grad(), self.timer("optimise"), \
                 self.reporter.task(f"fine-tuning layer {layer}", total=s.steps) as task:
-            batch = _Batch(km, *_rows(km, requests, s.loss))
+            with self.timer("prepare"):
+                batch = _Batch(km, *_rows(km, requests, s.loss))
             w0 = param.detach().to(torch.float32, copy=True)
             scale = weight_scale(w0, s.bound_unit)
             eps = s.norm_bound * scale

@@ -160,9 +160,9 @@ class _NeuronEditor(Editor):
     def _plans(self, km: KnModel, requests: list[EditRequest], plan_one: Callable) -> list[_Plan]:
         """plan_one(request, given, generic) for each request in turn, with progress; given: the caller's
         neurons for it (or None), generic: the generic-prompt activations (or None, filter off)."""
-        generic = self._generic(km)
         plans = []
-        with self.reporter.task("locating knowledge neurons", total=len(requests)) as task:
+        with self.timer("prepare"), self.reporter.task("locating knowledge neurons", total=len(requests)) as task:
+            generic = self._generic(km)
             for request, given in zip(requests, _given(self._neurons, len(requests))):
                 plans.append(plan_one(request, given, generic))
                 task.advance()
@@ -172,7 +172,8 @@ class _NeuronEditor(Editor):
         """The caller's neurons (checked) or, without them, the located ones."""
         if given is not None:
             return Located(checked(km, given.neurons), given.scores)
-        return self._locator(km, request.prompts, request.old, self.settings)
+        with self.timer("locate"):
+            return self._locator(km, request.prompts, request.old, self.settings)
 
     def _plan(self, request: EditRequest, located: Located, acts: torch.Tensor, by_hand: bool,
               generic: torch.Tensor | None, sets, unpredicted: list[tuple[str, str]]) -> _Plan:
@@ -240,15 +241,14 @@ class KnowledgeNeuronEditor(_NeuronEditor):
     def compute(self, km: KnModel, requests: list[EditRequest]) -> tuple[list, KnDetails]:
         s = self.settings
         plans = self._plans(km, requests, lambda request, given, generic: self._plan_or_fallback(km, request, given, generic))
-        if s.rule == "signed":
-            neurons, deltas, scales = self._signed(km, plans)
-        else:
-            neurons, deltas, scales = self._fixed(km, plans)
+        with self.timer("solve"):
+            neurons, deltas, scales = (self._signed if s.rule == "signed" else self._fixed)(km, plans)
         changes = value_changes(km, neurons, deltas, additive=True)
         text = None
         if s.rule == "signed":  # the text-damage guard: refuses (model unchanged) beyond max_text_change
             what = ", ".join(f"{r.old!r} → {r.new!r}" for r in requests)
-            text = guard_edit(km, changes, s.max_text_change, what, self.guard_texts).change
+            with self.timer("guard"):
+                text = guard_edit(km, changes, s.max_text_change, what, self.guard_texts).change
         details = KnDetails(rule=str(s.rule), embedding=_embedding_kind(km), settings=_settings_dict(s),
                             requests=[_request_details(p, scale) for p, scale in zip(plans, scales)], neurons=neurons,
                             text_change=text)
@@ -558,7 +558,8 @@ class KnowledgeNeuronRelationEraser(Editor):
             sets = []
             with self.reporter.task("locating the relation's neurons", total=len(requests)) as task:
                 for fact in requests:
-                    sets.append(set(self._locator(km, fact.prompts, fact.old, s).neurons))
+                    with self.timer("locate"):
+                        sets.append(set(self._locator(km, fact.prompts, fact.old, s).neurons))
                     task.advance()
         else:
             sets = self.neuron_sets

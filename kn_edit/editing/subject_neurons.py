@@ -223,8 +223,10 @@ class SubjectNeuronEditor(Editor):
         s = self.settings
         check_causal_requests(km, requests, "kn-subject", "its neurons are located at the subject's last token")
         layer = s.layer_for(km)
-        stats = statistics_for(km, layer, s, self.key_texts, self.reporter)
-        prefixes = context_prefixes(km, s.n_prefixes, s.prefix_length, s.prefix_top_k, s.prefix_seed)
+        with self.timer("statistics"):
+            stats = statistics_for(km, layer, s, self.key_texts, self.reporter)
+        with self.timer("prefixes"):
+            prefixes = context_prefixes(km, s.n_prefixes, s.prefix_length, s.prefix_top_k, s.prefix_seed)
         whole = s.key_text == KeyText.subject
         preserved = (torch.stack([keys_at(km, layer, subject_texts(km, x, [], prefixes, True)).mean(dim=0)
                                   for x in self.preserve_subjects]) if self.preserve_subjects
@@ -241,7 +243,8 @@ class SubjectNeuronEditor(Editor):
         # were solved one after another (each measured on top of the earlier ones)
         whole_edit = len(requests) == 1 or s.batch == BatchSolve.joint
         measured = dict(done[0].widening).get(done[0].count) if whole_edit else None
-        guard = guard_edit(km, changes, s.max_text_change, what, self.guard_texts, measured=measured)
+        with self.timer("guard"):
+            guard = guard_edit(km, changes, s.max_text_change, what, self.guard_texts, measured=measured)
         details = SubjectDetails(layer=layer, prefixes=prefixes, covariance_tokens=stats.n_tokens,
                                  covariance_from_cache=stats.from_cache, text_change=guard.change, requests=done,
                                  settings={k: (v.value if isinstance(v, Enum) else v) for k, v in vars(s).items()},
@@ -311,12 +314,14 @@ class SubjectNeuronEditor(Editor):
             index = torch.tensor(list(dict.fromkeys(int(i) for f in at for i in f.index)), dtype=torch.long)
             keys = torch.cat([f.moved for f in at] + [preserved])[:, index]
             targets = torch.cat([f.targets for f in at] + [torch.zeros(len(preserved), km.d_model)])
-            d = least_change(mom2[index][:, index], keys, targets, s.cov_ridge, self._penalty(index, earlier),
-                             hint=EDIT_MORE_NEURONS)
+            with self.timer("solve"):
+                d = least_change(mom2[index][:, index], keys, targets, s.cov_ridge, self._penalty(index, earlier),
+                                 hint=EDIT_MORE_NEURONS)
             if len(counts) == 1:
                 return at, index, d, tried
-            change = text_change(km, value_changes(km, [Neuron(layer, int(i)) for i in index], d.t().float(), True),
-                                 guard_sample(self.guard_texts))
+            with self.timer("widen"):  # the guard's measure of each count tried
+                change = text_change(km, value_changes(km, [Neuron(layer, int(i)) for i in index], d.t().float(), True),
+                                     guard_sample(self.guard_texts))
             tried.append((n, change))
             if best is None or change < best[-1]:  # NaN (a wrecked model) is never the best
                 best = (at, index, d, change)
@@ -357,20 +362,24 @@ class SubjectNeuronEditor(Editor):
             if first >= km.d_ff:  # the whole layer: nothing to choose, nothing to widen to
                 scores = torch.zeros(km.d_ff)
             else:
-                scores = subject_scores(km, request.prompts, request.subject, request.old, layer, s.attribution_steps)
+                with self.timer("locate"):
+                    scores = subject_scores(km, request.prompts, request.subject, request.old, layer, s.attribution_steps)
             located.append((scores, strongest(scores, first)))
-            keys.append(keys_at(km, layer, subject_texts(km, request.subject, request.prompts, prefixes, whole)).mean(dim=0))
+            with self.timer("keys"):
+                keys.append(keys_at(km, layer, subject_texts(km, request.subject, request.prompts, prefixes, whole)).mean(dim=0))
         mean_key = keys[0] if len(keys) == 1 else torch.stack(keys).mean(dim=0)
         with torch.no_grad():
             output = proj(mean_key.to(km.device, proj.weight.dtype)[None])[0].float().cpu()  # W k* (+ bias) [d_model]
         rows = [row for r in requests for row in rewrite_rows(km, r.prompts, r.subject, r.new, prefixes)]
-        found = optimise_value(km, layer, rows, kl_row(km, requests[0].subject), float(output.norm()), lr=s.lr,
-                               steps=s.steps, stop_loss=s.stop_loss, kl_factor=s.kl_factor,
-                               weight_decay=s.weight_decay, clamp_norm_factor=s.clamp_norm_factor,
-                               reporter=self.reporter)
+        with self.timer("optimise"):
+            found = optimise_value(km, layer, rows, kl_row(km, requests[0].subject), float(output.norm()), lr=s.lr,
+                                   steps=s.steps, stop_loss=s.stop_loss, kl_factor=s.kl_factor,
+                                   weight_decay=s.weight_decay, clamp_norm_factor=s.clamp_norm_factor,
+                                   reporter=self.reporter)
         out = []
         for request, (scores, index), key in zip(requests, located, keys):
-            moved = fitted_keys(km, layer, key, request.subject, request.prompts, prefixes, s.fit)  # [m, d_ff]
+            with self.timer("keys"):
+                moved = fitted_keys(km, layer, key, request.subject, request.prompts, prefixes, s.fit)  # [m, d_ff]
             out.append(_Prepared(scores, index, key, found, moved, found.delta[None].expand(len(moved), -1)))
         return out
 

@@ -20,10 +20,10 @@ from ..storage.atomic import atomic_dir
 from ..storage.manifest import start_manifest, write_manifest
 from ..progress import NullReporter, Reporter
 from .config import CompareConfig, EditorConfig, EvalConfig, Mode, RegressionConfig, RunConfig
-from .metrics import row_metrics
+from .metrics import phase_seconds, row_metrics
 from .module import PROBE_CONDITIONS
 from .regression import Regression, compare as compare_metrics, load_metrics
-from .report import curve_markdown, fmt, per_relation
+from .report import curve_markdown, fmt, per_relation, timing_markdown
 from .runner import EvalResult, check_new_outputs, evaluate, load_passages, run_dir_for
 from .sequential import Checkpoint
 
@@ -299,6 +299,7 @@ def comparison_markdown(config: CompareConfig, model: str, result: CompareResult
              "| --- | " + " | ".join("---" for _ in COLUMNS) + " |"]  # fmt: skip
     for title, r in result.results.items():
         lines.append(f"| {title} | " + " | ".join(fmt(r.metrics.get(k)) for k, _ in COLUMNS) + " |")
+    lines += timing_markdown({title: phase_seconds(r.rows) for title, r in result.results.items()})
     if result.regressions:
         lines += ["", "## Regressions against the baseline", ""] + [f"- {r}" for r in result.regressions]
     curves = {t: r.curve for t, r in result.results.items() if r.curve}
@@ -340,7 +341,8 @@ def write_comparison(config: CompareConfig, km: KnModel, result: CompareResult, 
                    "metrics": result.flat_metrics(),
                    "per_relation": {t: r.per_relation for t, r in result.results.items()},
                    "summary": {t: r.summary for t, r in result.results.items()},
-                   "regressions": [str(r) for r in result.regressions], "written": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+                   "regressions": [str(r) for r in result.regressions], "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "timings": {t: phase_seconds(r.rows) for t, r in result.results.items()}}  # fmt: skip
         (tmp / "metrics.json").write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=True))
         config_yaml = to_yaml(config)
         (tmp / "config.yaml").write_text(config_yaml)

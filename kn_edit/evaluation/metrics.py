@@ -7,7 +7,7 @@ import torch
 from torchmetrics import Metric
 
 from . import functional as Fn
-from .report import RETENTION
+from .report import RETENTION, phase_order
 
 
 def _state(metric: Metric, name: str, reduce: str = "sum", init: float = 0.0, shape: tuple[int, ...] = ()) -> None:
@@ -184,3 +184,13 @@ def row_metrics(rows: list[dict]) -> dict[str, float]:
     if peaks:
         out["run/peak_memory_mb"] = max(peaks)
     return out
+
+
+def phase_seconds(rows: list[dict]) -> dict[str, float]:
+    """Mean seconds per edit of each phase of the edits' reports (``EditReport.timings``), over the rows whose
+    edit was made (as ``edit/seconds``), phases in the order first seen, "other" last; a phase an edit did not
+    enter counts 0 for it, so the means add up to the mean seconds per edit. Empty where no row has timings
+    (e.g. rows of an older kn-edit). Rows: a single-edit run's (report under "editor") or a sequential run's."""
+    reports = [r.get("report") or (r.get("editor") or {}).get("report") for r in rows]
+    timings = [t for t in ((rep or {}).get("timings") for rep in reports) if t]
+    return {p: sum(t.get(p, 0.0) for t in timings) / len(timings) for p in phase_order(timings)} if timings else {}

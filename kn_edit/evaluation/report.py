@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Iterable, Mapping
 
 # (metric, label) of the summary table, in display order.
 SUMMARY = (
@@ -45,6 +46,25 @@ SUMMARY = (
 
 
 RETENTION = ("intra", "intra_same", "intra_other", "inter")  # the interference slices of a per-fact row
+
+
+def phase_order(timings: Iterable[Mapping[str, float]]) -> list[str]:
+    """The phases of several edits' timings (``EditReport.timings``), in the order first seen, "other" last."""
+    return [p for p in dict.fromkeys(p for t in timings for p in t) if p != "other"] + ["other"]
+
+
+def timing_markdown(timings: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """The section "where the time goes": per method, the mean seconds per edit of each phase of its edits
+    (``metrics.phase_seconds``) and their total; nothing where no method's edits carry timings."""
+    timings = {title: means for title, means in timings.items() if means}
+    if not timings:
+        return []
+    phases = phase_order(timings.values())
+    lines = ["", "## Where the time goes: mean seconds per edit, by phase", "",
+             "| method | total | " + " | ".join(phases) + " |", "| --- | --- | " + " | ".join("---" for _ in phases) + " |"]
+    for title, means in timings.items():
+        lines.append(f"| {title} | {fmt(sum(means.values()))} | " + " | ".join(fmt(means.get(p)) for p in phases) + " |")
+    return lines
 
 
 def fmt(value: float) -> str:

@@ -144,22 +144,28 @@ class MemitEditor(Editor):
         s = self.settings
         check_causal_requests(km, requests, "MEMIT")
         layers = s.layers_for(km)
-        stats = {layer: self.statistics(km, layer) for layer in layers}
-        prefixes = context_prefixes(km, s.n_prefixes, s.prefix_length, s.prefix_top_k, s.prefix_seed)
+        with self.timer("statistics"):
+            stats = {layer: self.statistics(km, layer) for layer in layers}
+        with self.timer("prefixes"):
+            prefixes = context_prefixes(km, s.n_prefixes, s.prefix_length, s.prefix_top_k, s.prefix_seed)
         texts = [subject_texts(km, r.subject, [prompt_text(p) for p in r.prompts], prefixes,
                                whole_subject=s.key_text == KeyText.subject) for r in requests]
         rows = [rewrite_rows(km, r.prompts, r.subject, r.new, prefixes) for r in requests]
         last = layers[-1]
-        targets = [self._target(km, last, r, t, w) for r, t, w in zip(requests, texts, rows)]
+        with self.timer("optimise"):
+            targets = [self._target(km, last, r, t, w) for r, t, w in zip(requests, texts, rows)]
 
         fits = [s.fit] * len(requests)
-        changes, updates = self._solve(km, layers, stats, requests, texts, prefixes, rows, targets, fits)
+        with self.timer("solve"):
+            changes, updates = self._solve(km, layers, stats, requests, texts, prefixes, rows, targets, fits)
         refitted: list[int] = []
         if s.refit is not None and s.refit != s.fit:
-            refitted = self._short(km, requests, changes)
+            with self.timer("refit"):
+                refitted = self._short(km, requests, changes)
             if refitted:  # solved again from the same targets δ, the short requests with the refit's keys
                 fits = [s.refit if i in refitted else f for i, f in enumerate(fits)]
-                changes, updates = self._solve(km, layers, stats, requests, texts, prefixes, rows, targets, fits)
+                with self.timer("refit"):
+                    changes, updates = self._solve(km, layers, stats, requests, texts, prefixes, rows, targets, fits)
         for target, fit in zip(targets, fits):
             target.fit = str(fit)
         weights = sum(float(km.value_weight(l).detach().double().norm()) ** 2 for l in layers) ** 0.5

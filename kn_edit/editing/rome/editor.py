@@ -98,8 +98,10 @@ class RomeEditor(Editor):
         s = self.settings
         check_causal_requests(km, requests, "ROME")
         layer = s.layer_for(km)
-        stats = self.statistics(km, layer)
-        prefixes = context_prefixes(km, s.n_prefixes, s.prefix_length, s.prefix_top_k, s.prefix_seed)
+        with self.timer("statistics"):
+            stats = self.statistics(km, layer)
+        with self.timer("prefixes"):
+            prefixes = context_prefixes(km, s.n_prefixes, s.prefix_length, s.prefix_top_k, s.prefix_seed)
         name = value_location(km, layer)[0]
         weight_norm = float(km.value_weight(layer).detach().float().norm())
         total = torch.zeros(km.d_model, km.d_ff, dtype=torch.float64)
@@ -128,24 +130,28 @@ class RomeEditor(Editor):
         s = self.settings
         texts = subject_texts(km, request.subject, [prompt_text(p) for p in request.prompts], prefixes,
                               whole_subject=s.key_text == KeyText.subject)
-        key = keys_at(km, layer, texts).mean(dim=0)  # k* [d_ff]
+        with self.timer("keys"):
+            key = keys_at(km, layer, texts).mean(dim=0)  # k* [d_ff]
         proj = km.value_proj(layer)
         with torch.no_grad():
             output = proj(key.to(km.device, proj.weight.dtype)[None])[0].float().cpu()  # W k* (+ bias) [d_model]
         rows = rewrite_rows(km, request.prompts, request.subject, request.new, prefixes)
-        found = optimise_value(km, layer, rows, kl_row(km, request.subject), float(output.norm()), lr=s.lr,
-                               steps=s.steps, stop_loss=s.stop_loss, kl_factor=s.kl_factor,
-                               weight_decay=s.weight_decay, clamp_norm_factor=s.clamp_norm_factor,
-                               reporter=self.reporter)
-        keys = fitted_keys(km, layer, key, request.subject, request.prompts, prefixes, s.fit)  # [m, d_ff]
-        if s.null_space:  # AlphaEdit; earlier: this call's earlier requests' keys, kept too
-            residuals = found.delta.to(torch.float64)[:, None].expand(-1, len(keys))  # [d_model, m]
-            delta = null_space_delta(km, layer, stats.mom2, residuals, keys.T, s.null_space_threshold,
-                                     s.null_space_ridge, torch.stack(list(earlier)) if earlier else None,
-                                     space=stats.null_space(s.null_space_threshold))[0]
-        else:
-            direction = exact_direction(stats.mom2, keys, s.cov_ridge, stats.memo)  # w [d_ff]
-            delta = torch.outer(found.delta.to(torch.float64), direction)  # ΔW = δ wᵀ [d_model, d_ff]
+        with self.timer("optimise"):
+            found = optimise_value(km, layer, rows, kl_row(km, request.subject), float(output.norm()), lr=s.lr,
+                                   steps=s.steps, stop_loss=s.stop_loss, kl_factor=s.kl_factor,
+                                   weight_decay=s.weight_decay, clamp_norm_factor=s.clamp_norm_factor,
+                                   reporter=self.reporter)
+        with self.timer("keys"):
+            keys = fitted_keys(km, layer, key, request.subject, request.prompts, prefixes, s.fit)  # [m, d_ff]
+        with self.timer("solve"):
+            if s.null_space:  # AlphaEdit; earlier: this call's earlier requests' keys, kept too
+                residuals = found.delta.to(torch.float64)[:, None].expand(-1, len(keys))  # [d_model, m]
+                delta = null_space_delta(km, layer, stats.mom2, residuals, keys.T, s.null_space_threshold,
+                                         s.null_space_ridge, torch.stack(list(earlier)) if earlier else None,
+                                         space=stats.null_space(s.null_space_threshold))[0]
+            else:
+                direction = exact_direction(stats.mom2, keys, s.cov_ridge, stats.memo)  # w [d_ff]
+                delta = torch.outer(found.delta.to(torch.float64), direction)  # ΔW = δ wᵀ [d_model, d_ff]
         norm = float(delta.norm())
         details = RomeRequestDetails(
             subject=request.subject, old=request.old, new=request.new, key_norm=float(key.norm()),
