@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import re
-import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -141,27 +140,22 @@ def _short(text: str) -> str:
 # and a text of at most n tokens is never cut. The exceptions, tokenizers that let one token stand for more (WordPiece
 # drops runs of spaces and gives a whole long word one unknown token), show as a head with too few tokens
 # (:func:`head_holds`): those texts are tokenized whole where the whole text is at hand.
-_LONGEST_TOKEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _longest_token(tokenizer) -> int | None:
-    """The longest vocabulary string of ``tokenizer`` in characters (None where it lists no vocabulary); kept
-    per tokenizer while its vocabulary keeps its size (tokens added later count)."""
+    """The longest vocabulary string of ``tokenizer`` in characters (None where it lists no vocabulary); kept on
+    the tokenizer (no module-level cache) while its vocabulary keeps its size (tokens added later count)."""
     try:
         size = len(tokenizer)
-        cached = _LONGEST_TOKEN.get(tokenizer)
-    except TypeError:  # no size, or not weak-referenceable: computed each time
-        size, cached = None, None
-    if cached is not None and cached[0] == size:
+    except TypeError:  # no size: computed each time
+        size = None
+    cached = getattr(tokenizer, "__dict__", {}).get("_kn_edit_longest_token")
+    if cached is not None and size is not None and cached[0] == size:
         return cached[1]
     try:
         longest = max((len(t) for t in tokenizer.get_vocab()), default=0) or None
     except (AttributeError, NotImplementedError, TypeError):
         longest = None
-    try:
-        _LONGEST_TOKEN[tokenizer] = (size, longest)
-    except TypeError:
-        pass
+    if size is not None and hasattr(tokenizer, "__dict__"):
+        tokenizer.__dict__["_kn_edit_longest_token"] = (size, longest)
     return longest
 
 
