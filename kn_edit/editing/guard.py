@@ -3,7 +3,8 @@ the edit applied as a trial (reverted before returning) and bounded by a limit.
 
 The sample: the first ``n`` passages of the Wikipedia key slice (kn_edit/data/text.py), each cut at
 ``max_tokens`` tokens; disjoint from the held-out passages evaluation measures perplexity on. A few hundred
-tokens: one batched forward before and one after, well under a second on smollm2-135m (CPU).
+tokens: one batched forward before and one after, well under a second on smollm2-135m (CPU). The unedited
+model's NLL is computed once per weight state (kn_edit.editing.memo), not for every edit and trial.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 from ..errors import EditError, KnEditError
 from ..models.likelihood import mean_text_nll
 from .ledger import SliceChange, commit
+from .memo import memoized
 
 if TYPE_CHECKING:
     from ..models.model import KnModel
@@ -50,7 +52,8 @@ def text_change(km: KnModel, changes: Sequence[SliceChange], texts: Sequence[str
                 max_tokens: int = GUARD_TOKENS) -> float:
     """Relative perplexity change exp(NLL_after − NLL_before) − 1 of ``texts`` under ``changes`` (applied as a
     trial and reverted; the model is as before when this returns or raises)."""
-    before = text_nll(km, texts, max_tokens)
+    texts = tuple(texts)
+    before = memoized(km, "guard_nll", (texts, max_tokens), lambda: text_nll(km, texts, max_tokens))
     trial = commit(km, "trial", [], list(changes))
     try:
         after = text_nll(km, texts, max_tokens)

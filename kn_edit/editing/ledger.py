@@ -13,6 +13,10 @@ with tensor indexing (no loop over slices). So
 
 The ledger assumes touched slices change only through it: a write by other code to a touched slice is
 overwritten by the next recomputation.
+
+:meth:`Ledger.state` names the weights' current values for caches of what depends on the weights alone
+(kn_edit.editing.memo): equal states mean equal weights, bit for bit. A trial edit applied and reverted leaves the
+state as it was, though torch counts both writes in the tensors' versions; any other in-place write changes it.
 """
 
 from __future__ import annotations
@@ -163,6 +167,11 @@ class Ledger:
         self._pristine: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
         # (edit, {key: op}) in the order the edits were applied.
         self._entries: list[tuple[Edit, dict[Key, _Op]]] = []
+        # For state(): each active edit's serial number (never reused, unlike id()), and per parameter the
+        # (storage, version) right after the ledger's last write with the (storage, version) its values derive from.
+        self._serial = 0
+        self._serials: dict[Edit, int] = {}
+        self._written: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}
 
     @property
     def active_edits(self) -> list[Edit]:
@@ -222,7 +231,22 @@ class Ledger:
 
     def _write(self, key: Key, rows: torch.Tensor, block: torch.Tensor) -> None:
         param = self._param(key[0])
+        base = self._base(key[0], param)
         param.index_copy_(key[1], rows.to(param.device), block.to(param.device, param.dtype))
+        self._written[key[0]] = ((param.data_ptr(), param._version), base)
+
+    def _base(self, name: str, param: torch.Tensor) -> tuple[int, int]:
+        """The (storage, version) that ``param``'s values derive from: its current one, unless only the ledger
+        wrote it since that one (its values are then that one's, with the active edits applied)."""
+        now = (param.data_ptr(), param._version)
+        written = self._written.get(name)
+        return written[1] if written is not None and written[0] == now else now
+
+    def state(self) -> tuple:
+        """A hashable name of the weights' current values: the active edits (in order) and each parameter's
+        :meth:`_base`. Writes through ``.data`` escape torch's version counter, and so this state."""
+        edits = tuple(self._serials[edit] for edit, _ in self._entries)
+        return edits, tuple(self._base(name, p) for name, p in self._model.named_parameters())
 
     def _read(self, key: Key, rows: torch.Tensor) -> torch.Tensor:
         param = self._param(key[0])
@@ -265,11 +289,14 @@ class Ledger:
                 for key, op in ops.items():
                     self._remember(key, op.index, befores[key])
                 self._entries.append((edit, ops))
+                self._serial += 1
+                self._serials[edit] = self._serial
                 for key, op in ops.items():
                     self._write(key, op.index, self._value(key, op.index))
             except BaseException:
                 # Put back exactly what was there, and forget this edit.
                 self._entries = [(e, o) for e, o in self._entries if e is not edit]
+                self._serials.pop(edit, None)
                 for key, before in befores.items():
                     self._write(key, ops[key].index, before)
                 self._pristine = saved
@@ -289,6 +316,7 @@ class Ledger:
         ops = found[0]
         with torch.no_grad():
             self._entries = [(e, o) for e, o in self._entries if e is not edit]
+            del self._serials[edit]
             for key, op in ops.items():
                 self._write(key, op.index, self._value(key, op.index))
                 still = [o[key].index for _, o in self._entries if key in o]

@@ -19,25 +19,36 @@ from ..models.hooks import value_input_hooks
 from ..models.neurons import Neuron
 from ..models.prompts import encode_prompt_only
 from .filters import with_slot
+from .memo import memoized
 
 if TYPE_CHECKING:
     from ..models.model import KnModel
 
-@torch.no_grad()
 def token_activations(km: KnModel, prompts: Sequence[str], neurons: Sequence[Neuron]) -> torch.Tensor:
     """The neurons' activations at every token of every prompt (masked LMs: with an answer slot appended
     where a prompt has none): [n_tokens, n_neurons], float32 CPU."""
+    layers = sorted({n.layer for n in neurons})
+    # Whole layers, kept per weight state (kn_edit.editing.memo): later edits read them for other neurons.
+    stored: dict[int, torch.Tensor] = memoized(km, "token_activations", tuple(prompts), dict, keep=2)
+    missing = [l for l in layers if l not in stored]
+    if missing:
+        stored.update(_layer_token_activations(km, prompts, missing))
+    return torch.stack([stored[n.layer][:, n.index] for n in neurons], dim=1)
+
+
+@torch.no_grad()
+def _layer_token_activations(km: KnModel, prompts: Sequence[str], layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """{layer: [n_tokens, d_ff]} activations at every token of every prompt (padding left out), one forward."""
     encoded = [encode_prompt_only(km.tokenizer, with_slot(km, p), km.is_masked_lm)[0] for p in prompts]
     ids, mask = km.pad(encoded)
-    layers = sorted({n.layer for n in neurons})
     captured: dict[int, torch.Tensor] = {}
 
     def capture(layer: int, act: torch.Tensor) -> None:
         captured[layer] = act[mask.bool()].float().cpu()  # [n_tokens, d_ff]; padding left out
 
-    with value_input_hooks(km.value_projs(layers), capture):
+    with value_input_hooks(km.value_projs(list(layers)), capture):
         km.model(input_ids=ids, attention_mask=mask)
-    return torch.stack([captured[n.layer][:, n.index] for n in neurons], dim=1)
+    return captured
 
 
 def preservation_metric(km: KnModel, neurons: Sequence[Neuron], prompts: Sequence[str], ridge: float) -> torch.Tensor:
