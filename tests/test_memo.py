@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from helpers import hook_count
 from kn_edit import Neuron
 from kn_edit.editing import apply_patch, guard
 from kn_edit.editing.filters import GENERIC_PROMPTS, slot_activations
@@ -18,6 +19,8 @@ from kn_edit.editing.ledger import SliceChange, commit
 from kn_edit.editing.memo import weights_state
 from kn_edit.editing.preserve import token_activations
 from kn_edit.editing.values import value_changes
+from kn_edit.models.adapters import first_submodule
+from tiny_models import FAMILIES
 
 TEXTS = ("The capital of France is Paris, a city on the Seine.", "Rome is the capital of Italy.",
          "Tokyo is a city in Japan.")
@@ -53,15 +56,15 @@ def changes_at(km, layer: int, scale: float) -> list[SliceChange]:
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Counts the guard's NLL computations."""
+    """Counts the guard's passes of the unedited model."""
     calls = {"n": 0}
-    real = guard.text_nll
+    real = guard._measure
 
     def counting(*args, **kwargs):
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(guard, "text_nll", counting)
+    monkeypatch.setattr(guard, "_measure", counting)
     return calls
 
 
@@ -70,27 +73,27 @@ def test_guard_change_is_the_plain_one_whatever_happened_to_the_weights(tiny_fac
     km = tiny_factory(family)
     a, b = changes_at(km, 1, 0.5), changes_at(km, 0, 0.3)
 
-    def check(changes, computed: int) -> float:
+    def check(changes, measured: bool) -> float:
         start = counted["n"]
         got = guard.text_change(km, changes, TEXTS)
         assert got == pytest.approx(plain_change(km, changes), rel=1e-3, abs=5e-6)  # float32 NLLs of ~6
-        assert counted["n"] - start == computed  # 2: before and after; 1: the unedited NLL was remembered
+        assert counted["n"] - start == int(measured)  # the unedited pass made again, or remembered
         return got
 
-    first = check(a, 2)
-    check(b, 1)  # the trials of a and of plain_change were reverted: same weights
+    first = check(a, True)
+    check(b, False)  # the trials of a and of plain_change were reverted: same weights
     edit = commit(km, "applied", [], changes_at(km, 1, 0.8))
-    check(a, 2)
+    check(a, True)
     edit.save(tmp_path / "p.safetensors")
     edit.revert()
-    assert check(a, 1) == first
+    assert check(a, False) == first
     patched = apply_patch(km, tmp_path / "p.safetensors")
-    check(a, 2)
+    check(a, True)
     patched.revert()
-    check(b, 1)
+    check(b, False)
     with torch.no_grad():  # a write outside the ledger
         km.value_weight(0)[0, 0] += 0.5
-    check(a, 2)
+    check(a, True)
 
 
 def test_weights_state(tiny_factory):
@@ -185,3 +188,59 @@ def test_generic_activations_follow_the_weights(tiny_factory, monkeypatch, famil
     with torch.no_grad():
         km.value_weight(0)[:, :].mul_(1.5)
     assert not torch.equal(check(), first)
+
+
+def full_pass_change(km, changes) -> float:
+    """The guard's change with every block computed, in the guard's own batch (no replay, nothing remembered)."""
+    measured = guard._measure(km, TEXTS, guard.GUARD_TOKENS)
+    trial = commit(km, "plain", [], changes)
+    try:
+        after = guard._mean_nll(km, measured.ids, measured.mask)
+    finally:
+        trial.revert()
+    return math.expm1(after - measured.nll)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_pass_from_the_lowest_changed_block_equals_the_whole_pass(tiny_factory, family):
+    km = tiny_factory(family, n_layers=3)
+    blocks = list(first_submodule(km.model, km.adapter.layers))
+    ran = []
+    handles = [b.register_forward_hook(lambda _m, _a, _o, i=i: ran.append(i)) for i, b in enumerate(blocks)]
+    try:
+        guard.text_change(km, changes_at(km, 2, 0.1), TEXTS)  # the unedited pass, remembered from here on
+        for layer in (2, 1, 0):
+            changes = changes_at(km, layer, 0.8)
+            expected = full_pass_change(km, changes)
+            ran.clear()
+            assert guard.text_change(km, changes, TEXTS) == expected  # bit for bit
+            assert ran == list(range(layer, 3))  # the blocks below handed back their kept outputs
+        embeddings = km.model.get_input_embeddings().weight
+        name = next(n for n, p in km.model.named_parameters() if p is embeddings)
+        outside = [SliceChange(name, 0, torch.tensor([3]), torch.ones(1, embeddings.shape[1]))]
+        ran.clear()
+        assert guard.text_change(km, outside, TEXTS) == full_pass_change(km, outside)
+        assert ran[:3] == [0, 1, 2]
+    finally:
+        for h in handles:
+            h.remove()
+    assert list(first_submodule(km.model, km.adapter.layers)) == blocks
+    assert hook_count(km) == 0
+
+
+def test_blocks_are_put_back_after_an_exception(tiny_factory):
+    km = tiny_factory("llama", n_layers=3)
+    blocks = list(km.model.model.layers)
+    guard.text_change(km, changes_at(km, 2, 0.5), TEXTS)  # the unedited pass, remembered
+
+    def boom(_module, _args, _output):
+        raise RuntimeError("boom")
+
+    handle = km.model.model.layers[2].register_forward_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            guard.text_change(km, changes_at(km, 2, 0.5), TEXTS)
+    finally:
+        handle.remove()
+    assert list(km.model.model.layers) == blocks
+    assert not km.active_edits
