@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import hook_count
-from kn_edit import Neuron
+from kn_edit import EditError, Neuron
 from kn_edit.editing import apply_patch, guard
 from kn_edit.editing.filters import GENERIC_PROMPTS, slot_activations
 from kn_edit.editing.ledger import SliceChange, commit
@@ -243,4 +243,11 @@ def test_blocks_are_put_back_after_an_exception(tiny_factory):
     finally:
         handle.remove()
     assert list(km.model.model.layers) == blocks
+    assert not km.active_edits
+
+
+def test_a_sample_too_short_to_measure_is_refused(tiny_factory):
+    km = tiny_factory("gpt2")
+    with pytest.raises(EditError, match="guard's sample"):
+        guard.text_change(km, changes_at(km, 1, 0.5), ("a",))
     assert not km.active_edits

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
-from ..errors import EditError, KnEditError
+from ..errors import EditError
 from ..models.adapters import first_submodule
-from ..models.likelihood import mean_text_nll, token_nll, tokenized_text
+from ..models.likelihood import token_nll, tokenized_text
 from .ledger import SliceChange, commit
 from .memo import memoized
 
@@ -50,14 +50,6 @@ def guard_texts(n: int = GUARD_PASSAGES) -> tuple[str, ...]:
 def guard_sample(texts: Sequence[str] | None = None) -> tuple[str, ...]:
     """The guard's sample: ``texts`` where given, else the fixed Wikipedia sample (:func:`guard_texts`)."""
     return tuple(texts) if texts is not None else guard_texts()
-
-
-def text_nll(km: KnModel, texts: Sequence[str], max_tokens: int = GUARD_TOKENS) -> float:
-    """Mean per-token negative log-likelihood of ``texts`` (each cut at ``max_tokens`` tokens), one batch."""
-    try:
-        return mean_text_nll(km, texts, max_tokens)
-    except KnEditError as exc:
-        raise EditError(f"the text-damage guard's sample: {exc}") from None
 
 
 def text_change(km: KnModel, changes: Sequence[SliceChange], texts: Sequence[str],
