@@ -8,7 +8,8 @@ knowledge of this fact and editing them damages everything. Two filters:
   the car is") about as strongly as on the fact's own prompts: the ``quantile`` (0.75) of |a_i| over the
   generic prompts at their answer slot ≥ ``ratio`` (0.5) × mean |a_i| over the fact's prompts at its answer
   step. A quantile rather than the mean, because a detector of the last word (" is") fires on a third of the
-  generic prompts only and the mean would dilute it. Needs one forward pass over the generic prompts.
+  generic prompts only and the mean would dilute it. Needs one forward pass over the generic prompts, once per
+  weight state (kn_edit.editing.memo).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from ..errors import ConfigError
 from ..models.neurons import Neuron
 from ..models.prompts import AnswerStep, encode_prompt_only
+from .memo import memoized
 
 if TYPE_CHECKING:
     from ..models.model import KnModel
@@ -95,8 +97,13 @@ def slot_activations(km: KnModel, prompts: Sequence[str], quantile: float = 0.75
     " [MASK]." is appended where missing): [n_layers, d_ff], float32 CPU."""
     if not 0.0 <= quantile <= 1.0:
         raise ConfigError(f"generic_quantile must be in [0, 1], got {quantile}")
-    steps = [AnswerStep(*encode_prompt_only(km.tokenizer, with_slot(km, p), km.is_masked_lm), -1) for p in prompts]
-    return km.activations(steps).abs().quantile(quantile, dim=0)
+    prompts = tuple(prompts)
+
+    def compute() -> torch.Tensor:
+        steps = [AnswerStep(*encode_prompt_only(km.tokenizer, with_slot(km, p), km.is_masked_lm), -1) for p in prompts]
+        return km.activations(steps).abs().quantile(quantile, dim=0)
+
+    return memoized(km, "slot_activations", (prompts, quantile), compute)  # the same for every edit of these weights
 
 
 def drop_generic(

@@ -21,7 +21,7 @@ from .guard import guard_edit
 from .preserve import preservation_metric
 from .ledger import commit
 from .rules import paper_deltas, signed_direction, signed_unit_deltas, unscaled_deltas
-from .sensitivity import least_norm_step, value_gradients
+from .sensitivity import least_norm_step, step_value_gradients
 from .settings import EraseSettings, LocateSettings, RelationEraseSettings, UpdateSettings, with_overrides
 from .targets import UpdateTarget, embedding, margins, require_predicted, update_target
 from .values import checked, value_changes, value_vectors
@@ -385,7 +385,7 @@ class KnowledgeNeuronEditor(_NeuronEditor):
                 if it == s.solve_steps:
                     break
                 low = [j for j in range(len(steps)) if hold or margin[j] < s.margin]
-                grads = torch.stack([value_gradients(km, [steps[j]], neurons, [int(rival[j])]) for j in low])
+                grads = step_value_gradients(km, [steps[j] for j in low], neurons, [int(rival[j]) for j in low])
             finally:
                 trial.revert()
             gain = (s.margin + 0.5 - margin[low]).clamp(min=0.0)

@@ -13,13 +13,16 @@ with tensor indexing (no loop over slices). So
 
 The ledger assumes touched slices change only through it: a write by other code to a touched slice is
 overwritten by the next recomputation.
+
+:meth:`Ledger.state` names the weights' current values for caches of what depends on the weights alone
+(kn_edit.editing.memo): equal states mean equal weights, bit for bit. A trial edit applied and reverted leaves the
+state as it was, though torch counts both writes in the tensors' versions; any other in-place write changes it.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Hashable, Sequence, TYPE_CHECKING
 
 import torch
 
@@ -165,10 +168,11 @@ class Ledger:
         self._pristine: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
         # (edit, {key: op}) in the order the edits were applied.
         self._entries: list[tuple[Edit, dict[Key, _Op]]] = []
-        # id(parameter) → how far the ledger's own writes moved its version counter (weights_state); by
-        # identity, since a tied weight has two names
-        self._written: dict[int, int] = {}
-        self._serials = itertools.count(1)  # the edits' serial numbers
+        # For state(): each active edit's serial number (never reused, unlike id()), and per parameter the
+        # (storage, version) right after the ledger's last write with the (storage, version) its values derive from.
+        self._serial = 0
+        self._serials: dict[Edit, int] = {}
+        self._written: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}
 
     @property
     def active_edits(self) -> list[Edit]:
@@ -228,9 +232,22 @@ class Ledger:
 
     def _write(self, key: Key, rows: torch.Tensor, block: torch.Tensor) -> None:
         param = self._param(key[0])
-        version = param._version
+        base = self._base(key[0], param)
         param.index_copy_(key[1], rows.to(param.device), block.to(param.device, param.dtype))
-        self._written[id(param)] = self._written.get(id(param), 0) + param._version - version
+        self._written[key[0]] = ((param.data_ptr(), param._version), base)
+
+    def _base(self, name: str, param: torch.Tensor) -> tuple[int, int]:
+        """The (storage, version) that ``param``'s values derive from: its current one, unless only the ledger
+        wrote it since that one (its values are then that one's, with the active edits applied)."""
+        now = (param.data_ptr(), param._version)
+        written = self._written.get(name)
+        return written[1] if written is not None and written[0] == now else now
+
+    def state(self) -> tuple:
+        """A hashable name of the weights' current values: the active edits (in order) and each parameter's
+        :meth:`_base`. Writes through ``.data`` escape torch's version counter, and so this state."""
+        edits = tuple(self._serials[edit] for edit, _ in self._entries)
+        return edits, tuple(self._base(name, p) for name, p in self._model.named_parameters())
 
     def _read(self, key: Key, rows: torch.Tensor) -> torch.Tensor:
         param = self._param(key[0])
@@ -265,8 +282,7 @@ class Ledger:
         ops = self._operations(changes)
         if not ops:
             raise EditError("the edit changes nothing")
-        edit = Edit(editor=editor, requests=tuple(requests), patches=[], model=km, ledger=self,
-                    serial=next(self._serials))
+        edit = Edit(editor=editor, requests=tuple(requests), patches=[], model=km, ledger=self)
         saved = dict(self._pristine)  # values are replaced, never mutated: a shallow copy restores them
         with torch.no_grad():
             befores = {key: self._read(key, op.index) for key, op in ops.items()}
@@ -274,11 +290,14 @@ class Ledger:
                 for key, op in ops.items():
                     self._remember(key, op.index, befores[key])
                 self._entries.append((edit, ops))
+                self._serial += 1
+                self._serials[edit] = edit.serial = self._serial
                 for key, op in ops.items():
                     self._write(key, op.index, self._value(key, op.index))
             except BaseException:
                 # Put back exactly what was there, and forget this edit.
                 self._entries = [(e, o) for e, o in self._entries if e is not edit]
+                self._serials.pop(edit, None)
                 for key, before in befores.items():
                     self._write(key, ops[key].index, before)
                 self._pristine = saved
@@ -298,6 +317,7 @@ class Ledger:
         ops = found[0]
         with torch.no_grad():
             self._entries = [(e, o) for e, o in self._entries if e is not edit]
+            del self._serials[edit]
             for key, op in ops.items():
                 self._write(key, op.index, self._value(key, op.index))
                 still = [o[key].index for _, o in self._entries if key in o]
@@ -317,26 +337,8 @@ def active_edits(km: KnModel) -> list[Edit]:
     return km.active_edits
 
 
-@dataclass(frozen=True)
-class WeightsState:
-    """What a model's weights are, told cheaply (no pass over their bytes): two equal states hold the same
-    weights bit for bit. A cache of something computed from the weights keeps the state it was
-    computed in (e.g. the context prefixes of kn_edit.editing.keyvalue.keys).
-
-    The weights are the pristine ones plus the active edits (the ledger recomputes touched slices from those),
-    so the state is the active edits (their serial numbers) and each tensor's storage and version counter, less
-    the ledger's own writes: an edit applied and reverted comes back to the same state; an edit or patch
-    applied, or any in-place write by other code (torch counts them; a write through ``.data`` escapes it),
-    does not."""
-
-    tensors: tuple[tuple[str, int, int], ...]  # (name, data pointer, version not counting the ledger's writes)
-    edits: tuple[int, ...]  # the active edits' serial numbers, oldest first
-
-
-def weights_state(km: KnModel) -> WeightsState:
-    """The model's :class:`WeightsState` now (its parameters and buffers)."""
-    ledger = km.model.__dict__.get(_ATTR)
-    written = ledger._written if ledger is not None else {}
-    named = list(km.model.named_parameters()) + list(km.model.named_buffers())
-    return WeightsState(tuple((name, t.data_ptr(), t._version - written.get(id(t), 0)) for name, t in named),
-                        tuple(edit.serial for edit in km.active_edits))
+def weights_state(km: KnModel) -> Hashable:
+    """A hashable name of ``km``'s current weights, told cheaply (no pass over their bytes): equal names hold the
+    same weights bit for bit (:meth:`Ledger.state`). A cache of something computed from the weights keeps the state
+    it was computed in (context prefixes, key statistics, the guard's NLL: kn_edit.editing.memo)."""
+    return ledger_for(km).state()

@@ -19,25 +19,44 @@ from ..models.hooks import value_input_hooks
 from ..models.neurons import Neuron
 from ..models.prompts import encode_prompt_only
 from .filters import with_slot
+from .memo import memoized
 
 if TYPE_CHECKING:
     from ..models.model import KnModel
 
-@torch.no_grad()
+# Token activations of every layer are kept (kn_edit.editing.memo) where they take at most this much memory
+# (smollm2-135m and the generic prompts: ~30 MB).
+_MEMO_BYTES = 64 * 1024**2
+
+
 def token_activations(km: KnModel, prompts: Sequence[str], neurons: Sequence[Neuron]) -> torch.Tensor:
     """The neurons' activations at every token of every prompt (masked LMs: with an answer slot appended
     where a prompt has none): [n_tokens, n_neurons], float32 CPU."""
-    encoded = [encode_prompt_only(km.tokenizer, with_slot(km, p), km.is_masked_lm)[0] for p in prompts]
-    ids, mask = km.pad(encoded)
-    layers = sorted({n.layer for n in neurons})
+    # Whole layers, kept per weight state (kn_edit.editing.memo) for later edits' neurons: every layer from the
+    # first forward where they fit in _MEMO_BYTES, else the layers asked for.
+    stored: dict[int, torch.Tensor] = memoized(km, "token_activations", tuple(prompts), dict, keep=2)
+    missing = sorted({n.layer for n in neurons} - set(stored))
+    if missing:
+        ids, mask = km.pad([encode_prompt_only(km.tokenizer, with_slot(km, p), km.is_masked_lm)[0] for p in prompts])
+        if not stored and int(mask.sum()) * km.n_layers * km.d_ff * 4 <= _MEMO_BYTES:
+            missing = list(range(km.n_layers))
+        stored.update(_layer_token_activations(km, ids, mask, missing))
+    return torch.stack([stored[n.layer][:, n.index] for n in neurons], dim=1)
+
+
+@torch.no_grad()
+def _layer_token_activations(km: KnModel, ids: torch.Tensor, mask: torch.Tensor,
+                             layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """{layer: [n_tokens, d_ff]}: the value-projection input at every token of the padded batch ``ids`` [B, seq]
+    (padding left out by ``mask``), one forward."""
     captured: dict[int, torch.Tensor] = {}
 
     def capture(layer: int, act: torch.Tensor) -> None:
         captured[layer] = act[mask.bool()].float().cpu()  # [n_tokens, d_ff]; padding left out
 
-    with value_input_hooks(km.value_projs(layers), capture):
+    with value_input_hooks(km.value_projs(list(layers)), capture):
         km.model(input_ids=ids, attention_mask=mask)
-    return torch.stack([captured[n.layer][:, n.index] for n in neurons], dim=1)
+    return captured
 
 
 def preservation_metric(km: KnModel, neurons: Sequence[Neuron], prompts: Sequence[str], ridge: float) -> torch.Tensor:

@@ -25,19 +25,47 @@ def value_gradients(km: KnModel, steps: Sequence[AnswerStep], neurons: Sequence[
                     old_ids: Sequence[int]) -> torch.Tensor:
     """[n_neurons, d_model] float32 CPU: ∂/∂v_i of the mean over ``steps`` of logit(step.target_id) −
     logit(old_ids[k]) at each step's answer position."""
+    return step_value_gradients(km, steps, neurons, old_ids).mean(dim=0)
+
+
+def step_value_gradients(km: KnModel, steps: Sequence[AnswerStep], neurons: Sequence[Neuron],
+                         old_ids: Sequence[int]) -> torch.Tensor:
+    """[n_steps, n_neurons, d_model] float32 CPU: for each step alone, ∂/∂v_i of logit(step.target_id) −
+    logit(old_ids[k]) (:func:`value_gradients` of ``[step]``), from one padded forward and one backward instead
+    of one of each per step. Rows never interact, so the backward of the summed gaps leaves each row's own
+    gradient ∇(t) at each value projection's output, and ∂gap/∂v_i = Σ_t a_i(t)·∇(t) over the row's positions
+    (padding gets ∇ = 0)."""
     layers = sorted({n.layer for n in neurons})
     ids, mask = km.pad([s.input_ids for s in steps])
     rows = torch.arange(len(steps), device=km.device)
     pos = torch.tensor([s.position for s in steps], device=km.device)
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer → (value-projection input, output)
+
+    def keep(layer: int):
+        def hook(_module, args, output):
+            seen[layer] = (args[0].detach(), output)
+
+        return hook
+
+    handles = []
+    try:
+        for layer in layers:
+            handles.append(km.value_proj(layer).register_forward_hook(keep(layer)))
+        with torch.enable_grad():
+            logits = km.model(input_ids=ids, attention_mask=mask).logits[rows, pos].float()  # [n, vocab]
+    finally:
+        for handle in handles:
+            handle.remove()
+    new = torch.tensor([s.target_id for s in steps], device=logits.device)
+    old = torch.tensor(list(old_ids), device=logits.device)
     with torch.enable_grad():
-        logits = km.model(input_ids=ids, attention_mask=mask).logits[rows, pos].float()  # [n, vocab]
-        new = torch.tensor([s.target_id for s in steps], device=logits.device)
-        old = torch.tensor(list(old_ids), device=logits.device)
-        gap = (logits[rows, new] - logits[rows, old]).mean()
-        grads = torch.autograd.grad(gap, [km.value_weight(l) for l in layers])
-    # the gradient has the weight's layout; read it the way km.value_vectors reads the weight: [d_ff, d_model]
-    by_layer = {l: km.adapter.as_value_vectors(g) for l, g in zip(layers, grads)}
-    return torch.stack([by_layer[n.layer][n.index].float().cpu() for n in neurons])
+        grads = torch.autograd.grad((logits[rows, new] - logits[rows, old]).sum(), [seen[l][1] for l in layers])
+    by_neuron = {}
+    for layer, grad in zip(layers, grads):
+        idx = [n.index for n in neurons if n.layer == layer]
+        per = torch.einsum("bsk,bsd->bkd", seen[layer][0][:, :, idx].float(), grad.float()).cpu()  # [n_steps, k, d]
+        by_neuron.update({(layer, i): per[:, j] for j, i in enumerate(idx)})
+    return torch.stack([by_neuron[(n.layer, n.index)] for n in neurons], dim=1)
 
 
 def least_norm_step(gradients: torch.Tensor, residuals: torch.Tensor, metric: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,10 +19,12 @@ replaced, everything else computes normally). Public implementations run, per la
   run the answer token against a batch-indexed copy of that cache. This is exact for every supported causal
   family (checked against a per-layer reference in tests, sliding-window Gemma 3 and Mistral included);
   masked LMs (BERT) see the whole sequence and use the full-sequence batched pass.
-* **Layer bands.** Rows are ordered step, layer, k and cut into passes, so a pass usually holds one step's
-  rows for a band of consecutive layers. The backward then stops at the band's lowest layer, and (cached
-  path) below that layer all rows would be the same clean forward: it runs once as a single row and is copied
-  into the rows at that block (a forward pre-hook on the block, removed in ``finally``).
+* **Triangular schedule.** Rows are ordered step, layer (by depth), k; a pass holds rows of one step. Below
+  layer ``l`` a row of layer ``l`` is the clean forward, so the pass starts as that step's single clean row and
+  the rows of each layer join the batch at their own block as copies of it (forward pre-hooks on the blocks,
+  removed in ``finally``): no row runs, forward or backward, below its own layer. Only when several whole steps
+  fit in one pass (few layers scored, or a large accelerator batch) do their rows share a pass from the first
+  block.
 
 Answer steps are grouped by sequence length, so no row is ever padded: scores do not depend on which other
 prompts share a batch. Multi-token targets (not in the paper) are teacher-forced: each answer token is
@@ -36,6 +38,7 @@ import inspect
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,10 +53,10 @@ if TYPE_CHECKING:
 
 # Rough memory budget for one batched pass when the device cannot tell us (CPU).
 _CPU_BUDGET_BYTES = 2 * 1024**3
-# On CPU, passes of ~128 rows were fastest (smollm2-135m and a GPT-2-small shape, 2 cores): larger passes span
-# more layers, so their backward runs further down for the rows of high layers, and their buffers stop being
-# reused by the allocator. Accelerators prefer fewer, larger passes (bounded by memory).
-_CPU_ROWS = 128
+# On CPU, passes of 200 to 400 rows were equally fast with the triangular schedule and 120 rows 5-8 % slower
+# (smollm2-135m, one thread, 2 cores): a 30-layer step of m = 20 takes 2 passes. Accelerators prefer fewer,
+# larger passes (bounded by memory).
+_CPU_ROWS = 300
 # Share of the free accelerator memory one batched pass may take.
 _CUDA_BUDGET_SHARE = 0.5
 _MAX_AUTO_ROWS = 4096
@@ -199,63 +202,63 @@ def _output_cache(out):
     raise ConfigError("the model returned no KV cache; use prefix_cache=False")
 
 
-def _pick_rows(t: torch.Tensor, index: torch.Tensor, single: bool) -> torch.Tensor:
-    # One prefix for every row: a broadcast view, materialized once by the cache's own concatenation.
-    return t.expand(len(index), *t.shape[1:]) if single else t.index_select(0, index)
-
-
-def _select_cache(cache, index: torch.Tensor, single: bool):
-    """A copy of ``cache`` holding the batch entries ``index`` (``single``: the cache holds one prefix); the
-    original stays untouched for the next chunk (a forward appends to the cache it is given). Per-layer state
-    such as a sliding window's cumulative length is kept; only the key/value tensors are replaced."""
+def _select_cache(cache, index: torch.Tensor):
+    """A copy of ``cache`` holding the batch entries ``index``; the original stays untouched for the next pass
+    (a forward appends to the cache it is given). Per-layer state such as a sliding window's cumulative length
+    is kept; only the key/value tensors are replaced."""
     if isinstance(cache, tuple):  # legacy format of older transformers
-        return tuple(tuple(_pick_rows(t, index, single) for t in layer) for layer in cache)
+        return tuple(tuple(t.index_select(0, index) for t in layer) for layer in cache)
     picked = copy.copy(cache)
     picked.layers = []
     for layer in cache.layers:
         layer = copy.copy(layer)
         if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
-            layer.keys = _pick_rows(layer.keys, index, single)
-            layer.values = _pick_rows(layer.values, index, single)
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
         picked.layers.append(layer)
     return picked
 
 
-def _band_cache(cache, step: torch.Tensor, n_rows: int, split_at: int):
-    """Prefix cache for a chunk that runs one row up to block ``split_at`` and ``n_rows`` rows from there on:
-    the blocks below see the step's prefix once, the blocks from ``split_at`` on a broadcast view of it."""
+def _triangle_cache(cache, step: int, rows_at: list[int]):
+    """Prefix cache for a triangular pass of step ``step``: layer i sees a broadcast view of the step's prefix
+    for the ``rows_at[i]`` rows that block i runs (materialized by the cache's own concatenation)."""
     picked = copy.copy(cache)
     picked.layers = []
     for i, layer in enumerate(cache.layers):
         layer = copy.copy(layer)
         if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
-            keys, values = layer.keys.index_select(0, step), layer.values.index_select(0, step)
-            if i >= split_at:
-                keys, values = keys.expand(n_rows, *keys.shape[1:]), values.expand(n_rows, *values.shape[1:])
-            layer.keys, layer.values = keys, values
+            keys, values = layer.keys[step : step + 1], layer.values[step : step + 1]
+            layer.keys = keys.expand(rows_at[i], *keys.shape[1:])
+            layer.values = values.expand(rows_at[i], *values.shape[1:])
         picked.layers.append(layer)
     return picked
 
 
 @contextmanager
-def _copy_rows_at(blocks, split_at: int | None, n_rows: int) -> Iterator[None]:
-    """Copy the single row entering block ``split_at`` into ``n_rows`` rows (no-op for None). Position
-    embeddings and masks made for one row broadcast over the rows; the hook is removed in ``finally``."""
-    if split_at is None:
-        yield
-        return
+def _join_rows(blocks, joining: dict[int, int]) -> Iterator[None]:
+    """At block l, append ``joining[l]`` copies of the batch's first row (the clean row) to the batch: the rows
+    of layer l enter the pass there, since nothing below l differs from the clean forward in them. Position
+    embeddings and masks made for the one input row broadcast over the rows; the hooks are removed in
+    ``finally``."""
 
-    def widen(_module, args, kwargs):
-        if args:
-            return (args[0].expand(n_rows, *args[0].shape[1:]).contiguous(), *args[1:]), kwargs
-        hidden = kwargs["hidden_states"]
-        return args, {**kwargs, "hidden_states": hidden.expand(n_rows, *hidden.shape[1:]).contiguous()}
+    def make(n: int):
+        def widen(_module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            wider = torch.cat([hidden, hidden[:1].detach().expand(n, *hidden.shape[1:])])
+            if args:
+                return (wider, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": wider}
 
-    handle = blocks[split_at].register_forward_pre_hook(widen, with_kwargs=True)
+        return widen
+
+    handles = []
     try:
+        for layer, n in joining.items():
+            handles.append(blocks[layer].register_forward_pre_hook(make(n), with_kwargs=True))
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 class _GoldProbability(torch.autograd.Function):
@@ -300,6 +303,37 @@ def _auto_rows(km: KnModel, seq_len: int, cached: bool, m: int) -> int:
     return rows
 
 
+@dataclass
+class _Group:
+    """A group of equally long answer steps and what its passes share. ids [G, seq]; gold, pos, scored [G]
+    (scored: the position whose activations are scaled and scored); prefix: the KV cache of every step's
+    prefix (None: full-sequence passes); out_index [G]: each step's row of ``scores``."""
+
+    km: KnModel
+    ids: torch.Tensor
+    gold: torch.Tensor
+    pos: torch.Tensor
+    scored: torch.Tensor
+    prefix: object | None
+    cache_kw: str | None
+    keep_last: bool
+    out_index: torch.Tensor
+    scores: torch.Tensor
+
+
+def _passes(n_steps: int, per_step: int, max_rows: int) -> list[tuple[int, int]]:
+    """Row ranges [start, end) of a group's passes (rows ordered step, layer, k): whole steps packed together
+    where at least two fit, else each step cut into near-equal pieces, so that a pass holding part of a step
+    holds no other step (a triangular pass runs one step)."""
+    n_rows = n_steps * per_step
+    if 2 * per_step <= max_rows:
+        per_pass = max_rows // per_step * per_step
+        return [(s, min(s + per_pass, n_rows)) for s in range(0, n_rows, per_pass)]
+    pieces = -(-per_step // max_rows)
+    cuts = [per_step * i // pieces for i in range(pieces + 1)]
+    return [(g * per_step + a, g * per_step + b) for g in range(n_steps) for a, b in zip(cuts, cuts[1:])]
+
+
 def _attribute_group(
     km: KnModel,
     group: list[AnswerStep],
@@ -315,12 +349,7 @@ def _attribute_group(
     at_positions [G]: where each step's activations are scored (None: its answer position; full pass only)."""
     device = km.device
     ids = torch.stack([s.input_ids for s in group]).to(device)  # [G, seq]
-    gold = torch.tensor([s.target_id for s in group], device=device)  # [G]
     pos = torch.tensor([s.position for s in group], device=device)  # [G]
-    scored = pos if at_positions is None else at_positions.to(device)  # [G]
-    out_index = out_index.to(device)
-    n_layers = len(layers)
-    blocks = first_submodule(km.model, km.adapter.layers)
     keep_last = not km.is_masked_lm and "logits_to_keep" in inspect.signature(km.model.forward).parameters
     prefix = None
     if cache_kw is not None:
@@ -328,65 +357,119 @@ def _attribute_group(
             # Only the cache is wanted; logits_to_keep spares the vocabulary projection of every prefix token.
             extra = {"logits_to_keep": 1} if keep_last else {}
             prefix = _output_cache(km.model(input_ids=ids[:, :-1], use_cache=True, **extra))
-    n_rows = len(group) * n_layers * m
-    for start in range(0, n_rows, max_rows):
-        r = torch.arange(start, min(start + max_rows, n_rows), device=device)
-        # Rows run step by step, then layer by layer: a chunk spans one step and a band of layers, so the
-        # backward pass stops at the band's lowest layer and (cached) the band's rows share one clean pass below it.
-        g = r // (n_layers * m)  # step within the group
-        li = (r // m) % n_layers  # index into `layers`
+    grp = _Group(km, ids, torch.tensor([s.target_id for s in group], device=device), pos,
+                 pos if at_positions is None else at_positions.to(device), prefix, cache_kw, keep_last,
+                 out_index.to(device), scores)
+    # Rows run step by step, then layer by layer in depth order, then k: a pass usually holds one step's rows
+    # for a band of layers (triangular pass); only steps with few rows are packed several to a pass.
+    by_depth = torch.tensor(sorted(range(len(layers)), key=lambda j: layers[j]), device=device)
+    per_step = len(layers) * m
+    for start, end in _passes(len(group), per_step, max_rows):
+        r = torch.arange(start, end, device=device)
+        g = r // per_step  # step within the group
+        li = by_depth[(r % per_step) // m]  # index into `layers`
         alpha = (r % m).float() / m  # k / m
-        split_at = None  # block where a single clean row is copied into the chunk's rows
-        if prefix is not None:
-            row_pos = torch.zeros_like(g)
-            if bool((g == g[0]).all()):
-                # One step in this chunk: below the band's lowest layer every row is the same clean forward, so
-                # run it once and copy the hidden state into the rows at that block.
-                split_at = min(layers[j] for j in torch.unique(li).tolist())
-                kwargs = {
-                    "input_ids": ids[g[:1], -1:],  # [1, 1]
-                    cache_kw: _band_cache(prefix, g[:1], len(r), split_at),
-                    "position_ids": pos[g[:1]].unsqueeze(1),
-                    "use_cache": True,
-                }
-            else:
-                kwargs = {
-                    "input_ids": ids[g, -1:],  # [B, 1]: only the answer position
-                    cache_kw: _select_cache(prefix, g, single=len(group) == 1),
-                    "position_ids": pos[g].unsqueeze(1),
-                    "use_cache": True,
-                }
+        if bool(g[0] == g[-1]):
+            _triangle_pass(grp, int(g[0]), li, alpha, layers)
         else:
-            kwargs = {"input_ids": ids[g]}
-            row_pos = pos[g]
-        at_pos = row_pos if at_positions is None else scored[g]  # the scored position of each row
-        if keep_last:
-            kwargs["logits_to_keep"] = 1
-        layer_rows = {layers[j]: (li == j).nonzero().squeeze(1) for j in torch.unique(li).tolist()}
-        leaves: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            _packed_pass(grp, g, li, alpha, layers)
 
-        def replace(layer: int, act: torch.Tensor) -> torch.Tensor | None:
-            idx = layer_rows.get(layer)
-            if idx is None:
-                return None
-            at = at_pos[idx]
-            # Nothing below `layer` is altered in these rows, so this is the clean activation w.
-            w = act[idx, at].detach()  # [n, d_ff]
-            x = (alpha[idx].to(act.dtype).unsqueeze(1) * w).requires_grad_(True)
-            leaves[layer] = (x, w)
-            return act.index_put((idx, at), x)
 
-        with value_input_hooks(km.value_projs(layers), replace), _copy_rows_at(blocks, split_at, len(r)):
-            logits = km.model(**kwargs).logits
-        logits = logits[:, -1] if keep_last else logits[torch.arange(len(r), device=device), row_pos]
-        probs = _GoldProbability.apply(logits, gold[g])
-        order = list(leaves)
-        grads = torch.autograd.grad(probs.sum(), [leaves[l][0] for l in order], allow_unused=True)
-        for layer, grad in zip(order, grads):
-            if grad is None:
-                continue
-            idx = layer_rows[layer]
+def _triangle_pass(grp: _Group, step: int, li: torch.Tensor, alpha: torch.Tensor, layers: list[int]) -> None:
+    """One pass over rows of one step, ordered by depth (li [R] indexes ``layers``, alpha [R] = k/m). The batch
+    starts as the step's clean row alone; the rows of layer l join it at block l as copies of the clean row
+    (nothing below l differs in them), so no row runs, forward or backward, below its own layer. The clean row
+    rides along to the top, where its logits are dropped."""
+    km = grp.km
+    device = km.device
+    depth = torch.tensor(layers, device=device)[li]  # [R] non-decreasing
+    span = {}  # layer -> (first, end): the rows scored at it
+    for l in torch.unique(depth).tolist():
+        hit = (depth == l).nonzero().squeeze(1)
+        span[l] = (int(hit[0]), int(hit[-1]) + 1)
+    rows_at = [1 + int((depth <= i).sum()) for i in range(km.n_layers)]  # batch size at each block
+    if grp.prefix is not None:
+        kwargs = {
+            "input_ids": grp.ids[step : step + 1, -1:],  # [1, 1]: only the answer position
+            grp.cache_kw: _triangle_cache(grp.prefix, step, rows_at),
+            "position_ids": grp.pos[step : step + 1].unsqueeze(1),
+            "use_cache": True,
+        }
+        at, read = 0, 0  # the scored and the read position within the one-token input
+    else:
+        kwargs = {"input_ids": grp.ids[step : step + 1]}
+        at, read = int(grp.scored[step]), int(grp.pos[step])
+    if grp.keep_last:
+        kwargs["logits_to_keep"] = 1
+    leaves: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def replace(layer: int, act: torch.Tensor) -> torch.Tensor | None:
+        if layer not in span:
+            return None
+        a, b = span[layer]
+        # The rows that joined at this block are the batch's last; they still hold the clean activation w.
+        w = act[1 + a :, at].detach()  # [n, d_ff]
+        x = (alpha[a:b].to(act.dtype).unsqueeze(1) * w).requires_grad_(True)
+        leaves[layer] = (x, w)
+        idx = torch.arange(1 + a, 1 + b, device=act.device)
+        return act.index_put((idx, torch.full_like(idx, at)), x)
+
+    blocks = first_submodule(km.model, km.adapter.layers)
+    joining = {l: b - a for l, (a, b) in span.items()}
+    with value_input_hooks(km.value_projs(list(span)), replace), _join_rows(blocks, joining):
+        logits = km.model(**kwargs).logits
+    logits = logits[1:, -1] if grp.keep_last else logits[1:, read]
+    probs = _GoldProbability.apply(logits, grp.gold[step].repeat(len(li)))
+    order = list(leaves)
+    grads = torch.autograd.grad(probs.sum(), [leaves[l][0] for l in order], allow_unused=True)
+    for layer, grad in zip(order, grads):
+        if grad is not None:
             w = leaves[layer][1]
-            target_rows = out_index[g[idx]]
-            scores.index_put_((target_rows, li[idx]), w.float() * grad.float(), accumulate=True)
-        del leaves, logits, probs, grads
+            grp.scores[grp.out_index[step], li[span[layer][0]]] += (w.float() * grad.float()).sum(dim=0)
+
+
+def _packed_pass(grp: _Group, g: torch.Tensor, li: torch.Tensor, alpha: torch.Tensor, layers: list[int]) -> None:
+    """One pass over the rows of several whole steps (g [R]: each row's step), every row from the first block:
+    steps with few rows (few layers) fill a pass this way."""
+    km = grp.km
+    device = km.device
+    if grp.prefix is not None:
+        row_pos = torch.zeros_like(g)
+        kwargs = {
+            "input_ids": grp.ids[g, -1:],  # [B, 1]: only the answer position
+            grp.cache_kw: _select_cache(grp.prefix, g),
+            "position_ids": grp.pos[g].unsqueeze(1),
+            "use_cache": True,
+        }
+        at_pos = row_pos
+    else:
+        kwargs = {"input_ids": grp.ids[g]}
+        row_pos, at_pos = grp.pos[g], grp.scored[g]
+    if grp.keep_last:
+        kwargs["logits_to_keep"] = 1
+    layer_rows = {layers[j]: (li == j).nonzero().squeeze(1) for j in torch.unique(li).tolist()}
+    leaves: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def replace(layer: int, act: torch.Tensor) -> torch.Tensor | None:
+        idx = layer_rows.get(layer)
+        if idx is None:
+            return None
+        at = at_pos[idx]
+        # Nothing below `layer` is altered in these rows, so this is the clean activation w.
+        w = act[idx, at].detach()  # [n, d_ff]
+        x = (alpha[idx].to(act.dtype).unsqueeze(1) * w).requires_grad_(True)
+        leaves[layer] = (x, w)
+        return act.index_put((idx, at), x)
+
+    with value_input_hooks(km.value_projs(layers), replace):
+        logits = km.model(**kwargs).logits
+    logits = logits[:, -1] if grp.keep_last else logits[torch.arange(len(g), device=device), row_pos]
+    probs = _GoldProbability.apply(logits, grp.gold[g])
+    order = list(leaves)
+    grads = torch.autograd.grad(probs.sum(), [leaves[l][0] for l in order], allow_unused=True)
+    for layer, grad in zip(order, grads):
+        if grad is None:
+            continue
+        idx = layer_rows[layer]
+        w = leaves[layer][1]
+        grp.scores.index_put_((grp.out_index[g[idx]], li[idx]), w.float() * grad.float(), accumulate=True)
