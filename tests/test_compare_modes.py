@@ -34,10 +34,10 @@ def batch_config(tmp_path, methods=(VV,), **data) -> CompareConfig:
 
 
 def _without_clock(value):
-    """A row or metrics with the clock and memory readings and the probe left out (the batch way does not probe)."""
+    """A row or metrics with the clock (seconds, per-phase timings) and memory readings and the probe left out (the batch way does not probe)."""
     if isinstance(value, dict):
         return {k: _without_clock(v) for k, v in value.items()
-                if not (k in ("seconds", "peak_memory_mb", "probe", "probe_error") or "seconds" in k or "memory" in k
+                if not (k in ("seconds", "timings", "peak_memory_mb", "probe", "probe_error") or "seconds" in k or "memory" in k
                         or k.startswith("probe/"))}  # fmt: skip
     if isinstance(value, list):
         return [_without_clock(v) for v in value]
