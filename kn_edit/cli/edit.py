@@ -145,7 +145,8 @@ def _before_after_table(title: str, prompts: list[str], kinds: list[str], object
 
 def _check_save(km: KnModel, args: argparse.Namespace) -> None:
     """Refuse a bad --save/--save-patch path before the (slow) edit, not after it."""
-    from ..models.saving import check_model_path, check_new_file
+    from ..models.saving import check_model_path
+    from ..storage.atomic import check_new_file
 
     if getattr(args, "save", None):
         check_model_path(km, args.save)

@@ -24,7 +24,7 @@ def check_plot_path(path: str | Path, overwrite: bool = False) -> Path:
     """Refuse, before any computation, a plot path whose extension names no format matplotlib writes (a
     ConfigError), or that exists without ``overwrite``, is a folder or is not writable (an EditError)."""
     from ..errors import ConfigError
-    from ..models.saving import check_new_file
+    from ..storage.atomic import check_new_file
 
     path = Path(path)
     formats = figure_formats()

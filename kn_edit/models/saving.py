@@ -32,22 +32,6 @@ def check_model_path(km: KnModel, path: str | Path) -> Path:
     return check_writable(target)
 
 
-def check_new_file(path: str | Path, overwrite: bool = False, flag: str | None = None) -> Path:
-    """``path`` for a new file (a patch, a plot): an EditError where it is a folder, exists (unless ``overwrite``
-    and it is a plain file) or its folder is not writable. ``flag`` names the option that allows replacing it,
-    for the message. Callers check before long work so a bad path fails at once."""
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise EditError(f"{target} is a folder; name a file to write (nothing was written)")
-    if target.exists() or target.is_symlink():
-        if not overwrite:
-            hint = f", or pass {flag} to replace it" if flag else ""
-            raise EditError(f"{target} already exists; choose a new path{hint} (nothing was written)")
-        if not target.is_file():  # a dangling link or a device: not ours to replace
-            raise EditError(f"{target} exists and is not a plain file; choose a new path (nothing was written)")
-    return check_writable(target)
-
-
 def save_model(km: KnModel, path: str | Path) -> Path:
     """Write ``km`` to the new folder ``path`` and return it."""
     target = check_model_path(km, path)
