@@ -93,3 +93,64 @@ class EditRequest:
     @property
     def is_erasure(self) -> bool:
         return self.new is None
+
+
+# --- The field's benchmark files (CounterFact, zsRE, MQuAKE, KnowEdit) ------------------------------------------
+# Every reader in ``kn_edit/data/benchmarks/`` turns one record of its file into one BenchmarkCase: the edit(s) it
+# requests plus labelled sets of prompts measured around them. Metrics read the probes by ``kind``.
+
+PROBE_KINDS = ("paraphrase", "neighborhood", "attribute", "locality", "portability", "multihop")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Prompts measured around an edit, each answered by ``answer`` (and its aliases) when the edit works as meant.
+
+    kind: paraphrase (other wordings of the edited fact: answer = new), neighborhood (other subjects, same relation,
+    same true object: answer = the true object, which must survive), attribute (subjects whose true object is the
+    new one: answer = new), locality (unrelated prompts whose answer must survive), portability (facts that follow
+    from the edit: answer = the implied answer), multihop (MQuAKE chains: answer = the answer after the edits).
+    contrast: the answer it competes with, for CounterFact's P(answer) > P(contrast) scores (paraphrase: the true
+    object; neighborhood: the new object); None where the benchmark scores top-1 / token accuracy only.
+    before: the answer the unedited model is expected to give (MQuAKE's ``answer``), for before/after accuracy.
+    label: a finer criterion (KnowEdit's portability kinds: ``logical_generalization``, ``subject_aliasing``, ...).
+    """
+
+    kind: str
+    prompts: tuple[str, ...]
+    answer: str
+    contrast: str | None = None
+    aliases: tuple[str, ...] = ()
+    before: str | None = None
+    before_aliases: tuple[str, ...] = ()
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in PROBE_KINDS:
+            raise EditError(f"unknown probe kind {self.kind!r} (one of {', '.join(PROBE_KINDS)})")
+        for name in ("prompts", "aliases", "before_aliases"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+
+
+@dataclass(frozen=True)
+class BenchmarkCase:
+    """One record of a benchmark file: the edits it requests, and what is measured around them.
+
+    requests: the edits, applied together (CounterFact, zsRE, KnowEdit: one; MQuAKE: one per requested rewrite).
+    generation_prompts: prompts for free generation (CounterFact's generation entropy and reference score).
+    reference_texts: texts about the new object that generations are compared with (CounterFact's reference
+    score); empty where the file gives none.
+    where: ``FILE:RECORD`` for error messages and reports.
+    """
+
+    case_id: str
+    source: str  # counterfact | zsre | mquake | knowedit
+    requests: tuple[EditRequest, ...]
+    probes: tuple[Probe, ...] = ()
+    generation_prompts: tuple[str, ...] = ()
+    reference_texts: tuple[str, ...] = ()
+    where: str = ""
+
+    def probes_of(self, kind: str) -> tuple[Probe, ...]:
+        return tuple(p for p in self.probes if p.kind == kind)
