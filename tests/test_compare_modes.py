@@ -1,6 +1,7 @@
 """Results as data: every results folder of ``evaluate`` / ``compare`` carries a manifest (code, command, config,
 dates, machine); ``compare`` mode=batch (N facts in one edit beside N single edits, measured by the same code);
-``compare --progress`` (what a comparison has kept so far, computing nothing)."""
+``compare --progress`` (what a comparison has kept so far, computing nothing), its ``--report`` folder and
+``--merge`` (an earlier report's methods joined)."""
 
 from __future__ import annotations
 
@@ -158,24 +159,35 @@ def test_evaluate_mode_batch_is_the_batch_way(tiny_factory, tmp_path):
 
 
 # ----- compare --progress -------------------------------------------------------------------------------------
-def test_compare_progress_prints_what_is_kept_without_computing(tiny_factory, tmp_path, capsys, monkeypatch):
-    tiny_factory("llama").save(tmp_path / "model")
-    config = tmp_path / "seq.yaml"  # (JSON is YAML)
+def _seq_config(tmp_path, name: str = "seq", labels=("vv", "other")):
+    """A sequential comparison's config file (JSON is YAML) over the tiny model saved at tmp_path / "model" (only
+    a run needs it) and three facts."""
+    config = tmp_path / f"{name}.yaml"
     config.write_text(json.dumps({
-        "name": "seq", "mode": "sequential", "checkpoints": [1, 2, 3], "model": str(tmp_path / "model"),
+        "name": name, "mode": "sequential", "checkpoints": [1, 2, 3], "model": str(tmp_path / "model"),
         "data": {"source": "jsonl", "path": str(write_capital_facts(tmp_path / "facts.jsonl", SUBJECTS[:3])),
                  "only_known": False, "neighbours": 1},
         "text": {"source": "none"}, "fluency": {"enabled": False}, "probe": {"enabled": False},
         "trainer": {"accelerator": "cpu"}, "output_dir": str(tmp_path / "runs"),
-        "methods": [{"method": "helpers:ValueVectorEditor", "label": "vv"},
-                    {"method": "helpers:ValueVectorEditor", "label": "other", "settings": {"scale": 2.0}}]}))
-    assert main(["compare", "--quiet", "--config", str(config), "run_name=one", "methods=[{method: 'helpers:ValueVectorEditor', label: vv}]"]) == 0
-    parts = tmp_path / "runs" / ".seq.parts"
-    curve = json.loads((tmp_path / "runs" / "one" / "curves.json").read_text())["vv"]
-    capsys.readouterr()
+        "methods": [{"method": "helpers:ValueVectorEditor", "label": label, "settings": {"scale": 1.0 + i}}
+                    for i, label in enumerate(labels)]}, indent=1))  # fmt: skip
+    return config
+
+
+def _no_model(monkeypatch):
     import kn_edit.models.loading as loading
 
     monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("--progress loaded a model"))
+
+
+def test_compare_progress_prints_what_is_kept_without_computing(tiny_factory, tmp_path, capsys, monkeypatch):
+    tiny_factory("llama").save(tmp_path / "model")
+    config = _seq_config(tmp_path)
+    assert main(["compare", "--quiet", "--config", str(config), "run_name=one", "methods=[{method: 'helpers:ValueVectorEditor', label: vv, settings: {scale: 1.0}}]"]) == 0
+    parts = tmp_path / "runs" / ".seq.parts"
+    curve = json.loads((tmp_path / "runs" / "one" / "curves.json").read_text())["vv"]
+    capsys.readouterr()
+    _no_model(monkeypatch)
     assert main(["compare", "--config", str(config), "--progress"]) == 0
     out = capsys.readouterr().out
     assert "finished" in out and "nothing kept yet" in out and "edits applied one after another" in out
@@ -187,6 +199,121 @@ def test_compare_progress_prints_what_is_kept_without_computing(tiny_factory, tm
     (parts / "vv.progress.json").write_text(json.dumps(progress))
     assert main(["compare", "--config", str(config), "--progress"]) == 0
     assert "at edit 2" in capsys.readouterr().out
+
+
+def test_compare_progress_report_writes_what_sequential_progress_wrote(tiny_factory, tmp_path, capsys, monkeypatch):
+    """--report writes the folder that evaluations/sequential_progress.py wrote (its content written out here
+    plainly): curves.json, facts-METHOD.jsonl, report.md, config.yaml, curves.png; and a manifest."""
+    tiny_factory("llama").save(tmp_path / "model")
+    config = _seq_config(tmp_path)
+    assert main(["compare", "--quiet", "--config", str(config), "run_name=one",
+                 "methods=[{method: 'helpers:ValueVectorEditor', label: vv, settings: {scale: 1.0}}]"]) == 0
+    kept = json.loads((tmp_path / "runs" / ".seq.parts" / "vv.json").read_text())
+    _no_model(monkeypatch)
+    out = tmp_path / "report"
+    assert main(["compare", "--config", str(config), "--progress", "--report", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "curves.json", "curves.png", "facts-vv.jsonl",
+                                                     "manifest.json", "report.md"]  # fmt: skip
+    curve = [{"n_edits": c["n_edits"], **c["metrics"]} for c in kept["curve"]]
+    assert [c["n_edits"] for c in curve] == [0, 1, 2, 3]
+    assert (out / "curves.json").read_text() == json.dumps({"vv": curve}, indent=1)
+    assert (out / "facts-vv.jsonl").read_text() == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept["rows"])
+    assert (out / "config.yaml").read_text() == config.read_text()
+    columns = ["edits/held", "edits/top1", "generalization/top1", "intra/retained", "inter/retained", "drift/change",
+               "fluency/entropy", "edits/refused"]  # fmt: skip
+    table = ["| " + " | ".join([str(c["n_edits"])] + [fmt(c.get(k)) for k in columns]) + " |" for c in curve]
+    expected = "\n".join([
+        "# Sequential comparison `seq`: what each method measured", "",
+        "| method | edits made | of | status | wall seconds |", "| --- | --- | --- | --- | --- |",
+        f"| `vv` | 3 | 3 | finished | {kept['summary']['seconds']} |", "",
+        "Each table row is a checkpoint (edits made so far); a stopped method has no rows past the last checkpoint it "
+        "reached. The edits are reverted at the end of a finished run (checked bit for bit); a stopped run's process "
+        "ended with them.", "",
+        "## Sequential edits: `vv`", "",
+        "| edits | edits still held | edit prompts top-1 | paraphrases top-1 | same relation kept | other relations kept "
+        "| text ppl change | fluency | refused |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |", *table, "",
+        "![curves](curves.png)", "", "## Configuration", "", "```yaml", config.read_text().rstrip(), "```", ""])  # fmt: skip
+    assert (out / "report.md").read_text() == expected
+    found = json.loads((out / "manifest.json").read_text())  # no model: no device in it
+    assert found["kind"] == "compare-progress" and found["machine"]["device"] is None and found["methods_from_merge"] == []
+    assert found["config_sha256"] == hashlib.sha256(config.read_bytes()).hexdigest() and len(found["commit"]) == 40
+    assert "wrote" in capsys.readouterr().out
+    # an override that changes what is computed: config.yaml is the resolved config, not the file
+    assert main(["compare", "--config", str(config), "--progress", "--report", str(tmp_path / "r2"), "checkpoints=[1,3]"]) == 0
+    assert "checkpoints:\n- 1\n- 3" in (tmp_path / "r2" / "config.yaml").read_text()
+
+
+def _curve(held: float, planned: int) -> list[dict]:
+    return [{"n_edits": 0, "intra/retained": 1.0, "inter/retained": 1.0, "drift/change": 0.0},
+            {"n_edits": planned, "edits/held": held, "edits/top1": held, "intra/retained": 0.5,
+             "inter/retained": 0.6, "drift/change": 0.1}]  # fmt: skip
+
+
+def _write_parts(parts, method: str, held: float, made: int, planned: int) -> None:
+    parts.mkdir(parents=True, exist_ok=True)
+    payload = {"curve": _curve(held, made), "rows": [{"order": i + 1, "method": method} for i in range(made)],
+               "edits_made": made, "edits_planned": planned, "seconds": 12.5, "written": "now"}  # fmt: skip
+    (parts / f"{method}.progress.json").write_text(json.dumps(payload))
+
+
+def _report(config, out, *more: str) -> int:
+    return main(["compare", "--config", str(config), "--progress", "--report", str(out), *more])
+
+
+def test_merge_joins_an_earlier_reports_methods_and_keeps_their_rows_and_seconds(tmp_path, monkeypatch):
+    _no_model(monkeypatch)
+    runs = tmp_path / "runs"
+    earlier, out = tmp_path / "earlier", tmp_path / "out"
+    _write_parts(runs / ".old.parts", "rome", held=0.9, made=3, planned=3)
+    _write_parts(runs / ".old.parts", "kn", held=0.2, made=3, planned=3)
+    assert _report(_seq_config(tmp_path, "old", ["rome", "kn"]), earlier) == 0
+    _write_parts(runs / ".run.parts", "memit", held=1.0, made=2, planned=3)  # stopped early
+    _write_parts(runs / ".run.parts", "kn", held=0.4, made=3, planned=3)  # a rerun: replaces the earlier report's kn
+    config = _seq_config(tmp_path, "run", ["memit", "kn", "rome"])
+    assert _report(config, out, "--merge", str(earlier)) == 0
+
+    curves = json.loads((out / "curves.json").read_text())
+    assert list(curves) == ["rome", "memit", "kn"]  # the earlier report's first, then the comparison's own
+    assert curves["rome"] == json.loads((earlier / "curves.json").read_text())["rome"]
+    assert curves["kn"][-1]["edits/held"] == 0.4
+    rome_rows = (out / "facts-rome.jsonl").read_text().splitlines()
+    assert [json.loads(r)["order"] for r in rome_rows] == [1, 2, 3]
+    report = (out / "report.md").read_text()
+    assert "| `rome` | 3 | 3 | finished | 12.5 |" in report
+    assert "| `memit` | 2 | 3 | stopped after edit 2 | 12.5 |" in report
+    assert json.loads((out / "manifest.json").read_text())["methods_from_merge"] == ["rome"]
+
+
+def test_merge_into_the_same_folder_keeps_the_earlier_methods(tmp_path, monkeypatch):
+    _no_model(monkeypatch)
+    report = tmp_path / "report"
+    _write_parts(tmp_path / "runs" / ".old.parts", "rome", held=0.9, made=3, planned=3)
+    assert _report(_seq_config(tmp_path, "old", ["rome"]), report) == 0
+    _write_parts(tmp_path / "runs" / ".run.parts", "memit", held=1.0, made=3, planned=3)
+    config = _seq_config(tmp_path, "run", ["memit"])
+    assert _report(config, report, "--merge", str(report)) == 0  # the --merge folder may be rewritten
+    assert sorted(json.loads((report / "curves.json").read_text())) == ["memit", "rome"]
+    assert not list(tmp_path.glob(".report*"))  # no temporary folder left
+
+
+def test_report_refuses_an_existing_folder_and_a_merge_from_no_report(tmp_path, monkeypatch, capsys):
+    _no_model(monkeypatch)
+    _write_parts(tmp_path / "runs" / ".run.parts", "memit", held=1.0, made=3, planned=3)
+    config = _seq_config(tmp_path, "run", ["memit"])
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("keep")
+    assert _report(config, tmp_path / "taken") == 2
+    assert "already exists" in capsys.readouterr().err and (tmp_path / "taken" / "mine.txt").read_text() == "keep"
+    assert _report(config, tmp_path / "o", "--merge", str(tmp_path / "taken")) == 2
+    assert "holds no curves.json" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(["compare", "--config", str(config), "--report", str(tmp_path / "o")]) == 2
+    assert "go with --progress" in capsys.readouterr().err
+    assert _report(_seq_config(tmp_path, "empty", ["kn"]), tmp_path / "o") == 2
+    assert "nothing to report" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert _report(config, tmp_path / "taken", "--overwrite") == 0  # replaced as a whole
+    assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["config.yaml", "curves.json", "curves.png",
+                                                                       "facts-memit.jsonl", "manifest.json", "report.md"]  # fmt: skip
 
 
 def test_kept_methods_reads_only_the_named_methods(tmp_path):

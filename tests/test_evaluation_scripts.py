@@ -1,5 +1,4 @@
-"""Evaluation scripts: sequential_progress.py (a report from a parts folder, joined with an earlier report's methods)
-and batch_edit.py: --append (another method's rows beside the earlier ones, on the same facts only), --set values,
+"""Evaluation scripts: batch_edit.py: --append (another method's rows beside the earlier ones, on the same facts only), --set values,
 MEMIT's refit count; rome_check.py's --facts-from (the facts of an earlier run, not selected again); edit_rules.py's
 config names."""
 
@@ -13,77 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "evaluations" / "sequential_progress.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("sequential_progress", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _curve(held: float, planned: int) -> list[dict]:
-    return [{"n_edits": 0, "intra/retained": 1.0, "inter/retained": 1.0, "drift/change": 0.0},
-            {"n_edits": planned, "edits/held": held, "edits/top1": held, "intra/retained": 0.5,
-             "inter/retained": 0.6, "drift/change": 0.1}]  # fmt: skip
-
-
-def _write_parts(parts: Path, method: str, held: float, made: int, planned: int) -> None:
-    parts.mkdir(parents=True, exist_ok=True)
-    payload = {"curve": _curve(held, made), "rows": [{"order": i + 1, "method": method} for i in range(made)],
-               "edits_made": made, "edits_planned": planned, "seconds": 12.5, "written": "now"}  # fmt: skip
-    (parts / f"{method}.progress.json").write_text(json.dumps(payload))
-
-
-def _run(script, monkeypatch, *argv: str) -> int:
-    monkeypatch.setattr(sys, "argv", ["sequential_progress.py", *argv])
-    return script.main()
-
-
-def test_merge_joins_an_earlier_reports_methods_and_keeps_their_rows_and_seconds(tmp_path, monkeypatch):
-    script = _script()
-    earlier, parts, out = tmp_path / "earlier", tmp_path / ".run.parts", tmp_path / "out"
-    _write_parts(tmp_path / ".old.parts", "rome", held=0.9, made=3, planned=3)
-    _write_parts(tmp_path / ".old.parts", "kn", held=0.2, made=3, planned=3)
-    assert _run(script, monkeypatch, "--parts", str(tmp_path / ".old.parts"), "--out", str(earlier)) == 0
-    _write_parts(parts, "memit", held=1.0, made=2, planned=3)  # stopped early
-    _write_parts(parts, "kn", held=0.4, made=3, planned=3)  # a rerun: replaces the earlier report's kn
-    assert _run(script, monkeypatch, "--parts", str(parts), "--out", str(out), "--merge", str(earlier)) == 0
-
-    curves = json.loads((out / "curves.json").read_text())
-    assert sorted(curves) == ["kn", "memit", "rome"]
-    assert curves["rome"] == json.loads((earlier / "curves.json").read_text())["rome"]
-    assert curves["kn"][-1]["edits/held"] == 0.4
-    rome_rows = (out / "facts-rome.jsonl").read_text().splitlines()
-    assert [json.loads(r)["order"] for r in rome_rows] == [1, 2, 3]
-    report = (out / "report.md").read_text()
-    assert "| `rome` | 3 | 3 | finished | 12.5 |" in report
-    assert "| `memit` | 2 | 3 | stopped after edit 2 | 12.5 |" in report
-    assert (out / "curves.png").is_file()
-
-
-def test_merge_into_the_same_folder_keeps_the_earlier_methods(tmp_path, monkeypatch):
-    script = _script()
-    report, parts = tmp_path / "report", tmp_path / ".run.parts"
-    _write_parts(tmp_path / ".old.parts", "rome", held=0.9, made=3, planned=3)
-    _run(script, monkeypatch, "--parts", str(tmp_path / ".old.parts"), "--out", str(report))
-    _write_parts(parts, "memit", held=1.0, made=3, planned=3)
-    _run(script, monkeypatch, "--parts", str(parts), "--out", str(report), "--merge", str(report))
-    assert sorted(json.loads((report / "curves.json").read_text())) == ["memit", "rome"]
-
-
-def test_merge_from_a_folder_without_a_report_is_a_clear_error(tmp_path, monkeypatch):
-    script = _script()
-    _write_parts(tmp_path / ".run.parts", "memit", held=1.0, made=3, planned=3)
-    with pytest.raises(SystemExit, match="holds no curves.json"):
-        _run(script, monkeypatch, "--parts", str(tmp_path / ".run.parts"), "--out", str(tmp_path / "o"),
-             "--merge", str(tmp_path))  # fmt: skip
+SCRIPT = Path(__file__).resolve().parents[1] / "evaluations" / "batch_edit.py"
 
 
 # ----- evaluations/batch_edit.py --append: another method's rows beside the earlier ones --------------------
 def _batch_script():
-    spec = importlib.util.spec_from_file_location("batch_edit", SCRIPT.with_name("batch_edit.py"))
+    spec = importlib.util.spec_from_file_location("batch_edit", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -38,6 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     compare.add_argument("--progress", action="store_true",
                          help="compute nothing: print what the comparison has kept so far (finished methods, and a "
                          "sequential run's checkpoints, also of a stopped or still running one)")
+    compare.add_argument("--report", metavar="DIR", help="with --progress: also write what is kept as a report "
+                         "folder (curves.json, curves.png, facts-METHOD.jsonl, report.md, config.yaml, manifest.json)")
+    compare.add_argument("--merge", metavar="DIR", help="with --progress: join the methods of an earlier --report "
+                         "folder that the comparison has kept nothing of (runs whose parts folder is gone)")
+    compare.add_argument("--overwrite", action="store_true", help="let --report replace an existing folder (the "
+                         "--merge folder itself may always be rewritten)")
     compare.set_defaults(func=run_compare)
 
 
@@ -91,6 +97,7 @@ def _gate(out, regressions, baseline: str | None, n_checked: int) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
     from ..storage.config import load_config
     from ..evaluation.compare import COLUMNS, compare_methods
     from ..evaluation.config import CompareConfig
@@ -98,9 +105,11 @@ def run_compare(args: argparse.Namespace) -> int:
     from ..progress import default_reporter
 
     _quiet_lightning()
+    if not args.progress and (args.report or args.merge or args.overwrite):
+        raise ConfigError("--report, --merge and --overwrite go with --progress (they write what a comparison kept)")
     config = load_config(CompareConfig, args.config, args.overrides).check()
     if args.progress:
-        return _compare_progress(config)
+        return _compare_progress(config, args)
     result = compare_methods(config, reporter=default_reporter(args.quiet))
     out = console()
     first = next(iter(result.results.values())).summary
@@ -112,20 +121,77 @@ def run_compare(args: argparse.Namespace) -> int:
     return _gate(out, result.regressions, config.regression.baseline, len(config.regression.tolerances))
 
 
-def _compare_progress(config) -> int:
-    """``compare --progress``: each method's state from the comparison's kept files, a sequential method's curve."""
-    from ..evaluation.kept import comparison_progress
+def _compare_progress(config, args: argparse.Namespace) -> int:
+    """``compare --progress``: each method's state from the comparison's kept files (and an earlier report's,
+    ``--merge``), a sequential method's curve; ``--report DIR`` writes them as a report folder."""
+    from pathlib import Path
 
+    from ..evaluation.kept import comparison_progress, joined, read_report, write_report
+    from ..storage.manifest import start_manifest
+
+    provenance = start_manifest()
+    merge = Path(args.merge) if args.merge else None
+    target = Path(args.report) if args.report else None
+    replace = target is not None and (args.overwrite or (merge is not None and _same_path(target, merge)))
+    if target is not None:  # before anything is read: a bad folder fails at once
+        _check_report_folder(target, replace)
     out = console()
     parts, kept = comparison_progress(config)
-    status = [[t, v["edits_made"], v["edits_planned"], "finished" if v["finished"] else
-               f"stopped or running, at edit {v['edits_made']}", v.get("seconds")] if v else [t, "", "", "nothing kept yet", ""]
-              for t, v in kept.items()]  # fmt: skip
-    out.print(table(f"{config.name}: what {parts} holds", ["method", "edits made", "of", "status", "wall seconds"], status))
-    for title, v in kept.items():
+    earlier = read_report(merge) if merge is not None else {}
+    methods = joined({t: v for t, v in kept.items() if v}, earlier)
+    shown = methods | {t: None for t in kept if t not in methods}
+    status = [[t, v["edits_made"], v["edits_planned"], ("finished" if v["finished"] else
+               f"stopped or running, at edit {v['edits_made']}") + (f" (from {merge})" if t in earlier and not kept.get(t) else ""),
+               v.get("seconds")] if v else [t, "", "", "nothing kept yet", ""]
+              for t, v in shown.items()]  # fmt: skip
+    where = f"{parts}" + (f" and {merge}" if merge is not None else "")
+    out.print(table(f"{config.name}: what {where} holds", ["method", "edits made", "of", "status", "wall seconds"], status))
+    for title, v in shown.items():
         if v and v["curve"]:
             out.print(_curve_table(f"{title}: edits applied one after another", v["curve"]))
+    if target is not None:
+        from_merge = [t for t in methods if t in earlier and not kept.get(t)]
+        write_report(target, config.name, methods, _config_text(args), overwrite=replace, provenance=provenance,
+                     parts=str(parts), merged_from=None if merge is None else str(merge), methods_from_merge=from_merge)
+        out.print(f"wrote {target}: " + ", ".join(f"{m} {v['edits_made']} edits" for m, v in methods.items()))
     return 0
+
+
+def _same_path(a, b) -> bool:
+    return a.expanduser().resolve() == b.expanduser().resolve()
+
+
+def _check_report_folder(target, replace: bool) -> None:
+    """--report's folder: new, or (``replace``: --overwrite, or the --merge folder itself) an existing folder."""
+    import os
+
+    from ..errors import EditError
+    from ..storage.atomic import check_writable
+
+    if os.path.lexists(target):
+        if not replace:
+            raise EditError(f"{target} already exists; choose a new report folder, or pass --overwrite to replace it "
+                            "(nothing was written)")
+        if not target.is_dir() or target.is_symlink():
+            raise EditError(f"{target} exists and is not a folder; choose a new report folder (nothing was written)")
+    check_writable(target)
+
+
+# Overrides that only say where a comparison keeps its results, not what it computes.
+_NAMING = ("name", "run_name", "output_dir", "resume")
+
+
+def _config_text(args: argparse.Namespace) -> str:
+    """The report's config.yaml: the config file as written (comments kept) where it alone says what the
+    comparison computes (one file, overrides only of ``_NAMING``); else the resolved config."""
+    from pathlib import Path
+
+    from ..evaluation.config import CompareConfig
+    from ..storage.config import load_config, to_yaml
+
+    if len(args.config) == 1 and all(o.split("=", 1)[0].strip() in _NAMING for o in args.overrides):
+        return Path(args.config[0]).read_text()
+    return to_yaml(load_config(CompareConfig, args.config, args.overrides))
 
 
 def _curve_table(title: str, curve: list[dict]):

@@ -160,3 +160,22 @@ def curve_markdown(curves: dict) -> str:
             lines.append(f"| {n} | " + " | ".join(fmt(m.get(k)) for k, _ in CURVE_COLUMNS) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def progress_markdown(name: str, methods: dict[str, dict], config_text: str | None) -> str:
+    """The report of what a sequential comparison's methods measured so far (``kept.kept_methods``' entries, also
+    of stopped runs): a status table, then each method's checkpoint table, the curves figure and the config."""
+    lines = [f"# Sequential comparison `{name}`: what each method measured", "",
+             "| method | edits made | of | status | wall seconds |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for method, m in methods.items():
+        status = "finished" if m["finished"] else f"stopped after edit {m['edits_made']}"
+        lines.append(f"| `{method}` | {m['edits_made']} | {m.get('edits_planned', m['edits_made'])} | {status} | "
+                     f"{m.get('seconds', '–')} |")
+    lines += ["", "Each table row is a checkpoint (edits made so far); a stopped method has no rows past the last "
+              "checkpoint it reached. The edits are reverted at the end of a finished run (checked bit for bit); a "
+              "stopped run's process ended with them.", ""]  # fmt: skip
+    lines.append(curve_markdown({m: v["curve"] for m, v in methods.items()}))
+    lines += ["![curves](curves.png)", ""]
+    if config_text:
+        lines += ["## Configuration", "", "```yaml", config_text.rstrip(), "```", ""]
+    return "\n".join(lines)
