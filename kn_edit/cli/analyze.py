@@ -1,4 +1,4 @@
-"""`kn-edit analyze distribution|activations|top-text|where` and `kn-edit trace`: the paper's findings about
+"""`kn-edit analyze distribution|activations|top-text|where|null-space` and `kn-edit trace`: the paper's findings about
 knowledge neurons as commands, and causal tracing beside attribution. Results go to a run folder."""
 
 from __future__ import annotations
@@ -90,6 +90,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     wh.add_argument("--window", type=int, default=1, help="restore this many layers around each (default 1)")
     _add_out(wh, "where")
     wh.set_defaults(func=run_where)
+
+    ns = asub.add_parser("null-space", help="how much of generic text's keys and of subjects' keys lies in "
+                                            "AlphaEdit's null space, per MEMIT layer and threshold")  # fmt: skip
+    add_model_argument(ns)
+    ns.add_argument("--facts", required=True, metavar="FILE", help="JSONL rows with relation and subject (e.g. a "
+                    "comparison's facts-METHOD.jsonl): the subjects whose keys are measured")
+    ns.add_argument("--thresholds", default="0.02,0.01,0.0075,0.005",
+                    help="null-space cuts, × the largest eigenvalue of C (default 0.02,0.01,0.0075,0.005)")
+    ns.add_argument("--out", metavar="FILE", help="JSON file to write (must not exist unless --overwrite)")
+    ns.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
+    ns.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    add_settings_arguments(ns, "configs/methods/memit.yaml", "layers=[3,4,5] n_prefixes=5 cov_tokens=50000 (MEMIT's "
+                           "settings: the layers, the keys' context prefixes and the key statistics)")
+    ns.set_defaults(func=run_null_space)
 
     tr = sub.add_parser("trace", help="causal tracing of one prompt (Meng et al. 2022): indirect effect of "
                                       "restoring hidden states, MLP and attention outputs")  # fmt: skip
@@ -370,6 +384,42 @@ def run_top_text(args: argparse.Namespace) -> int:
     con.print(f"{result.n_texts} texts, {result.n_tokens} tokens in {result.seconds:.1f} s "
               f"({result.tokens_per_second:,.0f} tokens/s; forward stopped after layer {result.last_layer})"
               + (f"; written to {args.out}/" if args.out else ""))  # fmt: skip
+    return 0
+
+
+def _numbers(text: str, kind: type, what: str) -> list:
+    from ..errors import ConfigError
+
+    try:
+        return [kind(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def run_null_space(args: argparse.Namespace) -> int:
+    from ..analysis.null_space import markdown_lines, null_space_spectrum, subjects_by_relation
+    from ..progress import default_reporter
+    from ..storage.atomic import atomic_file, check_new_file
+
+    from ..editing.memit import MemitSettings
+    from ..storage.config import load_config
+
+    thresholds = _numbers(args.thresholds, float, "--thresholds")
+    settings = load_config(MemitSettings, args.config, args.overrides)
+    settings.check()
+    if args.out:
+        check_new_file(args.out, args.overwrite, "--overwrite")  # before the model loads
+    by_relation = subjects_by_relation(args.facts)
+    km = _load(args, quiet=args.quiet)
+    result = {"model": args.model, **null_space_spectrum(km, by_relation, thresholds, settings,
+                                                         reporter=default_reporter(args.quiet))}  # fmt: skip
+    out = console()
+    for line in markdown_lines(result):
+        out.print(line, highlight=False, soft_wrap=True)
+    if args.out:
+        with atomic_file(args.out, overwrite=args.overwrite, what="null-space analysis") as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        out.print(f"written to {args.out}")
     return 0
 
 
