@@ -1,5 +1,4 @@
-"""Benchmark the v* optimisation shared by ROME, MEMIT and kn-subject (kn_edit.editing.keyvalue.target): one step,
-or whole edits against an earlier commit.
+"""Benchmark the v* optimisation shared by ROME, MEMIT and kn-subject (kn_edit.editing.keyvalue.target): one step.
 
 A step is the forward of every rewrite row from the subject's last token on (the prefix before it is cached) with δ
 added there, and the backward to δ; only the positions the objective reads (answer tokens, KL position) reach the
@@ -16,32 +15,21 @@ relative to its norm (they must agree to float rounding).
 
     .venv/bin/python evaluations/bench_value_step.py --steps 10 --threads 1
 
-``--edit METHOD``: whole edits of one fact ("The capital of France is" Paris → Rome, subject France) by the code
-of this checkout and by the code of ``--base`` (a commit, unpacked with ``git archive`` into a temporary folder),
-each in its own process, alternating (``--rounds``); each process makes one warm-up edit (key statistics read
-from the disk cache, caches filled), then times ``--edits`` edits, each reverted before the next. Reported: the
-median seconds per edit of each (wall clock and the process's CPU time, which other processes on a busy machine
-disturb less), the ratios, and each one's weight change (the two must agree to float rounding).
-
-    .venv/bin/python evaluations/bench_value_step.py --edit rome --edits 3 --rounds 2 --threads 1
+Whole edits of these methods against an earlier commit (formerly ``--edit METHOD``) are timed by
+``evaluations/bench_edit.py --methods rome,memit,kn-subject --against REV``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = "bedf235"  # the commit before issue 28's v* work
 
 
 def bench_steps(args) -> dict:
@@ -97,84 +85,16 @@ def bench_steps(args) -> dict:
             "max_gradient_difference": worst}  # fmt: skip
 
 
-def child(args) -> dict:
-    """Time edits with the code under ``args.code`` (run in a process of its own)."""
-    sys.path.insert(0, args.code)
-    import kn_edit
-    from kn_edit.data.records import EditRequest
-    from kn_edit.editing.registry import make_editor
-
-    assert Path(kn_edit.__file__).resolve().is_relative_to(Path(args.code).resolve()), kn_edit.__file__
-    km = kn_edit.load(args.model, device="cpu")
-    editor = make_editor(args.edit)
-    request = EditRequest(prompts=("The capital of France is",), old="Paris", new="Rome", subject="France")
-
-    def one() -> tuple[float, float, float]:
-        t, cpu = time.perf_counter(), time.process_time()
-        edit = editor.apply(km, [request])
-        seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
-        change = sum(float((p.after.double() - p.before.double()).norm()) ** 2 for p in edit.patches) ** 0.5
-        edit.revert()
-        return seconds, cpu, change
-
-    warm = one()[0]
-    timed = [one() for _ in range(args.edits)]
-    return {"warm_up": warm, "seconds": [t for t, _, _ in timed], "cpu_seconds": [c for _, c, _ in timed],
-            "change": timed[-1][2]}
-
-
-def bench_edits(args) -> dict:
-    runs: dict[str, list[float]] = {"base": [], "new": []}
-    cpu: dict[str, list[float]] = {"base": [], "new": []}
-    change: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="kn-edit-base-") as tmp:
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.base], check=True, capture_output=True)
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
-        code = {"base": tmp, "new": str(ROOT)}
-        env = {**os.environ, "PYTHONPATH": ""}
-        for round_ in range(args.rounds):
-            for name in ("base", "new"):
-                cmd = [sys.executable, __file__, "--child", "--code", code[name], "--edit", args.edit, "--edits",
-                       str(args.edits), "--model", args.model, "--threads", str(args.threads)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-                got = json.loads(out.strip().splitlines()[-1])
-                runs[name] += got["seconds"]
-                cpu[name] += got["cpu_seconds"]
-                change[name] = got["change"]
-                print(f"round {round_ + 1} {name}: warm-up {got['warm_up']:.2f} s, edits "
-                      + ", ".join(f"{t:.2f}" for t in got["seconds"]) + " s (CPU "
-                      + ", ".join(f"{t:.2f}" for t in got["cpu_seconds"]) + " s)", file=sys.stderr)
-    median = {k: statistics.median(v) for k, v in runs.items()}
-    median_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-    return {"model": args.model, "method": args.edit, "base": args.base, "threads": args.threads,
-            "edits_per_round": args.edits, "rounds": args.rounds, "seconds": runs, "cpu_seconds": cpu,
-            "median_seconds": median, "median_cpu_seconds": median_cpu, "speedup": median["base"] / median["new"],
-            "speedup_cpu": median_cpu["base"] / median_cpu["new"], "weight_change": change,
-            "weight_change_relative_difference": abs(change["base"] - change["new"]) / max(change["base"], 1e-30)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--edit", choices=["rome", "memit", "kn-subject"], help="time whole edits of this method")
-    parser.add_argument("--edits", type=int, default=3, help="timed edits per process")
-    parser.add_argument("--rounds", type=int, default=2, help="processes per code version, alternating")
-    parser.add_argument("--base", default=BASE, help="the commit whose code is compared")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--code", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.child:
-        print(json.dumps(child(args)))
-        return
-    if args.edit is None:
-        sys.path.insert(0, str(ROOT))
-        result = bench_steps(args)
-    else:
-        result = bench_edits(args)
+    sys.path.insert(0, str(ROOT))
+    result = bench_steps(args)
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

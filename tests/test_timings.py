@@ -173,12 +173,25 @@ def test_bench_edit_times_each_edit_in_a_fresh_process_after_a_warm_up(tiny_fact
     requests = [{"prompts": [f"The capital of {s} is"], "old": o, "new": "Rome", "subject": s, "relation": "capital"}
                 for s, o in (("France", "Paris"), ("Japan", "Tokyo"))]
     run = bench.run_worker(bench.ROOT, str(saved), "kn-paper", ["force=true", "steps=2", "generic_filter=false"],
-                           requests, threads=1)
+                           requests, threads=1, profile=True)
     assert run["warm_up"] > 0 and [e["fact"] for e in run["edits"]] == ["France: Paris -> Rome", "Japan: Tokyo -> Rome"]
     for edit in run["edits"]:
         assert edit["error"] is None and edit["wall"] >= edit["seconds"] > 0
         assert sum(edit["timings"].values()) == pytest.approx(edit["seconds"])
+        # --profile: the profiled phases (CPU seconds) add up to the profiled edit, within its process time
+        assert list(edit["profile"]) == [*bench.PROFILE_PHASES, "other"] and edit["profile"]["locate"] > 0
+        assert sum(edit["profile"].values()) == pytest.approx(edit["profile_total"])
+        assert edit["profile_total"] <= edit["cpu"] * 1.05 + 0.01 and edit["change"] > 0
     twice = bench.joined([run, run])
     assert twice["summary"]["n"] == 4 and twice["summary"]["wall"] == pytest.approx(bench.summary(run)["wall"])
     assert list(twice["summary"]["phases"])[:3] == ["prepare", "locate", "solve"]
     assert sum(twice["summary"]["phases"].values()) == pytest.approx(twice["summary"]["seconds"])
+    # per phase: the mean over the facts of each fact's best run (here both runs are the same)
+    locate = [e["profile"]["locate"] for e in run["edits"]]
+    assert twice["summary"]["profile"]["locate"] == pytest.approx(sum(locate) / 2)
+    assert twice["summary"]["profile"]["total (wall)"] == pytest.approx(bench.summary(run)["wall"])
+    faster = {**run, "edits": [{**e, "profile": {**e["profile"], "locate": 0.0}} for e in run["edits"]]}
+    assert bench.joined([run, faster])["summary"]["profile"]["locate"] == 0.0
+    assert bench.change_difference(run["edits"], run["edits"]) == 0.0
+    other = [{**e, "change": e["change"] * 1.01} for e in run["edits"]]
+    assert bench.change_difference(run["edits"], other) == pytest.approx(0.01 / 1.01)
