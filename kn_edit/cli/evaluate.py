@@ -129,12 +129,12 @@ def _compare_progress(config, args: argparse.Namespace) -> int:
     from ..evaluation.kept import comparison_progress, joined, read_report, write_report
     from ..storage.manifest import start_manifest
 
-    provenance = start_manifest()
     merge = Path(args.merge) if args.merge else None
     target = Path(args.report) if args.report else None
     replace = target is not None and (args.overwrite or (merge is not None and _same_path(target, merge)))
     if target is not None:  # before anything is read: a bad folder fails at once
         _check_report_folder(target, replace)
+    provenance = start_manifest() if target is not None else None  # the code and command as the report starts
     out = console()
     parts, kept = comparison_progress(config)
     earlier = read_report(merge) if merge is not None else {}
