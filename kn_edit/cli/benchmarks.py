@@ -46,7 +46,7 @@ def _written(records: list, args: argparse.Namespace, what: str) -> int:
 
     path = write_benchmark(records, args.out, overwrite=args.overwrite)
     fewer = f" (only {len(records)} of the {args.facts} asked for exist)" if len(records) < args.facts else ""
-    console().print(f"wrote {len(records)} {what} to {path}{fewer}", highlight=False)
+    console().print(f"wrote {len(records)} {what} to {path}{fewer}", highlight=False, soft_wrap=True)
     return 0
 
 
