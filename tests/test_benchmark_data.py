@@ -92,6 +92,15 @@ def test_counterfact_record(tmp_path, suffix):
     assert case.generation_prompts == tuple(CF["generation_prompts"]) and case.reference_texts == ()
 
 
+def test_a_trailing_answer_slot_is_cut_from_prompts(tmp_path):
+    record = copy.deepcopy(CF)
+    record["requested_rewrite"]["prompt"] = "The mother tongue of {} is [Y]."
+    record["neighborhood_prompts"] = ["The mother tongue of Léon Blum is [MASK]"]
+    (case,) = read_counterfact(write(tmp_path / "cf.json", [record]))
+    assert case.requests[0].prompts == ("The mother tongue of Danielle Darrieux is",)
+    assert only(case, "neighborhood").prompts == ("The mother tongue of Léon Blum is",)
+
+
 def test_counterfact_optional_sets_may_be_absent_and_empty_sets_give_no_probe(tmp_path):
     record = {k: v for k, v in CF.items() if k not in ("attribute_prompts", "generation_prompts", "case_id")}
     record["neighborhood_prompts"] = []
@@ -179,6 +188,8 @@ BAD = [
     ("counterfact", _drop("paraphrase_prompts"), "missing field 'paraphrase_prompts'"),
     ("counterfact", _set("one prompt", "neighborhood_prompts"), "'neighborhood_prompts' must be a list of strings"),
     ("counterfact", _set(["fine", 4], "attribute_prompts"), "attribute_prompts[1] must be a non-empty string"),
+    ("counterfact", _set(["[Y] is spoken by Danielle"], "paraphrase_prompts"), "'paraphrase_prompts[0]': prompt"),
+    ("knowedit", _set("The [Y] of Leo Arons", "rephrase_prompt"), "answer slot [Y] before other text"),
     ("counterfact", _set(True, "case_id"), "'case_id' must be a number or a non-empty string"),
     ("counterfact", _set(7.5, "case_id"), "'case_id'"),
     ("zsre", _drop("src"), "missing field 'src'"),

@@ -9,16 +9,20 @@ from .ui import console
 
 
 def _common(parser: argparse.ArgumentParser, default_n: int) -> None:
-    parser.add_argument("--pararel", metavar="PATH", help="ParaRel folder (patterns/ and facts/; default: the download cache)")
-    parser.add_argument("--out", required=True, metavar="FILE", help="file to write (.json: a list; .jsonl: one record a line)")
-    parser.add_argument("--facts", type=int, default=default_n, metavar="N", help=f"records to draw (default {default_n})")
+    parser.add_argument("--pararel", metavar="PATH",
+                        help="ParaRel folder (patterns/ and facts/; default: the download cache)")
+    parser.add_argument("--out", required=True, metavar="FILE",
+                        help="file to write (.json: a list; .jsonl: one record a line); must not exist")
+    parser.add_argument("--facts", type=int, default=default_n, metavar="N",
+                        help=f"records to draw (default {default_n})")
     parser.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
     parser.add_argument("--relations", help="comma-separated ParaRel relation ids to build from (default: all)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    cf = sub.add_parser("make-counterfact", help="write a CounterFact-style benchmark built from ParaRel (no model needed)")
+    cf = sub.add_parser("make-counterfact",
+                        help="write a CounterFact-style benchmark built from ParaRel (no model needed)")
     _common(cf, 1000)
     cf.add_argument("--paraphrases", type=int, default=2, help="paraphrase prompts per fact (default 2)")
     cf.add_argument("--neighbours", type=int, default=10, help="neighbourhood prompts per fact (default 10)")

@@ -89,11 +89,13 @@ def _case(record: FactRecord, index: int, pool: dict, groups: dict, seed: int, c
     }
     if any(counts[kind] and not prompts for kind, prompts in found.items()):
         return None
-    starts = [p for p in record.all_prompts if p.startswith(record.subject)] + [g.format(record.subject) for g in GENERIC_STARTS]
+    starts = [p for p in record.all_prompts if p.startswith(record.subject)]
+    starts += [g.format(record.subject) for g in GENERIC_STARTS]
     return {
         "case_id": None, "pararel_idx": index,
         "requested_rewrite": {"prompt": rewrite, "subject": record.subject, "relation_id": record.relation,
-                              "target_new": {"str": new, "id": None}, "target_true": {"str": record.object, "id": None}},
+                              "target_new": {"str": new, "id": None},
+                              "target_true": {"str": record.object, "id": None}},
         "paraphrase_prompts": found["paraphrase"][: counts["paraphrase"]],
         "neighborhood_prompts": found["neighborhood"],
         "attribute_prompts": found["attribute"],

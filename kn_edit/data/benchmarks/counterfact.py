@@ -29,22 +29,23 @@ from .fields import CaseList, case_id, checked, read_cases, section, text, texts
 def counterfact_case(obj: dict, where: str, index: int) -> BenchmarkCase:
     rewrite = section(obj, "requested_rewrite", where)
     subject = text(rewrite, "subject", where, "requested_rewrite.subject")
-    prompt = with_subject(text(rewrite, "prompt", where, "requested_rewrite.prompt"), subject, where,
+    prompt = with_subject(text(rewrite, "prompt", where, "requested_rewrite.prompt", prompt=True), subject, where,
                           "requested_rewrite.prompt")
     new = text(section(rewrite, "target_new", where, "requested_rewrite.target_new"), "str", where,
                "requested_rewrite.target_new.str")
     true = text(section(rewrite, "target_true", where, "requested_rewrite.target_true"), "str", where,
                 "requested_rewrite.target_true.str")
     relation = text(rewrite, "relation_id", where, "requested_rewrite.relation_id", required=False)
-    sets = [("paraphrase", "paraphrase_prompts", new, true, True), ("neighborhood", "neighborhood_prompts", true, new, True),
+    sets = [("paraphrase", "paraphrase_prompts", new, true, True),  # kind, key, answer, contrast, required
+            ("neighborhood", "neighborhood_prompts", true, new, True),
             ("attribute", "attribute_prompts", new, true, False)]  # fmt: skip
     with checked(where):
         request = EditRequest((prompt,), true, new, subject=subject, relation=relation)
         probes = tuple(Probe(kind, prompts, answer, contrast)
                        for kind, key, answer, contrast, required in sets
-                       if (prompts := texts(obj, key, where, required=required)))  # fmt: skip
-    return BenchmarkCase(case_id(obj, index, where), "counterfact", (request,), probes,
-                         generation_prompts=texts(obj, "generation_prompts", where, required=False), where=where)
+                       if (prompts := texts(obj, key, where, required=required, prompt=True)))  # fmt: skip
+    generation = texts(obj, "generation_prompts", where, required=False, prompt=True)
+    return BenchmarkCase(case_id(obj, index, where), "counterfact", (request,), probes, generation, where=where)
 
 
 def read_counterfact(path: str | Path) -> CaseList:

@@ -3,6 +3,9 @@
 A file is a JSON list of records (``.json``, or any other suffix) or JSON Lines (``.jsonl``: one record a line,
 blank lines ignored). A record is named ``FILE:record I`` (I counts from 0, as the list's index) or ``FILE:line N``
 (JSON Lines); every error names it and the field (dotted: ``requested_rewrite.target_new.str``), in one line.
+
+Prompts are causal (the text before the answer): where one ends with an answer slot (``[Y]`` or ``[MASK]``, maybe
+followed by punctuation) the slot is cut, as everywhere in kn-edit; a slot before other text is an error.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ...errors import DataError, EditError
+from ...errors import DataError, EditError, PromptError
+from ...models.prompts import causal_prompt
 from ..jsonl import read_jsonl
 from ..records import BenchmarkCase, SkippedFact
 
@@ -64,8 +68,17 @@ def read_records(path: str | Path) -> list[tuple[str, dict]]:
     return records
 
 
-def text(obj: dict, key: str, where: str, name: str | None = None, required: bool = True) -> str | None:
-    """``obj[key]`` as a non-empty string (stripped); None where it is absent (or null) and not ``required``."""
+def _cut(value: str, where: str, name: str) -> str:
+    try:
+        return causal_prompt(value).rstrip()
+    except PromptError as exc:
+        raise DataError(f"{where}: {name!r}: {exc}") from None
+
+
+def text(obj: dict, key: str, where: str, name: str | None = None, required: bool = True,
+         prompt: bool = False) -> str | None:
+    """``obj[key]`` as a non-empty string (stripped; ``prompt``: its answer slot cut); None where it is absent (or
+    null) and not ``required``."""
     name = name or key
     value = obj.get(key)
     if value is None:
@@ -76,13 +89,13 @@ def text(obj: dict, key: str, where: str, name: str | None = None, required: boo
         raise DataError(f"{where}: {name!r} must be a string, got {type(value).__name__} {_show(value)}")
     if not value.strip():
         raise DataError(f"{where}: {name!r} is empty")
-    return value.strip()
+    return _cut(value.strip(), where, name) if prompt else value.strip()
 
 
 def texts(obj: dict, key: str, where: str, name: str | None = None, required: bool = True,
-          one_ok: bool = False) -> tuple[str, ...]:
-    """``obj[key]`` as a list of non-empty strings (stripped); ``one_ok``: a lone string is a list of one.
-    Absent (or null) and not ``required``: ()."""
+          one_ok: bool = False, prompt: bool = False) -> tuple[str, ...]:
+    """``obj[key]`` as a list of non-empty strings (stripped; ``prompt``: their answer slots cut); ``one_ok``: a
+    lone string is a list of one. Absent (or null) and not ``required``: ()."""
     name = name or key
     value = obj.get(key)
     if value is None:
@@ -96,7 +109,7 @@ def texts(obj: dict, key: str, where: str, name: str | None = None, required: bo
     for j, item in enumerate(value):
         if not isinstance(item, str) or not item.strip():
             raise DataError(f"{where}: {name}[{j}] must be a non-empty string, got {_show(item)}")
-    return tuple(item.strip() for item in value)
+    return tuple(_cut(item.strip(), where, f"{name}[{j}]") if prompt else item.strip() for j, item in enumerate(value))
 
 
 def answers(obj: dict, key: str, where: str, name: str | None = None, required: bool = True) -> tuple[str, ...]:

@@ -36,7 +36,7 @@ def _checks(obj: dict, kind: str, where: str) -> list[Probe]:
             name = f"{kind}.{label}[{j}]"
             if not isinstance(item, dict):
                 raise DataError(f"{where}: {name!r} must be an object, got {type(item).__name__}")
-            prompts = texts(item, "prompt", where, f"{name}.prompt", one_ok=True)
+            prompts = texts(item, "prompt", where, f"{name}.prompt", one_ok=True, prompt=True)
             if not prompts:
                 raise DataError(f"{where}: '{name}.prompt' is empty")
             truth = answers(item, "ground_truth", where, f"{name}.ground_truth")
@@ -46,13 +46,13 @@ def _checks(obj: dict, kind: str, where: str) -> list[Probe]:
 
 def knowedit_case(obj: dict, where: str, index: int) -> BenchmarkCase:
     subject = text(obj, "subject", where)
-    prompt = text(obj, "prompt", where)
+    prompt = text(obj, "prompt", where, prompt=True)
     new = text(obj, "target_new", where)
     if obj.get("ground_truth") is None:
         raise DataError(f"{where}: missing field 'ground_truth' (the answer before the edit; insertion sets such "
                         "as wiki_recent have none, and kn-edit edits change an existing answer)")
     true = answers(obj, "ground_truth", where)[0]
-    rephrase = texts(obj, "rephrase_prompt", where, required=False, one_ok=True)
+    rephrase = texts(obj, "rephrase_prompt", where, required=False, one_ok=True, prompt=True)
     with checked(where):
         request = EditRequest((prompt,), true, new, subject=subject)
         probes = ([Probe("paraphrase", rephrase, new)] if rephrase else []) + _checks(obj, "portability", where) \

@@ -28,7 +28,8 @@ def _request(rewrite: object, where: str, name: str) -> EditRequest:
     if not isinstance(rewrite, dict):
         raise DataError(f"{where}: {name} must be an object, got {type(rewrite).__name__}")
     subject = text(rewrite, "subject", where, f"{name}.subject")
-    prompt = with_subject(text(rewrite, "prompt", where, f"{name}.prompt"), subject, where, f"{name}.prompt")
+    pattern = text(rewrite, "prompt", where, f"{name}.prompt", prompt=True)
+    prompt = with_subject(pattern, subject, where, f"{name}.prompt")
     new = text(section(rewrite, "target_new", where, f"{name}.target_new"), "str", where, f"{name}.target_new.str")
     true = text(section(rewrite, "target_true", where, f"{name}.target_true"), "str", where, f"{name}.target_true.str")
     relation = text(rewrite, "relation_id", where, f"{name}.relation_id", required=False)
@@ -42,10 +43,11 @@ def mquake_case(obj: dict, where: str, index: int) -> BenchmarkCase:
         raise DataError(f"{where}: 'requested_rewrite' must be a non-empty list of edits, got "
                         f"{type(rewrites).__name__ if rewrites is not None else 'nothing'}")
     requests = tuple(_request(r, where, f"requested_rewrite[{j}]") for j, r in enumerate(rewrites))
-    questions = texts(obj, "questions", where)
+    questions = texts(obj, "questions", where, prompt=True)
     if not questions:
         raise DataError(f"{where}: 'questions' is empty")
-    before_aliases = texts(obj, "answer_alias", where, required=False) + texts(obj, "answer_extended", where, required=False)
+    before_aliases = texts(obj, "answer_alias", where, required=False)
+    before_aliases += texts(obj, "answer_extended", where, required=False)  # MQuAKE-T's other gold answers
     with checked(where):
         probe = Probe("multihop", questions, text(obj, "new_answer", where),
                       aliases=texts(obj, "new_answer_alias", where, required=False),

@@ -1,10 +1,10 @@
 """Two-hop chains built offline from ParaRel, written in MQuAKE's layout (``mquake.py``), so that whether an edit
 carries to the facts that follow from it is measured without downloads.
 
-A chain is a fact ⟨s, r1, o1⟩ whose object is the subject of a fact ⟨o1, r2, o2⟩: "Marie Curie was born in Warsaw"
-and "Warsaw is the capital of Poland". The edit moves the first hop to another object o1' of r1 that is itself the
-subject of an r2 fact with another answer o2' (o1' and o2' seeded per fact, ``choose_new_object``); the questions
-ask for the composed chain, so the answer is o2 before the edit and o2' after it.
+A chain is a fact ⟨s, r1, o1⟩ whose object is the subject of a fact ⟨o1, r2, o2⟩: "Marie Curie was born in
+Warsaw" and "Warsaw is the capital of Poland". The edit moves the first hop to another object o1' of r1 that is
+itself the subject of an r2 fact with another answer o2' (o1' seeded per fact, ``choose_new_object``); the
+questions ask for the composed chain, so the answer is o2 before the edit and o2' after it.
 
 Only the relation pairs that compose into one answer are used: r1 in ``FIRST_HOPS`` (a hand-written noun phrase
 naming o1 through s) and r2 in ``SECOND_HOPS`` (functional relations), o1 and o1' each with one r2 fact. Questions
@@ -92,8 +92,10 @@ def _chain(first: FactRecord, r2: str, seconds: dict, pool: list[str], seed: int
         "new_answer": new_second.object, "new_answer_alias": [],
         "single_hops": [_hop(first), _hop(second)],
         "new_single_hops": [_hop(new_first), _hop(new_second)],
-        "orig": {"triples_labeled": [[first.subject, first.relation, first.object], [second.subject, r2, second.object]],
-                 "new_triples_labeled": [[first.subject, first.relation, new], [new_second.subject, r2, new_second.object]],
+        "orig": {"triples_labeled": [[first.subject, first.relation, first.object],
+                                     [second.subject, r2, second.object]],
+                 "new_triples_labeled": [[first.subject, first.relation, new],
+                                         [new_second.subject, r2, new_second.object]],
                  "edit_triples_labeled": [[first.subject, first.relation, new]]},
     }  # fmt: skip
 

@@ -26,15 +26,15 @@ from .fields import CaseList, answers, checked, read_cases, text
 
 def zsre_case(obj: dict, where: str, index: int) -> BenchmarkCase | SkippedFact:
     subject = text(obj, "subject", where)
-    question = text(obj, "src", where)
+    question = text(obj, "src", where, prompt=True)
     true = answers(obj, "answers", where)[0]
     alt = obj.get("alt")
     if isinstance(alt, str) and alt.strip() in ("", true):
         why = "no new answer (alt is empty)" if not alt.strip() else "alt equals the true answer"
         return SkippedFact(str(index), "", why, where)
     new = text(obj, "alt", where)
-    rephrase = text(obj, "rephrase", where)
-    loc = text(obj, "loc", where)
+    rephrase = text(obj, "rephrase", where, prompt=True)
+    loc = text(obj, "loc", where, prompt=True)
     loc = loc if loc.endswith("?") else loc + "?"
     with checked(where):
         request = EditRequest((question,), true, new, subject=subject)
