@@ -187,7 +187,7 @@ BAD = [
     ("counterfact", _set({"str": "French"}, "requested_rewrite", "target_new"), "the same"),
     ("counterfact", _drop("paraphrase_prompts"), "missing field 'paraphrase_prompts'"),
     ("counterfact", _set("one prompt", "neighborhood_prompts"), "'neighborhood_prompts' must be a list of strings"),
-    ("counterfact", _set(["fine", 4], "attribute_prompts"), "attribute_prompts[1] must be a non-empty string"),
+    ("counterfact", _set(["fine", 4], "attribute_prompts"), "'attribute_prompts[1]' must be a non-empty string"),
     ("counterfact", _set(["[Y] is spoken by Danielle"], "paraphrase_prompts"), "'paraphrase_prompts[0]': prompt"),
     ("knowedit", _set("The [Y] of Leo Arons", "rephrase_prompt"), "answer slot [Y] before other text"),
     ("counterfact", _set(True, "case_id"), "'case_id' must be a number or a non-empty string"),
@@ -209,7 +209,7 @@ BAD = [
     ("knowedit", _set([], "portability"), "'portability' must be an object"),
     ("knowedit", _set({"prompt": "x"}, "portability", "Reasoning"), "'portability.Reasoning' must be a list"),
     ("knowedit", _set([{"ground_truth": "x"}], "locality", "Forgetfulness"), "missing field 'locality.Forgetfulness[0].prompt'"),
-    ("knowedit", _set([["Europe"], [""]], "portability", "Reasoning", 0, "ground_truth"), "ground_truth[1][0] must be a non-empty"),
+    ("knowedit", _set([["Europe"], [""]], "portability", "Reasoning", 0, "ground_truth"), "ground_truth[1][0]' must be a non-empty"),
     ("knowedit", _set([], "portability", "Reasoning", 0, "prompt"), "'portability.Reasoning[0].prompt' is empty"),
 ]  # fmt: skip
 

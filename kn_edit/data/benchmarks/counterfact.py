@@ -1,6 +1,7 @@
 """CounterFact (Meng et al. 2022, ROME): one counterfactual edit per record, with the prompts its scores read.
 
-A record (the ROME project's ``counterfact.json``; kn-edit's ``make-counterfact`` writes the same layout)::
+A record (the ROME project's ``counterfact.json``, MEMIT's ``multi_counterfact.json``; kn-edit's ``make-counterfact``
+writes the same layout)::
 
     {"case_id": 0, "pararel_idx": 2796,
      "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",

@@ -108,7 +108,7 @@ def texts(obj: dict, key: str, where: str, name: str | None = None, required: bo
         raise DataError(f"{where}: {name!r} must be a list of strings, got {type(value).__name__} {_show(value)}")
     for j, item in enumerate(value):
         if not isinstance(item, str) or not item.strip():
-            raise DataError(f"{where}: {name}[{j}] must be a non-empty string, got {_show(item)}")
+            raise DataError(f"{where}: '{name}[{j}]' must be a non-empty string, got {_show(item)}")
     return tuple(_cut(item.strip(), where, f"{name}[{j}]") if prompt else item.strip() for j, item in enumerate(value))
 
 

@@ -1,4 +1,4 @@
-"""zsRE in the MEND / ROME form (Mitchell et al. 2022; ROME's ``zsre_mem_eval.json``): question answering edits.
+"""zsRE in the MEND / ROME form (Mitchell et al. 2022; ROME's ``zsre_mend_eval.json``): question answering edits.
 
 A record::
 
