@@ -155,6 +155,18 @@ def write_capital_facts(path: Path, subjects: Sequence[tuple[str, str]] = SUBJEC
     return path
 
 
+def write_pararel(root, patterns: dict[str, list[str]], facts: dict[str, list[tuple[str, str]]]):
+    """A ParaRel-like folder: patterns/REL.jsonl and facts/REL.jsonl (uuid REL-i)."""
+    (root / "patterns").mkdir(parents=True)
+    (root / "facts").mkdir()
+    for rel, pats in patterns.items():
+        (root / "patterns" / f"{rel}.jsonl").write_text("".join(json.dumps({"pattern": p}) + "\n" for p in pats))
+    for rel, items in facts.items():
+        lines = [json.dumps({"sub_label": s, "obj_label": o, "uuid": f"{rel}-{i}"}) for i, (s, o) in enumerate(items)]
+        (root / "facts" / f"{rel}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
 @dataclass
 class ValueVectorSettings:
     scale: float = 20.0

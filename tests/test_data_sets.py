@@ -10,17 +10,7 @@ import pytest
 from kn_edit.data import download_pararel, load_jsonl_facts, load_known1000, load_pararel
 from kn_edit.data.pararel import split_patterns
 from kn_edit.errors import DataError
-
-
-def write_pararel(root, patterns: dict[str, list[str]], facts: dict[str, list[tuple[str, str]]]):
-    (root / "patterns").mkdir(parents=True)
-    (root / "facts").mkdir()
-    for rel, pats in patterns.items():
-        (root / "patterns" / f"{rel}.jsonl").write_text("".join(json.dumps({"pattern": p}) + "\n" for p in pats))
-    for rel, items in facts.items():
-        lines = [json.dumps({"sub_label": s, "obj_label": o, "uuid": f"{rel}-{i}"}) for i, (s, o) in enumerate(items)]
-        (root / "facts" / f"{rel}.jsonl").write_text("\n".join(lines) + "\n")
-    return root
+from helpers import write_pararel
 
 
 CAPITALS = [("France", "Paris"), ("Italy", "Rome"), ("Japan", "Tokyo")]
