@@ -123,7 +123,10 @@ def test_update_fact_prints_the_time_per_phase(tiny_factory, tmp_path, capsys, m
     assert code == 0
     line = next(line for line in out.splitlines() if line.startswith("kn-paper time: "))
     assert re.fullmatch(r"kn-paper time: [\d.e-]+ s \((\w+ [\d.e-]+, )+\w+ [\d.e-]+\)", line), line
-    assert "solve" in line
+    # Phases under 1 % of the edit are left off the line, so which ones show depends on the machine's load;
+    # each one shown is a phase the knowledge-neuron editor times.
+    shown = set(re.findall(r"(\w+) [\d.e-]+(?=[,)])", line))
+    assert shown and shown <= {"prepare", "locate", "solve", "guard", "commit", "report", "other"}, line
 
 
 def test_phase_seconds_are_means_per_edit_over_the_edits_made():
