@@ -5,6 +5,8 @@ each metric's formula written out plainly from them."""
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 import torch
@@ -42,6 +44,25 @@ def plain_greedy(km, prompt: str, n: int) -> str:
             break
         out.append(nxt)
     return km.tokenizer.decode(out)
+
+
+def answered_by(km, case, before_km=None):
+    """The case with answers the model (partly) gives, so accuracies are not all 0 on a random model: every other
+    probe's answer, and the request's new object, become the model's own greedy continuation; a multihop probe
+    gets it as an alias (and ``before_km``'s as a before-alias)."""
+    own = lambda model, prompt: plain_greedy(model, prompt, 3).strip() or "x"  # noqa: E731
+    probes = []
+    for j, p in enumerate(case.probes):
+        if p.kind == "multihop":
+            p = replace(p, aliases=(*p.aliases, own(km, p.prompts[-1])),
+                        before_aliases=(*p.before_aliases, own(before_km or km, p.prompts[0])))
+        elif j % 2 == 0:
+            p = replace(p, answer=own(km, p.prompts[0]))
+        probes.append(p)
+    r = case.requests[0]
+    new = own(km, r.prompts[0])
+    requests = (replace(r, new=new if new != r.old else r.new), *case.requests[1:])
+    return replace(case, case_id=case.case_id + "-own", requests=requests, probes=tuple(probes))
 
 
 def _mean(xs):
@@ -114,8 +135,8 @@ def test_zsre_and_knowedit_token_accuracies_equal_a_plain_recomputation(two_mode
 
     expected: dict[str, list[float]] = {}
     rows = []
-    for source, cases in (("zsre", benchmark_cases()["zsre"]), ("knowedit", benchmark_cases()["knowedit"])):
-        for case in cases:
+    for source in ("zsre", "knowedit"):
+        for case in [c for base in benchmark_cases()[source] for c in (base, answered_by(km, base))]:
             groups = groups_of(case)
             rows.append({"benchmark": {"source": source, "scores": case_scores(
                 source, groups, measure(before_km, groups), measure(km, groups))}})
@@ -137,23 +158,42 @@ def test_zsre_and_knowedit_token_accuracies_equal_a_plain_recomputation(two_mode
                     expected.setdefault(f"{source}/{key}", []).append(value)
     got = summary(rows)
     assert set(got) == set(expected)
+    for source in ("zsre", "knowedit"):  # the model's own answers score: the accuracies are not all 0
+        assert sum(v for k, v in got.items() if k.startswith(source) and "Locality" not in k) > 0, got
     for key, values in expected.items():
         assert got[key] == pytest.approx(_mean(values), abs=1e-6), key
 
 
+@contextmanager
+def favouring(km, word: str):
+    """The model's output head adds 100 to the logit of `` word``'s first token: the argmax everywhere."""
+    tid = km.tokenizer(" " + word, add_special_tokens=False)["input_ids"][0]
+    bias = torch.zeros(km.model.get_output_embeddings().weight.shape[0])
+    bias[tid] = 100.0
+    handle = km.model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + bias)
+    try:
+        yield km
+    finally:
+        handle.remove()
+
+
 def test_mquake_multihop_accuracy_is_any_question_answered(two_models):
     before_km, km = two_models
-    rows, expected = [], {"multihop_before": [], "multihop_after": []}
-    for case in benchmark_cases()["mquake"]:
-        groups = groups_of(case)
-        rows.append({"benchmark": {"source": "mquake", "scores": case_scores(
-            "mquake", groups, measure(before_km, groups), measure(km, groups))}})
-        top1 = lambda model, q, a: all(x == t for x, t in zip(*plain_measure(model, q, a)[1:]))  # noqa: E731
-        (probe,) = case.probes_of("multihop")
-        expected["multihop_before"].append(float(any(top1(before_km, q, a) for q in probe.prompts
-                                                     for a in (probe.before, *probe.before_aliases))))  # fmt: skip
-        expected["multihop_after"].append(float(any(top1(km, q, a) for q in probe.prompts for a in (probe.answer, *probe.aliases))))
+    cases = benchmark_cases()["mquake"]
+    with favouring(before_km, "France"), favouring(km, "Spain"):  # m0's before answer, m0's new answer
+        rows, expected = [], {"multihop_before": [], "multihop_after": []}
+        for case in cases:
+            groups = groups_of(case)
+            rows.append({"benchmark": {"source": "mquake", "scores": case_scores(
+                "mquake", groups, measure(before_km, groups), measure(km, groups))}})
+            top1 = lambda model, q, a: all(x == t for x, t in zip(*plain_measure(model, q, a)[1:]))  # noqa: E731
+            (probe,) = case.probes_of("multihop")
+            expected["multihop_before"].append(float(any(top1(before_km, q, a) for q in probe.prompts
+                                                         for a in (probe.before, *probe.before_aliases))))  # fmt: skip
+            expected["multihop_after"].append(float(any(top1(km, q, a) for q in probe.prompts
+                                                        for a in (probe.answer, *probe.aliases))))  # fmt: skip
     got = summary(rows)
+    assert expected == {"multihop_before": [1.0, 0.0], "multihop_after": [1.0, 0.0]}  # the plain loop sees the bias
     for key, values in expected.items():
         assert got[f"mquake/{key}"] == pytest.approx(_mean(values)), key
 
@@ -168,8 +208,9 @@ def test_multihop_counts_a_case_when_any_question_is_answered():
 
 def test_generation_accuracy_equals_a_plain_greedy_loop(two_models):
     km = two_models[1]
+    seen = []
     for source, cases in benchmark_cases().items():
-        for case in cases:
+        for case in [c for base in cases for c in (base, answered_by(km, base))]:
             groups = groups_of(case)
             measured = measure(km, groups)
             gen = generate(km, groups, measured, extra_tokens=2)
@@ -184,9 +225,11 @@ def test_generation_accuracy_equals_a_plain_greedy_loop(two_models):
                             assert gen[(g, i)] == text
                             answers = (group.answer, *group.aliases)
                             flags.append(any(text.lstrip().lower().startswith(a.lower()) for a in answers))
+                seen += flags
                 expected = float(any(flags)) if kind == "multihop" else _mean([float(f) for f in flags])
                 key = f"gen/{kind}_after" if kind == "multihop" else f"gen/{kind}"
                 assert scores[key] == pytest.approx(expected), (source, kind)
+    assert any(seen) and not all(seen)  # the model's own continuations count, the benchmarks' answers do not
 
 
 def test_generation_correct_is_a_case_blind_prefix_match_on_answer_or_alias():
