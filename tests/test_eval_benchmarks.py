@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from helpers import PASSAGES, ValueVectorEditor, assert_same, benchmark_cases, snapshot, tiny_config, tiny_sized
 from kn_edit.errors import ConfigError
@@ -114,3 +115,21 @@ def test_compare_puts_the_papers_columns_beside_kn_edits(tiny_factory, tmp_path)
     assert payload["methods"]["vv-10"]["counterfact/EM"] != payload["methods"]["vv-40"]["counterfact/EM"]
     header = next(line for line in (result.run_dir / "report.md").read_text().splitlines() if line.startswith("| method |"))
     assert header.startswith("| method | S | ES | PS | NS | EM | PM | NM | GE | RS |") and "edit top-1" in header
+
+
+def test_only_known_keeps_the_cases_whose_old_object_is_the_models_top1(tiny_factory, tmp_path):
+    km = tiny_factory("llama")
+    head = km.model.get_output_embeddings()
+    paris = km.tokenizer(" Paris", add_special_tokens=False)["input_ids"]
+    assert len(paris) == 1
+    bias = torch.zeros(head.weight.shape[0])
+    bias[paris[0]] = 100.0  # the model now answers " Paris" everywhere: it "knows" case 0 (France → Paris) only
+    handle = head.register_forward_hook(lambda module, args, out: out + bias)
+    try:
+        config = bench_config(tmp_path, "counterfact", **{"data.only_known": True, "data.known_cache": False})
+        result = evaluate(config, km=km, editor=ValueVectorEditor(), cases=benchmark_cases()["counterfact"],
+                          passages=PASSAGES)  # fmt: skip
+    finally:
+        handle.remove()
+    assert [r["benchmark"]["case_id"] for r in result.rows] == ["0"]
+    assert result.summary["skipped"] == {"model does not predict it (top-1)": 2}
