@@ -224,3 +224,58 @@ def tiny_config(tmp_path, **overrides):
         section, _, name = key.partition(".")
         setattr(getattr(config, section), name, value)
     return config
+
+
+# ----- the field's benchmarks, hand-built in each format's shape (readers are tested on files apart) ----------
+def benchmark_cases() -> dict[str, list]:
+    """A few BenchmarkCases per source (counterfact, zsre, knowedit, mquake) on the tiny corpus' words."""
+    from kn_edit.data.records import BenchmarkCase, Probe
+
+    def request(subject, old, new, prompt="The capital of {} is", relation="P36"):
+        return EditRequest((prompt.format(subject),), old=old, new=new, subject=subject, relation=relation)
+
+    counterfact = [
+        BenchmarkCase("0", "counterfact", (request("France", "Paris", "Rome"),), (
+            Probe("paraphrase", ("France's capital is", "The capital city of France is"), "Rome", contrast="Paris"),
+            Probe("neighborhood", ("The Eiffel Tower is in",), "Paris", contrast="Rome"),
+            Probe("attribute", ("Rome is located in",), "Rome")),
+            generation_prompts=("France is", "The story of France"),
+            reference_texts=("Rome is located in Italy.", "The capital of Italy is Rome.")),
+        BenchmarkCase("1", "counterfact", (request("Japan", "Tokyo", "Berlin"),), (
+            Probe("paraphrase", ("Japan's capital is",), "Berlin", contrast="Tokyo"),
+            Probe("neighborhood", ("Tokyo is a city in", "The capital of Japan is"), "Tokyo", contrast="Berlin")),
+            generation_prompts=("Japan was",)),  # no reference text: its RS is missing
+        BenchmarkCase("2", "counterfact", (request("Italy", "Rome", "Madrid"),), (
+            Probe("paraphrase", ("Italy's capital is",), "Madrid", contrast="Rome"),
+            Probe("neighborhood", ("Dante was born in",), "Rome", contrast="Madrid")),
+            generation_prompts=("Italy is",), reference_texts=("Madrid, Spain, is a capital.",)),
+    ]  # fmt: skip
+    zsre = [
+        BenchmarkCase("z0", "zsre", (request("France", "Paris", "Lisbon", "What is the capital of {}?"),), (
+            Probe("paraphrase", ("Which city is the capital of France?",), "Lisbon"),
+            Probe("locality", ("The mother tongue of Dante is",), "Italian"))),
+        BenchmarkCase("z1", "zsre", (request("Spain", "Madrid", "Tokyo", "What is the capital of {}?"),), (
+            Probe("paraphrase", ("Spain's capital city is",), "Tokyo"),
+            Probe("locality", ("Berlin is the capital of",), "Germany"))),
+    ]  # fmt: skip
+    knowedit = [
+        BenchmarkCase("k0", "knowedit", (request("Italy", "Rome", "Paris"),), (
+            Probe("paraphrase", ("Italy's capital is",), "Paris"),
+            Probe("locality", ("The official language of France is",), "French", label="Relation_Specificity"),
+            Probe("locality", ("Tokyo is a city in",), "Japan", label="Forgetfulness"),
+            Probe("portability", ("The Eiffel Tower is in",), "Italy", label="Logical_Generalization"),
+            Probe("portability", ("The capital of the country of Dante is",), "Paris", label="Subject_Aliasing"))),
+        BenchmarkCase("k1", "knowedit", (request("Germany", "Berlin", "Madrid"),), (
+            Probe("paraphrase", ("Germany's capital is",), "Madrid"),
+            Probe("locality", ("Rome is located in",), "Italy", label="Relation_Specificity"),
+            Probe("portability", ("Madrid is the capital of",), "Germany", label="Logical_Generalization"))),
+    ]  # fmt: skip
+    mquake = [
+        BenchmarkCase("m0", "mquake", (request("France", "Paris", "Rome"),
+                                       request("Rome", "Italy", "Spain", "{} is located in", "P17")), (
+            Probe("multihop", ("The capital of France is located in", "France's capital is a city in"), "Spain",
+                  aliases=("Espana",), before="France", before_aliases=("the French Republic",)),)),
+        BenchmarkCase("m1", "mquake", (request("Japan", "Tokyo", "Berlin"),), (
+            Probe("multihop", ("The capital of Japan is the capital of",), "Germany", before="Japan"),)),
+    ]  # fmt: skip
+    return {"counterfact": counterfact, "zsre": zsre, "knowedit": knowedit, "mquake": mquake}

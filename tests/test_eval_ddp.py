@@ -16,12 +16,12 @@ import torch
 import torch.multiprocessing as mp
 
 import kn_edit
-from helpers import PASSAGES, ValueVectorEditor, assert_same, snapshot, tiny_config, tiny_facts
+from helpers import PASSAGES, ValueVectorEditor, assert_same, benchmark_cases, snapshot, tiny_config, tiny_facts
 from kn_edit.evaluation import EditEvaluation, FactDataModule, evaluate
 from tiny_models import build_model
 
 
-def _worker(rank: int, port: int, tmp: str) -> None:
+def _worker(rank: int, port: int, tmp: str, bench: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
     torch.set_num_threads(1)
@@ -31,7 +31,11 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     model, tokenizer = build_model("llama")
     km = kn_edit.wrap(model, tokenizer)
     before = snapshot(km)
-    datamodule = FactDataModule(km, config.data, facts=tiny_facts())
+    if bench:  # the field's benchmarks: CounterFact-style cases
+        config.data.source, config.data.path = "counterfact", "given.json"
+        datamodule = FactDataModule(km, config.data, benchmark=benchmark_cases()["counterfact"])
+    else:
+        datamodule = FactDataModule(km, config.data, facts=tiny_facts())
     module = EditEvaluation(km, ValueVectorEditor(), PASSAGES, probe=config.probe, fluency=config.fluency)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", inference_mode=False, use_distributed_sampler=False,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
@@ -61,3 +65,16 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tiny_factory, tmp_path):
         ours = {k: v for k, v in got["metrics"].items() if k not in timing}
         assert ours == pytest.approx({k: v for k, v in single.metrics.items() if k not in timing}, rel=1e-6,
                                      abs=1e-6, nan_ok=True)
+
+
+def test_ddp_benchmark_cases_split_over_processes_give_the_one_process_table(tiny_factory, tmp_path):
+    config = tiny_config(tmp_path, **{"data.source": "counterfact", "data.path": "given.json"})
+    single = evaluate(config, km=tiny_factory("llama"), editor=ValueVectorEditor(), cases=benchmark_cases()["counterfact"],
+                      passages=PASSAGES, write=False)  # fmt: skip
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), True), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["local"] for r in ranks] == [2, 1]
+    table = {k: v for k, v in single.metrics.items() if k.startswith("counterfact/")}
+    assert {"counterfact/ES", "counterfact/GE", "counterfact/RS"} <= set(table)
+    for got in ranks:  # every process gathers every case's row, so every process has the whole table
+        assert {k: v for k, v in got["metrics"].items() if k.startswith("counterfact/")} == pytest.approx(table, abs=1e-6)

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from ..storage.config import to_yaml
-from ..data.records import FactSet
+from ..data.records import BenchmarkCase, FactSet
 from ..editing.registry import make_editor
 from ..storage.atomic import atomic_dir
 from ..storage.manifest import start_manifest, write_manifest
 from ..progress import NullReporter, Reporter
 from .config import CompareConfig, EditorConfig, EvalConfig, Mode, RegressionConfig, RunConfig
+from .benchmark_metrics import table_columns
 from .metrics import phase_seconds, row_metrics
 from .module import PROBE_CONDITIONS
 from .regression import Regression, compare as compare_metrics, load_metrics
@@ -82,8 +83,9 @@ def ways(config: CompareConfig, title: str) -> list[tuple[str, Mode | None]]:
 
 def compare_methods(config: CompareConfig, km: KnModel | None = None, facts: FactSet | None = None,
                     passages: Sequence[str] | None = None, reporter: Reporter | None = None,
-                    write: bool = True) -> CompareResult:
-    """Run every method of ``config`` on the same requests; write one report (``write``)."""
+                    write: bool = True, cases: Sequence[BenchmarkCase] | None = None) -> CompareResult:
+    """Run every method of ``config`` on the same requests; write one report (``write``). ``cases``: benchmark
+    records that replace reading ``data.path`` (data.source a benchmark)."""
     from ..models.loading import load
     from .datamodule import FactDataModule
 
@@ -97,7 +99,7 @@ def compare_methods(config: CompareConfig, km: KnModel | None = None, facts: Fac
     editors = [(entry.title, make_editor(entry.method, overrides=dict(entry.settings))) for entry in config.methods]
     passages = list(passages) if passages is not None else load_passages(config)
     # The known-fact check and the neighbour draw run once: every method gets the very same cases.
-    datamodule = FactDataModule(km, config.data, facts=facts)
+    datamodule = FactDataModule(km, config.data, facts=facts, benchmark=cases)
     datamodule.setup("test")
     parts = parts_dir(config)
     before: dict = {}  # the unedited model's measurements, the same for every method (all settings are shared)
@@ -291,14 +293,16 @@ def _same(a: dict, b: dict) -> bool:
 def comparison_markdown(config: CompareConfig, model: str, result: CompareResult, plots: list[str]) -> str:
     first = next(iter(result.results.values()))
     s = first.summary
+    # a benchmark's columns (its paper's) first, then kn-edit's own
+    columns = table_columns({k: v for r in result.results.values() for k, v in r.metrics.items()}) + list(COLUMNS)
     lines = [f"# Comparison `{config.name}`", "", f"- model: `{model}`", f"- data: `{s.get('data')}`",
              f"- facts edited by every method: {s.get('facts_edited')} ({s.get('facts_checked')} checked)",
              f"- methods: {', '.join(f'`{t}`' for t in result.results)}", "",
              "## Every metric per method", "",
-             "| method | " + " | ".join(title for _, title in COLUMNS) + " |",
-             "| --- | " + " | ".join("---" for _ in COLUMNS) + " |"]  # fmt: skip
+             "| method | " + " | ".join(title for _, title in columns) + " |",
+             "| --- | " + " | ".join("---" for _ in columns) + " |"]  # fmt: skip
     for title, r in result.results.items():
-        lines.append(f"| {title} | " + " | ".join(fmt(r.metrics.get(k)) for k, _ in COLUMNS) + " |")
+        lines.append(f"| {title} | " + " | ".join(fmt(r.metrics.get(k)) for k, _ in columns) + " |")
     lines += timing_markdown({title: phase_seconds(r.rows) for title, r in result.results.items()})
     if result.regressions:
         lines += ["", "## Regressions against the baseline", ""] + [f"- {r}" for r in result.regressions]

@@ -9,12 +9,14 @@ from typing import Any, Optional
 from ..storage.config import check_finite
 from ..errors import ConfigError
 from ..locating.locate import LocateSettings
+from .benchmark_metrics import BENCHMARKS
 
 
 @dataclass
 class DataConfig:
-    source: str = "pararel"  # pararel | known1000 | jsonl
-    path: Optional[str] = None  # folder (ParaRel), file or folder (Known 1000), file (jsonl); None: download + cache
+    source: str = "pararel"  # pararel | known1000 | jsonl | counterfact | zsre | mquake | knowedit
+    # folder (ParaRel), file or folder (Known 1000), file (jsonl, and the benchmarks: required); None: download + cache
+    path: Optional[str] = None
     download: bool = True
     relations: Optional[list[str]] = None  # None: every relation
     facts_per_relation: Optional[int] = None  # edited facts per relation (None: all known facts)
@@ -81,6 +83,14 @@ class FluencyConfig:
     samples: int = 2  # before/after samples shown in the report
 
 
+@dataclass
+class BenchmarkConfig:
+    """The field's benchmarks (data.source counterfact | zsre | mquake | knowedit): their papers' metrics."""
+
+    generation: bool = False  # also generation-based accuracy: greedy continuations of every probe prompt
+    generation_extra_tokens: int = 3  # generated: the case's longest answer (tokens) + this many
+
+
 class Mode(str, Enum):
     single = "single"  # each fact edited, measured and reverted on its own
     sequential = "sequential"  # edits applied one after another, measured at checkpoints, reverted at the end
@@ -101,6 +111,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=TextConfig)
     fluency: FluencyConfig = field(default_factory=FluencyConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     regression: RegressionConfig = field(default_factory=RegressionConfig)
@@ -112,10 +123,16 @@ class RunConfig:
     def check(self):
         check_finite(self)  # done by load_config too; here for configs built in Python
         d = self.data
-        if d.source not in ("pararel", "known1000", "jsonl"):
-            raise ConfigError(f"data.source must be pararel, known1000 or jsonl, got {d.source!r}")
+        if d.source not in ("pararel", "known1000", "jsonl", *BENCHMARKS):
+            raise ConfigError(f"data.source must be pararel, known1000, jsonl, {', '.join(BENCHMARKS)}, got {d.source!r}")
         if d.source == "jsonl" and not d.path:
             raise ConfigError("data.source=jsonl needs data.path (a JSONL fact file)")
+        if d.source in BENCHMARKS and not d.path:
+            raise ConfigError(f"data.source={d.source} needs data.path (the benchmark's file)")
+        if d.source in BENCHMARKS and self.mode == Mode.sequential:
+            raise ConfigError(f"data.source={d.source} is measured in mode single or batch, not sequential")
+        if self.benchmark.generation_extra_tokens < 0:
+            raise ConfigError("benchmark.generation_extra_tokens must be >= 0")
         for key in ("facts_per_relation", "max_facts", "max_prompts"):
             value = getattr(d, key)
             if value is not None and value < 1:

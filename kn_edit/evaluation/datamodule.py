@@ -19,12 +19,14 @@ from torch.utils.data import DataLoader
 from ..data.jsonl import load_jsonl_facts
 from ..data.known1000 import load_known1000
 from ..data.pararel import load_pararel
-from ..data.records import FactRecord, FactSet, SkippedFact
+from ..data.records import BenchmarkCase, FactRecord, FactSet, SkippedFact
 from ..data.requests import choose_new_object, edit_request, known_mask, relation_objects, unusable_reason
 from ..data.records import EditRequest
-from ..errors import DataError
+from ..errors import DataError, KnEditError
 from ..models.provision import cache_root
 from .known_cache import KnownCache
+from .benchmark import pairs_of
+from .benchmark_metrics import BENCHMARKS, groups_of
 from .config import DataConfig
 
 if TYPE_CHECKING:
@@ -41,10 +43,46 @@ class EditCase:
     relation_index: int
     same_relation: tuple[FactRecord, ...]  # other facts of the fact's relation (intra-relation interference)
     other_relation: tuple[FactRecord, ...]  # facts of other relations (inter-relation interference)
+    benchmark: BenchmarkCase | None = None  # the benchmark record this case comes from (data.source a benchmark)
 
     @property
     def request(self) -> EditRequest:
         return edit_request(self.fact, self.new)
+
+    @property
+    def requests(self) -> tuple[EditRequest, ...]:
+        """What one edit of this case applies: the benchmark record's requests (MQuAKE: several), else the fact's."""
+        return self.benchmark.requests if self.benchmark is not None else (self.request,)
+
+
+def benchmark_edit_case(index: int, case: BenchmarkCase, relation_index: int) -> EditCase:
+    """A benchmark record as an EditCase, so kn-edit's own metrics map onto it: the fact is its first request
+    (prompts = the rewrite prompts, held-out = paraphrase prompts answered by the new object), the same-relation
+    facts are its neighborhood probes and the other-relation facts its locality probes (gold = the probe's
+    answer)."""
+    request = case.requests[0]
+    held = tuple(p for probe in case.probes_of("paraphrase") if probe.answer == request.new for p in probe.prompts)
+    relation = request.relation or case.source
+    fact = FactRecord(case.case_id, request.subject or "", relation, request.old, request.prompts, held)
+    probes = lambda kind: tuple(FactRecord(f"{case.case_id}:{kind}{j}", "", relation, p.answer, p.prompts)  # noqa: E731
+                                for j, p in enumerate(case.probes_of(kind)))  # fmt: skip
+    return EditCase(index, fact, request.new, relation_index, probes("neighborhood"), probes("locality"), case)
+
+
+def load_benchmark_cases(config: DataConfig) -> list[BenchmarkCase]:
+    from ..data.benchmarks import load_benchmark  # the readers of the field's files
+
+    return list(load_benchmark(config.source, config.path))
+
+
+def _encoding_problem(km: KnModel, case: BenchmarkCase) -> str | None:
+    """Why some prompt or target of the case cannot be measured with this model (None: all can)."""
+    try:
+        for _, prompt, target in pairs_of(groups_of(case)):
+            km.encode(prompt, target)
+    except KnEditError as exc:
+        return str(exc)
+    return None
 
 
 def load_facts(config: DataConfig, masked: bool) -> FactSet:
@@ -171,11 +209,13 @@ def _sample(pool: Sequence[FactRecord], k: int, rng: random.Random) -> tuple[Fac
 class FactDataModule(pl.LightningDataModule):
     """Edit cases of a fact set for one model. ``facts`` (optional) replaces reading ``config``'s source."""
 
-    def __init__(self, km: KnModel, config: DataConfig, facts: FactSet | None = None) -> None:
+    def __init__(self, km: KnModel, config: DataConfig, facts: FactSet | None = None,
+                 benchmark: Sequence[BenchmarkCase] | None = None) -> None:
         super().__init__()
         self.km = km
         self.config = config
         self.facts = facts
+        self.benchmark = benchmark  # replaces reading a benchmark file (data.source counterfact | zsre | ...)
         self.cases: list[EditCase] | None = None
         self.relations: list[str] = []
         self.summary: dict = {}
@@ -187,6 +227,8 @@ class FactDataModule(pl.LightningDataModule):
             # The top-1 check runs here, before Lightning moves the model; put it on this process's device now.
             self.km.model.to(self.trainer.strategy.root_device)
         cfg = self.config
+        if self.benchmark is not None or (self.facts is None and cfg.source in BENCHMARKS):
+            return self._setup_benchmark()
         loaded = self.facts if self.facts is not None else load_facts(cfg, self.km.is_masked_lm)
         if not loaded.records:
             raise DataError(f"{loaded.name}: the fact set is empty" + _skipped_note(loaded.skipped))
@@ -217,18 +259,70 @@ class FactDataModule(pl.LightningDataModule):
             if not chosen and not unknown:
                 raise DataError(f"{loaded.name}: no fact is usable with this model" + _skipped_note(skipped))
             raise DataError(f"{loaded.name}: no fact to edit: the model predicts none of them" + _skipped_note(skipped))
-        rank, world = _distributed()
-        if len(cases) < world:
-            raise DataError(f"{len(cases)} facts to edit cannot be split over {world} processes; use fewer devices")
-        self.cases = cases
-        self.local_cases = cases[rank::world]
-        self.skipped = skipped
+        self._keep(cases, skipped)
         self.summary = {
             "data": loaded.name,
             "facts_loaded": len(loaded.records) + len(loaded.skipped),
             "facts_checked": len(usable.seen),
             "facts_edited": len(cases),
             "facts_not_selected_limit": len(loaded.records) - len(chosen) - len(unknown) - len(usable.skipped),
+            "skipped": _counts(skipped),
+            "relations": self.relations,
+        }
+
+    def _keep(self, cases: list[EditCase], skipped: list[SkippedFact]) -> None:
+        rank, world = _distributed()
+        if len(cases) < world:
+            raise DataError(f"{len(cases)} facts to edit cannot be split over {world} processes; use fewer devices")
+        self.cases = cases
+        self.local_cases = cases[rank::world]
+        self.skipped = skipped
+
+    def _setup_benchmark(self) -> None:
+        """Benchmark records in file order: those whose prompts and targets this model can encode and (only_known)
+        whose every request's old object is its top-1 on the rewrite prompts, up to data.max_facts."""
+        cfg = self.config
+        records = list(self.benchmark) if self.benchmark is not None else load_benchmark_cases(cfg)
+        name = f"{records[0].source} ({cfg.path or 'given cases'})" if records else str(cfg.path)
+        if not records:
+            raise DataError(f"{name}: the benchmark file holds no record")
+        if cfg.relations:
+            records = [c for c in records if (c.requests[0].relation or c.source) in set(cfg.relations)]
+        cache = KnownCache(self.km, cache_root() / "known") if cfg.only_known and cfg.known_cache else None
+        chosen: list[BenchmarkCase] = []
+        skipped: list[SkippedFact] = []
+        checked = 0
+        while checked < len(records) and (cfg.max_facts is None or len(chosen) < cfg.max_facts):
+            chunk = records[checked : checked + cfg.check_chunk]
+            checked += len(chunk)
+            todo = []
+            for case in chunk:
+                problem = _encoding_problem(self.km, case)
+                if problem is None:
+                    todo.append(case)
+                else:
+                    skipped.append(SkippedFact(case.case_id, case.source, "cannot be encoded", problem))
+            facts = [FactRecord(f"{c.case_id}#{j}", r.subject or "", r.relation or c.source, r.old, r.prompts)
+                     for c in todo for j, r in enumerate(c.requests)]  # fmt: skip
+            flags = iter(_gathered_known(self.km, facts, cfg, cache) if cfg.only_known else [True] * len(facts))
+            for case in todo:
+                known = all([next(flags) for _ in case.requests])
+                if not known:
+                    skipped.append(SkippedFact(case.case_id, case.source, "model does not predict it (top-1)"))
+                elif cfg.max_facts is None or len(chosen) < cfg.max_facts:
+                    chosen.append(case)
+        self.relations = sorted({c.requests[0].relation or c.source for c in chosen})
+        cases = [benchmark_edit_case(i, c, self.relations.index(c.requests[0].relation or c.source))
+                 for i, c in enumerate(chosen)]  # fmt: skip
+        if not cases:
+            raise DataError(f"{name}: no case to edit" + _skipped_note(skipped))
+        self._keep(cases, skipped)
+        self.summary = {
+            "data": name,
+            "facts_loaded": len(records),
+            "facts_checked": checked,
+            "facts_edited": len(cases),
+            "facts_not_selected_limit": len(records) - len(chosen) - len(skipped),
             "skipped": _counts(skipped),
             "relations": self.relations,
         }

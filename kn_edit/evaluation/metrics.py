@@ -7,6 +7,7 @@ import torch
 from torchmetrics import Metric
 
 from . import functional as Fn
+from .benchmark_metrics import summary as benchmark_summary
 from .report import RETENTION, phase_order
 
 
@@ -178,6 +179,7 @@ def row_metrics(rows: list[dict]) -> dict[str, float]:
         out[f"fluency/{key}"] = sum(e[key] for e in entropies) / len(entropies)
     if any("probe" in r or "probe_error" in r for r in rows):
         out["probe/facts"] = float(sum("probe" in r for r in rows))
+    out |= benchmark_summary(rows)
     reports = [r["editor"]["report"] for r in rows if (r.get("editor") or {}).get("report") is not None]
     out["edit/seconds"] = sum(r["seconds"] for r in reports) / len(reports) if reports else float("nan")
     peaks = [r["peak_memory_mb"] for r in reports if r["peak_memory_mb"] is not None]

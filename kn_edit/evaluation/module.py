@@ -25,7 +25,9 @@ from ..editing.base import Edit, Editor
 from ..errors import ConfigError, EditError, KnEditError
 from ..models.likelihood import text_nll, tokenized_text
 from . import functional as Fn
-from .config import FluencyConfig, ProbeConfig
+from .benchmark import generate, measure
+from .benchmark_metrics import case_scores, groups_of, idf_weights, summary as benchmark_summary
+from .config import BenchmarkConfig, FluencyConfig, ProbeConfig
 from .datamodule import EditCase
 from .fluency import greedy_generations, ngram_entropy
 from .metrics import EditSuccess, GroupedMean, PerplexityDrift, Retention
@@ -86,6 +88,7 @@ class EditEvaluation(pl.LightningModule):
         batch_size: int = 64,
         verify_revert: bool = True,
         before_cache: dict | None = None,
+        benchmark: BenchmarkConfig | None = None,
     ) -> None:
         super().__init__()
         self.km = km
@@ -102,6 +105,9 @@ class EditEvaluation(pl.LightningModule):
         # What the unedited model gives (scores, generations, text NLL) does not depend on the editor: a
         # comparison passes one dict to every method's evaluation, so it is measured once per case.
         self.before_cache = before_cache
+        self.benchmark_config = benchmark or BenchmarkConfig()
+        self.generation_on = self.benchmark_config.generation and not km.is_masked_lm
+        self._idf: dict[str, float] = {}
         self.edit_metric = EditSuccess()
         self.generalization = EditSuccess()
         self.intra = Retention()
@@ -125,6 +131,10 @@ class EditEvaluation(pl.LightningModule):
         self.relations = list(getattr(datamodule, "relations", []) or ["all"])
         # One change-ratio metric per condition, with a slot per relation.
         self.probe_metrics = torch.nn.ModuleDict({c: GroupedMean(len(self.relations)) for c in PROBE_CONDITIONS})
+        # CounterFact's reference score: TF-IDF with document frequencies over every case's reference texts
+        # (ROME fits it on Wikipedia; the reference texts are what this run has about the new objects).
+        cases = getattr(datamodule, "cases", None) or []
+        self._idf = idf_weights([t for c in cases if c.benchmark is not None for t in c.benchmark.reference_texts])
 
     def on_test_start(self) -> None:
         self.rows = []
@@ -202,16 +212,19 @@ class EditEvaluation(pl.LightningModule):
         pairs, at = self._pairs(case)
         gen_prompts = self._generation_prompts(case) if self.fluency_on else []
         before = self._case_before(case, pairs, gen_prompts)
-        edit, error = self._apply_edit([case.request])
-        after = None
+        bench_before = self._benchmark_before(case)
+        edit, error = self._apply_edit(case.requests)
+        after = bench_after = None
         if edit is not None:
             try:
                 after = self._after(pairs, gen_prompts)
+                bench_after = self._benchmark_measure(case)
             finally:
                 edit.revert()
             if self.verify_revert:
                 check_reverted(self.km, edit)
         row = self._record(case, at, before, after, edit, error)
+        self._benchmark_row(case, row, bench_before, bench_after, (after or before)[-1])
         if self.probe_config.enabled:
             self.probed.update(torch.tensor(0.0, device=self.device))  # so every process has a state to reduce
             self._probe(case, edit, row)
@@ -225,6 +238,30 @@ class EditEvaluation(pl.LightningModule):
             return (*self._score(pairs), gen)
 
         return self._before(("case", case.index, case.fact.fact_id, case.new), before)
+
+    def _benchmark_measure(self, case: EditCase):
+        """(teacher-forced measures, greedy continuations or None) of a benchmark case's groups; None for others."""
+        if case.benchmark is None:
+            return None
+        groups = groups_of(case.benchmark)
+        measured = measure(self.km, groups, self.batch_size)
+        extra = self.benchmark_config.generation_extra_tokens
+        return measured, generate(self.km, groups, measured, extra) if self.generation_on else None
+
+    def _benchmark_before(self, case: EditCase):
+        return self._before(("benchmark", case.index, case.fact.fact_id), lambda: self._benchmark_measure(case))
+
+    def _benchmark_row(self, case: EditCase, row: dict, before, after, generations) -> None:
+        """The benchmark's metrics of the case into its row (``after`` None: the edit was refused, after = before).
+        ``generations``: the fluency generations after the edit (from the case's generation prompts: GE, RS)."""
+        if before is None:
+            return
+        after = after or before
+        bench = case.benchmark
+        texts = [g.text for g in generations] if self.fluency_on and bench.generation_prompts else ()
+        scores = case_scores(bench.source, groups_of(bench), before[0], after[0], texts, bench.reference_texts,
+                             self._idf, before[1], after[1])  # fmt: skip
+        row["benchmark"] = {"source": bench.source, "case_id": bench.case_id, "scores": scores}
 
     def _apply_edit(self, requests) -> tuple[Edit | None, str | None]:
         """(the edit, None), or (None, the reason) when the editor refused (the model is then unchanged)."""
@@ -293,7 +330,10 @@ class EditEvaluation(pl.LightningModule):
         return row
 
     def _generation_prompts(self, case: EditCase) -> list[str]:
-        """Short prompts that start with the subject (Meng et al. generate from the subject)."""
+        """Short prompts that start with the subject (Meng et al. generate from the subject); a benchmark case's
+        own generation prompts where it has them."""
+        if case.benchmark is not None and case.benchmark.generation_prompts:
+            return list(case.benchmark.generation_prompts[: self.fluency_config.prompts])
         subject = case.fact.subject
         return [t.format(subject) for t in GENERATION_TEMPLATES][: self.fluency_config.prompts]
 
@@ -352,6 +392,7 @@ class EditEvaluation(pl.LightningModule):
             parts: list = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(parts, rows)
             rows = [r for part in parts for r in part]
+        metrics |= benchmark_summary(rows)
         self.results = {"metrics": metrics, "probe_per_relation": per_relation, "rows": sorted(rows, key=lambda r: r["index"])}
         for metric in (self.edit_metric, self.generalization, self.intra, self.intra_same, self.intra_other, self.inter,
                        self.drift, self.edit_errors, self.probed, self.seconds, self.peak_memory,
@@ -382,19 +423,22 @@ class BatchEditEvaluation(EditEvaluation):
         for case in cases:  # every fact's unedited measurements before the edit
             pairs, _ = self._pairs(case)
             gen_prompts = self._generation_prompts(case) if self.fluency_on else []
-            self._cases_before[case.index] = self._case_before(case, pairs, gen_prompts)
-        self.batch_edit, self.batch_error = self._apply_edit([c.request for c in cases])
+            self._cases_before[case.index] = (self._case_before(case, pairs, gen_prompts), self._benchmark_before(case))
+        self.batch_edit, self.batch_error = self._apply_edit([r for c in cases for r in c.requests])
         self._text_after = self._text_nll() if self.batch_edit is not None and self._text else None
         self._first = True
 
     def test_step(self, case: EditCase, batch_idx: int) -> None:
         pairs, at = self._pairs(case)
-        after = None
+        after = bench_after = None
+        before, bench_before = self._cases_before[case.index]
         if self.batch_edit is not None:
             gen_prompts = self._generation_prompts(case) if self.fluency_on else []
             after = self._after(pairs, gen_prompts, text_after=self._text_after)
-        self.rows.append(self._record(case, at, self._cases_before[case.index], after, self.batch_edit,
-                                      self.batch_error, timed=self._first))  # fmt: skip
+            bench_after = self._benchmark_measure(case)
+        row = self._record(case, at, before, after, self.batch_edit, self.batch_error, timed=self._first)
+        self._benchmark_row(case, row, bench_before, bench_after, (after or before)[-1])
+        self.rows.append(row)
         self._first = False
 
     def on_test_end(self) -> None:

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from .benchmark_metrics import table_columns
+
 # (metric, label) of the summary table, in display order.
 SUMMARY = (
     ("edit/top1", "edit success: new object top-1 (edit prompts)"),
@@ -67,6 +69,17 @@ def timing_markdown(timings: Mapping[str, Mapping[str, float]]) -> list[str]:
     return lines
 
 
+def benchmark_markdown(method: str, metrics: Mapping[str, float]) -> list[str]:
+    """The benchmark's table in its paper's columns (n/a: a metric no case gives), one row for ``method``."""
+    columns = table_columns(metrics)
+    if not columns:
+        return []
+    return ["", "## The benchmark's table (its paper's metrics; definitions in evaluations/README.md)", "",
+            "| method | " + " | ".join(f"{title} (`{key}`)" for key, title in columns) + " |",
+            "| --- | " + " | ".join("---" for _ in columns) + " |",
+            f"| {method} | " + " | ".join(fmt(metrics.get(key)) for key, _ in columns) + " |"]  # fmt: skip
+
+
 def fmt(value: float) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -116,6 +129,7 @@ def markdown(name: str, model: str, editor: str, metrics: dict, summary: dict, r
     lines += ["- skipped: " + (", ".join(f"{n} × {reason}" for reason, n in skipped.items()) or "none"), ""]
     lines += ["## Summary", "", "| metric | key | value |", "| --- | --- | --- |"]
     lines += [f"| {label} | `{key}` | {value} |" for label, key, value in summary_rows(metrics)]
+    lines += benchmark_markdown(editor, metrics)
     if regressions:
         lines += ["", "## Regressions against the baseline", ""] + [f"- {r}" for r in regressions]
     lines += ["", "## Per relation", "", "| relation | facts | edit top-1 | generalization top-1 | intra kept | inter kept |",

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import pytorch_lightning as pl
 
 from ..storage.config import to_yaml
-from ..data.records import FactSet
+from ..data.records import BenchmarkCase, FactSet
 from ..editing.base import Editor
 from ..errors import ConfigError
 from ..storage.atomic import atomic_dir, atomic_file, check_writable
@@ -148,10 +148,12 @@ def evaluate(
     datamodule=None,
     before_cache: dict | None = None,
     progress_path: str | Path | None = None,
+    cases: Sequence[BenchmarkCase] | None = None,
 ) -> EvalResult:
     """Run the evaluation. ``km``, ``editor``, ``facts`` and ``passages`` replace what the config would load;
     ``datamodule``: a FactDataModule already set up for ``km`` (its cases are reused as they are);
     ``before_cache``: the unedited model's measurements shared by evaluations of the same cases and settings;
+    ``cases``: benchmark records that replace reading ``data.path`` (data.source a benchmark);
     ``progress_path``: mode=sequential writes the checkpoints measured so far there after each one (default with
     ``write``: next to the run's folder, ``<run_dir>.progress.json``), so a stopped run keeps its curve."""
     from .datamodule import FactDataModule
@@ -178,7 +180,7 @@ def evaluate(
     editor = editor or build_editor(config)
     passages = list(passages) if passages is not None else load_passages(config)
     if datamodule is None:
-        datamodule = FactDataModule(km, config.data, facts=facts)
+        datamodule = FactDataModule(km, config.data, facts=facts, benchmark=cases)
     if config.mode == Mode.sequential:
         return _sequential(config, km, editor, datamodule, passages, reporter, run_dir, progress_path, own_progress,
                            provenance)
@@ -186,7 +188,7 @@ def evaluate(
     module = (BatchEditEvaluation if batch else EditEvaluation)(
         km, editor, passages, probe=config.probe, fluency=config.fluency, max_text_tokens=config.text.max_tokens,
         text_batch_size=config.text.batch_size, batch_size=config.data.batch_size,
-        verify_revert=config.verify_revert, before_cache=before_cache)  # fmt: skip
+        verify_revert=config.verify_revert, before_cache=before_cache, benchmark=config.benchmark)  # fmt: skip
     trainer = _trainer(config, reporter, devices=1 if batch else None)
     clock = time.time()
     try:
