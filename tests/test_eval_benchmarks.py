@@ -133,3 +133,28 @@ def test_only_known_keeps_the_cases_whose_old_object_is_the_models_top1(tiny_fac
         handle.remove()
     assert [r["benchmark"]["case_id"] for r in result.rows] == ["0"]
     assert result.summary["skipped"] == {"model does not predict it (top-1)": 2}
+
+
+@pytest.mark.parametrize("kind", ["counterfact", "mquake"])
+def test_a_benchmark_file_built_from_pararel_runs_through_its_reader_into_evaluate(tiny_factory, tmp_path, kind):
+    """The whole path a user takes: make-counterfact / make-multihop write a file, evaluate reads it by
+    data.source and data.path, and every case of the file becomes a row with the paper's scores."""
+    from helpers import write_pararel
+    from kn_edit.cli import main
+    from kn_edit.data.benchmarks import load_benchmark
+
+    people = [("Alice", "France"), ("Dan", "France"), ("Bob", "Italy"), ("Frank", "Italy"), ("Carol", "Japan")]
+    folder = write_pararel(tmp_path / "pr", {"P27": ["[X] is a citizen of [Y].", "[X] holds the citizenship of [Y]."],
+                                             "P36": ["The capital of [X] is [Y].", "[X]'s capital is [Y]."]},
+                           {"P27": people, "P36": [("France", "Paris"), ("Italy", "Rome"), ("Japan", "Tokyo")]})
+    path = tmp_path / f"{kind}.json"
+    command = "make-counterfact" if kind == "counterfact" else "make-multihop"
+    assert main([command, "--pararel", str(folder), "--out", str(path), "--facts", "3"]) == 0
+    cases = load_benchmark(kind, path)
+    assert cases
+    result = evaluate(bench_config(tmp_path, kind, **{"data.path": str(path)}), km=tiny_factory("llama"),
+                      editor=ValueVectorEditor(), passages=PASSAGES)  # fmt: skip
+    rows = [json.loads(line) for line in (result.run_dir / "facts.jsonl").read_text().splitlines()]
+    assert [r["benchmark"]["case_id"] for r in rows] == [c.case_id for c in cases]
+    first = TABLES[kind][0][0]
+    assert f"{kind}/{first}" in result.metrics

@@ -69,10 +69,12 @@ def benchmark_edit_case(index: int, case: BenchmarkCase, relation_index: int) ->
     return EditCase(index, fact, request.new, relation_index, probes("neighborhood"), probes("locality"), case)
 
 
-def load_benchmark_cases(config: DataConfig) -> list[BenchmarkCase]:
+def load_benchmark_cases(config: DataConfig) -> tuple[list[BenchmarkCase], list[SkippedFact]]:
+    """The cases of ``data.path`` and the records its reader set aside (with their reasons)."""
     from ..data.benchmarks import load_benchmark  # the readers of the field's files
 
-    return list(load_benchmark(config.source, config.path))
+    cases = load_benchmark(config.source, config.path)
+    return list(cases), list(getattr(cases, "skipped", []))
 
 
 def _encoding_problem(km: KnModel, case: BenchmarkCase) -> str | None:
@@ -282,7 +284,7 @@ class FactDataModule(pl.LightningDataModule):
         """Benchmark records in file order: those whose prompts and targets this model can encode and (only_known)
         whose every request's old object is its top-1 on the rewrite prompts, up to data.max_facts."""
         cfg = self.config
-        records = list(self.benchmark) if self.benchmark is not None else load_benchmark_cases(cfg)
+        records, skipped = (list(self.benchmark), []) if self.benchmark is not None else load_benchmark_cases(cfg)
         name = f"{records[0].source} ({cfg.path or 'given cases'})" if records else str(cfg.path)
         if not records:
             raise DataError(f"{name}: the benchmark file holds no record")
@@ -290,7 +292,7 @@ class FactDataModule(pl.LightningDataModule):
             records = [c for c in records if (c.requests[0].relation or c.source) in set(cfg.relations)]
         cache = KnownCache(self.km, cache_root() / "known") if cfg.only_known and cfg.known_cache else None
         chosen: list[BenchmarkCase] = []
-        skipped: list[SkippedFact] = []
+        read_skipped = len(skipped)
         checked = 0
         while checked < len(records) and (cfg.max_facts is None or len(chosen) < cfg.max_facts):
             chunk = records[checked : checked + cfg.check_chunk]
@@ -319,10 +321,10 @@ class FactDataModule(pl.LightningDataModule):
         self._keep(cases, skipped)
         self.summary = {
             "data": name,
-            "facts_loaded": len(records),
+            "facts_loaded": len(records) + read_skipped,
             "facts_checked": checked,
             "facts_edited": len(cases),
-            "facts_not_selected_limit": len(records) - len(chosen) - len(skipped),
+            "facts_not_selected_limit": len(records) - len(chosen) - (len(skipped) - read_skipped),
             "skipped": _counts(skipped),
             "relations": self.relations,
         }
