@@ -158,11 +158,12 @@ def _before_after_table(title: str, prompts: list[str], kinds: list[str], object
         cells = [f"{_token(b['top'])} {b['top_p']:.2f}", f"{_token(a['top'])} {a['top_p']:.2f}"]
         rows.append((prompt, kind, cells + [f"{b[o]:.2f}→{a[o]:.2f}" for o in objects]))
     names = ["before", "after"] + [f"P({o})" for o in objects]
-    widths = [min(14, max(len(name), *(len(r[2][j]) for r in rows))) for j, name in enumerate(names)]
+    widths = [min(12, max(len(name), *(len(r[2][j]) for r in rows))) for j, name in enumerate(names)]
     title = title if len(title) <= WIDTH else title[: WIDTH - 1] + "…"
-    out = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    out = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+                collapse_padding=True)
     longest = max(len(p) for p in prompts)  # the prompt column takes what the others leave of 80 columns
-    out.add_column("prompt", no_wrap=True, overflow="ellipsis", max_width=max(12, min(longest, WIDTH - sum(widths) - 3 * len(widths) - 2)))
+    out.add_column("prompt", no_wrap=True, overflow="ellipsis", max_width=max(12, min(longest, WIDTH - sum(widths) - 2 * len(widths) - 1)))
     for j, (name, width) in enumerate(zip(names, widths)):
         out.add_column(name, no_wrap=True, overflow="ellipsis", min_width=width, max_width=width,
                        justify="left" if j < 2 else "right")
@@ -240,14 +241,17 @@ def _subject_line(request, guess) -> str | None:
     return f"subject: {request.subject!r} (given)" if request.subject else None
 
 
-def _print_result(args: argparse.Namespace, km: KnModel, edit, table_, lines: list[str], extra: dict) -> None:
-    """The default output (the before/after table, then ``lines``), --verbose (the method's tables too), or
-    --json (the report and ``extra`` as one JSON object, nothing else on stdout)."""
+def _print_result(args: argparse.Namespace, km: KnModel, edit, table_, lines: list[str], extra: dict,
+                  head: str | None = None) -> None:
+    """The default output (``head``, the before/after table, then ``lines``), --verbose (the method's tables
+    too), or --json (the report and ``extra`` as one JSON object, nothing else on stdout)."""
     written = _save(km, edit, args)
     if args.json:
         print(json.dumps({"model": km.name, **extra, "report": edit.report.to_dict(), "written": written}))
         return
     con = console()
+    if head:
+        con.print(head)
     if table_ is not None:
         con.print(table_)
     if args.verbose:
@@ -331,13 +335,13 @@ def run_update(args: argparse.Namespace) -> int:
     kept = _controls_kept(before, after, kinds)
     verdict = "[bold green]success[/]" if report.success else "[bold red]failed[/]"
     held = sum(p.success for p in report.prompts)
-    lines = [line for line in (_subject_line(request, guess),) if line]
-    lines.append(f"{verdict}: {args.new!r} on {held}/{len(report.prompts)} edit prompts, controls kept "
-                 f"{kept}/{kinds.count('control')} ({report.method}, {report.seconds:.1f} s)")
+    lines = [f"{verdict}: {args.new!r} on {held}/{len(report.prompts)} edit prompts, controls kept "
+                 f"{kept}/{kinds.count('control')} ({report.method}, {report.seconds:.1f} s)"]
     title = f"{km.name}: {args.old!r} → {args.new!r} ({report.method})"
     extra = {"subject": request.subject, "subject_found": guess is not None, "controls_kept": kept,
              "predictions": _rows(prompts, kinds, before, after)}
-    _print_result(args, km, edit, _before_after_table(title, prompts, kinds, objects, before, after), lines, extra)
+    _print_result(args, km, edit, _before_after_table(title, prompts, kinds, objects, before, after), lines, extra,
+                  _subject_line(request, guess))
     return 0
 
 
@@ -359,15 +363,14 @@ def run_erase(args: argparse.Namespace) -> int:
     mean_b = sum(b[args.target] for b in before[:n]) / n
     mean_a = sum(a[args.target] for a in after[:n]) / n
     kept = _controls_kept(before, after, kinds)
-    lines = [line for line in (_subject_line(request, guess),) if line]
-    lines.append(f"P({args.target!r}) lowered on {lowered}/{n} prompts (mean {mean_b:.4f} → {mean_a:.4f}); no longer "
+    lines = [f"P({args.target!r}) lowered on {lowered}/{n} prompts (mean {mean_b:.4f} → {mean_a:.4f}); no longer "
                  f"top-1 on {sum(p.success for p in report.prompts)}/{n}; controls kept {kept}/{kinds.count('control')} "
-                 f"({report.method}, {report.seconds:.1f} s)")
+                 f"({report.method}, {report.seconds:.1f} s)"]
     title = f"{km.name}: erasing {args.target!r} ({report.method})"
     extra = {"subject": request.subject, "subject_found": guess is not None, "controls_kept": kept,
              "predictions": _rows(prompts, kinds, before, after)}
     _print_result(args, km, edit, _before_after_table(title, prompts, kinds, [args.target], before, after), lines,
-                  extra)
+                  extra, _subject_line(request, guess))
     return 0
 
 

@@ -68,6 +68,8 @@ def update_fact(km: KnModel, prompts: Sequence[str] | str, old: str, new: str, r
     when the method needs one and none is given (the edit's ``requests[0].subject`` holds it). force: edit even
     where the model's greedy answer is not ``old``. settings: the method's settings (e.g. margin=2.0, layer=6).
     """
+    if isinstance(neurons, int) and not isinstance(neurons, bool):  # kn-subject's setting: how many neurons
+        settings["neurons"], neurons = neurons, None
     kn_args = [k for k, v in (("rule", rule), ("neurons", neurons), ("relation_neurons", relation_neurons),
                               ("locator", locator)) if v is not None]  # fmt: skip
     method = method or ("kn" if kn_args else default_method(km))
