@@ -197,3 +197,36 @@ def test_given_subject_overrides_and_absent_subject_is_one_line(saved_tiny, tmp_
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "no subject found" in err and len(err.strip().splitlines()) == 1
+
+
+# ----- kn-edit find-subject ------------------------------------------------------------------------------------
+def _pararel(root):
+    facts = {"P36": [("France", "Paris"), ("Japan", "Tokyo"), ("zoology", "biology")],
+             "P37": [("Italy", "Italian"), ("New Zealand", "English")]}
+    patterns = {"P36": ["The capital of [X] is [Y] .", "[X]'s capital city is [Y] ."],
+                "P37": ["The official language of [X] is [Y] ."]}
+    for folder in ("facts", "patterns"):
+        (root / folder).mkdir(parents=True)
+    for rel, rows in facts.items():
+        (root / "facts" / f"{rel}.jsonl").write_text("".join(json.dumps({"sub_label": s, "obj_label": o}) + "\n"
+                                                             for s, o in rows))
+        (root / "patterns" / f"{rel}.jsonl").write_text("".join(json.dumps({"pattern": p}) + "\n" for p in patterns[rel]))
+    return root
+
+
+def test_find_subject_measurement_counts_agreement_plainly(tiny_load, tmp_path, capsys):
+    root = _pararel(tmp_path / "pararel")
+    assert main(["find-subject", "--facts", "pararel", "--data-dir", str(root), "--sample", "5", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["sample"] == 5 and got["no_candidate"] == 0
+    # the model-free rules, recomputed: "capital" takes the proper-noun phrase, so it misses only "zoology" where
+    # every candidate is lowercase and it takes the longest span ("capital" when the prompts share it)
+    from kn_edit.cli.subject import _sample
+    import argparse
+
+    facts = _sample(argparse.Namespace(facts="pararel", data_dir=str(root), sample=5, max_prompts=3, seed=0), False)
+    plain = sum(choose(candidates(prompts), None, "capital").text == subject for _, subject, prompts, _ in facts) / 5
+    assert got["agreement"]["capital"]["model"] == pytest.approx(plain)
+    assert main(["find-subject", "-p", "The capital of France is", "--old", "Paris", "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert one["subject"] == "France" and set(one["scores"]) == {"capital", "France", "capital of France"}

@@ -1,9 +1,13 @@
 """`kn-edit update-fact`, `kn-edit erase-fact`, `kn-edit apply-patch` and `kn-edit revert-patch`.
 
 Edits happen in memory; nothing is written unless --save DIR (the whole edited model) or --save-patch FILE
-(the edit alone) is given. The method is chosen by name (--method; kn_edit.editing.registry); its settings
-come from its defaults (configs/methods/NAME.yaml states them), --config FILE and key=value overrides such as
-margin=2 (kn) or layer=6 (rome). Every table is read from the edit's report, the same for every method.
+(the edit alone) is given. The method is chosen by name (--method; kn_edit.editing.registry; default: kn-subject
+for causal LMs, kn for masked LMs, kn-erase for erase-fact); its settings come from its defaults
+(configs/methods/NAME.yaml states them), --config FILE and key=value overrides such as margin=2 (kn) or layer=6
+(rome). Where the method reads the subject and --subject is not given, it is found from the prompts
+(kn_edit.locating.subject); a fact the model does not predict is refused unless --force (kn_edit.editing.front).
+The default output is the before/after table and one result line, 80 columns wide; --verbose adds every table of
+the edit's report (the same for every method), --json prints the report alone.
 """
 
 from __future__ import annotations
