@@ -97,7 +97,8 @@ def test_corruption_drops_match_a_plain_recomputation(tiny_factory, family):
 def test_find_subject_reports_the_scores_it_chose_from(tiny_factory):
     km = tiny_factory("gpt2")
     prompts = ["The capital of France is", "France's capital city is"]
-    guess = find_subject(km, prompts, "Paris", samples=2)
+    assert find_subject(km, prompts, "Paris", samples=2).scores == {}  # one proper noun: nothing to score
+    guess = find_subject(km, prompts, "Paris", samples=2, score_all=True)
     assert guess.subject in {"France", "capital"} and (guess.found_in, guess.prompts) == (2, 2)
     assert guess.describe() == f"subject: {guess.subject!r} (found in 2/2 prompts)"
     plain = corruption_drops(km, prompts, "Paris", ["capital", "France"], samples=2).tolist()
@@ -226,7 +227,7 @@ def test_find_subject_measurement_counts_agreement_plainly(tiny_load, tmp_path, 
 
     facts = _sample(argparse.Namespace(facts="pararel", data_dir=str(root), sample=5, max_prompts=3, seed=0), False)
     plain = sum(choose(candidates(prompts), None, "capital").text == subject for _, subject, prompts, _ in facts) / 5
-    assert got["agreement"]["capital"]["model"] == pytest.approx(plain)
+    assert got["agreement"]["capital"] == pytest.approx(plain)
     assert main(["find-subject", "-p", "The capital of France is", "--old", "Paris", "--json"]) == 0
     one = json.loads(capsys.readouterr().out)
     assert one["subject"] == "France" and set(one["scores"]) == {"capital", "France", "capital of France"}

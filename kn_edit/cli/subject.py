@@ -70,7 +70,7 @@ def run_find_subject(args: argparse.Namespace) -> int:
     km = load(args.model, device=args.device, reporter=default_reporter(args.json))
     if args.prompts:
         old = args.old or _top_answer(km, args.prompts[0])
-        guess = find_subject(km, args.prompts, old)
+        guess = find_subject(km, args.prompts, old, score_all=True)
         if args.json:
             print(json.dumps({"subject": guess.subject, "found_in": guess.found_in, "prompts": guess.prompts,
                               "old": old, "scores": guess.scores}))
@@ -89,34 +89,32 @@ def _measure(km, args: argparse.Namespace) -> int:
     from ..locating.subject import RULES, candidates, choose, corruption_drops
 
     facts = _sample(args, km.is_masked_lm)
-    hits = {(rule, old): 0 for rule in RULES for old in ("model", "data")}
-    single = {rule: [0, 0] for rule in RULES}  # one-prompt facts: [hits, n] (model's answer as old)
+    hits = {rule: 0 for rule in RULES}
+    single = {rule: [0, 0] for rule in RULES}  # one-prompt facts: [hits, n]
     misses, errors, no_candidate = [], 0, 0
-    for fact_id, subject, prompts, obj in facts:
+    for fact_id, subject, prompts, _ in facts:
         cands = candidates(prompts)
         if not cands:
             no_candidate += 1
             continue
-        try:
-            olds = {"model": _top_answer(km, prompts[0]), "data": obj}
-            drops = {k: corruption_drops(km, prompts, o, [c.text for c in cands]).tolist() for k, o in olds.items()}
+        try:  # old = the model's answer, as update-fact edits only facts the model predicts
+            drops = corruption_drops(km, prompts, _top_answer(km, prompts[0]), [c.text for c in cands]).tolist()
         except KnEditError:
             errors += 1
             continue
         for rule in RULES:
-            for key in olds:
-                got = choose(cands, drops[key], rule).text
-                hits[rule, key] += got == subject
-                if key == "model" and len(prompts) == 1:
-                    single[rule][0] += got == subject
-                    single[rule][1] += 1
-                if rule == RULES[0] and key == "model" and got != subject and len(misses) < args.misses:
-                    misses.append([fact_id, subject, got, " | ".join(prompts)])
+            got = choose(cands, drops, rule).text
+            hits[rule] += got == subject
+            if len(prompts) == 1:
+                single[rule][0] += got == subject
+                single[rule][1] += 1
+            if rule == RULES[0] and got != subject and len(misses) < args.misses:
+                misses.append([fact_id, subject, got, " | ".join(prompts)])
     n = len(facts)
     result = {
         "facts": args.facts, "sample": n, "seed": args.seed, "model": km.name, "no_candidate": no_candidate,
         "errors": errors,
-        "agreement": {rule: {key: hits[rule, key] / n for key in ("model", "data")} for rule in RULES},
+        "agreement": {rule: hits[rule] / n for rule in RULES},
         "single_prompt": {rule: (h / m if m else None) for rule, (h, m) in single.items()},
     }  # fmt: skip
     if args.json:
@@ -124,10 +122,9 @@ def _measure(km, args: argparse.Namespace) -> int:
         return 0
     con = console()
     m = single[RULES[0]][1]
-    rows = [[rule, f"{hits[rule, 'model'] / n:.1%}", f"{hits[rule, 'data'] / n:.1%}",
-             f"{single[rule][0] / m:.1%}" if m else "-"] for rule in RULES]
+    rows = [[rule, f"{hits[rule] / n:.1%}", f"{single[rule][0] / m:.1%}" if m else "-"] for rule in RULES]
     con.print(table(f"{km.name}: subject found = the data set's, {n} {args.facts} facts (seed {args.seed})",
-                    ["rule", "old = model's answer", "old = data set's", f"one prompt ({m})"], rows))
+                    ["rule", "all facts", f"one prompt ({m})"], rows))
     con.print(f"no candidate span: {no_candidate}; facts the model cannot encode: {errors}")
     if misses:
         con.print(table(f"misses of {RULES[0]!r}", ["fact", "subject", "found", "prompts"], misses))

@@ -5,14 +5,18 @@ ROME, MEMIT) when the user gives none.
    not begin or end with a function word ("the", "of", "is", ...), and "'s" is not part of a word ("Japan's
    capital" → "Japan"). With one prompt every such span is a candidate; with paraphrases the relation's words
    mostly drop out, since they differ between the prompts. A capitalised "The" before a capitalised word may
-   begin a span ("The Beatles"; Known 1000 spells such subjects with their "The").
+   begin a span ("The Beatles"; Known 1000 spells such subjects with their "The"), and so may any capitalised
+   function word inside the prompt ("The language of Their Satanic Majesties Request was").
 2. Score (causal tracing's first step, Meng et al. 2022): how much P(old) falls, on average over the prompts,
    when Gaussian noise (``noise_scale`` × the embeddings' std) is added to the embeddings of the span's tokens
    (every occurrence of it). The subject is what decides which object the prompt asks for.
 3. Choice (``RULES``; ``kn-edit find-subject`` measures them on ParaRel and Known 1000): ``proper`` (default)
-   keeps the candidates that are proper-noun phrases (every word capitalised or a number, function words
-   allowed inside) when there are any, takes the one whose corruption lowers P(old) most, then widens it to the
-   longest proper-noun candidate containing it (so "Albert Einstein", not "Einstein" alone).
+   takes the whole proper-noun phrase (every word capitalised or a number; function words and name particles
+   such as "de" allowed inside), the one whose corruption lowers P(old) most where there are several; without
+   one, the longest candidate (again the largest drop on a tie). Measured, the structure decides far better than
+   the corruption score alone (``drop``), which prefers spans of the relation's words ("capital", "located"),
+   so the score only breaks ties and is computed only then. A span never holds a clause word ("is", "was",
+   "which", ...).
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ FUNCTION_WORDS = frozenset(
     "during between under over than then there here what when where while also not no can could will would "
     "shall should may might must so one called named known".split()
 )
+# never inside a subject: a span holding one of these runs into the relation ("intron is part" → "intron")
+CLAUSE_WORDS = frozenset("is are was were be been being has have had do does did which who whom whose that".split())
+# lowercase name particles, allowed inside a proper-noun phrase ("Pedro de Ribera", "Ludwig van Beethoven")
+PARTICLES = frozenset("de da di du del della der den van von la le bin ibn al y dos das".split())
 RULES = ("proper", "drop", "shared", "capital")
 MAX_WORDS = 8
 
@@ -79,8 +87,8 @@ def _is_function(word: str) -> bool:
 
 
 def _is_proper(words: Sequence[str]) -> bool:
-    return all(w[:1].isupper() or w[:1].isdigit() for w in words if not _is_function(w)) and \
-        not all(_is_function(w) for w in words)  # fmt: skip
+    inner = [w for w in words if not _is_function(w) and w.lower() not in PARTICLES]
+    return bool(inner) and all(w[:1].isupper() or w[:1].isdigit() for w in inner)
 
 
 def occurrences(text: str, span: str) -> list[tuple[int, int]]:
@@ -100,8 +108,12 @@ def candidates(prompts: Sequence[str], max_words: int = MAX_WORDS) -> list[Candi
     for i in range(len(words)):
         for j in range(i, min(len(words), i + max_words)):
             texts = [first[a:b] for a, b in words[i : j + 1]]
-            lead_the = texts[0] == "The" and len(texts) > 1 and _is_proper(texts[1:2])  # "The Beatles"
-            if (_is_function(texts[0]) and not lead_the) or _is_function(texts[-1]):
+            if any(w.lower() in CLAUSE_WORDS for w in texts):
+                break
+            # a capitalised function word before a name may lead it: "The Beatles", "... of Their Satanic ..."
+            leads = texts[0][:1].isupper() and (texts[0] == "The" or words[i][0] > 0) and len(texts) > 1 and \
+                _is_proper(texts[1:2])  # fmt: skip
+            if (_is_function(texts[0]) and not leads) or _is_function(texts[-1]):
                 continue
             span = first[words[i][0] : words[j][1]]
             if span in seen or not all(occurrences(p, span) for p in prompts):
@@ -169,32 +181,50 @@ def corruption_drops(km: KnModel, prompts: Sequence[str], target: str, spans: Se
     return drops / max(len(prompts), 1)
 
 
+def proper_phrases(cands: Sequence[Candidate]) -> list[Candidate]:
+    """The proper-noun candidates no other proper-noun candidate contains (whole phrases: "Albert Einstein")."""
+    proper = [c for c in cands if c.proper]
+    return [c for c in proper if not any(o is not c and occurrences(o.text, c.text) for o in proper)]
+
+
+def needs_scores(cands: Sequence[Candidate], rule: str = "proper") -> bool:
+    """Whether ``rule`` needs the corruption scores to choose among ``cands`` (a tie it cannot break alone)."""
+    if rule == "drop":
+        return len(cands) > 1
+    if rule != "proper":
+        return False
+    phrases = proper_phrases(cands)
+    if phrases:
+        return len(phrases) > 1
+    longest = max(c.words for c in cands)
+    return sum(c.words == longest for c in cands) > 1
+
+
 def choose(cands: Sequence[Candidate], drops: Sequence[float] | None, rule: str = "proper") -> Candidate:
-    """The candidate ``rule`` picks (see the module docstring); ``drops``: each candidate's P(old) drop."""
+    """The candidate ``rule`` picks (see the module docstring); ``drops``: each candidate's P(old) drop (needed
+    where :func:`needs_scores`; without them a tie goes to the first candidate)."""
+    if rule not in RULES:
+        raise ValueError(f"unknown subject rule {rule!r}: choose from {', '.join(RULES)}")
     if rule == "shared":  # the longest span every prompt shares, the first on a tie
         return max(cands, key=lambda c: c.words)
     if rule == "capital":  # the longest proper-noun span, else the longest span
         proper = [c for c in cands if c.proper]
         return max(proper or cands, key=lambda c: c.words)
-    if drops is None:
-        raise ValueError(f"rule {rule!r} needs the candidates' corruption scores")
-    scored = list(zip(cands, drops))
+    score = dict(zip((c.text for c in cands), drops)) if drops is not None else {}
     if rule == "drop":
-        return max(scored, key=lambda x: x[1])[0]
-    if rule != "proper":
-        raise ValueError(f"unknown subject rule {rule!r}: choose from {', '.join(RULES)}")
-    pool = [x for x in scored if x[0].proper] or scored
-    best, top = max(pool, key=lambda x: x[1])
-    if not best.proper:
-        return best
-    wider = [c for c, _ in pool if occurrences(c.text, best.text)]  # the whole proper-noun phrase around it
-    return max(wider, key=lambda c: (c.words, len(c.text)))
+        if drops is None:
+            raise ValueError("rule 'drop' needs the candidates' corruption scores")
+        return max(cands, key=lambda c: score[c.text])
+    phrases = proper_phrases(cands)
+    pool = phrases or [c for c in cands if c.words == max(x.words for x in cands)]
+    return max(pool, key=lambda c: score.get(c.text, 0.0))  # max keeps the first of equal scores
 
 
 def find_subject(km: KnModel, prompts: Sequence[str], old: str, rule: str = "proper", samples: int = 3,
-                 noise_scale: float = 3.0, seed: int = 0) -> SubjectGuess:
+                 noise_scale: float = 3.0, seed: int = 0, score_all: bool = False) -> SubjectGuess:
     """The subject of the fact ``prompts`` complete with ``old`` (see the module docstring); an EditError when no
-    span of whole words occurs in every prompt."""
+    span of whole words occurs in every prompt. ``score_all``: compute every candidate's corruption score even
+    where the rule needs none (to show them)."""
     prompts = list(prompts)
     cands = candidates(prompts)
     if not cands:
@@ -202,8 +232,8 @@ def find_subject(km: KnModel, prompts: Sequence[str], old: str, rule: str = "pro
         raise EditError(f"no subject found: {shared} no span of words other than function words; give it with "
                         "--subject (subject=...)")
     drops = None
-    if rule in ("proper", "drop") and len(cands) > 1:
+    if needs_scores(cands, rule) or (score_all and len(cands) > 1):
         drops = corruption_drops(km, prompts, old, [c.text for c in cands], samples, noise_scale, seed).tolist()
-    chosen = cands[0] if len(cands) == 1 else choose(cands, drops, rule)
+    chosen = choose(cands, drops, rule)
     scores = {c.text: d for c, d in zip(cands, drops)} if drops is not None else {}
     return SubjectGuess(chosen.text, sum(bool(occurrences(p, chosen.text)) for p in prompts), len(prompts), rule, scores)
