@@ -12,8 +12,10 @@ ROME, MEMIT) when the user gives none.
    (every occurrence of it). The subject is what decides which object the prompt asks for.
 3. Choice (``RULES``; ``kn-edit find-subject`` measures them on ParaRel and Known 1000): ``proper`` (default)
    takes the whole proper-noun phrase (every word capitalised or a number; function words and name particles
-   such as "de" allowed inside), the one whose corruption lowers P(old) most where there are several; without
-   one, the longest candidate (again the largest drop on a tie). Measured, the structure decides far better than
+   such as "de" allowed inside), the one whose corruption lowers P(old) most where there are several, with the
+   lowercase nouns that follow it up to the relation ("Lumia series", "Sialkot district": words that do not look
+   like verbs, after spaces only, so never "Japan's capital"); without one, the longest candidate (again the
+   largest drop on a tie). Measured, the structure decides far better than
    the corruption score alone (``drop``), which prefers spans of the relation's words ("capital", "located"),
    so the score only breaks ties and is computed only then. A span never holds a clause word ("is", "was",
    "which", ...).
@@ -39,12 +41,15 @@ FUNCTION_WORDS = frozenset(
     "a an the of in on at to for from by with and or but is are was were be been being has have had do does did "
     "which who whom whose that this these those it its his her their they he she as into about after before "
     "during between under over than then there here what when where while also not no can could will would "
-    "shall should may might must so one called named known".split()
+    "shall should may might must so one called named known up out off".split()
 )
 # never inside a subject: a span holding one of these runs into the relation ("intron is part" → "intron")
 CLAUSE_WORDS = frozenset("is are was were be been being has have had do does did which who whom whose that".split())
 # lowercase name particles, allowed inside a proper-noun phrase ("Pedro de Ribera", "Ludwig van Beethoven")
-PARTICLES = frozenset("de da di du del della der den van von la le bin ibn al y dos das".split())
+PARTICLES = frozenset("de da di du des del della der den van von la le las los bin ibn al y dos das".split())
+# irregular past tenses that may follow a subject (regular ones end in -ed)
+IRREGULAR = frozenset("took made became went got gave held led won left lost met ran saw wrote spoke grew began sang "
+                      "fell fought found built bought sold taught brought kept became".split())
 RULES = ("proper", "drop", "shared", "capital")
 MAX_WORDS = 8
 
@@ -54,6 +59,7 @@ class Candidate:
     text: str
     words: int
     proper: bool  # every word capitalised or a number (function words allowed inside)
+    possessive: bool = False  # its last word is followed by "'s" in the prompt (no name goes on past it)
 
 
 @dataclass
@@ -78,6 +84,8 @@ def _words(text: str) -> list[tuple[int, int]]:
         cut = POSSESSIVE.search(m.group())
         if cut and end - start > 2:
             end -= 2
+        elif "." in m.group() and text[end : end + 1] == ".":  # an abbreviation keeps its last dot: "F.C.", "D.C."
+            end += 1
         out.append((start, end))
     return out
 
@@ -87,8 +95,21 @@ def _is_function(word: str) -> bool:
 
 
 def _is_proper(words: Sequence[str]) -> bool:
+    """Every word a name's ("Paris", "iPhone", "d'Ennery", "1984"), function words and particles allowed inside."""
     inner = [w for w in words if not _is_function(w) and w.lower() not in PARTICLES]
-    return bool(inner) and all(w[:1].isupper() or w[:1].isdigit() for w in inner)
+    return bool(inner) and all(w[:1].isdigit() or any(ch.isupper() for ch in w) for w in inner)
+
+
+def _noun_like(word: str) -> bool:
+    """A lowercase word that may end a name ("series", "district", "team"), not a verb that may follow the
+    subject ("plays", "passed", "belongs", "meaning")."""
+    w = word.lower()
+    verb = w.endswith(("ed", "ing", "ly")) or w in IRREGULAR or \
+        (w.endswith("s") and not w.endswith(("ss", "us", "is", "ics")) and w not in ("series", "species"))  # fmt: skip
+    return word[:1].islower() and w not in FUNCTION_WORDS and w not in CLAUSE_WORDS and not verb
+
+
+TAIL = re.compile(r"(?:[ \t]+[^\W\d_][\w-]*)+")
 
 
 def occurrences(text: str, span: str) -> list[tuple[int, int]]:
@@ -108,7 +129,7 @@ def candidates(prompts: Sequence[str], max_words: int = MAX_WORDS) -> list[Candi
     for i in range(len(words)):
         for j in range(i, min(len(words), i + max_words)):
             texts = [first[a:b] for a, b in words[i : j + 1]]
-            if any(w.lower() in CLAUSE_WORDS for w in texts):
+            if any(w in CLAUSE_WORDS for w in texts):  # lowercase: "The Man Who Planted Trees" keeps its "Who"
                 break
             # a capitalised function word before a name may lead it: "The Beatles", "... of Their Satanic ..."
             leads = texts[0][:1].isupper() and (texts[0] == "The" or words[i][0] > 0) and len(texts) > 1 and \
@@ -118,7 +139,7 @@ def candidates(prompts: Sequence[str], max_words: int = MAX_WORDS) -> list[Candi
             span = first[words[i][0] : words[j][1]]
             if span in seen or not all(occurrences(p, span) for p in prompts):
                 continue
-            seen[span] = Candidate(span, j - i + 1, _is_proper(texts))
+            seen[span] = Candidate(span, j - i + 1, _is_proper(texts), bool(POSSESSIVE.match(first[words[j][1]:][:2])))
     return list(seen.values())
 
 
@@ -217,7 +238,14 @@ def choose(cands: Sequence[Candidate], drops: Sequence[float] | None, rule: str 
         return max(cands, key=lambda c: score[c.text])
     phrases = proper_phrases(cands)
     pool = phrases or [c for c in cands if c.words == max(x.words for x in cands)]
-    return max(pool, key=lambda c: score.get(c.text, 0.0))  # max keeps the first of equal scores
+    chosen = max(pool, key=lambda c: score.get(c.text, 0.0))  # max keeps the first of equal scores
+    tails = [c for c in cands if c.text.startswith(chosen.text) and not c.possessive and _is_tail(c.text[len(chosen.text):])]
+    return max([chosen] + tails, key=lambda c: c.words) if phrases else chosen
+
+
+def _is_tail(rest: str) -> bool:
+    """Lowercase nouns after a name, separated by spaces only: "Lumia| series", "Belize| national football team"."""
+    return bool(TAIL.fullmatch(rest)) and all(_noun_like(w) for w in rest.split())
 
 
 def find_subject(km: KnModel, prompts: Sequence[str], old: str, rule: str = "proper", samples: int = 3,
