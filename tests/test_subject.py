@@ -68,6 +68,24 @@ def test_rules_on_given_scores():
     assert choose(lower, [0.2, 0.4], "proper").text == "branch"  # no proper noun: the largest drop
 
 
+@pytest.mark.parametrize("prompt, subject", [
+    ("The capital of France is", "France"),
+    ("Albert Einstein was born in", "Albert Einstein"),
+    ("Pedro de Ribera passed away in", "Pedro de Ribera"),  # a name particle inside
+    ("Lumia series is developed by", "Lumia series"),  # lowercase nouns after the name ...
+    ("Michael Jordan plays the sport of", "Michael Jordan"),  # ... but not a verb
+    ("Lawrence Taylor professionally plays", "Lawrence Taylor"),
+    ("Danielle Darrieux's mother tongue is", "Danielle Darrieux"),  # ... nor past "'s"
+    ("Partick Thistle F.C. is based in", "Partick Thistle F.C."),  # an abbreviation's dot
+    ("The language of The Man Who Planted Trees was", "The Man Who Planted Trees"),
+    ("iPhone 5 is developed by", "iPhone 5"),
+    ("zoology is a branch of", "zoology"),  # no name: the longest span, the first on a tie
+])
+def test_the_default_rule_without_scores(prompt, subject):
+    cands = candidates([prompt])
+    assert choose(cands, None).text == subject
+
+
 # ----- the corruption score against a plain recomputation ------------------------------------------------------
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_corruption_drops_match_a_plain_recomputation(tiny_factory, family):
