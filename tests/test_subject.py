@@ -65,7 +65,12 @@ def test_rules_on_given_scores():
     assert choose(cands, drops, "proper").text == "Eiffel Tower"  # proper nouns first, widened to the phrase
     assert choose(cands, drops, "shared").text == "Eiffel Tower"  # the longest span
     lower = [Candidate("zoology", 1, False), Candidate("branch", 1, False)]
-    assert choose(lower, [0.2, 0.4], "proper").text == "branch"  # no proper noun: the largest drop
+    assert choose(lower, [0.2, 0.4], "proper").text == "zoology"  # no proper noun, a tie: the first
+    assert choose(lower, [0.2, 0.4], "proper-drop").text == "branch"  # ... or the largest drop
+    two = [Candidate("Japan", 1, True), Candidate("Tokyo", 1, True)]
+    assert choose(two, [0.1, 0.3], "proper-drop").text == "Tokyo" and choose(two, None, "proper").text == "Japan"
+    with pytest.raises(ValueError, match="needs the candidates' corruption scores"):
+        choose(two, None, "proper-drop")
 
 
 @pytest.mark.parametrize("prompt, subject", [
@@ -122,6 +127,7 @@ def test_find_subject_reports_the_scores_it_chose_from(tiny_factory):
     plain = corruption_drops(km, prompts, "Paris", ["capital", "France"], samples=2).tolist()
     assert [guess.scores["capital"], guess.scores["France"]] == pytest.approx(plain)
     assert guess.subject == "France"  # the only proper-noun candidate
+    assert find_subject(km, ["Japan and Tokyo are", "Tokyo and Japan are"], "Asia", rule="proper-drop").scores
 
 
 # ----- the default method and the front door ------------------------------------------------------------------

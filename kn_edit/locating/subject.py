@@ -10,15 +10,15 @@ ROME, MEMIT) when the user gives none.
 2. Score (causal tracing's first step, Meng et al. 2022): how much P(old) falls, on average over the prompts,
    when Gaussian noise (``noise_scale`` × the embeddings' std) is added to the embeddings of the span's tokens
    (every occurrence of it). The subject is what decides which object the prompt asks for.
-3. Choice (``RULES``; ``kn-edit find-subject`` measures them on ParaRel and Known 1000): ``proper`` (default)
-   takes the whole proper-noun phrase (every word capitalised or a number; function words and name particles
-   such as "de" allowed inside), the one whose corruption lowers P(old) most where there are several, with the
-   lowercase nouns that follow it up to the relation ("Lumia series", "Sialkot district": words that do not look
-   like verbs, after spaces only, so never "Japan's capital"); without one, the longest candidate (again the
-   largest drop on a tie). Measured, the structure decides far better than
-   the corruption score alone (``drop``), which prefers spans of the relation's words ("capital", "located"),
-   so the score only breaks ties and is computed only then. A span never holds a clause word ("is", "was",
-   "which", ...).
+3. Choice (``RULES``; ``kn-edit find-subject --facts pararel|known1000`` measures them): ``proper`` (default)
+   takes the whole proper-noun phrase (every word capitalised or a number, at least one capital; function words
+   and name particles such as "de" allowed inside) with the lowercase nouns that follow it up to the relation
+   ("Lumia series", "Sialkot district": words that do not look like verbs, after spaces only, so never "Japan's
+   capital"); without one, the longest candidate; on a tie, the first in the prompt. ``proper-drop`` breaks the
+   tie by the largest drop instead, ``drop`` takes the largest drop outright. Measured on smollm2-135m, the
+   corruption score decides badly: it prefers the relation's words ("part" in "intron is part of", a year in
+   "X, created in 1891"), so the default uses the prompt's structure alone and runs no forward pass. A span
+   never holds a lowercase clause word ("is", "was", "which", ...).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ PARTICLES = frozenset("de da di du des del della der den van von la le las los b
 # irregular past tenses that may follow a subject (regular ones end in -ed)
 IRREGULAR = frozenset("took made became went got gave held led won left lost met ran saw wrote spoke grew began sang "
                       "fell fought found built bought sold taught brought kept became".split())
-RULES = ("proper", "drop", "shared", "capital")
+RULES = ("proper", "proper-drop", "drop", "shared", "capital")
 MAX_WORDS = 8
 
 
@@ -95,9 +95,11 @@ def _is_function(word: str) -> bool:
 
 
 def _is_proper(words: Sequence[str]) -> bool:
-    """Every word a name's ("Paris", "iPhone", "d'Ennery", "1984"), function words and particles allowed inside."""
+    """Every word a name's ("Paris", "iPhone", "d'Ennery", "5" in "iPhone 5"), function words and particles allowed
+    inside; at least one word with a capital (a year alone is no name)."""
     inner = [w for w in words if not _is_function(w) and w.lower() not in PARTICLES]
-    return bool(inner) and all(w[:1].isdigit() or any(ch.isupper() for ch in w) for w in inner)
+    capital = [any(ch.isupper() for ch in w) for w in inner]
+    return any(capital) and all(c or w[:1].isdigit() for w, c in zip(inner, capital))
 
 
 def _noun_like(word: str) -> bool:
@@ -209,10 +211,10 @@ def proper_phrases(cands: Sequence[Candidate]) -> list[Candidate]:
 
 
 def needs_scores(cands: Sequence[Candidate], rule: str = "proper") -> bool:
-    """Whether ``rule`` needs the corruption scores to choose among ``cands`` (a tie it cannot break alone)."""
+    """Whether ``rule`` needs the corruption scores to choose among ``cands``."""
     if rule == "drop":
         return len(cands) > 1
-    if rule != "proper":
+    if rule != "proper-drop":
         return False
     phrases = proper_phrases(cands)
     if phrases:
@@ -223,7 +225,7 @@ def needs_scores(cands: Sequence[Candidate], rule: str = "proper") -> bool:
 
 def choose(cands: Sequence[Candidate], drops: Sequence[float] | None, rule: str = "proper") -> Candidate:
     """The candidate ``rule`` picks (see the module docstring); ``drops``: each candidate's P(old) drop (needed
-    where :func:`needs_scores`; without them a tie goes to the first candidate)."""
+    where :func:`needs_scores`)."""
     if rule not in RULES:
         raise ValueError(f"unknown subject rule {rule!r}: choose from {', '.join(RULES)}")
     if rule == "shared":  # the longest span every prompt shares, the first on a tie
@@ -231,14 +233,15 @@ def choose(cands: Sequence[Candidate], drops: Sequence[float] | None, rule: str 
     if rule == "capital":  # the longest proper-noun span, else the longest span
         proper = [c for c in cands if c.proper]
         return max(proper or cands, key=lambda c: c.words)
+    if needs_scores(cands, rule) and drops is None:
+        raise ValueError(f"rule {rule!r} needs the candidates' corruption scores here")
     score = dict(zip((c.text for c in cands), drops)) if drops is not None else {}
     if rule == "drop":
-        if drops is None:
-            raise ValueError("rule 'drop' needs the candidates' corruption scores")
-        return max(cands, key=lambda c: score[c.text])
+        return max(cands, key=lambda c: score.get(c.text, 0.0))
     phrases = proper_phrases(cands)
     pool = phrases or [c for c in cands if c.words == max(x.words for x in cands)]
-    chosen = max(pool, key=lambda c: score.get(c.text, 0.0))  # max keeps the first of equal scores
+    # a tie: the first in the prompt (proper), or the largest drop (proper-drop); max keeps the first of equals
+    chosen = max(pool, key=lambda c: score.get(c.text, 0.0)) if rule == "proper-drop" else pool[0]
     tails = [c for c in cands if c.text.startswith(chosen.text) and not c.possessive and _is_tail(c.text[len(chosen.text):])]
     return max([chosen] + tails, key=lambda c: c.words) if phrases else chosen
 
@@ -260,7 +263,7 @@ def find_subject(km: KnModel, prompts: Sequence[str], old: str, rule: str = "pro
         raise EditError(f"no subject found: {shared} no span of words other than function words; give it with "
                         "--subject (subject=...)")
     drops = None
-    if needs_scores(cands, rule) or (score_all and len(cands) > 1):
+    if needs_scores(cands, rule) or (score_all and len(cands) > 1):  # the default rule needs none
         drops = corruption_drops(km, prompts, old, [c.text for c in cands], samples, noise_scale, seed).tolist()
     chosen = choose(cands, drops, rule)
     scores = {c.text: d for c, d in zip(cands, drops)} if drops is not None else {}
