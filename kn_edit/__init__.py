@@ -15,6 +15,7 @@ from .editing import (
     KnowledgeNeuronEditor,
     KnowledgeNeuronEraser,
     apply_patch,
+    default_method,
     make_editor,
     method_names,
     erase_fact,
@@ -45,6 +46,7 @@ from .locating.locate import (
     relation_neurons,
 )
 from .locating.manipulate import amplify, suppress
+from .locating.subject import SubjectGuess, find_subject
 from .models.model import KnModel, Prediction
 from .models.neurons import Neuron
 from .locating.probe import ProbeResult, probe
@@ -68,6 +70,9 @@ __all__ = [
     "erase_relation",
     "remove_patch",
     "update_fact",
+    "default_method",
+    "find_subject",
+    "SubjectGuess",
     "AdaptiveShare",
     "LocateConfig",
     "LocateResult",

@@ -31,10 +31,10 @@ def test_update_fact_shows_the_edit_and_writes_nothing(saved_tiny, capsys):
     before = sorted(p.name for p in saved_tiny.parent.iterdir())
     code = main(["update-fact", "--model", str(saved_tiny), "--prompt", "The capital of France is", "--old", "Paris",
                  "--new", "Rome", "--force", "--neurons", "1:5,1:7", "--quiet", "--config", str(CONFIG),
-                 "direction=contrast", "max_scale=16", "bisect_steps=1", "on_failure=apply"])
+                 "direction=contrast", "max_scale=16", "bisect_steps=1", "on_failure=apply", "--verbose"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "P(Paris)" in out and "P(Rome)" in out and "control" in out and "kn: parameters changed" in out
+    assert "P(Paris)" in out and "P(Rome)" in out and "controls kept" in out and "kn: parameters changed" in out
     assert "2 of 64" in out and "neurons (2)" in out  # one layer's value weight, two of its value vectors
     assert "nothing written" in out
     assert sorted(p.name for p in saved_tiny.parent.iterdir()) == before
@@ -191,7 +191,7 @@ def test_memit_edits_a_facts_file_in_one_patch_over_its_layers(saved_tiny, tmp_p
     facts = _facts_file(tmp_path / "facts.jsonl", FACTS)
     patch = tmp_path / "memit.safetensors"
     assert main(["update-fact", "--model", str(saved_tiny), "--facts", str(facts), *_memit_args(tmp_path),
-                 "--save-patch", str(patch)]) == 0
+                 "--save-patch", str(patch), "--force"]) == 0
     assert "facts hold on every prompt" in capsys.readouterr().out
     from kn_edit.editing import read_patch
 

@@ -118,7 +118,7 @@ def test_update_fact_prints_the_time_per_phase(tiny_factory, tmp_path, capsys, m
     monkeypatch.setenv("COLUMNS", "200")  # the line unwrapped
     saved = tiny_factory("llama").save(tmp_path / "tiny")
     code = main(["update-fact", "--model", str(saved), "--prompt", "The capital of France is", "--old", "Paris",
-                 "--new", "Rome", "--force", "--neurons", "1:5,1:7", "--quiet", "--method", "kn-paper"])
+                 "--new", "Rome", "--force", "--neurons", "1:5,1:7", "--quiet", "--method", "kn-paper", "--verbose"])
     out = capsys.readouterr().out
     assert code == 0
     line = next(line for line in out.splitlines() if line.startswith("kn-paper time: "))

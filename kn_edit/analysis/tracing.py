@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from ..models.adapters import first_submodule, get_submodule
+from ..models.corruption import embeddings_module, make_noise
 from ..storage.config import finite
 from ..errors import ConfigError, PromptError, UnsupportedArchitectureError
 
@@ -93,27 +94,6 @@ def trace_modules(km: KnModel, kind: str) -> list[torch.nn.Module]:
     if any(m is None for m in mods):
         raise UnsupportedArchitectureError(f"{km.adapter.family}: no module at {path!r} in every block")
     return mods
-
-
-def embeddings_module(km: KnModel) -> torch.nn.Module:
-    return first_submodule(km.model, km.adapter.embeddings)
-
-
-@torch.no_grad()
-def embedding_std(km: KnModel, chunk: int = 8192) -> float:
-    """Standard deviation of every entry of the embedding module's output over the whole vocabulary
-    (so a scaled embedding, as Gemma's, is measured as the model sees it)."""
-    emb = embeddings_module(km)
-    vocab = emb.weight.shape[0]
-    total = total_sq = 0.0
-    count = 0
-    for start in range(0, vocab, chunk):
-        out = emb(torch.arange(start, min(vocab, start + chunk), device=km.device)).double()
-        total += float(out.sum())
-        total_sq += float((out * out).sum())
-        count += out.numel()
-    mean = total / count
-    return float(max(total_sq / count - mean * mean, 0.0) ** 0.5)
 
 
 def subject_span(km: KnModel, prompt: str, subject: str, n_ids: int) -> tuple[int, int]:
@@ -228,12 +208,6 @@ def corrupted_probs(
                 h.remove()
         out.append(torch.softmax(logits, dim=-1)[:, inp.target_id].cpu())
     return torch.cat(out)
-
-
-def make_noise(km: KnModel, n_tokens: int, samples: int, scale: float, seed: int) -> tuple[torch.Tensor, float]:
-    std = embedding_std(km)
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(samples, n_tokens, km.d_model, generator=gen) * (scale * std), std
 
 
 def trace(

@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 COMMAND_MODULES = (
     "kn_edit.cli.edit",  # update-fact first: the toolkit's main job
     "kn_edit.cli.locate",
+    "kn_edit.cli.subject",
     "kn_edit.cli.analyze",
     "kn_edit.cli.evaluate",
     "kn_edit.cli.predict",

@@ -1,15 +1,20 @@
 """`kn-edit update-fact`, `kn-edit erase-fact`, `kn-edit apply-patch` and `kn-edit revert-patch`.
 
 Edits happen in memory; nothing is written unless --save DIR (the whole edited model) or --save-patch FILE
-(the edit alone) is given. The method is chosen by name (--method; kn_edit.editing.registry); its settings
-come from its defaults (configs/methods/NAME.yaml states them), --config FILE and key=value overrides such as
-margin=2 (kn) or layer=6 (rome). Every table is read from the edit's report, the same for every method.
+(the edit alone) is given. The method is chosen by name (--method; kn_edit.editing.registry; default: kn-subject
+for causal LMs, kn for masked LMs, kn-erase for erase-fact); its settings come from its defaults
+(configs/methods/NAME.yaml states them), --config FILE and key=value overrides such as margin=2 (kn) or layer=6
+(rome). Where the method reads the subject and --subject is not given, it is found from the prompts
+(kn_edit.locating.subject); a fact the model does not predict is refused unless --force (kn_edit.editing.front).
+The default output is the before/after table and one result line, 80 columns wide; --verbose adds every table of
+the edit's report (the same for every method), --json prints the report alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import json
 from typing import TYPE_CHECKING
 
 from .ui import add_model_argument, add_prompts_argument, add_settings_arguments, console, report_tables, table
@@ -17,6 +22,7 @@ from .ui import add_model_argument, add_prompts_argument, add_settings_arguments
 if TYPE_CHECKING:
     from ..models.model import KnModel
 
+WIDTH = 80  # the default output fits a terminal this wide, whatever the terminal
 # Facts unrelated to most edits: their top prediction should survive an edit.
 DEFAULT_CONTROLS = [
     "The capital of Japan is",
@@ -31,21 +37,27 @@ def _add_settings(parser: argparse.ArgumentParser, example: str) -> None:
     add_settings_arguments(parser, "configs/methods/NAME.yaml", example)
 
 
-def _add_fact(parser: argparse.ArgumentParser, default_method: str) -> None:
+def _add_fact(parser: argparse.ArgumentParser, default_method: str | None) -> None:
     from ..editing.registry import METHODS
 
     add_prompts_argument(parser, required=False)
     parser.add_argument("--facts", metavar="FILE.jsonl", help="edit every fact of this file in one batch (the user "
                         "fact-file format of kn_edit/data/jsonl.py, plus \"new\" per line for update-fact); one patch")
+    default = default_method or "kn-subject for causal LMs, kn for masked LMs (kn with --neurons)"
     parser.add_argument("--method", default=default_method, metavar="NAME",
-                        help=f"editing method: {', '.join(METHODS)}, or module:Class (default: {default_method})")
-    parser.add_argument("--subject", "-s", help="the fact's subject as it appears in the prompts (needed by rome)")
+                        help=f"editing method: {', '.join(METHODS)}, or module:Class (default: {default})")
+    parser.add_argument("--subject", "-s", help="the fact's subject as it appears in the prompts (kn-subject, rome, "
+                                                "memit; default: found from the prompts)")
     parser.add_argument("--neurons", metavar="L:I,L:I", help="knowledge-neuron methods: edit these neurons instead of "
                                                              "locating them")
-    parser.add_argument("--force", action="store_true", help="edit even where the model does not predict the fact")
+    parser.add_argument("--force", action="store_true", help="edit even where the model's greedy answer on the edit "
+                                                             "prompts is not the old object")
     parser.add_argument("--control", action="append", dest="controls", metavar="PROMPT",
                         help="an unrelated prompt whose top prediction should survive (repeat; default: five built in)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--verbose", "-v", action="store_true", help="also the method's tables: parameters changed, "
+                                                                     "each prompt's margin, neurons, solver details")
+    parser.add_argument("--json", action="store_true", help="print the edit's report as JSON only (for scripts)")
 
 
 def _add_save(parser: argparse.ArgumentParser, patch: bool = True) -> None:
@@ -56,10 +68,11 @@ def _add_save(parser: argparse.ArgumentParser, patch: bool = True) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    update = sub.add_parser("update-fact", help="change a fact the model knows (old → new), by default by editing "
-                                                "its knowledge neurons; shows predictions before and after")
+    update = sub.add_parser("update-fact", help="change a fact the model knows (old → new); by default kn-subject "
+                                                "(causal LMs: knowledge neurons at the subject, found from the prompts) "
+                                                "or kn (masked LMs); shows predictions before and after")
     add_model_argument(update)
-    _add_fact(update, "kn")
+    _add_fact(update, None)
     update.add_argument("--old", help="the object the model predicts now, e.g. Paris")
     update.add_argument("--new", help="the object it should predict, e.g. Rome")
     _add_save(update)
@@ -101,10 +114,8 @@ def _editor(args: argparse.Namespace):
     cls, _, name = resolve(args.method)
     overrides = list(args.overrides)
     extras = {"reporter": default_reporter(args.quiet)}
-    if args.force:
-        if "force" not in {f.name for f in fields(method_config(args.method))}:
-            raise ConfigError(f"--force does not apply to {name}: it does not check that the model knows the fact")
-        overrides.append("force=true")
+    if args.force and "force" in {f.name for f in fields(method_config(args.method))}:
+        overrides.append("force=true")  # the knowledge-neuron methods also check it themselves
     if args.neurons:
         if "neurons" not in inspect.signature(cls.__init__).parameters:
             raise ConfigError(f"--neurons applies to the knowledge-neuron methods, not to {name}")
@@ -134,13 +145,36 @@ def _snapshot(km: KnModel, prompts: list[str], objects: list[str]) -> list[dict]
     return rows
 
 
+def _token(text: str) -> str:
+    """A predicted token as a reader wants it: stripped, or quoted where it is only whitespace."""
+    return text.strip() or repr(text)
+
+
 def _before_after_table(title: str, prompts: list[str], kinds: list[str], objects: list[str], before, after):
+    """Prompt, top prediction before and after, P(object) before → after: fits 80 columns (a long title, prompt
+    or token is cut with an ellipsis, never wrapped); the control prompts (dim) follow the edit prompts after a
+    blank line."""
+    from rich import box
+    from rich.table import Table
+
     rows = []
     for prompt, kind, b, a in zip(prompts, kinds, before, after):
-        row = [kind, prompt, f"{b['top']!r} {b['top_p']:.3f}", f"{a['top']!r} {a['top_p']:.3f}"]
-        row += [f"{b[o]:.4f} → {a[o]:.4f}" for o in objects]
-        rows.append(row)
-    return table(title, ["", "prompt", "top before", "top after"] + [f"P({o})" for o in objects], rows)
+        cells = [f"{_token(b['top'])} {b['top_p']:.2f}", f"{_token(a['top'])} {a['top_p']:.2f}"]
+        rows.append((prompt, kind, cells + [f"{b[o]:.2f}→{a[o]:.2f}" for o in objects]))
+    names = ["before", "after"] + [f"P({o})" for o in objects]
+    widths = [min(12, max(len(name), *(len(r[2][j]) for r in rows))) for j, name in enumerate(names)]
+    title = title if len(title) <= WIDTH else title[: WIDTH - 1] + "…"
+    out = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+                collapse_padding=True)
+    longest = max(len(p) for p in prompts)  # the prompt column takes what the others leave of 80 columns
+    out.add_column("prompt", no_wrap=True, overflow="ellipsis", max_width=max(12, min(longest, WIDTH - sum(widths) - 2 * len(widths) - 1)))
+    for j, (name, width) in enumerate(zip(names, widths)):
+        out.add_column(name, no_wrap=True, overflow="ellipsis", min_width=width, max_width=width,
+                       justify="left" if j < 2 else "right")
+    for i, (prompt, kind, cells) in enumerate(rows):
+        out.add_row(prompt if kind == "edit" else f"[dim]{prompt}[/]", *cells,
+                    end_section=i + 1 < len(rows) and rows[i + 1][1] != kind)
+    return out
 
 
 def _check_save(km: KnModel, args: argparse.Namespace) -> None:
@@ -171,22 +205,69 @@ def _neurons(args: argparse.Namespace):
 
 
 # ----- commands ---------------------------------------------------------------------------------------------
-def _run_with_controls(args: argparse.Namespace, editor, request, objects: list[str]):
-    """What update-fact and erase-fact share: load, refuse a bad save path, snapshot the edit and control prompts,
-    apply, snapshot again. Returns (km, edit, prompts, kinds, before, after)."""
+def _prepare(args: argparse.Namespace, request):
+    """What update-fact and erase-fact share before the edit: the editor (built before the model loads where the
+    method is named, so bad settings fail fast), the model, the save path checked, the subject found where the
+    method needs one and none is given, and (updates) the refusal of a fact the model does not predict.
+    Returns (km, editor, request, guess)."""
+    from ..editing.front import default_method, refuse_unknown, with_subjects
+
+    editor = _editor(args) if args.method else None
     km = _load(args, args.quiet)
     _check_save(km, args)
+    if editor is None:
+        args.method = "kn" if args.neurons else default_method(km)  # --neurons: the knowledge-neuron method
+        editor = _editor(args)
+    (request,), (guess,) = with_subjects(km, [request], args.method)
+    if not request.is_erasure:
+        refuse_unknown(km, [request], args.force)
+    return km, editor, request, guess
+
+
+def _run_with_controls(args: argparse.Namespace, km: KnModel, editor, request, objects: list[str]):
+    """Snapshot the edit and control prompts, apply, snapshot again. Returns (edit, prompts, kinds, before, after)."""
     controls = [_control_prompt(km, c) for c in (args.controls or DEFAULT_CONTROLS)]
     prompts = list(request.prompts) + controls
     kinds = ["edit"] * len(request.prompts) + ["control"] * len(controls)
     before = _snapshot(km, prompts, objects)
     edit = editor.apply(km, [request])
     after = _snapshot(km, prompts, objects)
-    return km, edit, prompts, kinds, before, after
+    return edit, prompts, kinds, before, after
 
 
 def _controls_kept(before: list[dict], after: list[dict], kinds: list[str]) -> int:
     return sum(b["top"] == a["top"] for b, a, k in zip(before, after, kinds) if k == "control")
+
+
+def _subject_line(request, guess) -> str | None:
+    if guess is not None:
+        return guess.describe()
+    return f"subject: {request.subject!r} (given)" if request.subject else None
+
+
+def _print_result(args: argparse.Namespace, km: KnModel, edit, table_, lines: list[str], extra: dict,
+                  head: str | None = None) -> None:
+    """The default output (``head``, the before/after table, then ``lines``), --verbose (the method's tables
+    too), or --json (the report and ``extra`` as one JSON object, nothing else on stdout)."""
+    written = _save(km, edit, args)
+    if args.json:
+        print(json.dumps({"model": km.name, **extra, "report": edit.report.to_dict(), "written": written}))
+        return
+    con = console()
+    if head:
+        con.print(head)
+    if table_ is not None:
+        con.print(table_)
+    if args.verbose:
+        for part in report_tables(edit.report):
+            con.print(part)
+    for line in lines:
+        con.print(line)
+    con.print(written or "nothing written (use --save DIR or --save-patch FILE to keep the edit)")
+
+
+def _rows(prompts: list[str], kinds: list[str], before: list[dict], after: list[dict]) -> list[dict]:
+    return [{"prompt": p, "kind": k, "before": b, "after": a} for p, k, b, a in zip(prompts, kinds, before, after)]
 
 
 def _one_fact_or_file(args: argparse.Namespace, needed: tuple[str, ...]) -> None:
@@ -202,36 +283,44 @@ def _one_fact_or_file(args: argparse.Namespace, needed: tuple[str, ...]) -> None
     missing = [flags[n] for n in ("prompts", *needed) if not getattr(args, n, None)]
     if not args.facts and missing:
         raise ConfigError(f"missing {', '.join(missing)} (or give --facts FILE.jsonl to edit a list of facts)")
+    if args.json:
+        args.quiet = True  # stdout holds the JSON alone; no progress bars either
 
 
 def run_batch(args: argparse.Namespace, erase: bool) -> int:
     """--facts FILE: every fact of the file in one edit (one patch), judged by the edit's report."""
     from ..data.jsonl import load_edit_requests, read_jsonl
+    from ..editing.front import default_method, refuse_unknown, with_subjects
+    from ..editing.report import request_successes
 
-    editor = _editor(args)
+    editor = _editor(args) if args.method else None
     for _ in read_jsonl(args.facts):  # a missing, folder or malformed file fails before the model loads
         pass
     km = _load(args, args.quiet)
     _check_save(km, args)
     requests = load_edit_requests(args.facts, km.is_masked_lm, erase=erase)  # a malformed line: nothing applied
+    if editor is None:
+        args.method = "kn" if args.neurons else ("kn-erase" if erase else default_method(km))
+        editor = _editor(args)
+    requests, guesses = with_subjects(km, requests, args.method)
+    if not erase:
+        refuse_unknown(km, requests, args.force)
     controls = [_control_prompt(km, c) for c in (args.controls or DEFAULT_CONTROLS)]
     before = _snapshot(km, controls, [])
     edit = editor.apply(km, requests)
     after = _snapshot(km, controls, [])
     report = edit.report
-    con = console()
-    for part in report_tables(report):
-        con.print(part)
     kept = _controls_kept(before, after, ["control"] * len(controls))
-    from ..editing.report import request_successes
-
     by_request = request_successes(requests, report.prompts)
     verdict = "[bold green]success[/]" if report.success else "[bold red]failed[/]"
-    con.print(f"{verdict}: {sum(by_request)}/{len(requests)} facts hold on every prompt "
-              f"({sum(p.success for p in report.prompts)}/{len(report.prompts)} prompts); controls keeping their top "
-              f"prediction: {kept}/{len(controls)}")
-    written = _save(km, edit, args)
-    con.print(written or "nothing written (use --save DIR or --save-patch FILE to keep the edit)")
+    found = [g.describe() for g in guesses if g is not None]
+    lines = ([f"subjects found for {len(found)} facts: {', '.join(repr(r.subject) for r, g in zip(requests, guesses) if g)}"]
+             if found else [])  # fmt: skip
+    lines.append(f"{verdict}: {sum(by_request)}/{len(requests)} facts hold on every prompt "
+                 f"({sum(p.success for p in report.prompts)}/{len(report.prompts)} prompts); controls kept: "
+                 f"{kept}/{len(controls)} ({report.method}, {report.seconds:.1f} s)")
+    extra = {"subjects": [r.subject for r in requests], "controls_kept": kept, "controls": len(controls)}
+    _print_result(args, km, edit, None, lines, extra)
     return 0
 
 
@@ -243,54 +332,49 @@ def run_update(args: argparse.Namespace) -> int:
         return run_batch(args, erase=False)
     # checks old != new before the model loads
     request = EditRequest(args.prompts, args.old, args.new, subject=args.subject)
-    editor = _editor(args)
+    km, editor, request, guess = _prepare(args, request)
     objects = [args.old, args.new]
-    km, edit, prompts, kinds, before, after = _run_with_controls(args, editor, request, objects)
+    edit, prompts, kinds, before, after = _run_with_controls(args, km, editor, request, objects)
     report = edit.report
-    con = console()
-    con.print(_before_after_table(f"{km.name}: {args.old!r} → {args.new!r} ({report.method})", prompts, kinds,
-                                  objects, before, after))
-    for part in report_tables(report):
-        con.print(part)
     kept = _controls_kept(before, after, kinds)
     verdict = "[bold green]success[/]" if report.success else "[bold red]failed[/]"
     held = sum(p.success for p in report.prompts)
-    con.print(f"{verdict}: {args.new!r} is the greedy answer on {held}/{len(report.prompts)} edit prompts; controls "
-              f"keeping their top prediction: {kept}/{kinds.count('control')}")
-    written = _save(km, edit, args)
-    con.print(written or "nothing written (use --save DIR or --save-patch FILE to keep the edit)")
+    lines = [f"{verdict}: {args.new!r} on {held}/{len(report.prompts)} edit prompts, controls kept "
+                 f"{kept}/{kinds.count('control')} ({report.method}, {report.seconds:.1f} s)"]
+    title = f"{km.name}: {args.old!r} → {args.new!r} ({report.method})"
+    extra = {"subject": request.subject, "subject_found": guess is not None, "controls_kept": kept,
+             "predictions": _rows(prompts, kinds, before, after)}
+    _print_result(args, km, edit, _before_after_table(title, prompts, kinds, objects, before, after), lines, extra,
+                  _subject_line(request, guess))
     return 0
 
 
 def run_erase(args: argparse.Namespace) -> int:
     from ..data.records import EditRequest
+    from ..errors import ConfigError
 
     _one_fact_or_file(args, ("target",))
     if args.facts:
         return run_batch(args, erase=True)
     request = EditRequest(args.prompts, args.target, subject=args.subject)
-    editor = _editor(args)
+    km, editor, request, guess = _prepare(args, request)
     if not editor.can_erase:
-        from ..errors import ConfigError
-
         raise ConfigError(f"{editor.name} cannot erase facts; use an erasing method (kn-erase)")
-    km, edit, prompts, kinds, before, after = _run_with_controls(args, editor, request, [args.target])
+    edit, prompts, kinds, before, after = _run_with_controls(args, km, editor, request, [args.target])
     report = edit.report
-    con = console()
-    con.print(_before_after_table(f"{km.name}: erasing {args.target!r} ({report.method})", prompts, kinds,
-                                  [args.target], before, after))
-    for part in report_tables(report):
-        con.print(part)
     n = len(request.prompts)
     lowered = sum(a[args.target] < b[args.target] for b, a in zip(before[:n], after[:n]))
     mean_b = sum(b[args.target] for b in before[:n]) / n
     mean_a = sum(a[args.target] for a in after[:n]) / n
     kept = _controls_kept(before, after, kinds)
-    con.print(f"P({args.target!r}) lowered on {lowered}/{n} prompts (mean {mean_b:.4f} → {mean_a:.4f}); no longer top-1 on "
-              f"{sum(p.success for p in report.prompts)}/{n}; controls keeping their top prediction: "
-              f"{kept}/{kinds.count('control')}")
-    written = _save(km, edit, args)
-    con.print(written or "nothing written (use --save DIR or --save-patch FILE to keep the edit)")
+    lines = [f"P({args.target!r}) lowered on {lowered}/{n} prompts (mean {mean_b:.4f} → {mean_a:.4f}); no longer "
+                 f"top-1 on {sum(p.success for p in report.prompts)}/{n}; controls kept {kept}/{kinds.count('control')} "
+                 f"({report.method}, {report.seconds:.1f} s)"]
+    title = f"{km.name}: erasing {args.target!r} ({report.method})"
+    extra = {"subject": request.subject, "subject_found": guess is not None, "controls_kept": kept,
+             "predictions": _rows(prompts, kinds, before, after)}
+    _print_result(args, km, edit, _before_after_table(title, prompts, kinds, [args.target], before, after), lines,
+                  extra, _subject_line(request, guess))
     return 0
 
 

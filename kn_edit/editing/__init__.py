@@ -12,8 +12,8 @@ from .knowledge_neurons import (
     default_locator,
     erase_fact,
     erase_relation,
-    update_fact,
 )
+from .front import default_method, update_fact
 from .ledger import SliceChange, active_edits, commit, ledger_for
 from .patchfile import apply_patch, read_patch, remove_patch, save_patch
 from .registry import METHODS, make_editor, method_config, method_names
@@ -56,6 +56,7 @@ __all__ = [
     "active_edits",
     "apply_patch",
     "commit",
+    "default_method",
     "default_locator",
     "erase_fact",
     "erase_relation",

@@ -24,6 +24,7 @@ class MethodSpec:
     target: str  # "module:Class"
     summary: str
     presets: dict[str, Any] = field(default_factory=dict)  # settings that make this variant
+    subject: bool = False  # reads the fact's subject (the key at its last token): found from the prompts if not given
 
 
 _KN = "kn_edit.editing.knowledge_neurons"
@@ -31,7 +32,7 @@ METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec("kn", f"{_KN}:KnowledgeNeuronEditor",
-                   "knowledge neurons, signed least-change rule (kn-edit's default)"),
+                   "knowledge neurons, signed least-change rule (the default for masked LMs)"),
         MethodSpec("kn-paper", f"{_KN}:KnowledgeNeuronEditor", "knowledge neurons, the paper's rule (λ1 = 1, λ2 = 8)",
                    {"rule": "paper"}),
         MethodSpec("kn-unscaled", f"{_KN}:KnowledgeNeuronEditor", "knowledge neurons, ±2·E rule of public toolkits",
@@ -40,17 +41,26 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("kn-erase-relation", f"{_KN}:KnowledgeNeuronRelationEraser",
                    "erase a relation: neurons shared by >= 10 % of its facts to 0"),
         MethodSpec("rome", "kn_edit.editing.rome:RomeEditor",
-                   "ROME (Meng et al. 2022): rank-one update of one layer's FFN value projection"),
+                   "ROME (Meng et al. 2022): rank-one update of one layer's FFN value projection", subject=True),
         MethodSpec("memit", "kn_edit.editing.memit:MemitEditor",
-                   "MEMIT (Meng et al. 2023): many facts at once, spread over a range of layers' FFN value projections"),
+                   "MEMIT (Meng et al. 2023): many facts at once, spread over a range of layers' FFN value projections",
+                   subject=True),
         MethodSpec("kn-subject", "kn_edit.editing.subject_neurons:SubjectNeuronEditor",
-                   "knowledge neurons at the subject's last token, least change on general text (subject-specific)"),
+                   "knowledge neurons at the subject's last token, least change on general text (subject-specific; the "
+                   "default for causal LMs)", subject=True),
         MethodSpec("ft", "kn_edit.editing.finetune:FineTuneEditor",
                    "FT-L: fine-tune one layer's FFN value projection under an L-infinity bound"),
         MethodSpec("ft-m", "kn_edit.editing.finetune:FineTuneEditor",
                    "FT-M: as ft, loss on the object's tokens only (masked)", {"loss": "masked"}),
     )
 }
+
+
+def needs_subject(name: str) -> bool:
+    """Whether method ``name`` reads the fact's subject (a user's ``module:Class`` says so with a class attribute
+    ``needs_subject = True``)."""
+    spec = METHODS.get(name)
+    return spec.subject if spec is not None else bool(getattr(resolve(name)[0], "needs_subject", False))
 
 
 def method_names() -> list[str]:

@@ -116,6 +116,6 @@ def require_predicted(km: KnModel, prompts: Sequence[str], target: str, force: b
         shown = "; ".join(f"{p!r} → {t!r}" for p, t in misses[:5])
         raise EditError(
             f"the model does not predict {target!r} on {len(misses)} of {len(prompts)} prompts ({shown}); "
-            "knowledge-neuron edits are meant for facts the model knows. Pass force=True (--force) to edit anyway"
+            "edits are meant for facts the model knows. Pass force=True (--force) to edit anyway"
         )
     return misses
