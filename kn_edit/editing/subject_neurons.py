@@ -379,7 +379,8 @@ class SubjectNeuronEditor(Editor):
         out = []
         for request, (scores, index), key in zip(requests, located, keys):
             with self.timer("keys"):
-                moved = fitted_keys(km, layer, key, request.subject, request.prompts, prefixes, s.fit)  # [m, d_ff]
+                moved = fitted_keys(km, layer, key, request.subject, request.prompts, prefixes, s.fit,
+                                    s.fit_subject_start)  # [m, d_ff]
             out.append(_Prepared(scores, index, key, found, moved, found.delta[None].expand(len(moved), -1)))
         return out
 

@@ -161,12 +161,23 @@ def check_subjects(requests, method: str, why: str = "the key is read at the sub
             subject_end(prompt_text(prompt), request.subject)
 
 
+def start_text(km: KnModel, subject: str) -> SubjectText:
+    """The subject alone at the start of a text (after the BOS token where the tokenizer adds one, as it does for
+    every prompt). Causal attention at the subject's last token sees only the subject there, so this one key is
+    the key of every prompt that begins with the subject ("Japan's capital is"), a key neither k* (the subject
+    after context prefixes) nor an edit prompt with the subject inside gives."""
+    return subject_texts(km, subject, [], [""], whole_subject=True)[0]
+
+
 def fitted_keys(km: KnModel, layer: int, key: torch.Tensor, subject: str, prompts: Sequence[str], prefixes: Sequence[str],
-                fit: KeyFit) -> torch.Tensor:
-    """[m, d_ff]: the keys an update gives the whole shift δ (kn_edit/editing/rome/update.py): k* [d_ff], and with
-    ``fit`` prompts / rows also each edit prompt's own key (no prefix / after every prefix)."""
-    if fit == KeyFit.mean:
-        return key[None]
-    own = subject_texts(km, subject, [prompt_text(p) for p in prompts], prefixes if fit == KeyFit.rows else [""],
-                        whole_subject=False)
-    return torch.cat([key[None], keys_at(km, layer, own)])
+                fit: KeyFit, subject_start: bool = False) -> torch.Tensor:
+    """[m, d_ff]: the keys an update gives the whole shift δ (kn_edit/editing/rome/update.py): k* [d_ff], with
+    ``fit`` prompts / rows also each edit prompt's own key (no prefix / after every prefix), and with
+    ``subject_start`` last the key of the subject at the start of a text (:func:`start_text`)."""
+    texts = []
+    if fit != KeyFit.mean:
+        texts += subject_texts(km, subject, [prompt_text(p) for p in prompts], prefixes if fit == KeyFit.rows else [""],
+                               whole_subject=False)
+    if subject_start:
+        texts.append(start_text(km, subject))
+    return torch.cat([key[None], keys_at(km, layer, texts)]) if texts else key[None]

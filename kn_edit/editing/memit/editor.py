@@ -229,7 +229,8 @@ class MemitEditor(Editor):
         keys, rows = [], []
         for request, text, residual, fit in zip(requests, texts, residuals, fits):
             mean = keys_at(km, layer, text).mean(dim=0)
-            own = fitted_keys(km, layer, mean, request.subject, request.prompts, prefixes, fit)
+            own = fitted_keys(km, layer, mean, request.subject, request.prompts, prefixes, fit,
+                              self.settings.fit_subject_start)
             own = _distinct(own.double())
             keys.append(own)
             rows.append(residual[None].expand(len(own), -1))
