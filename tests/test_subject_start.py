@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import kn_edit
 from kn_edit.editing import EditRequest
-from kn_edit.editing.keyvalue.keys import start_text
+from kn_edit.editing.keyvalue.keys import fitted_keys, start_text
+from kn_edit.editing.keyvalue.settings import KeyFit
 from kn_edit.editing.memit import MemitEditor
 from kn_edit.editing.rome import RomeEditor
 from kn_edit.editing.subject_neurons import SubjectNeuronEditor
@@ -20,7 +22,7 @@ from tiny_models import CORPUS, build_model, causal_tokenizer
 
 FAMILIES = ["gpt2", "llama"]
 METHODS = ["rome", "kn-subject", "memit"]
-# The subject is inside every edit prompt: no edit prompt's own key is the start key.
+# The subject (two tokens in the tiny tokenizer) is inside every edit prompt: no edit prompt's key is the start key.
 REQUEST = EditRequest(prompts=("The capital of France is", "Paris is the capital of France. The capital of France is"),
                       old="Paris", new="Rome", subject="France")
 OTHERS = ["The capital of Japan is", "Rome is located in Italy.", "Tokyo is a city in Japan."]  # no "France"
@@ -74,6 +76,22 @@ def test_the_start_key_moves_by_the_method_s_residual(tiny_factory, tmp_path, fa
     assert not np.allclose(change_off, delta_off, rtol=1e-2, atol=1e-2 * np.abs(delta_off).max())
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_start_key_at_the_first_position(tiny_factory, family):
+    """A one-token subject on a model without BOS: its start key would be the first position's (the attention
+    sink, nearly every text's first key), so none is added; a two-token subject's is."""
+    km = tiny_factory(family)
+    one = EditRequest(prompts=("The city of Paris is",), old="x", new="y", subject="Paris")  # "Paris": one token
+    assert start_text(km, "Paris") is None and start_text(km, "France").position == 1  # "France": two tokens
+    for request, added in ((one, 0), (REQUEST, 1)):
+        key = torch.zeros(km.d_ff)
+        on = fitted_keys(km, 0, key, request.subject, request.prompts, [""], KeyFit.prompts, subject_start=True)
+        off = fitted_keys(km, 0, key, request.subject, request.prompts, [""], KeyFit.prompts, subject_start=False)
+        assert len(on) == len(off) + added and torch.equal(on[: len(off)], off)
+        if added:
+            assert np.allclose(on[-1].double().numpy(), plain_keys(km, 0, [request.subject])[-1], atol=1e-5)
+
+
 def test_the_start_key_follows_the_bos_token(tmp_path):
     """A tokenizer that adds a BOS token: the start key is the subject's right after it (as in every prompt that
     begins with the subject), and the edit maps that key, read plainly, to v*."""
@@ -87,6 +105,7 @@ def test_the_start_key_follows_the_bos_token(tmp_path):
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     model, _ = build_model("llama")
     km = kn_edit.wrap(model, tok, name="tiny-llama-bos")
+    assert start_text(km, "Paris").position == 1  # one token, after BOS: not the first position
     text = start_text(km, "France")
     assert int(text.input_ids[0]) == bos and text.position == len(text.input_ids) - 1 > 0
     before = plain_weight(km, 0)

@@ -161,23 +161,30 @@ def check_subjects(requests, method: str, why: str = "the key is read at the sub
             subject_end(prompt_text(prompt), request.subject)
 
 
-def start_text(km: KnModel, subject: str) -> SubjectText:
+def start_text(km: KnModel, subject: str) -> SubjectText | None:
     """The subject alone at the start of a text (after the BOS token where the tokenizer adds one, as it does for
     every prompt). Causal attention at the subject's last token sees only the subject there, so this one key is
-    the key of every prompt that begins with the subject ("Japan's capital is"), a key neither k* (the subject
-    after context prefixes) nor an edit prompt with the subject inside gives."""
-    return subject_texts(km, subject, [], [""], whole_subject=True)[0]
+    the key of every prompt that begins with the subject ("Danielle Darrieux's mother tongue is"), a key neither
+    k* (the subject after context prefixes) nor an edit prompt with the subject inside gives.
+
+    None where the subject's last token is the text's first (a one-token subject, no BOS token): that position is
+    the attention sink, whose key is nearly every text's first key whatever its token (smollm2-135m, layer 5:
+    cosine 0.93-0.95 between "Japan", "Italy", "France", 0.89 with "The"), so moving it moves every text
+    (+0.15 nats per token of general text for France → Rome) and not the subject's prompts."""
+    text = subject_texts(km, subject, [], [""], whole_subject=True)[0]
+    return text if text.position > 0 else None
 
 
 def fitted_keys(km: KnModel, layer: int, key: torch.Tensor, subject: str, prompts: Sequence[str], prefixes: Sequence[str],
                 fit: KeyFit, subject_start: bool = False) -> torch.Tensor:
     """[m, d_ff]: the keys an update gives the whole shift δ (kn_edit/editing/rome/update.py): k* [d_ff], with
     ``fit`` prompts / rows also each edit prompt's own key (no prefix / after every prefix), and with
-    ``subject_start`` last the key of the subject at the start of a text (:func:`start_text`)."""
+    ``subject_start`` last the key of the subject at the start of a text (:func:`start_text`; not at position 0)."""
     texts = []
     if fit != KeyFit.mean:
         texts += subject_texts(km, subject, [prompt_text(p) for p in prompts], prefixes if fit == KeyFit.rows else [""],
                                whole_subject=False)
-    if subject_start:
-        texts.append(start_text(km, subject))
+    start = start_text(km, subject) if subject_start else None
+    if start is not None:
+        texts.append(start)
     return torch.cat([key[None], keys_at(km, layer, texts)]) if texts else key[None]

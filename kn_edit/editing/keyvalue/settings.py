@@ -54,7 +54,8 @@ class KeyValueSettings:
     weight_decay: float = 0.5  # weight of ‖δ‖² / ‖W k*‖²
     clamp_norm_factor: float = 4.0  # ‖δ‖ is kept ≤ this × ‖W k*‖ (the paper's norm constraint)
     # also give δ to the key of the subject at the start of a text (kn_edit.editing.keyvalue.keys.start_text): the
-    # key every prompt that begins with the subject has ("Japan's capital is"), which no prefixed key covers
+    # key every prompt that begins with the subject has, which no prefixed key covers (not where that key is the
+    # first position's, the attention sink: a one-token subject on a model without BOS)
     fit_subject_start: bool = True
     # C = E[k kᵀ]: second moment of layer's keys over generic text (computed once, cached on disk)
     cov_corpus: str = "wikipedia"  # wikipedia (the key slice, kn_edit/data/text.py) or a UTF-8 text file
