@@ -110,7 +110,7 @@ def test_the_start_key_follows_the_bos_token(tmp_path):
     assert int(text.input_ids[0]) == bos and text.position == len(text.input_ids) - 1 > 0
     before = plain_weight(km, 0)
     start = plain_keys(km, 0, ["France"])[-1]  # plain_keys adds the special tokens: BOS, then the subject
-    edit = make("rome", tmp_path).apply(km, [REQUEST])
+    edit = make("rome", tmp_path, fit_subject_start=True).apply(km, [REQUEST])
     try:
         delta = residual("rome", km, edit.report.details, before)
         change = (plain_weight(km, 0) - before) @ start
@@ -119,8 +119,9 @@ def test_the_start_key_follows_the_bos_token(tmp_path):
     assert np.allclose(change, delta, rtol=1e-3, atol=1e-4 * np.abs(delta).max())
 
 
-def test_fit_subject_start_must_be_a_bool():
+def test_fit_subject_start_must_be_a_bool_and_is_off_by_default():
     from kn_edit import ConfigError
 
     with pytest.raises(ConfigError, match="fit_subject_start"):
         RomeEditor(fit_subject_start="yes").settings.check()
+    assert not RomeEditor().settings.fit_subject_start  # the measured default (configs/methods/rome.yaml)
