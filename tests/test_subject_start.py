@@ -12,6 +12,7 @@ import torch
 
 import kn_edit
 from kn_edit.editing import EditRequest
+from kn_edit.editing.keyvalue import keys as keys_module
 from kn_edit.editing.keyvalue.keys import fitted_keys, start_text
 from kn_edit.editing.keyvalue.settings import KeyFit
 from kn_edit.editing.memit import MemitEditor
@@ -52,7 +53,8 @@ def residual(method: str, km, details, before: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
-def test_the_start_key_moves_by_the_method_s_residual(tiny_factory, tmp_path, family, method):
+def test_the_start_key_moves_by_the_method_s_residual(tiny_factory, tmp_path, monkeypatch, family, method):
+    monkeypatch.setattr(keys_module, "START_COST", float("inf"))  # never left out here (its own test is below)
     km = tiny_factory(family)
     before = plain_weight(km, 0)
     start = plain_keys(km, 0, ["France"])[-1]  # the subject alone, its last token's key
@@ -92,7 +94,32 @@ def test_no_start_key_at_the_first_position(tiny_factory, family):
             assert np.allclose(on[-1].double().numpy(), plain_keys(km, 0, [request.subject])[-1], atol=1e-5)
 
 
-def test_the_start_key_follows_the_bos_token(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_start_key_that_costs_too_much_is_left_out(tiny_factory, tmp_path, monkeypatch, family):
+    """start_cost: √(wᵀCw) of the exact direction with the start key over without it, written plainly; above
+    START_COST the key is left out (the ratio is ≥ 1 always: one more constraint)."""
+    km = tiny_factory(family)
+    editor = make("rome", tmp_path)
+    mom2 = editor.statistics(km, 0).mom2
+    on = fitted_keys(km, 0, torch.zeros(km.d_ff) + 0.1, REQUEST.subject, REQUEST.prompts, [""], KeyFit.prompts, True)
+    c, k = mom2.double().numpy(), on.double().numpy().T  # K [d_ff, m]
+
+    def size(keys):
+        solved = np.linalg.solve(c, keys)
+        w = solved @ np.linalg.pinv(keys.T @ solved, hermitian=True) @ np.ones(keys.shape[1])
+        return float(np.sqrt(w @ c @ w))
+
+    ratio = keys_module.start_cost(mom2, on)
+    assert ratio == pytest.approx(size(k) / size(k[:, :-1]), rel=1e-6) and ratio >= 1
+    for limit, kept in ((ratio * 1.01, len(on)), (ratio * 0.99, len(on) - 1)):
+        monkeypatch.setattr(keys_module, "START_COST", limit)
+        got = fitted_keys(km, 0, torch.zeros(km.d_ff) + 0.1, REQUEST.subject, REQUEST.prompts, [""], KeyFit.prompts,
+                          True, mom2)
+        assert len(got) == kept and torch.equal(got, on[:kept])
+
+
+def test_the_start_key_follows_the_bos_token(tmp_path, monkeypatch):
+    monkeypatch.setattr(keys_module, "START_COST", float("inf"))
     """A tokenizer that adds a BOS token: the start key is the subject's right after it (as in every prompt that
     begins with the subject), and the edit maps that key, read plainly, to v*."""
     from tokenizers import Tokenizer
