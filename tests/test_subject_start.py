@@ -146,9 +146,9 @@ def test_the_start_key_follows_the_bos_token(tmp_path, monkeypatch):
     assert np.allclose(change, delta, rtol=1e-3, atol=1e-4 * np.abs(delta).max())
 
 
-def test_fit_subject_start_must_be_a_bool_and_is_off_by_default():
+def test_fit_subject_start_must_be_a_bool_and_is_on_by_default():
     from kn_edit import ConfigError
 
     with pytest.raises(ConfigError, match="fit_subject_start"):
         RomeEditor(fit_subject_start="yes").settings.check()
-    assert not RomeEditor().settings.fit_subject_start  # the measured default (configs/methods/rome.yaml)
+    assert RomeEditor().settings.fit_subject_start  # the measured default (configs/methods/rome.yaml)
