@@ -111,6 +111,7 @@ def test_a_start_key_that_costs_too_much_is_left_out(tiny_factory, tmp_path, mon
 
     ratio = keys_module.start_cost(mom2, on)
     assert ratio == pytest.approx(size(k) / size(k[:, :-1]), rel=1e-6) and ratio >= 1
+    assert keys_module.start_cost(torch.zeros_like(mom2), on) == float("inf")  # C measures nothing: left out
     for limit, kept in ((ratio * 1.01, len(on)), (ratio * 0.99, len(on) - 1)):
         monkeypatch.setattr(keys_module, "START_COST", limit)
         got = fitted_keys(km, 0, torch.zeros(km.d_ff) + 0.1, REQUEST.subject, REQUEST.prompts, [""], KeyFit.prompts,

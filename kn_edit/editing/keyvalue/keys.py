@@ -11,6 +11,7 @@ them once; an edit or a patch applied (or any other write to the weights) sample
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -204,10 +205,18 @@ def fitted_keys(km: KnModel, layer: int, key: torch.Tensor, subject: str, prompt
 
 
 def start_cost(mom2: torch.Tensor, keys: torch.Tensor, factors: dict | None = None) -> float:
-    """√(wᵀCw) of the exact least-change direction for ``keys`` [m, d_ff] over that for all but the last one."""
+    """√(wᵀCw) of the exact least-change direction for ``keys`` [m, d_ff] over that for all but the last one;
+    infinite where C does not measure it (singular, as the null-space option's statistics over a few texts may be),
+    so that the start key is left out rather than its cost guessed."""
 
     def size(k: torch.Tensor) -> float:
         w = least_change(mom2, k, torch.ones(len(k), 1, dtype=torch.float64), check_exact=False, factors=factors)[0]
-        return float(w @ (mom2.to(torch.float64) @ w)) ** 0.5
+        return float(w @ (mom2.to(torch.float64) @ w))
 
-    return size(keys) / max(size(keys[:-1]), 1e-300)
+    try:
+        with_start, without = size(keys), size(keys[:-1])
+    except EditError:
+        return math.inf
+    if not (math.isfinite(with_start) and math.isfinite(without) and with_start > 0 and without > 0):
+        return math.inf
+    return (with_start / without) ** 0.5
