@@ -13,6 +13,7 @@ from helpers import LANGUAGES, PASSAGES, SUBJECTS, ValueVectorEditor, assert_sam
 from kn_edit.data.records import FactRecord, FactSet
 from kn_edit.errors import EditError
 from kn_edit.evaluation import evaluate
+from kn_edit.evaluation.metrics import row_metrics
 from kn_edit.evaluation.report import SUMMARY
 
 
@@ -103,18 +104,29 @@ def _plain_text_ppl(km, passages, max_tokens: int) -> float:
     return math.exp(nll / count)
 
 
+def split_facts() -> FactSet:
+    """tiny_facts with held-out paraphrases that begin with the subject (every capital), with it inside (every
+    other capital) and none (the languages)."""
+    records = [FactRecord(r.fact_id, r.subject, r.relation, r.object, r.prompts,
+                          ((f"{r.subject}'s capital city is",) + r.heldout_prompts[: i % 2]) if r.heldout_prompts else ())
+               for i, r in enumerate(tiny_facts().records)]
+    return FactSet("split", records)
+
+
 def test_tiny_run_metrics_equal_a_plain_recomputation(tiny_factory, tmp_path):
-    """Every prompt slice reaches its metric: edit, generalization, intra (all / same object / other object),
-    inter and text drift, recomputed here one prompt at a time from the same cases."""
+    """Every prompt slice reaches its metric: edit, generalization (all held-out paraphrases, those that begin
+    with the subject, those with it inside), intra (all / same object / other object), inter and text drift,
+    recomputed here one prompt at a time from the same cases."""
     from kn_edit.evaluation.datamodule import FactDataModule
 
     km = tiny_factory("llama")
     config = tiny_config(tmp_path, **{"probe.enabled": False})
-    editor = ValueVectorEditor()
-    result = evaluate(config, km=km, editor=editor, facts=tiny_facts(), passages=PASSAGES, write=False)
-    datamodule = FactDataModule(km, config.data, facts=tiny_facts())
+    editor = ValueVectorEditor(scale=5.0)  # some paraphrases reach the new object, some not
+    result = evaluate(config, km=km, editor=editor, facts=split_facts(), passages=PASSAGES, write=False)
+    datamodule = FactDataModule(km, config.data, facts=split_facts())
     datamodule.setup("test")
     edit_top1, held_top1, held_beats, drift = [], [], [], []
+    held_split: dict[bool, list[float]] = {True: [], False: []}  # per fact: top-1 share of its subject-first / inside
     # [kept, correct before, correct after, n prompts, summed -log P(gold) after]
     pooled = {k: [0, 0, 0, 0, 0.0] for k in ("intra", "intra_same", "intra_other", "inter")}
     text_before = _plain_text_ppl(km, PASSAGES, config.text.max_tokens)
@@ -131,6 +143,10 @@ def test_tiny_run_metrics_equal_a_plain_recomputation(tiny_factory, tmp_path):
                 new = [_plain_scores(km, p, case.new) for p in fact.heldout_prompts]
                 old = [_plain_scores(km, p, fact.object)[0] for p in fact.heldout_prompts]
                 held_top1.append(sum(t for _, t in new) / len(new))
+                for first in (True, False):
+                    part = [t for p, (_, t) in zip(fact.heldout_prompts, new) if p.startswith(fact.subject) == first]
+                    if part:
+                        held_split[first].append(sum(part) / len(part))
                 held_beats.append(sum(n > o for (n, _), o in zip(new, old)) / len(new))
             after = {k: [_plain_scores(km, p, r.object) for r in rs for p in r.all_prompts] for k, rs in groups.items()}
             drift.append(_plain_text_ppl(km, PASSAGES, config.text.max_tokens) / text_before - 1)
@@ -145,6 +161,13 @@ def test_tiny_run_metrics_equal_a_plain_recomputation(tiny_factory, tmp_path):
     assert m["edit/top1"] == pytest.approx(sum(edit_top1) / len(edit_top1), abs=1e-9)
     assert m["generalization/top1"] == pytest.approx(sum(held_top1) / len(held_top1), abs=1e-9)
     assert m["generalization/new_beats_old"] == pytest.approx(sum(held_beats) / len(held_beats), abs=1e-9)
+    assert len(held_split[True]) == len(SUBJECTS) and len(held_split[False]) == len(SUBJECTS) // 2
+    for first, name in ((True, "first"), (False, "inside")):
+        want = sum(held_split[first]) / len(held_split[first])
+        assert m[f"generalization/top1_subject_{name}"] == pytest.approx(want, abs=1e-9), name
+    assert 0 < sum(held_top1) < len(held_top1)  # the split is not trivially all or nothing
+    assert row_metrics(result.rows)["generalization/top1_subject_first"] == pytest.approx(
+        m["generalization/top1_subject_first"], abs=1e-9)
     for name, (kept, correct, correct_after, n, nll_after) in pooled.items():
         assert n > 0 and m[f"{name}/n_prompts"] == n, name
         want = kept / correct if correct else float("nan")

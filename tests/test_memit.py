@@ -27,7 +27,9 @@ FRANCE = EditRequest(prompts=("The capital of France is", "Paris is the capital 
 JAPAN = EditRequest(prompts=("The capital of Japan is",), old="Tokyo", new="Berlin", subject="Japan")
 ITALY = EditRequest(prompts=("The capital of Italy is",), old="Rome", new="Madrid", subject="Italy")
 # Tiny random models have tiny FFN outputs: a loose norm bound lets the target move the answer at all.
-COMMON = dict(n_prefixes=2, prefix_length=3, steps=4, lr=0.5, clamp_norm_factor=1e4, weight_decay=0.0)
+# The start key off: these tests check the paper's keys and fit's; tests/test_subject_start.py checks it.
+COMMON = dict(n_prefixes=2, prefix_length=3, steps=4, lr=0.5, clamp_norm_factor=1e4, weight_decay=0.0,
+              fit_subject_start=False)
 
 
 def memit(tmp_path, **overrides) -> MemitEditor:

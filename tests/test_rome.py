@@ -28,8 +28,9 @@ OTHER = EditRequest(prompts=("The capital of Japan is",), old="Tokyo", new="Berl
 
 def editor(tmp_path, **overrides) -> RomeEditor:
     # Tiny random models have tiny FFN outputs: a loose norm bound lets v* move the answer at all.
+    # The start key off: these tests check the paper's keys and fit's; tests/test_subject_start.py checks it.
     settings = dict(layer=0, n_prefixes=2, prefix_length=3, steps=4, lr=0.5, clamp_norm_factor=1e4, weight_decay=0.0,
-                    cache_dir=str(tmp_path / "cache"))
+                    cache_dir=str(tmp_path / "cache"), fit_subject_start=False)
     settings.update(overrides)
     return RomeEditor(key_texts=CORPUS, **settings)
 

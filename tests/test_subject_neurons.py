@@ -37,7 +37,7 @@ def editor(tmp_path, **overrides) -> SubjectNeuronEditor:
     # tests of the solve edit exactly ``neurons`` neurons.
     settings = dict(layer=0, neurons=8, attribution_steps=3, n_prefixes=2, prefix_length=3, steps=4, lr=0.5,
                     clamp_norm_factor=1e4, weight_decay=0.0, cov_ridge=1e-3, cache_dir=str(tmp_path / "cache"),
-                    max_text_change=None, widen_above=None)
+                    max_text_change=None, widen_above=None, fit_subject_start=False)  # start key: test_subject_start.py
     extras = {"preserve_subjects": overrides.pop("preserve_subjects", ()), "guard_texts": overrides.pop("guard_texts", GUARD)}
     settings.update(overrides)
     return SubjectNeuronEditor(key_texts=CORPUS, **extras, **settings)

@@ -264,7 +264,7 @@ class SubjectNeuronEditor(Editor):
                 for request in requests:
                     earlier = self._earlier_keys(active, done)
                     (found,), index, d, tried = self._solve(km, layer, mom2, self._prepare(
-                        km, layer, prefixes, whole, [request]), preserved, earlier)
+                        km, layer, prefixes, whole, [request], mom2), preserved, earlier)
                     done.append(self._details(km, layer, request, found, d, len(preserved), earlier, tried))
                     neurons += [Neuron(layer, int(i)) for i in index]
                     rows.append(d.t().float())
@@ -287,7 +287,7 @@ class SubjectNeuronEditor(Editor):
         prepared: dict[int, _Prepared] = {}
         with self.reporter.task("kn-subject: keys and targets", total=len(requests)) as task:
             for group in by_subject.values():
-                for request, found in zip(group, self._prepare(km, layer, prefixes, whole, group)):
+                for request, found in zip(group, self._prepare(km, layer, prefixes, whole, group, mom2)):
                     prepared[id(request)] = found
                 task.advance(len(group))
         try:
@@ -348,7 +348,7 @@ class SubjectNeuronEditor(Editor):
         return torch.cat(found) if found else None
 
     def _prepare(self, km: KnModel, layer: int, prefixes: list[str], whole: bool,
-                 requests: Sequence[EditRequest]) -> list["_Prepared"]:
+                 requests: Sequence[EditRequest], mom2: torch.Tensor) -> list["_Prepared"]:
         """Each request's neurons, key k* and the keys the solve moves, on the model as it is now, and one δ for
         them all: ``requests`` are one subject's (one request, or all of a joint batch's requests of that
         subject). Their keys at the subject are one (the key depends only on the text up to the subject), so
@@ -379,7 +379,8 @@ class SubjectNeuronEditor(Editor):
         out = []
         for request, (scores, index), key in zip(requests, located, keys):
             with self.timer("keys"):
-                moved = fitted_keys(km, layer, key, request.subject, request.prompts, prefixes, s.fit)  # [m, d_ff]
+                moved = fitted_keys(km, layer, key, request.subject, request.prompts, prefixes, s.fit,
+                                    s.fit_subject_start, mom2)  # [m, d_ff]
             out.append(_Prepared(scores, index, key, found, moved, found.delta[None].expand(len(moved), -1)))
         return out
 

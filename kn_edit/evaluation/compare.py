@@ -38,6 +38,7 @@ COLUMNS = (
     ("edit/top1", "edit top-1"),
     ("generalization/top1", "paraphrase top-1"),
     ("generalization/new_beats_old", "paraphrase P(new)>P(old)"),
+    ("generalization/top1_subject_first", "paraphrase top-1, subject first"),
     ("intra_same/retained", "same relation, same object kept"),
     ("intra_other/retained", "same relation, other object kept"),
     ("inter/retained", "other relations kept"),

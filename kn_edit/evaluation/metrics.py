@@ -165,6 +165,10 @@ def row_metrics(rows: list[dict]) -> dict[str, float]:
         facts = [r[section] for r in rows if section in r]
         sums = {k: f64(sum(f[k] for f in facts)) for k in ("top1", "new_beats_old", "delta_p_new")}
         out |= {f"{section}/{k}": float(v) for k, v in edit_success_summary(f64(len(facts)), **sums).items()}
+    held = [r["generalization"] for r in rows if "n_subject_first" in r.get("generalization", {})]
+    for part in ("first", "inside") if held else ():  # rows of a kn-edit without the split have none
+        shares = [h[f"top1_subject_{part}"] for h in held if f"top1_subject_{part}" in h]
+        out[f"generalization/top1_subject_{part}"] = sum(shares) / len(shares) if shares else float("nan")
     for section in RETENTION:
         counts = [r[section] for r in rows if section in r]
         keys = ("n", "correct_before", "correct_after", "kept", "nll_before", "nll_after")

@@ -72,6 +72,11 @@ def check_reverted(km: KnModel, edit: Edit) -> None:
             raise EditError(f"{edit.editor}: revert() left {patch.name} changed")
 
 
+def subject_first(prompt: str, subject: str) -> bool:
+    """Whether ``prompt`` begins with ``subject`` (ignoring case and leading space)."""
+    return prompt.lstrip().lower().startswith(subject.strip().lower())
+
+
 class EditEvaluation(pl.LightningModule):
     """Evaluate ``editor`` on the cases of a FactDataModule. ``passages``: held-out text for perplexity drift
     (causal LMs; empty: not measured). Results land in ``self.results`` after ``trainer.test``."""
@@ -110,6 +115,10 @@ class EditEvaluation(pl.LightningModule):
         self._idf: dict[str, float] = {}
         self.edit_metric = EditSuccess()
         self.generalization = EditSuccess()
+        # the held-out paraphrases split by whether the prompt begins with the subject (there, on a model without a
+        # BOS token, the subject's last token can be the first position, whose key no prefixed key covers)
+        self.held_first = EditSuccess()
+        self.held_inside = EditSuccess()
         self.intra = Retention()
         self.intra_same = Retention()  # same-relation facts whose object is the edited fact's old object
         self.intra_other = Retention()  # ... and those with another object
@@ -305,6 +314,7 @@ class EditEvaluation(pl.LightningModule):
                     k: float(v) for k, v in Fn.edit_success(*args).items()
                 } | {"p_new_before": float(logp_before[new].exp().mean()), "p_new_after": float(logp_after[new].exp().mean()),
                      "p_old_before": float(logp_before[old].exp().mean()), "p_old_after": float(logp_after[old].exp().mean())}  # fmt: skip
+        self._record_subject_first(case, at, top1_after, logp_after, logp_before, row)
         # intra: every same-relation fact (the two slices are adjacent), and split by object
         at["intra"] = slice(at["intra_same"].start, at["intra_other"].stop)
         for name, metric in (("intra", self.intra), ("intra_same", self.intra_same), ("intra_other", self.intra_other),
@@ -328,6 +338,20 @@ class EditEvaluation(pl.LightningModule):
                 {"prompt": b.prompt, "before": b.text, "after": a.text}
                 for b, a in list(zip(gen_before, gen_after))[: self.fluency_config.samples]]}
         return row
+
+    def _record_subject_first(self, case: EditCase, at: dict[str, slice], top1_after, logp_after, logp_before,
+                              row: dict) -> None:
+        """Generalization split by whether a held-out paraphrase begins with the subject (``subject_first``)."""
+        first = torch.tensor([subject_first(p, case.fact.subject) for p in case.fact.heldout_prompts], dtype=torch.bool,
+                             device=top1_after.device)
+        old, new = at["held_old"], at["held_new"]
+        for part, mask, metric in (("first", first, self.held_first), ("inside", ~first, self.held_inside)):
+            args = (top1_after[new][mask], logp_after[new][mask], logp_after[old][mask], logp_before[new][mask])
+            metric.update(*args)
+            if len(args[0]) and "generalization" in row:
+                row["generalization"][f"top1_subject_{part}"] = float(args[0].float().mean())
+        if "generalization" in row:
+            row["generalization"]["n_subject_first"] = int(first.sum())
 
     def _generation_prompts(self, case: EditCase) -> list[str]:
         """Short prompts that start with the subject (Meng et al. generate from the subject); a benchmark case's
@@ -369,6 +393,8 @@ class EditEvaluation(pl.LightningModule):
                                ("intra", self.intra), ("intra_same", self.intra_same),
                                ("intra_other", self.intra_other), ("inter", self.inter)):  # fmt: skip
             metrics |= {f"{prefix}/{k}": float(v) for k, v in metric.compute().items()}
+        for part, metric in (("first", self.held_first), ("inside", self.held_inside)):
+            metrics[f"generalization/top1_subject_{part}"] = float(metric.compute()["top1"])
         metrics["edit/seconds"] = float(self.seconds.compute())
         if self.fluency_on:
             metrics["fluency/entropy_before"] = float(self.entropy_before.compute())
@@ -394,7 +420,8 @@ class EditEvaluation(pl.LightningModule):
             rows = [r for part in parts for r in part]
         metrics |= benchmark_summary(rows)
         self.results = {"metrics": metrics, "probe_per_relation": per_relation, "rows": sorted(rows, key=lambda r: r["index"])}
-        for metric in (self.edit_metric, self.generalization, self.intra, self.intra_same, self.intra_other, self.inter,
+        for metric in (self.edit_metric, self.generalization, self.held_first, self.held_inside, self.intra,
+                       self.intra_same, self.intra_other, self.inter,
                        self.drift, self.edit_errors, self.probed, self.seconds, self.peak_memory,
                        self.entropy_before, self.entropy_after,
                        *self.probe_metrics.values()):  # fmt: skip

@@ -17,6 +17,8 @@ SUMMARY = (
     ("generalization/top1", "generalization: new top-1 (held-out paraphrases)"),
     ("generalization/new_beats_old", "generalization: P(new) > P(old)"),
     ("generalization/delta_p_new", "generalization: mean ΔP(new)"),
+    ("generalization/top1_subject_first", "generalization: new top-1, paraphrases that begin with the subject"),
+    ("generalization/top1_subject_inside", "generalization: new top-1, paraphrases with the subject inside"),
     ("intra/retained", "intra-relation: top-1 answers kept"),
     ("intra_same/retained", "intra-relation, same object as the edited fact: kept"),
     ("intra_other/retained", "intra-relation, another object: kept"),

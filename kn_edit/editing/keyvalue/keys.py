@@ -11,6 +11,7 @@ them once; an edit or a patch applied (or any other write to the weights) sample
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -21,6 +22,7 @@ from ...models.hooks import run_until, value_input_hooks
 from ...models.prompts import causal_prompt
 from ..ledger import weights_state
 from .settings import KeyFit
+from .solve import least_change
 
 if TYPE_CHECKING:
     from ...models.model import KnModel
@@ -161,12 +163,60 @@ def check_subjects(requests, method: str, why: str = "the key is read at the sub
             subject_end(prompt_text(prompt), request.subject)
 
 
+def start_text(km: KnModel, subject: str) -> SubjectText | None:
+    """The subject alone at the start of a text (after the BOS token where the tokenizer adds one, as it does for
+    every prompt). Causal attention at the subject's last token sees only the subject there, so this one key is
+    the key of every prompt that begins with the subject ("Danielle Darrieux's mother tongue is"), a key neither
+    k* (the subject after context prefixes) nor an edit prompt with the subject inside gives.
+
+    None where the subject's last token is the text's first (a one-token subject, no BOS token): that position is
+    the attention sink, whose key is nearly every text's first key whatever its token (smollm2-135m, layer 5:
+    cosine 0.93-0.95 between "Japan", "Italy", "France", 0.89 with "The"), so moving it moves every text
+    (+0.15 nats per token of general text for France → Rome) and not the subject's prompts."""
+    text = subject_texts(km, subject, [], [""], whole_subject=True)[0]
+    return text if text.position > 0 else None
+
+
+# The start key is left out where it makes the least-change update more than this many times as large in C's norm
+# (√wᵀCw of the exact direction, kn_edit/editing/rome/update.py): a start key far shorter than k* (smollm2-135m,
+# "Milwaukee County": ‖k‖ 0.89 against 4.9, cosine 0.2) needs a direction 6.6 times as large, which moved the
+# text by +6 % and other subjects' answers; where it reached a paraphrase the factor was 1.06.
+START_COST = 1.5
+
+
 def fitted_keys(km: KnModel, layer: int, key: torch.Tensor, subject: str, prompts: Sequence[str], prefixes: Sequence[str],
-                fit: KeyFit) -> torch.Tensor:
-    """[m, d_ff]: the keys an update gives the whole shift δ (kn_edit/editing/rome/update.py): k* [d_ff], and with
-    ``fit`` prompts / rows also each edit prompt's own key (no prefix / after every prefix)."""
-    if fit == KeyFit.mean:
-        return key[None]
-    own = subject_texts(km, subject, [prompt_text(p) for p in prompts], prefixes if fit == KeyFit.rows else [""],
-                        whole_subject=False)
-    return torch.cat([key[None], keys_at(km, layer, own)])
+                fit: KeyFit, subject_start: bool = False, mom2: torch.Tensor | None = None,
+                factors: dict | None = None) -> torch.Tensor:
+    """[m, d_ff]: the keys an update gives the whole shift δ (kn_edit/editing/rome/update.py): k* [d_ff], with
+    ``fit`` prompts / rows also each edit prompt's own key (no prefix / after every prefix), and with
+    ``subject_start`` last the key of the subject at the start of a text (:func:`start_text`; not at position 0,
+    and given ``mom2`` (C of the layer, ``factors`` its memo) not where it costs more than START_COST)."""
+    texts = []
+    if fit != KeyFit.mean:
+        texts += subject_texts(km, subject, [prompt_text(p) for p in prompts], prefixes if fit == KeyFit.rows else [""],
+                               whole_subject=False)
+    start = start_text(km, subject) if subject_start else None
+    if start is not None:
+        texts.append(start)
+    keys = torch.cat([key[None], keys_at(km, layer, texts)]) if texts else key[None]
+    if start is not None and mom2 is not None and start_cost(mom2, keys, factors) > START_COST:
+        keys = keys[:-1]
+    return keys
+
+
+def start_cost(mom2: torch.Tensor, keys: torch.Tensor, factors: dict | None = None) -> float:
+    """√(wᵀCw) of the exact least-change direction for ``keys`` [m, d_ff] over that for all but the last one;
+    infinite where C does not measure it (singular, as the null-space option's statistics over a few texts may be),
+    so that the start key is left out rather than its cost guessed."""
+
+    def size(k: torch.Tensor) -> float:
+        w = least_change(mom2, k, torch.ones(len(k), 1, dtype=torch.float64), check_exact=False, factors=factors)[0]
+        return float(w @ (mom2.to(torch.float64) @ w))
+
+    try:
+        with_start, without = size(keys), size(keys[:-1])
+    except EditError:
+        return math.inf
+    if not (math.isfinite(with_start) and math.isfinite(without) and with_start > 0 and without > 0):
+        return math.inf
+    return (with_start / without) ** 0.5

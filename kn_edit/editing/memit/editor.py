@@ -190,7 +190,7 @@ class MemitEditor(Editor):
                     # z − h^L now [n, d_model]; before the first layer's update h^L is ``before`` itself
                     missing = deltas - (self._hidden(km, last, rows) - before) if j else deltas
                     keys, residuals = self._fitted(km, layer, requests, texts, prefixes, missing / (len(layers) - j),
-                                                   fits)
+                                                   fits, stats[layer])
                     delta, update = self._update(km, layer, stats[layer], keys, residuals)
                     updates.append(update)
                     changes.append(whole_change(km, update.parameter, weight_change(km, delta)))
@@ -221,7 +221,7 @@ class MemitEditor(Editor):
         return [i for i, held in enumerate(request_successes(requests, outcomes)) if not held]
 
     def _fitted(self, km: KnModel, layer: int, requests: list[EditRequest], texts: list, prefixes: list[str],
-                residuals: torch.Tensor, fits: list[KeyFit]) -> tuple[torch.Tensor, torch.Tensor]:
+                residuals: torch.Tensor, fits: list[KeyFit], stats: KeyStatistics) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys [m, d_ff], residuals [m, d_model]) the layer's update is solved for: each request's prefix-averaged
         key k_i with its residual r_i, and with ``fit`` prompts / rows also each edit prompt's own key (no prefix /
         after every prefix), each asking for the same r_i (as ROME's fit; kn_edit/editing/rome/update.py).
@@ -229,7 +229,8 @@ class MemitEditor(Editor):
         keys, rows = [], []
         for request, text, residual, fit in zip(requests, texts, residuals, fits):
             mean = keys_at(km, layer, text).mean(dim=0)
-            own = fitted_keys(km, layer, mean, request.subject, request.prompts, prefixes, fit)
+            own = fitted_keys(km, layer, mean, request.subject, request.prompts, prefixes, fit,
+                              self.settings.fit_subject_start, stats.mom2, stats.memo)
             own = _distinct(own.double())
             keys.append(own)
             rows.append(residual[None].expand(len(own), -1))

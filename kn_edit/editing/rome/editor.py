@@ -142,7 +142,8 @@ class RomeEditor(Editor):
                                    weight_decay=s.weight_decay, clamp_norm_factor=s.clamp_norm_factor,
                                    reporter=self.reporter)
         with self.timer("keys"):
-            keys = fitted_keys(km, layer, key, request.subject, request.prompts, prefixes, s.fit)  # [m, d_ff]
+            keys = fitted_keys(km, layer, key, request.subject, request.prompts, prefixes, s.fit,
+                               s.fit_subject_start, stats.mom2, stats.memo)  # [m, d_ff]
         with self.timer("solve"):
             if s.null_space:  # AlphaEdit; earlier: this call's earlier requests' keys, kept too
                 residuals = found.delta.to(torch.float64)[:, None].expand(-1, len(keys))  # [d_model, m]

@@ -14,7 +14,9 @@ Several keys (``fit=prompts|rows``): the same rank-one form ΔW = δ wᵀ with t
 so W' k_j = W k_j + δ for each of them (with K = [k*] this is the paper's update). Why: v* is optimised with δ
 added at the subject's last token of every rewrite row, but the paper's update gives a row only the share
 wᵀk_row of δ; on smollm2 (no BOS token) the bare prompts, whose subject starts the text, got about half of it
-and a quarter of the edits failed on them (evaluations/results/rome_check.md).
+and a quarter of the edits failed on them (evaluations/results/rome_check.md). With ``fit_subject_start`` K also
+holds the key of the subject alone at the start of a text (kn_edit.editing.keyvalue.keys.start_text), the key of
+every prompt that begins with the subject.
 """
 
 from __future__ import annotations
