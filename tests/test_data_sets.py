@@ -170,3 +170,32 @@ def test_known1000_downloads_into_the_cache(tmp_path, monkeypatch, shared_data):
     with pytest.raises(DataError, match="not found"):
         monkeypatch.setenv("KN_EDIT_CACHE", str(tmp_path / "other"))
         load_known1000(url=(tmp_path / "missing.json").as_uri())
+
+
+def test_pararel_subject_first_split_holds_out_the_patterns_that_begin_with_the_subject(tmp_path):
+    root = write_pararel(tmp_path / "pr",
+                         {"P36": ["The capital of [X] is [Y].", "[X]'s capital is [Y].", "In [X], the capital is [Y].",
+                                  "[X] has the capital [Y]."],
+                          "P17": ["[X] is located in [Y].", "[X] lies in [Y]."]},  # every pattern begins with [X]
+                         {"P36": [("France", "Paris")], "P17": [("Eiffel Tower", "France")]})  # fmt: skip
+    facts = load_pararel(root, heldout="subject_first", max_prompts=1)
+    (france,) = facts.records
+    assert france.prompts == ("The capital of France is",)  # subject inside, file order, capped
+    assert france.heldout_prompts == ("France's capital is", "France has the capital")
+    assert [(s.relation, s.reason, s.detail) for s in facts.skipped] == [
+        ("P17", "relation has no subject-first split", "every pattern begins with it")]
+    random_split = load_pararel(root, heldout_fraction=0.5)  # the default split is unchanged by the option
+    assert {r.relation for r in random_split.records} == {"P36", "P17"}
+    with pytest.raises(DataError, match="heldout must be one of random, subject_first"):
+        split_patterns(["[X] is [Y]"], "P1", 0.3, 0, heldout="first")
+
+
+def test_the_subject_first_split_is_a_checked_data_setting(tmp_path):
+    from helpers import tiny_config
+    from kn_edit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.heldout must be random or subject_first, got 'first'"):
+        tiny_config(tmp_path, **{"data.heldout": "first"}).check()
+    with pytest.raises(ConfigError, match="needs data.source=pararel"):
+        tiny_config(tmp_path, **{"data.heldout": "subject_first", "data.source": "known1000"}).check()
+    tiny_config(tmp_path, **{"data.heldout": "subject_first"}).check()

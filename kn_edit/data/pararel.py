@@ -14,6 +14,11 @@ Held-out paraphrases (generalization): per relation, its usable patterns are shu
 are held out for every fact of that relation (so generalization is measured on paraphrase *templates* never
 used to locate or edit); a relation with a single usable pattern has no held-out prompts.
 
+``heldout="subject_first"`` splits by wording instead: the patterns that begin with the subject (``[X] ...``)
+are held out and the others (subject inside) are the edit prompts, so paraphrases that begin with the subject
+are measured with none of them among the edit prompts (issue 30); a relation without both kinds has no fact
+to measure this way and its facts are set aside.
+
 Facts whose relation has no pattern file, or no usable pattern, are not dropped silently: they are listed
 in ``FactSet.skipped`` with the reason.
 """
@@ -73,8 +78,17 @@ def _usable_patterns(path: Path, masked: bool) -> list[str]:
     return list(dict.fromkeys(patterns))
 
 
-def split_patterns(patterns: Sequence[str], relation: str, fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """(edit patterns, held-out patterns) of a relation; the rule is in the module docstring."""
+HELDOUT_SPLITS = ("random", "subject_first")
+
+
+def split_patterns(patterns: Sequence[str], relation: str, fraction: float, seed: int,
+                   heldout: str = "random") -> tuple[list[str], list[str]]:
+    """(edit patterns, held-out patterns) of a relation; the rules are in the module docstring."""
+    if heldout not in HELDOUT_SPLITS:
+        raise DataError(f"heldout must be one of {', '.join(HELDOUT_SPLITS)}, got {heldout!r}")
+    if heldout == "subject_first":
+        first = [p for p in patterns if p.lstrip().startswith("[X]")]
+        return [p for p in patterns if p not in first], first
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"heldout_fraction must be in [0, 1), got {fraction}")
     order = list(patterns)
@@ -92,9 +106,11 @@ def load_pararel(
     seed: int = 0,
     max_prompts: int | None = None,
     download: bool = True,
+    heldout: str = "random",
 ) -> FactSet:
     """Read ParaRel from ``root`` (a folder with ``patterns/`` and ``facts/``), or from the cache, downloading it
-    there first when ``root`` is None and ``download`` is set. ``max_prompts`` caps the edit prompts per fact."""
+    there first when ``root`` is None and ``download`` is set. ``max_prompts`` caps the edit prompts per fact;
+    ``heldout``: how held-out paraphrases are chosen (``random`` or ``subject_first``, module docstring)."""
     if root is None:
         if not download and not (data_cache("pararel") / _COMPLETE).is_file():
             raise DataError("ParaRel is not cached and downloading is off: give its folder")
@@ -124,7 +140,12 @@ def load_pararel(
             detail = "" if patterns is None else "no pattern ends with [Y] (causal LM)"
             skipped += [SkippedFact(f"{relation}:{uuid or n}", relation, reason, detail) for n, _, _, uuid in facts]
             continue
-        edit_patterns, heldout_patterns = split_patterns(patterns, relation, heldout_fraction, seed)
+        edit_patterns, heldout_patterns = split_patterns(patterns, relation, heldout_fraction, seed, heldout)
+        if heldout == "subject_first" and not (edit_patterns and heldout_patterns):
+            detail = "no pattern begins with the subject" if not heldout_patterns else "every pattern begins with it"
+            skipped += [SkippedFact(f"{relation}:{uuid or n}", relation, "relation has no subject-first split", detail)
+                        for n, _, _, uuid in facts]  # fmt: skip
+            continue
         if max_prompts is not None:
             edit_patterns = edit_patterns[:max_prompts]
         for n, subject, obj, uuid in facts:

@@ -22,6 +22,7 @@ class DataConfig:
     facts_per_relation: Optional[int] = None  # edited facts per relation (None: all known facts)
     max_facts: Optional[int] = None  # edited facts in all (relations interleaved); None: no limit
     heldout_fraction: float = 0.3  # ParaRel: share of each relation's patterns held out for generalization
+    heldout: str = "random"  # ParaRel: random (heldout_fraction of the patterns) | subject_first (those beginning with the subject)
     max_prompts: Optional[int] = None  # ParaRel: cap on edit prompts per fact (locating cost grows with them)
     only_known: bool = True  # the paper's way: edit only facts the model predicts correctly (top-1)
     known_min_share: float = 1.0  # "known": top-1 on at least this share of its edit prompts (1.0: all, as the KN editor wants)
@@ -125,6 +126,10 @@ class RunConfig:
         d = self.data
         if d.source not in ("pararel", "known1000", "jsonl", *BENCHMARKS):
             raise ConfigError(f"data.source must be pararel, known1000, jsonl, {', '.join(BENCHMARKS)}, got {d.source!r}")
+        if d.heldout not in ("random", "subject_first"):
+            raise ConfigError(f"data.heldout must be random or subject_first, got {d.heldout!r}")
+        if d.heldout != "random" and d.source != "pararel":
+            raise ConfigError("data.heldout=subject_first splits ParaRel's patterns; it needs data.source=pararel")
         if d.source == "jsonl" and not d.path:
             raise ConfigError("data.source=jsonl needs data.path (a JSONL fact file)")
         if d.source in BENCHMARKS and not d.path:

@@ -90,7 +90,8 @@ def _encoding_problem(km: KnModel, case: BenchmarkCase) -> str | None:
 def load_facts(config: DataConfig, masked: bool) -> FactSet:
     if config.source == "pararel":
         return load_pararel(config.path, masked=masked, relations=config.relations, heldout_fraction=config.heldout_fraction,
-                            seed=config.seed, max_prompts=config.max_prompts, download=config.download)  # fmt: skip
+                            seed=config.seed, max_prompts=config.max_prompts, download=config.download,
+                            heldout=config.heldout)  # fmt: skip
     if config.source == "known1000":
         facts = load_known1000(config.path, masked=masked, download=config.download)
     else:
