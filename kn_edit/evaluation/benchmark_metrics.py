@@ -15,28 +15,23 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Mapping, Sequence
 
-from ..data.records import BenchmarkCase
+from ..data.records import BenchmarkCase, Probe
 from .fluency import ngram_entropy
 
 BENCHMARKS = ("counterfact", "zsre", "mquake", "knowedit")
 
 
 @dataclass(frozen=True)
-class Group:
-    """Prompts measured together: ``answer`` (and ``aliases``) is right when the edit works; ``contrast`` the
-    competing answer (CounterFact); ``before`` (and its aliases) what the unedited model should give (MQuAKE)."""
+class Group(Probe):
+    """Prompts measured together: a Probe, or a request's rewrite prompts (kind ``rewrite``: answer = new,
+    contrast = old)."""
 
-    kind: str  # rewrite | a Probe kind
-    prompts: tuple[str, ...]
-    answer: str
-    contrast: str | None = None
-    aliases: tuple[str, ...] = ()
-    before: str | None = None
-    before_aliases: tuple[str, ...] = ()
-    label: str = ""
+    def __post_init__(self) -> None:
+        if self.kind != "rewrite":
+            super().__post_init__()
 
     def targets(self) -> tuple[str, ...]:
         """Every string teacher-forced after each prompt (each once)."""
@@ -47,8 +42,7 @@ class Group:
 def groups_of(case: BenchmarkCase) -> list[Group]:
     """The case's rewrite groups (one per edit request) followed by its probes, in file order."""
     out = [Group("rewrite", r.prompts, r.new, r.old) for r in case.requests if r.new is not None]
-    return out + [Group(p.kind, p.prompts, p.answer, p.contrast, p.aliases, p.before, p.before_aliases, p.label)
-                  for p in case.probes]  # fmt: skip
+    return out + [Group(**{f.name: getattr(p, f.name) for f in fields(Probe)}) for p in case.probes]
 
 
 @dataclass(frozen=True)
