@@ -80,5 +80,9 @@ def test_regression_directions_and_tolerances():
     assert [r.metric for r in bad] == ["edit/top1", "drift/mean_log_ratio", "probe/suppressed"]
     assert [r.metric for r in compare({}, base, {"edit/top1": 1.0})] == ["edit/top1"]  # missing counts as regressed
     assert direction("intra/retained") == 1 and direction("drift/share_large") == -1
+    assert direction("rome:generalization/top1_subject_first") == 1  # the subject-first paraphrases (issue 30)
+    assert direction("counterfact/NS") == direction("knowedit/Locality") == direction("mquake/multihop_after") == 1
+    with pytest.raises(ConfigError, match="no known direction"):  # the unedited model's accuracy: not gated
+        direction("mquake/multihop_before")
     with pytest.raises(ConfigError, match="no known direction"):
         compare(base, {"edit/n_facts": 3}, {"edit/n_facts": 1})

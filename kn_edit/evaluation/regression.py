@@ -11,7 +11,11 @@ from pathlib import Path
 from ..errors import ConfigError
 
 # Direction of each metric family: +1 higher is better, -1 lower is better. Matched on the name's suffix.
-_HIGHER = ("top1", "new_beats_old", "delta_p_new", "acc_after", "retained", "entropy_after", "entropy_change")
+_HIGHER = ("top1", "new_beats_old", "delta_p_new", "acc_after", "retained", "entropy_after", "entropy_change",
+           "top1_subject_first", "top1_subject_inside")
+# The field's benchmark tables (evaluation/benchmark_metrics.py): every score is higher-is-better, magnitudes and
+# generation-based accuracy included; the unedited model's multi-hop accuracy is not a property of an edit.
+_BENCHMARKS = ("counterfact/", "zsre/", "knowedit/", "mquake/")
 _LOWER = ("ppl_after", "ppl_change", "mean_change", "max_change", "mean_log_ratio", "share_large", "edit_errors",
           "seconds", "peak_memory_mb")
 _SIGNED = {"probe/suppressed": -1, "probe/amplified": +1}  # the located neurons should matter
@@ -23,6 +27,8 @@ def direction(metric: str) -> int:
     if metric in _SIGNED:
         return _SIGNED[metric]
     suffix = metric.rsplit("/", 1)[-1]
+    if metric.startswith(_BENCHMARKS) and metric != "mquake/multihop_before":
+        return +1
     if suffix in _HIGHER:
         return +1
     if suffix in _LOWER:
