@@ -43,6 +43,10 @@ def _worker(rank: int, port: int, tmp: str, bench: bool = False) -> None:
     assert_same(km, before)
     torch.save({"metrics": module.results["metrics"], "facts": [r["fact_id"] for r in module.results["rows"]],
                 "local": len(datamodule.local_cases)}, os.path.join(tmp, f"rank{rank}.pt"))  # fmt: skip
+    # Tear the process group down before the interpreter does: gloo's threads left to process exit can abort it
+    # ("terminate called without an active exception", SIGABRT) after the work is done.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:
