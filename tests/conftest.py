@@ -1,6 +1,12 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest runs one worker process per core (pyproject's addopts): torch's own threads on top oversubscribe the
+    # cores (the suite took 4× as long on 2 cores). Set before torch starts; the tests' subprocesses inherit it.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 

@@ -82,6 +82,10 @@ class FluencyConfig:
     prompts: int = 2  # generations per edited fact
     max_new_tokens: int = 24
     samples: int = 2  # before/after samples shown in the report
+    # edited facts whose generations run in one batch, each row carrying its fact's edit (the edits are reverted
+    # first; an edit of a parameter no linear layer alone uses is generated on its own): decoding reads every
+    # weight at every step, so a batch of edited models costs about one
+    batch_facts: int = 16
 
 
 @dataclass
@@ -158,8 +162,9 @@ class RunConfig:
         if not self.checkpoints or min(self.checkpoints) < 1:
             raise ConfigError(f"checkpoints must be edit counts >= 1, got {list(self.checkpoints)}")
         f = self.fluency
-        if f.prompts < 1 or f.max_new_tokens < 2 or f.samples < 0:
-            raise ConfigError("fluency.prompts >= 1, fluency.max_new_tokens >= 2, fluency.samples >= 0")
+        if f.prompts < 1 or f.max_new_tokens < 2 or f.samples < 0 or f.batch_facts < 1:
+            raise ConfigError("fluency.prompts >= 1, fluency.max_new_tokens >= 2, fluency.samples >= 0, "
+                              "fluency.batch_facts >= 1")
         return self
 
 

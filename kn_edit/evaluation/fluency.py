@@ -22,6 +22,7 @@ import torch
 
 from ..errors import ConfigError, UnsupportedArchitectureError
 from ..models.prompts import encode_prompt_only
+from ..models.row_changes import rows_carry
 
 if TYPE_CHECKING:
     from ..models.model import KnModel
@@ -105,6 +106,26 @@ def greedy_generations(km: KnModel, prompts: Sequence[str], max_new_tokens: int 
         for prompt, ids in zip(prompts[start : start + batch_size], _generate(km, chunk, max_new_tokens, stop_at_eos)):
             out.append(Generation(prompt, km.tokenizer.decode(ids), tuple(ids)))
     return out
+
+
+@torch.no_grad()
+def greedy_generations_changed(km: KnModel, prompt_groups: Sequence[Sequence[str]], plans: Sequence[Sequence],
+                               max_new_tokens: int = 20, stop_at_eos: bool = True) -> list[list[Generation]]:
+    """For each group, what :func:`greedy_generations` gives for its prompts with its weight change applied (plans
+    from :func:`kn_edit.models.row_changes.row_change_plan`), every group in ONE batch, each row carrying its
+    group's change: decoding reads every weight at every step, so many edited models cost about one."""
+    if len(prompt_groups) != len(plans):
+        raise ValueError("greedy_generations_changed: one plan per group of prompts")
+    flat = [p for group in prompt_groups for p in group]
+    if not flat:
+        return [[] for _ in prompt_groups]
+    rows, start = [], 0
+    for group in prompt_groups:
+        rows.append(list(range(start, start + len(group))))
+        start += len(group)
+    with rows_carry(km, plans, rows):  # one chunk, so the rows stay where ``rows`` says
+        made = greedy_generations(km, flat, max_new_tokens, batch_size=len(flat), stop_at_eos=stop_at_eos)
+    return [made[r[0] : r[0] + len(r)] if r else [] for r in rows]
 
 
 def _generate(km: KnModel, sequences: Sequence[torch.Tensor], max_new_tokens: int,

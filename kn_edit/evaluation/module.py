@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Sequence
 
 import pytorch_lightning as pl
@@ -24,12 +24,13 @@ from ..data.records import FactRecord
 from ..editing.base import Edit, Editor
 from ..errors import ConfigError, EditError, KnEditError
 from ..models.likelihood import text_nll, tokenized_text
+from ..models.row_changes import RowChange, row_change_plan
 from . import functional as Fn
 from .benchmark import generate, measure
 from .benchmark_metrics import case_scores, groups_of, idf_weights, summary as benchmark_summary
 from .config import BenchmarkConfig, FluencyConfig, ProbeConfig
 from .datamodule import EditCase
-from .fluency import greedy_generations, ngram_entropy
+from .fluency import greedy_generations, greedy_generations_changed, ngram_entropy
 from .metrics import EditSuccess, GroupedMean, PerplexityDrift, Retention
 
 if TYPE_CHECKING:
@@ -72,6 +73,32 @@ def check_reverted(km: KnModel, edit: Edit) -> None:
             raise EditError(f"{edit.editor}: revert() left {patch.name} changed")
 
 
+def change_plan(km: KnModel, edit: Edit):
+    """The edit's net change as rows of a batch can carry it (kn_edit.models.row_changes); None where they cannot."""
+    def wide(t: torch.Tensor) -> torch.Tensor:  # half precision would round the difference
+        return t.to(torch.promote_types(t.dtype, torch.float32))
+
+    return row_change_plan(km, [RowChange(p.name, p.dim, p.index, wide(p.after) - wide(p.before)) for p in edit.patches])
+
+
+@dataclass
+class _Measured:
+    """One fact's measurements while its after-edit generations wait for the next batch (``plan``: the edit's
+    change as rows carry it; None: generated already or not at all)."""
+
+    case: EditCase
+    at: dict
+    before: tuple
+    after: tuple | None
+    edit: Edit | None
+    error: str | None
+    bench_before: object
+    bench_after: object
+    gen_prompts: list[str]
+    plan: list | None
+    probed: dict = field(default_factory=dict)
+
+
 def subject_first(prompt: str, subject: str) -> bool:
     """Whether ``prompt`` begins with ``subject`` (ignoring case and leading space)."""
     return prompt.lstrip().lower().startswith(subject.strip().lower())
@@ -110,6 +137,8 @@ class EditEvaluation(pl.LightningModule):
         # What the unedited model gives (scores, generations, text NLL) does not depend on the editor: a
         # comparison passes one dict to every method's evaluation, so it is measured once per case.
         self.before_cache = before_cache
+        self._kept: dict = {}  # the same, for this evaluation alone, where no dict is shared
+        self._waiting: list[_Measured] = []
         self.benchmark_config = benchmark or BenchmarkConfig()
         self.generation_on = self.benchmark_config.generation and not km.is_masked_lm
         self._idf: dict[str, float] = {}
@@ -150,14 +179,35 @@ class EditEvaluation(pl.LightningModule):
         self._sums = parameter_sums(self.km) if self.verify_revert else None
         self._text = tokenized_text(self.km, self.passages, self.max_text_tokens)
         self._text_before = self._before("text", lambda: self._text_nll() if self._text else None)
+        self._waiting = []
+        if self.fluency_on:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            self._generate_before(list(getattr(datamodule, "local_cases", None) or []))
 
     def _before(self, key, measure):
-        """``measure()`` on the unedited model, once per key when a comparison shares ``before_cache``."""
-        if self.before_cache is None:
-            return measure()
-        if key not in self.before_cache:
-            self.before_cache[key] = measure()
-        return self.before_cache[key]
+        """``measure()`` on the unedited model, once per key (shared by a comparison's methods through
+        ``before_cache``)."""
+        store = self.before_cache if self.before_cache is not None else self._kept
+        if key not in store:
+            store[key] = measure()
+        return store[key]
+
+    def _generate_before(self, cases: Sequence[EditCase]) -> None:
+        """Every case's generations on the unedited model, in batches (decoding costs per step, not per row)."""
+        store = self.before_cache if self.before_cache is not None else self._kept
+        todo = [(self._generation_key(c), self._generation_prompts(c)) for c in cases]
+        todo = [(k, p) for k, p in dict(todo).items() if k not in store]
+        made = self._generate([p for _, group in todo for p in group])
+        for key, group in todo:
+            store[key], made = made[: len(group)], made[len(group):]
+
+    @staticmethod
+    def _generation_key(case: EditCase) -> tuple:
+        return ("generations", case.index, case.fact.fact_id, case.fact.subject)
+
+    def _generate(self, prompts: Sequence[str]):
+        return greedy_generations(self.km, list(prompts), self.fluency_config.max_new_tokens,
+                                  batch_size=self.batch_size) if prompts else []
 
     # ----- measuring --------------------------------------------------------------------------------
     def _score(self, pairs: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,30 +273,47 @@ class EditEvaluation(pl.LightningModule):
         before = self._case_before(case, pairs, gen_prompts)
         bench_before = self._benchmark_before(case)
         edit, error = self._apply_edit(case.requests)
-        after = bench_after = None
+        after = bench_after = plan = None
         if edit is not None:
             try:
-                after = self._after(pairs, gen_prompts)
+                after = self._after(pairs, gen_prompts, generate=False)
+                plan = change_plan(self.km, edit) if gen_prompts else None
+                if gen_prompts and plan is None:  # rows cannot carry this change: generated now, edit in place
+                    after = (*after[:3], self._generate(gen_prompts))
                 bench_after = self._benchmark_measure(case)
             finally:
                 edit.revert()
             if self.verify_revert:
                 check_reverted(self.km, edit)
-        row = self._record(case, at, before, after, edit, error)
-        self._benchmark_row(case, row, bench_before, bench_after, (after or before)[-1])
+        measured = _Measured(case, at, before, after, edit, error, bench_before, bench_after, gen_prompts, plan)
         if self.probe_config.enabled:
             self.probed.update(torch.tensor(0.0, device=self.device))  # so every process has a state to reduce
-            self._probe(case, edit, row)
-        self.rows.append(row)
+            self._probe(case, edit, measured.probed)
+        self._waiting.append(measured)
+        if len(self._waiting) >= self.fluency_config.batch_facts:
+            self._record_waiting()
+
+    def _record_waiting(self) -> None:
+        """The waiting facts' after-edit generations in one batch (each row carrying its fact's edit), then
+        their rows and metrics, in the order the facts were measured."""
+        waiting, self._waiting = self._waiting, []
+        carried = [m for m in waiting if m.plan is not None]
+        made = greedy_generations_changed(self.km, [m.gen_prompts for m in carried], [m.plan for m in carried],
+                                          self.fluency_config.max_new_tokens) if carried else []  # fmt: skip
+        for m, generations in zip(carried, made):
+            m.after = (*m.after[:3], generations)
+        for m in waiting:
+            row = self._record(m.case, m.at, m.before, m.after, m.edit, m.error)
+            self._benchmark_row(m.case, row, m.bench_before, m.bench_after, (m.after or m.before)[-1])
+            row.update(m.probed)
+            self.rows.append(row)
 
     def _case_before(self, case: EditCase, pairs, gen_prompts: list[str]):
-        """(log P, top-1, generations) of the case's prompts on the unedited model (shared through ``_before``)."""
-
-        def before():
-            gen = greedy_generations(self.km, gen_prompts, self.fluency_config.max_new_tokens) if gen_prompts else []
-            return (*self._score(pairs), gen)
-
-        return self._before(("case", case.index, case.fact.fact_id, case.new), before)
+        """(log P, top-1, generations) of the case's prompts on the unedited model (shared through ``_before``;
+        the generations made in batches by ``_generate_before``)."""
+        scores = self._before(("case", case.index, case.fact.fact_id, case.new), lambda: self._score(pairs))
+        generations = self._before(self._generation_key(case), lambda: self._generate(gen_prompts)) if gen_prompts else []
+        return (*scores, generations)
 
     def _benchmark_measure(self, case: EditCase):
         """(teacher-forced measures, greedy continuations or None) of a benchmark case's groups; None for others."""
@@ -280,12 +347,13 @@ class EditEvaluation(pl.LightningModule):
         except KnEditError as exc:
             return None, f"{type(exc).__name__}: {exc}"
 
-    def _after(self, pairs, gen_prompts: list[str], text_after=None):
-        """(log P, top-1, text NLL, generations) with the edit in place (``text_after``: already measured)."""
+    def _after(self, pairs, gen_prompts: list[str], text_after=None, generate: bool = True):
+        """(log P, top-1, text NLL, generations) with the edit in place (``text_after``: already measured;
+        ``generate`` False: generations None, made later)."""
         logp_after, top1_after = self._score(pairs)
         if text_after is None and self._text:
             text_after = self._text_nll()
-        gen_after = greedy_generations(self.km, gen_prompts, self.fluency_config.max_new_tokens) if gen_prompts else []
+        gen_after = self._generate(gen_prompts) if generate else None
         return logp_after, top1_after, text_after, gen_after
 
     def _record(self, case: EditCase, at: dict[str, slice], before, after, edit: Edit | None, error: str | None,
@@ -388,6 +456,7 @@ class EditEvaluation(pl.LightningModule):
                 raise EditError(f"{self.editor.name}: the model is not as before the run; changed: {changed[:5]}")
 
     def on_test_epoch_end(self) -> None:
+        self._record_waiting()
         metrics: dict[str, float] = {}
         for prefix, metric in (("edit", self.edit_metric), ("generalization", self.generalization),
                                ("intra", self.intra), ("intra_same", self.intra_same),
@@ -453,6 +522,12 @@ class BatchEditEvaluation(EditEvaluation):
             self._cases_before[case.index] = (self._case_before(case, pairs, gen_prompts), self._benchmark_before(case))
         self.batch_edit, self.batch_error = self._apply_edit([r for c in cases for r in c.requests])
         self._text_after = self._text_nll() if self.batch_edit is not None and self._text else None
+        self._gen_after: dict[int, list] = {}
+        if self.batch_edit is not None and self.fluency_on:  # every fact's generations in batches
+            groups = [self._generation_prompts(c) for c in cases]
+            made = self._generate([p for g in groups for p in g])
+            for case, group in zip(cases, groups):
+                self._gen_after[case.index], made = made[: len(group)], made[len(group):]
         self._first = True
 
     def test_step(self, case: EditCase, batch_idx: int) -> None:
@@ -460,8 +535,7 @@ class BatchEditEvaluation(EditEvaluation):
         after = bench_after = None
         before, bench_before = self._cases_before[case.index]
         if self.batch_edit is not None:
-            gen_prompts = self._generation_prompts(case) if self.fluency_on else []
-            after = self._after(pairs, gen_prompts, text_after=self._text_after)
+            after = (*self._after(pairs, [], text_after=self._text_after)[:3], self._gen_after.get(case.index, []))
             bench_after = self._benchmark_measure(case)
         row = self._record(case, at, before, after, self.batch_edit, self.batch_error, timed=self._first)
         self._benchmark_row(case, row, bench_before, bench_after, (after or before)[-1])
