@@ -10,8 +10,14 @@ max |kn_edit - baseline| / max |baseline| (difference relative to the largest sc
 ``--throughput``: facts per second for attributing all layers over N ParaRel facts with all their causal
 prompts on smollm2 (meant for a GPU; runs on CPU with a small N), and the peak accelerator memory.
 
+``--stability M [M ...]``: how far the knowledge neurons the ``kn`` editor selects (``locate`` with its defaults:
+threshold 0.2 of the prompt's top score, kept on at least half the prompts, up to 3 edit prompts) move when the
+Riemann sum has M steps instead of 20: over N ParaRel facts smollm2 predicts (top-1 on the first prompt), the share
+of facts whose selection is identical, the mean Jaccard overlap, and the attribution time against m = 20.
+
     .venv/bin/python evaluations/bench_attribution.py
     .venv/bin/python evaluations/bench_attribution.py --throughput --facts 4 --device cuda
+    .venv/bin/python evaluations/bench_attribution.py --stability 5 10 --facts 24
 """
 
 from __future__ import annotations
@@ -209,6 +215,56 @@ def run_throughput(args) -> None:
     )
 
 
+def known_facts(km, root: Path, n: int, seed: int, scan: int = 400):
+    """Up to ``n`` of ``scan`` sampled ParaRel facts whose object's first token is the model's top-1 on the first
+    prompt."""
+    out = []
+    for fact in pararel_facts(root, scan, seed):
+        step = km.encode(fact.prompts[0], fact.object).steps[0]
+        if int(km.step_logits([step])[0].argmax()) == step.target_id:
+            out.append(fact)
+            if len(out) == n:
+                break
+    return out
+
+
+def stability(km, facts, counts) -> dict:
+    """{m: (selections [per fact], seconds)} of ``locate`` with the kn editor's defaults at each step count m."""
+    out = {}
+    for m in counts:
+        selections, seconds = [], 0.0
+        for fact in facts:
+            start = time.perf_counter()
+            selections.append(set(kn_edit.locate(km, list(fact.prompts[:3]), fact.object, steps=m)))
+            seconds += time.perf_counter() - start
+        out[m] = (selections, seconds)
+    return out
+
+
+def stability_rows(found: dict, reference: int = 20) -> list[list[str]]:
+    """Per m: identical selections (of the facts), mean Jaccard overlap, neurons per fact, seconds, speed."""
+    ref, ref_seconds = found[reference]
+    rows = []
+    for m, (selections, seconds) in sorted(found.items()):
+        same = sum(a == b for a, b in zip(selections, ref))
+        jaccard = [len(a & b) / len(a | b) if a | b else 1.0 for a, b in zip(selections, ref)]
+        rows.append([str(m), f"{same}/{len(ref)}", f"{sum(jaccard) / len(jaccard):.3f}",
+                     f"{sum(len(a) for a in selections) / len(ref):.1f}", f"{seconds:.1f}",
+                     f"{ref_seconds / seconds:.2f}x"])  # fmt: skip
+    return rows
+
+
+def run_stability(args) -> None:
+    km = kn_edit.load("smollm2-135m", device=args.device)
+    facts = known_facts(km, Path(args.pararel), args.facts, args.seed)
+    kn_edit.attribute(km, facts[0].prompts[0], facts[0].object, steps=2, layers=[0])  # warm-up
+    found = stability(km, facts, sorted({20, *args.stability}))
+    print_table(f"kn's selected neurons at m steps against m = 20: smollm2-135m, {len(facts)} known ParaRel facts "
+                f"(seed {args.seed}), up to 3 edit prompts each",
+                ["m", "same selection", "mean Jaccard", "neurons per fact", "seconds", "speed vs m=20"],
+                stability_rows(found))  # fmt: skip
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="Riemann steps m (default 20)")
@@ -220,7 +276,9 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="rows per pass for kn_edit (default: auto)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--throughput", action="store_true", help="ParaRel facts/second instead of the comparison")
-    parser.add_argument("--facts", type=int, default=3, help="throughput: number of ParaRel facts (default 3)")
+    parser.add_argument("--facts", type=int, default=3, help="throughput / stability: number of ParaRel facts (default 3)")
+    parser.add_argument("--stability", type=int, nargs="+", default=None, metavar="M",
+                        help="the kn editor's selected neurons at these step counts against m = 20")
     parser.add_argument("--facts-per-call", type=int, default=1, help="throughput: facts batched per call")
     parser.add_argument("--seed", type=int, default=0, help="throughput: which facts are sampled")
     parser.add_argument("--pararel", default=str(ROOT.parent / "shared" / "data" / "pararel"),
@@ -230,7 +288,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.throughput:
+    if args.stability:
+        run_stability(args)
+    elif args.throughput:
         run_throughput(args)
     else:
         run_compare(args)

@@ -8,6 +8,7 @@ independent slow references the numbers are checked against."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -279,3 +280,12 @@ def benchmark_cases() -> dict[str, list]:
             Probe("multihop", ("The capital of Japan is the capital of",), "Germany", before="Japan"),)),
     ]  # fmt: skip
     return {"counterfact": counterfact, "zsre": zsre, "knowedit": knowedit, "mquake": mquake}
+
+
+def evaluation_script(name: str):
+    """evaluations/NAME.py imported as a module (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "evaluations" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -145,3 +145,25 @@ def test_evaluation_generations_equal_each_edit_applied_alone(tiny_factory, tmp_
         assert [s["after"] for s in samples] == after, case.fact.fact_id
         changed += after != before
     assert changed  # the edits moved some generations: the comparison is not of unedited texts alone
+
+
+def test_a_change_too_large_to_wait_is_generated_with_the_edit_applied(tiny_factory, tmp_path, monkeypatch):
+    """Where an edit's change is larger than the waiting budget, its generations are made at once (edit applied),
+    with the same texts as carried rows give."""
+    from helpers import PASSAGES, ValueVectorEditor, tiny_config, tiny_facts
+    from kn_edit.evaluation import evaluate
+    from kn_edit.evaluation import module as module_
+
+    km = tiny_factory("llama")
+    km.model.double()
+    config = tiny_config(tmp_path, **{"probe.enabled": False})
+    config.fluency.enabled, config.fluency.prompts, config.fluency.samples, config.fluency.max_new_tokens = True, 2, 2, 5
+    editor = ValueVectorEditor(scale=5.0)
+    carried = evaluate(config, km=km, editor=editor, facts=tiny_facts(), passages=PASSAGES, write=False)
+    calls = []
+    monkeypatch.setattr(module_, "_WAITING_BYTES", 0)
+    monkeypatch.setattr(module_, "greedy_generations_changed", lambda *a, **k: calls.append(a) or [])
+    at_once = evaluate(config, km=km, editor=editor, facts=tiny_facts(), passages=PASSAGES, write=False)
+    assert not calls  # nothing waited for a batch
+    for a, b in zip(carried.rows, at_once.rows):
+        assert a["fluency"] == b["fluency"]

@@ -3,10 +3,8 @@ report.timings on tiny models, update-fact's time line, the comparison's per-pha
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -163,11 +161,9 @@ def test_compare_reports_mean_seconds_per_phase_per_method(tiny_factory, tmp_pat
 
 
 def _bench():
-    path = Path(__file__).resolve().parents[1] / "evaluations" / "bench_edit.py"
-    spec = importlib.util.spec_from_file_location("bench_edit", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from helpers import evaluation_script
+
+    return evaluation_script("bench_edit")
 
 
 def test_bench_edit_times_each_edit_in_a_fresh_process_after_a_warm_up(tiny_factory, tmp_path):

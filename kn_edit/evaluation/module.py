@@ -73,6 +73,28 @@ def check_reverted(km: KnModel, edit: Edit) -> None:
             raise EditError(f"{edit.editor}: revert() left {patch.name} changed")
 
 
+# The weight changes waiting facts hold for their batched generation (float32 deltas) stay under this: a change
+# larger than it (a dense fine-tuning edit of a large model) is generated at once, with the edit applied.
+_WAITING_BYTES = 256 * 1024**2
+
+
+def plan_bytes(plan) -> int:
+    return sum(change.delta.numel() * change.delta.element_size() for _, _, change in plan)
+
+
+@dataclass(frozen=True)
+class EditSummary:
+    """What a row needs of a reverted edit (not its before/after copies, which can be large)."""
+
+    editor: str
+    report: object
+    touched_parameters: list[str]
+
+    @classmethod
+    def of(cls, edit: Edit | None) -> "EditSummary | None":
+        return None if edit is None else cls(edit.editor, edit.report, edit.touched_parameters)
+
+
 def change_plan(km: KnModel, edit: Edit):
     """The edit's net change as rows of a batch can carry it (kn_edit.models.row_changes); None where they cannot."""
     def wide(t: torch.Tensor) -> torch.Tensor:  # half precision would round the difference
@@ -90,7 +112,7 @@ class _Measured:
     at: dict
     before: tuple
     after: tuple | None
-    edit: Edit | None
+    edit: EditSummary | None
     error: str | None
     bench_before: object
     bench_after: object
@@ -278,6 +300,8 @@ class EditEvaluation(pl.LightningModule):
             try:
                 after = self._after(pairs, gen_prompts, generate=False)
                 plan = change_plan(self.km, edit) if gen_prompts else None
+                if plan is not None and plan_bytes(plan) > _WAITING_BYTES:
+                    plan = None
                 if gen_prompts and plan is None:  # rows cannot carry this change: generated now, edit in place
                     after = (*after[:3], self._generate(gen_prompts))
                 bench_after = self._benchmark_measure(case)
@@ -285,12 +309,14 @@ class EditEvaluation(pl.LightningModule):
                 edit.revert()
             if self.verify_revert:
                 check_reverted(self.km, edit)
-        measured = _Measured(case, at, before, after, edit, error, bench_before, bench_after, gen_prompts, plan)
+        measured = _Measured(case, at, before, after, EditSummary.of(edit), error, bench_before, bench_after,
+                             gen_prompts, plan)
         if self.probe_config.enabled:
             self.probed.update(torch.tensor(0.0, device=self.device))  # so every process has a state to reduce
             self._probe(case, edit, measured.probed)
         self._waiting.append(measured)
-        if len(self._waiting) >= self.fluency_config.batch_facts:
+        held = sum(plan_bytes(m.plan) for m in self._waiting if m.plan is not None)
+        if len(self._waiting) >= self.fluency_config.batch_facts or held > _WAITING_BYTES:
             self._record_waiting()
 
     def _record_waiting(self) -> None:
@@ -356,8 +382,8 @@ class EditEvaluation(pl.LightningModule):
         gen_after = self._generate(gen_prompts) if generate else None
         return logp_after, top1_after, text_after, gen_after
 
-    def _record(self, case: EditCase, at: dict[str, slice], before, after, edit: Edit | None, error: str | None,
-                timed: bool = True) -> dict:
+    def _record(self, case: EditCase, at: dict[str, slice], before, after, edit: Edit | EditSummary | None,
+                error: str | None, timed: bool = True) -> dict:
         """Update the metrics with one fact's measurements and return its row. ``after`` None: the editor
         refused, the model is unchanged (after = before), the fact counts as a failed edit. ``timed``: the edit's
         seconds, memory and report count here (a batch edit counts them at its first fact only)."""
@@ -429,7 +455,7 @@ class EditEvaluation(pl.LightningModule):
         subject = case.fact.subject
         return [t.format(subject) for t in GENERATION_TEMPLATES][: self.fluency_config.prompts]
 
-    def _row(self, case: EditCase, edit: Edit | None, error: str | None, with_report: bool = True) -> dict:
+    def _row(self, case: EditCase, edit: Edit | EditSummary | None, error: str | None, with_report: bool = True) -> dict:
         fact = case.fact
         row = {
             "index": case.index,
