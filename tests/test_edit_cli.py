@@ -214,3 +214,23 @@ def test_memit_with_a_malformed_facts_line_applies_nothing(saved_tiny, tmp_path,
     err = capsys.readouterr().err
     assert "facts.jsonl:2: not valid JSON" in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["corpus.txt"])  # no patch, no statistics
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_the_before_after_snapshot_equals_predict_and_prob_per_prompt(tiny_factory, family):
+    """update-fact's table (one batched pass) shows what km.predict and km.prob give prompt by prompt."""
+    from kn_edit.cli.edit import _snapshot
+
+    km = tiny_factory(family)
+    mask = " [MASK]." if km.is_masked_lm else ""
+    prompts = [f"The capital of France is{mask}", f"Tokyo is a city in{mask}", f"Rome{mask}"]
+    objects = ["Paris", "Rome"]
+    got = _snapshot(km, prompts, objects)
+    for prompt, row in zip(prompts, got):
+        top = km.predict(prompt, top_k=1)[0]
+        assert row["top"] == top.token and row["top_p"] == pytest.approx(top.prob, rel=1e-4)
+        for o in objects:
+            assert row[o] == pytest.approx(km.prob(prompt, o), rel=1e-4, abs=1e-12)
+    alone = _snapshot(km, prompts, [])  # controls: no objects
+    assert [set(r) for r in alone] == [{"top", "top_p"}] * len(prompts)
+    assert [(r["top"], pytest.approx(r["top_p"], rel=1e-4)) for r in got] == [(r["top"], r["top_p"]) for r in alone]

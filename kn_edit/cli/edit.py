@@ -137,11 +137,27 @@ def _control_prompt(km: KnModel, text: str) -> str:
 
 
 def _snapshot(km: KnModel, prompts: list[str], objects: list[str]) -> list[dict]:
-    """Per prompt: top prediction and P(object) for each object."""
+    """Per prompt: top prediction and P(object) for each object (as ``km.predict`` and ``km.prob`` give them), every
+    prompt's answer slot and every object's teacher-forced tokens in one batched pass."""
+    import torch
+
+    from ..models.prompts import AnswerStep, context_length, encode_prompt_only
+
+    heads = [AnswerStep(*encode_prompt_only(km.tokenizer, p, km.is_masked_lm, context_length(km.model)), -1)
+             for p in prompts]  # fmt: skip
+    steps = [(i, o, step) for i, p in enumerate(prompts) for o in objects for step in km.encode(p, o).steps]
+    logits = km.step_logits(heads + [step for _, _, step in steps])
+    probs = torch.softmax(logits[: len(heads)], dim=-1)
+    logp = torch.log_softmax(logits[len(heads):], dim=-1)
     rows = []
-    for prompt in prompts:
-        top = km.predict(prompt, top_k=1)[0]
-        rows.append({"top": top.token, "top_p": top.prob, **{o: km.prob(prompt, o) for o in objects}})
+    for i in range(len(prompts)):
+        top = int(probs[i].argmax())
+        rows.append({"top": km.tokenizer.decode([top]), "top_p": float(probs[i, top])})
+    for j, (i, o, step) in enumerate(steps):
+        rows[i][o] = rows[i].get(o, 0.0) + float(logp[j, step.target_id])
+    for row in rows:
+        for o in objects:
+            row[o] = float(torch.exp(torch.tensor(row[o])))
     return rows
 
 
