@@ -139,6 +139,8 @@ def _control_prompt(km: KnModel, text: str) -> str:
 def _snapshot(km: KnModel, prompts: list[str], objects: list[str]) -> list[dict]:
     """Per prompt: top prediction and P(object) for each object (as ``km.predict`` and ``km.prob`` give them), every
     prompt's answer slot and every object's teacher-forced tokens in one batched pass."""
+    import math
+
     import torch
 
     from ..models.prompts import AnswerStep, context_length, encode_prompt_only
@@ -147,17 +149,15 @@ def _snapshot(km: KnModel, prompts: list[str], objects: list[str]) -> list[dict]
              for p in prompts]  # fmt: skip
     steps = [(i, o, step) for i, p in enumerate(prompts) for o in objects for step in km.encode(p, o).steps]
     logits = km.step_logits(heads + [step for _, _, step in steps])
-    probs = torch.softmax(logits[: len(heads)], dim=-1)
-    logp = torch.log_softmax(logits[len(heads):], dim=-1)
-    rows = []
-    for i in range(len(prompts)):
-        top = int(probs[i].argmax())
-        rows.append({"top": km.tokenizer.decode([top]), "top_p": float(probs[i, top])})
-    for j, (i, o, step) in enumerate(steps):
-        rows[i][o] = rows[i].get(o, 0.0) + float(logp[j, step.target_id])
-    for row in rows:
-        for o in objects:
-            row[o] = float(torch.exp(torch.tensor(row[o])))
+    top_p, top = torch.softmax(logits[: len(heads)], dim=-1).max(dim=-1)
+    rows = [{"top": km.tokenizer.decode([int(t)]), "top_p": float(p)} for t, p in zip(top, top_p)]
+    gold = torch.tensor([step.target_id for _, _, step in steps], dtype=torch.long, device=logits.device)
+    token_logp = torch.log_softmax(logits[len(heads):], dim=-1).gather(1, gold[:, None])[:, 0].tolist()
+    summed: dict[tuple[int, str], float] = {}
+    for (i, o, _), logp in zip(steps, token_logp):  # P(object): the product over its teacher-forced tokens
+        summed[i, o] = summed.get((i, o), 0.0) + logp
+    for (i, o), logp in summed.items():
+        rows[i][o] = math.exp(logp)
     return rows
 
 

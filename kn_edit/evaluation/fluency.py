@@ -116,16 +116,25 @@ def greedy_generations_changed(km: KnModel, prompt_groups: Sequence[Sequence[str
     group's change: decoding reads every weight at every step, so many edited models cost about one."""
     if len(prompt_groups) != len(plans):
         raise ValueError("greedy_generations_changed: one plan per group of prompts")
-    flat = [p for group in prompt_groups for p in group]
-    if not flat:
-        return [[] for _ in prompt_groups]
     rows, start = [], 0
     for group in prompt_groups:
-        rows.append(list(range(start, start + len(group))))
+        rows.append(range(start, start + len(group)))
         start += len(group)
     with rows_carry(km, plans, rows):  # one chunk, so the rows stay where ``rows`` says
-        made = greedy_generations(km, flat, max_new_tokens, batch_size=len(flat), stop_at_eos=stop_at_eos)
-    return [made[r[0] : r[0] + len(r)] if r else [] for r in rows]
+        return grouped_generations(km, prompt_groups, max_new_tokens, batch_size=max(start, 1),
+                                   stop_at_eos=stop_at_eos)  # fmt: skip
+
+
+def grouped_generations(km: KnModel, prompt_groups: Sequence[Sequence[str]], max_new_tokens: int = 20,
+                        batch_size: int = 16, stop_at_eos: bool = True) -> list[list[Generation]]:
+    """:func:`greedy_generations` of every group's prompts together (batched across groups), handed back per group."""
+    made = greedy_generations(km, [p for g in prompt_groups for p in g], max_new_tokens, batch_size=batch_size,
+                              stop_at_eos=stop_at_eos) if any(prompt_groups) else []  # fmt: skip
+    out, start = [], 0
+    for group in prompt_groups:
+        out.append(made[start : start + len(group)])
+        start += len(group)
+    return out
 
 
 def _generate(km: KnModel, sequences: Sequence[torch.Tensor], max_new_tokens: int,

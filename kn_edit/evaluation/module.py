@@ -30,7 +30,7 @@ from .benchmark import generate, measure
 from .benchmark_metrics import case_scores, groups_of, idf_weights, summary as benchmark_summary
 from .config import BenchmarkConfig, FluencyConfig, ProbeConfig
 from .datamodule import EditCase
-from .fluency import greedy_generations, greedy_generations_changed, ngram_entropy
+from .fluency import greedy_generations, greedy_generations_changed, grouped_generations, ngram_entropy
 from .metrics import EditSuccess, GroupedMean, PerplexityDrift, Retention
 
 if TYPE_CHECKING:
@@ -206,22 +206,23 @@ class EditEvaluation(pl.LightningModule):
             datamodule = getattr(self.trainer, "datamodule", None)
             self._generate_before(list(getattr(datamodule, "local_cases", None) or []))
 
+    @property
+    def _store(self) -> dict:
+        """Where the unedited model's measurements are kept: the comparison's shared dict, else this evaluation's."""
+        return self.before_cache if self.before_cache is not None else self._kept
+
     def _before(self, key, measure):
         """``measure()`` on the unedited model, once per key (shared by a comparison's methods through
         ``before_cache``)."""
-        store = self.before_cache if self.before_cache is not None else self._kept
-        if key not in store:
-            store[key] = measure()
-        return store[key]
+        if key not in self._store:
+            self._store[key] = measure()
+        return self._store[key]
 
     def _generate_before(self, cases: Sequence[EditCase]) -> None:
         """Every case's generations on the unedited model, in batches (decoding costs per step, not per row)."""
-        store = self.before_cache if self.before_cache is not None else self._kept
-        todo = [(self._generation_key(c), self._generation_prompts(c)) for c in cases]
-        todo = [(k, p) for k, p in dict(todo).items() if k not in store]
-        made = self._generate([p for _, group in todo for p in group])
-        for key, group in todo:
-            store[key], made = made[: len(group)], made[len(group):]
+        todo = {self._generation_key(c): self._generation_prompts(c) for c in cases}
+        todo = {k: p for k, p in todo.items() if k not in self._store}
+        self._store.update(zip(todo, self._generate_groups(list(todo.values()))))
 
     @staticmethod
     def _generation_key(case: EditCase) -> tuple:
@@ -230,6 +231,9 @@ class EditEvaluation(pl.LightningModule):
     def _generate(self, prompts: Sequence[str]):
         return greedy_generations(self.km, list(prompts), self.fluency_config.max_new_tokens,
                                   batch_size=self.batch_size) if prompts else []
+
+    def _generate_groups(self, groups: Sequence[Sequence[str]]):
+        return grouped_generations(self.km, groups, self.fluency_config.max_new_tokens, batch_size=self.batch_size)
 
     # ----- measuring --------------------------------------------------------------------------------
     def _score(self, pairs: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -550,10 +554,8 @@ class BatchEditEvaluation(EditEvaluation):
         self._text_after = self._text_nll() if self.batch_edit is not None and self._text else None
         self._gen_after: dict[int, list] = {}
         if self.batch_edit is not None and self.fluency_on:  # every fact's generations in batches
-            groups = [self._generation_prompts(c) for c in cases]
-            made = self._generate([p for g in groups for p in g])
-            for case, group in zip(cases, groups):
-                self._gen_after[case.index], made = made[: len(group)], made[len(group):]
+            made = self._generate_groups([self._generation_prompts(c) for c in cases])
+            self._gen_after = {case.index: generations for case, generations in zip(cases, made)}
         self._first = True
 
     def test_step(self, case: EditCase, batch_idx: int) -> None:
@@ -561,7 +563,8 @@ class BatchEditEvaluation(EditEvaluation):
         after = bench_after = None
         before, bench_before = self._cases_before[case.index]
         if self.batch_edit is not None:
-            after = (*self._after(pairs, [], text_after=self._text_after)[:3], self._gen_after.get(case.index, []))
+            after = (*self._after(pairs, [], text_after=self._text_after, generate=False)[:3],
+                     self._gen_after.get(case.index, []))
             bench_after = self._benchmark_measure(case)
         row = self._record(case, at, before, after, self.batch_edit, self.batch_error, timed=self._first)
         self._benchmark_row(case, row, bench_before, bench_after, (after or before)[-1])

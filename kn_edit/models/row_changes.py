@@ -69,23 +69,19 @@ def row_change_plan(km: KnModel, changes: Sequence[RowChange]) -> list[tuple[nn.
     return plan
 
 
-def _added(module: nn.Module, attr: str, change: RowChange, x: torch.Tensor, out_shape) -> torch.Tensor | None:
-    """What ``change`` adds to ``module``'s output for input rows ``x`` [r, ..., in] (None: nothing to add)."""
+def _added(module: nn.Module, attr: str, change: RowChange, x: torch.Tensor, out_shape) -> torch.Tensor:
+    """What ``change`` adds to ``module``'s output (``out_shape``) for input rows ``x`` [r, ..., in]."""
     delta = change.delta.to(device=x.device, dtype=x.dtype)
     index = change.index.to(x.device)
     conv = _is_conv1d(module)
+    # weight: nn.Linear stores [out, in], Conv1D [in, out]; the changed slices lie along the input or output axis
+    if attr == "weight" and (change.dim == 1) != conv:  # columns of [out, in]: only the changed inputs contribute
+        return x[..., index] @ (delta if conv else delta.transpose(0, 1))  # [k, out]
     added = torch.zeros(out_shape, device=x.device, dtype=x.dtype)
     if attr == "bias":
-        added[..., index] += delta
-        return added
-    # weight: nn.Linear stores [out, in], Conv1D [in, out]; the changed slices lie along the input or output axis
-    along_input = (change.dim == 1) != conv
-    if along_input:  # columns of the [out, in] matrix: only the changed inputs contribute
-        sub = delta if conv else delta.transpose(0, 1)  # [k, out]
-        added += x[..., index] @ sub
-    else:  # rows of the [out, in] matrix: only the changed outputs receive
-        sub = delta if not conv else delta.transpose(0, 1)  # [k, in]
-        added[..., index] += x @ sub.transpose(0, 1)
+        added[..., index] = delta
+    else:  # rows of [out, in]: only the changed outputs receive
+        added[..., index] = x @ (delta.transpose(0, 1) if conv else delta).transpose(0, 1)
     return added
 
 
@@ -96,16 +92,18 @@ def rows_carry(km: KnModel, plans: Sequence[Sequence[tuple[nn.Module, str, RowCh
     (plans from :func:`row_change_plan`; the batch's rows must be laid out as ``rows`` says, in every forward)."""
     per_module: dict[int, tuple[nn.Module, list]] = {}
     for plan, group in zip(plans, rows):
-        if not group:
+        if not len(group):
             continue
+        at = torch.tensor(list(group), dtype=torch.long)  # made once, not at every forward of every step
         for module, attr, change in plan:
-            per_module.setdefault(id(module), (module, []))[1].append((attr, change, list(group)))
+            per_module.setdefault(id(module), (module, []))[1].append((attr, change, at))
 
     def hook(module, args, output):
         x = args[0]
-        for attr, change, group in per_module[id(module)][1]:
-            at = torch.tensor(group, device=output.device)
-            output[at] = output[at] + _added(module, attr, change, x[at], output[at].shape)
+        for attr, change, at in per_module[id(module)][1]:
+            at = at.to(output.device)
+            rows_out = output[at]
+            output[at] = rows_out + _added(module, attr, change, x[at], rows_out.shape)
         return output
 
     handles = [module.register_forward_hook(hook) for module, _ in per_module.values()]
