@@ -14,18 +14,15 @@ back their kept outputs: the same numbers as the whole pass, bit for bit.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Sequence
 
 import torch
-from torch import nn
 
 from ..errors import EditError
-from ..models.adapters import first_submodule
 from ..models.likelihood import token_nll, tokenized_text
+from ..models.replay import KeptPasses, keeping, lowest_block, replaying
 from .ledger import SliceChange, commit
 from .memo import memoized
 
@@ -58,11 +55,9 @@ def text_change(km: KnModel, changes: Sequence[SliceChange], texts: Sequence[str
     trial and reverted; the model is as before when this returns or raises)."""
     texts = tuple(texts)
     before = memoized(km, "guard_sample", (texts, max_tokens), lambda: _measure(km, texts, max_tokens), keep=2)
-    blocks = first_submodule(km.model, km.adapter.layers)
     trial = commit(km, "trial", [], list(changes))
     try:
-        below = _lowest_block(km, blocks, changes) if before.outputs is not None else 0
-        with _replaying(blocks, before.outputs, below):
+        with replaying(km, before.kept, lowest_block(km, [c.name for c in changes])):
             after = _mean_nll(km, before.ids, before.mask)
     finally:
         trial.revert()
@@ -72,12 +67,12 @@ def text_change(km: KnModel, changes: Sequence[SliceChange], texts: Sequence[str
 @dataclass
 class _Measured:
     """The sample as one padded batch (ids, mask [batch, seq]), its mean token NLL under the weights it was
-    measured with, and every block's output then (None: over _REPLAY_BYTES, or blocks not in a ModuleList)."""
+    measured with, and every block's output then (``kept.outputs`` None: over _REPLAY_BYTES)."""
 
     ids: torch.Tensor
     mask: torch.Tensor
     nll: float
-    outputs: list | None
+    kept: KeptPasses
 
 
 def _measure(km: KnModel, texts: Sequence[str], max_tokens: int) -> _Measured:
@@ -86,25 +81,9 @@ def _measure(km: KnModel, texts: Sequence[str], max_tokens: int) -> _Measured:
         raise EditError("the text-damage guard's sample: the text sample tokenizes to nothing (every passage has "
                         "fewer than two tokens)")
     ids, mask = km.pad(seqs)
-    blocks = first_submodule(km.model, km.adapter.layers)
-    size = ids.numel() * km.d_model * km.value_weight(0).element_size() * km.n_layers
-    if not isinstance(blocks, nn.ModuleList) or size > _REPLAY_BYTES:
-        return _Measured(ids, mask, _mean_nll(km, ids, mask), None)
-    outputs: list = [None] * len(blocks)
-
-    def keep(i: int):
-        def hook(_module, _args, output):
-            outputs[i] = _cloned(output)
-
-        return hook
-
-    handles = [block.register_forward_hook(keep(i)) for i, block in enumerate(blocks)]
-    try:
+    with keeping(km, _REPLAY_BYTES) as kept:
         nll = _mean_nll(km, ids, mask)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return _Measured(ids, mask, nll, outputs if all(o is not None for o in outputs) else None)
+    return _Measured(ids, mask, nll, kept)
 
 
 @torch.no_grad()
@@ -112,54 +91,6 @@ def _mean_nll(km: KnModel, ids: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean next-token NLL of a right-padded batch (as kn_edit.models.likelihood.mean_text_nll computes it)."""
     nll, count = token_nll(km.model(input_ids=ids, attention_mask=mask).logits, ids, mask)
     return float(nll / count)
-
-
-def _cloned(output):
-    """A block's output (a tensor, or a plain tuple) with its tensors copied, as a later block may write into its
-    input in place; None for any other kind of output (then nothing is replayed)."""
-    if isinstance(output, torch.Tensor):
-        return output.clone()
-    if type(output) is tuple:
-        return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in output)
-    return None
-
-
-def _lowest_block(km: KnModel, blocks: nn.ModuleList, changes: Sequence[SliceChange]) -> int:
-    """The lowest block holding a parameter that ``changes`` touch; 0 where one lies outside the blocks."""
-    where: dict[int, int] = {}
-    for i, block in enumerate(blocks):
-        for param in block.parameters():
-            where.setdefault(id(param), i)  # a parameter shared by several blocks counts at the lowest
-    return min((where.get(id(km.model.get_parameter(c.name)), 0) for c in changes), default=0)
-
-
-class _Replay(nn.Module):
-    """Stands in for a block: hands back the block's kept output (a copy) without computing; other attributes
-    (e.g. a layer's attention type, which some models read) are the block's."""
-
-    def __init__(self, block: nn.Module, output) -> None:
-        super().__init__()
-        object.__setattr__(self, "_block", block)  # not a submodule: its parameters stay the block's alone
-        object.__setattr__(self, "_output", output)
-
-    def forward(self, *_args, **_kwargs):
-        return _cloned(self._output)
-
-    def __getattr__(self, name: str):
-        return getattr(object.__getattribute__(self, "_block"), name)
-
-
-@contextmanager
-def _replaying(blocks: nn.ModuleList, outputs: list | None, below: int) -> Iterator[None]:
-    """Blocks ``0 .. below-1`` replaced by :class:`_Replay`s of their kept ``outputs``; put back in ``finally``."""
-    saved = [blocks[i] for i in range(below)]
-    try:
-        for i, block in enumerate(saved):
-            blocks[i] = _Replay(block, outputs[i])
-        yield
-    finally:
-        for i, block in enumerate(saved):
-            blocks[i] = block
 
 
 @dataclass

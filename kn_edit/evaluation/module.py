@@ -22,8 +22,10 @@ from torchmetrics import MaxMetric, MeanMetric, SumMetric
 
 from ..data.records import FactRecord
 from ..editing.base import Edit, Editor
+from ..editing.ledger import weights_state
 from ..errors import ConfigError, EditError, KnEditError
 from ..models.likelihood import text_nll, tokenized_text
+from ..models.replay import KeptPasses, keeping, lowest_block, replaying
 from ..models.row_changes import RowChange, row_change_plan
 from . import functional as Fn
 from .benchmark import generate, measure
@@ -76,6 +78,19 @@ def check_reverted(km: KnModel, edit: Edit) -> None:
 # The weight changes waiting facts hold for their batched generation (float32 deltas) stay under this: a change
 # larger than it (a dense fine-tuning edit of a large model) is generated at once, with the edit applied.
 _WAITING_BYTES = 256 * 1024**2
+# The unedited held-out text pass keeps every block's output within this much memory, so each edit's pass runs
+# from the lowest block it touches (16 passages × 96 tokens on smollm2-135m: ~110 MB in float32).
+_TEXT_REPLAY_BYTES = 512 * 1024**2
+
+
+@dataclass(frozen=True)
+class _KeptText:
+    """The unedited model's held-out text NLL (summed NLL, tokens), its passes' block outputs, and the weights'
+    state they were measured in."""
+
+    nll: tuple[torch.Tensor, torch.Tensor]
+    passes: KeptPasses
+    state: object
 
 
 def plan_bytes(plan) -> int:
@@ -200,7 +215,8 @@ class EditEvaluation(pl.LightningModule):
         self.rows = []
         self._sums = parameter_sums(self.km) if self.verify_revert else None
         self._text = tokenized_text(self.km, self.passages, self.max_text_tokens)
-        self._text_before = self._before("text", lambda: self._text_nll() if self._text else None)
+        kept = self._before("text", lambda: self._kept_text_nll() if self._text else None)
+        self._text_before, self._text_kept = (kept.nll, kept) if kept is not None else (None, None)
         self._waiting = []
         if self.fluency_on:
             datamodule = getattr(self.trainer, "datamodule", None)
@@ -239,8 +255,22 @@ class EditEvaluation(pl.LightningModule):
     def _score(self, pairs: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
         return score_pairs(self.km, pairs, self.batch_size)
 
-    def _text_nll(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return text_nll(self.km, self._text, self.text_batch_size)
+    def _text_nll(self, edit: Edit | None = None, base=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed NLL, tokens) of the held-out text. With ``edit`` applied on weights in state ``base``
+        (weights_state before it) that the unedited pass was kept for, the blocks below the lowest one the edit
+        touches hand back that pass's outputs: the same numbers, bit for bit, computed from that block on."""
+        kept = self._text_kept
+        if edit is None or kept is None or base is None or kept.state != base:
+            return text_nll(self.km, self._text, self.text_batch_size)
+        with replaying(self.km, kept.passes, lowest_block(self.km, edit.touched_parameters)):
+            return text_nll(self.km, self._text, self.text_batch_size)
+
+    def _kept_text_nll(self) -> "_KeptText":
+        """The unedited text NLL, every block's output kept (within _TEXT_REPLAY_BYTES) for the edits' passes."""
+        state = weights_state(self.km)
+        with keeping(self.km, _TEXT_REPLAY_BYTES) as passes:
+            nll = text_nll(self.km, self._text, self.text_batch_size)
+        return _KeptText(nll, passes, state)
 
     @staticmethod
     def _pairs(case: EditCase) -> tuple[list[tuple[str, str]], dict[str, slice]]:
@@ -298,11 +328,12 @@ class EditEvaluation(pl.LightningModule):
         gen_prompts = self._generation_prompts(case) if self.fluency_on else []
         before = self._case_before(case, pairs, gen_prompts)
         bench_before = self._benchmark_before(case)
+        base = weights_state(self.km)
         edit, error = self._apply_edit(case.requests)
         after = bench_after = plan = None
         if edit is not None:
             try:
-                after = self._after(pairs, gen_prompts, generate=False)
+                after = self._after(pairs, gen_prompts, generate=False, edit=edit, base=base)
                 plan = change_plan(self.km, edit) if gen_prompts else None
                 if plan is not None and plan_bytes(plan) > _WAITING_BYTES:
                     plan = None
@@ -377,12 +408,13 @@ class EditEvaluation(pl.LightningModule):
         except KnEditError as exc:
             return None, f"{type(exc).__name__}: {exc}"
 
-    def _after(self, pairs, gen_prompts: list[str], text_after=None, generate: bool = True):
-        """(log P, top-1, text NLL, generations) with the edit in place (``text_after``: already measured;
-        ``generate`` False: generations None, made later)."""
+    def _after(self, pairs, gen_prompts: list[str], text_after=None, generate: bool = True, edit: Edit | None = None,
+               base=None):
+        """(log P, top-1, text NLL, generations) with ``edit`` in place, applied on weights in state ``base``
+        (``text_after``: already measured; ``generate`` False: generations None, made later)."""
         logp_after, top1_after = self._score(pairs)
         if text_after is None and self._text:
-            text_after = self._text_nll()
+            text_after = self._text_nll(edit, base)
         gen_after = self._generate(gen_prompts) if generate else None
         return logp_after, top1_after, text_after, gen_after
 
@@ -550,8 +582,9 @@ class BatchEditEvaluation(EditEvaluation):
             pairs, _ = self._pairs(case)
             gen_prompts = self._generation_prompts(case) if self.fluency_on else []
             self._cases_before[case.index] = (self._case_before(case, pairs, gen_prompts), self._benchmark_before(case))
+        base = weights_state(self.km)
         self.batch_edit, self.batch_error = self._apply_edit([r for c in cases for r in c.requests])
-        self._text_after = self._text_nll() if self.batch_edit is not None and self._text else None
+        self._text_after = self._text_nll(self.batch_edit, base) if self.batch_edit is not None and self._text else None
         self._gen_after: dict[int, list] = {}
         if self.batch_edit is not None and self.fluency_on:  # every fact's generations in batches
             made = self._generate_groups([self._generation_prompts(c) for c in cases])

@@ -18,9 +18,13 @@ from ..storage.config import finite
 from .locate import check_prompts
 from .manipulate import amplify, suppress
 from ..models.neurons import Neuron, by_layer, check_neurons
+from ..models.replay import keeping, replaying
 
 if TYPE_CHECKING:
     from ..models.model import KnModel
+
+# The baseline pass's block outputs are kept for the other conditions within this much memory.
+_REPLAY_BYTES = 64 * 1024**2
 
 
 def prompt_probs(km: KnModel, prompts: Sequence[str], target: str) -> torch.Tensor:
@@ -134,17 +138,21 @@ def probe(
     generator = torch.Generator().manual_seed(seed)
     controls = [control_neurons(km, neurons, generator) for _ in range(n_controls)]
 
-    baseline = prompt_probs(km, prompts, target)
-    with suppress(km, neurons):
-        suppressed = prompt_probs(km, prompts, target)
-    with amplify(km, neurons, factor):
-        amplified = prompt_probs(km, prompts, target)
-    ctrl_s, ctrl_a = [], []
-    for control in controls:
-        with suppress(km, control):
-            ctrl_s.append(prompt_probs(km, prompts, target))
-        with amplify(km, control, factor):
-            ctrl_a.append(prompt_probs(km, prompts, target))
+    # The neurons and their controls lie in the same layers, so the blocks below the lowest of them compute the
+    # same in every condition: the baseline pass keeps their outputs and the others replay them.
+    with keeping(km, _REPLAY_BYTES) as kept:
+        baseline = prompt_probs(km, prompts, target)
+    with replaying(km, kept, min(n.layer for n in neurons)):
+        with suppress(km, neurons):
+            suppressed = prompt_probs(km, prompts, target)
+        with amplify(km, neurons, factor):
+            amplified = prompt_probs(km, prompts, target)
+        ctrl_s, ctrl_a = [], []
+        for control in controls:
+            with suppress(km, control):
+                ctrl_s.append(prompt_probs(km, prompts, target))
+            with amplify(km, control, factor):
+                ctrl_a.append(prompt_probs(km, prompts, target))
     return ProbeResult(
         prompts=prompts,
         target=target,
