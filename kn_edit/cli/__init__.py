@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "kn_edit.cli.subject",
     "kn_edit.cli.analyze",
     "kn_edit.cli.evaluate",
+    "kn_edit.cli.layers",
     "kn_edit.cli.predict",
     "kn_edit.cli.benchmarks",
 )

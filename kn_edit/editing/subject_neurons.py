@@ -64,7 +64,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
 
 import torch
 
@@ -96,6 +96,8 @@ EDIT_MORE_NEURONS = "edit more neurons, preserve fewer subjects, or set cov_ridg
 @dataclass
 class SubjectSettings(RomeSettings):
     """kn-subject: ROME's key, value and statistics settings, plus the neurons edited and the text guard."""
+
+    measured_as: ClassVar[str] = "kn-subject"
 
     neurons: Optional[int] = 64  # edit this many of the layer's neurons (strongest attribution); null: all (ROME)
     attribution_steps: int = 5  # integrated-gradients steps m for locating them at the subject's last token
@@ -196,6 +198,7 @@ class SubjectDetails:
     requests: list[SubjectRequestDetails]
     settings: dict
     neurons: list[Neuron] = field(default_factory=list, metadata={"show": False})
+    layer_source: str = ""  # where the layer comes from: setting, measured (its file), table or rule
 
 
 class SubjectNeuronEditor(Editor):
@@ -222,7 +225,8 @@ class SubjectNeuronEditor(Editor):
     def compute(self, km: KnModel, requests: list[EditRequest]) -> tuple[list, SubjectDetails]:
         s = self.settings
         check_causal_requests(km, requests, "kn-subject", "its neurons are located at the subject's last token")
-        layer = s.layer_for(km)
+        choice = s.choice_for(km)
+        layer = choice.layers[0]
         with self.timer("statistics"):
             stats = statistics_for(km, layer, s, self.key_texts, self.reporter)
         with self.timer("prefixes"):
@@ -248,7 +252,7 @@ class SubjectNeuronEditor(Editor):
         details = SubjectDetails(layer=layer, prefixes=prefixes, covariance_tokens=stats.n_tokens,
                                  covariance_from_cache=stats.from_cache, text_change=guard.change, requests=done,
                                  settings={k: (v.value if isinstance(v, Enum) else v) for k, v in vars(s).items()},
-                                 neurons=list(dict.fromkeys(neurons)))
+                                 neurons=list(dict.fromkeys(neurons)), layer_source=choice.describe())
         return changes, details
 
     def _sequential(self, km: KnModel, layer: int, mom2: torch.Tensor, prefixes: list[str], whole: bool,

@@ -99,6 +99,7 @@ class MemitDetails:
     updates: list[MemitLayerDetails]
     refitted: list[int]  # indices of the requests solved again with ``refit`` (the first solve left them short)
     settings: dict
+    layer_source: str = ""  # where the layers come from: setting, measured (its file), table or rule
 
     def keys_by_layer(self) -> dict[int, torch.Tensor]:
         """{layer: keys [n, d_ff]} this edit wrote (read by the null-space option of later edits)."""
@@ -143,7 +144,8 @@ class MemitEditor(Editor):
     def compute(self, km: KnModel, requests: list[EditRequest]) -> tuple[list, MemitDetails]:
         s = self.settings
         check_causal_requests(km, requests, "MEMIT")
-        layers = s.layers_for(km)
+        choice = s.choice_for(km)
+        layers = list(choice.layers)
         with self.timer("statistics"):
             stats = {layer: self.statistics(km, layer) for layer in layers}
         with self.timer("prefixes"):
@@ -172,7 +174,7 @@ class MemitEditor(Editor):
         total = sum(u.update_norm ** 2 for u in updates) ** 0.5
         details = MemitDetails(layers=layers, key_text=str(s.key_text), prefixes=prefixes, null_space=s.null_space,
                                relative_update=total / max(weights, 1e-12), requests=targets, updates=updates,
-                               refitted=refitted, settings=_settings_dict(s))
+                               refitted=refitted, settings=_settings_dict(s), layer_source=choice.describe())
         return changes, details
 
     def _solve(self, km: KnModel, layers: list[int], stats: dict, requests: list[EditRequest], texts: list, prefixes: list[str],

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Optional
 
 from ...errors import ConfigError, EditError
 from ..keyvalue.settings import KeyFit, KeyValueSettings
-from ..rome.settings import default_layer
+from ..keyvalue.layer_choice import LayerChoice, measured_layers
+from ..rome.settings import layer_choice as rome_layer_choice
 from ..settings import as_choice
 
 if TYPE_CHECKING:
@@ -23,13 +24,23 @@ DEFAULT_LAYERS: dict[tuple[str, int, int], list[int]] = {
 
 
 def default_layers(km: KnModel) -> list[int]:
-    """The critical layers for ``km``: the table above, else ROME's layer for the model and the two below it
-    (clipped at 0): R ends at the layer ROME edits, as MEMIT's R ends at (or just past) ROME's layer."""
+    """The critical layers for ``km`` when none are given (:func:`layer_choice`)."""
+    return list(layer_choice(km).layers)
+
+
+def layer_choice(km: KnModel) -> LayerChoice:
+    """MEMIT's critical layers on ``km``: the range ``kn-edit choose-layer --method memit`` measured for this model,
+    else the table above, else ROME's layer for the model (measured or not) and the two below it (clipped at 0): R
+    ends at the layer ROME edits, as MEMIT's R ends at (or just past) ROME's layer."""
+    measured = measured_layers(km, "memit")
+    if measured is not None:
+        return measured
     found = DEFAULT_LAYERS.get((km.adapter.family, km.n_layers, km.d_model))
     if found is not None:
-        return list(found)
-    top = default_layer(km)
-    return list(range(max(0, top - 2), top + 1))
+        return LayerChoice(tuple(found), "table")
+    rome = rome_layer_choice(km, "rome")
+    top = rome.layers[0]
+    return LayerChoice(tuple(range(max(0, top - 2), top + 1)), f"rule (the two layers below ROME's {rome.source} layer)")
 
 
 @dataclass
@@ -71,8 +82,13 @@ class MemitSettings(KeyValueSettings):
             raise ConfigError(f"mom2_update_weight must be >= 0, got {self.mom2_update_weight}")
         return self
 
+    def choice_for(self, km: KnModel) -> LayerChoice:
+        """The critical layers and where they come from (the setting, a measured choice, the table, the rule)."""
+        choice = layer_choice(km) if self.layers is None else LayerChoice(tuple(self.layers), "setting")
+        if choice.layers[-1] >= km.n_layers:
+            raise EditError(f"layer {choice.layers[-1]} does not exist: the model has {km.n_layers} layers "
+                            f"(0..{km.n_layers - 1})")
+        return choice
+
     def layers_for(self, km: KnModel) -> list[int]:
-        layers = default_layers(km) if self.layers is None else list(self.layers)
-        if layers[-1] >= km.n_layers:
-            raise EditError(f"layer {layers[-1]} does not exist: the model has {km.n_layers} layers (0..{km.n_layers - 1})")
-        return layers
+        return list(self.choice_for(km).layers)

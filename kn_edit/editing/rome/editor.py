@@ -70,6 +70,7 @@ class RomeDetails:
     relative_update: float  # ‖ΣΔW‖ / ‖W‖ over all requests
     requests: list[RomeRequestDetails]
     settings: dict
+    layer_source: str = ""  # where the layer comes from: setting, measured (its file), table or rule
 
 
 def _settings_dict(settings: RomeSettings) -> dict:
@@ -97,7 +98,8 @@ class RomeEditor(Editor):
     def compute(self, km: KnModel, requests: list[EditRequest]) -> tuple[list, RomeDetails]:
         s = self.settings
         check_causal_requests(km, requests, "ROME")
-        layer = s.layer_for(km)
+        choice = s.choice_for(km)
+        layer = choice.layers[0]
         with self.timer("statistics"):
             stats = self.statistics(km, layer)
         with self.timer("prefixes"):
@@ -121,6 +123,7 @@ class RomeEditor(Editor):
             covariance_tokens=stats.n_tokens, covariance_corpus=stats.corpus, covariance_from_cache=stats.from_cache,
             covariance_seconds=stats.seconds, covariance_path=stats.path,
             relative_update=float(total.norm()) / max(weight_norm, 1e-12), requests=done, settings=_settings_dict(s),
+            layer_source=choice.describe(),
         )
         return [whole_change(km, name, weight_change(km, total))], details
 

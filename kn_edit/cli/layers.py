@@ -1,0 +1,47 @@
+"""`kn-edit choose-layer`: measure where a key-value method (rome, kn-subject, memit) should edit a model."""
+
+from __future__ import annotations
+
+import argparse
+
+from .ui import console, table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "choose-layer",
+        help="measure the edit layer of rome / kn-subject / memit on a model (a small layer sweep) and keep it",
+        description="Edits the same facts the model knows at each candidate layer (one comparison), scores each "
+        "layer by edit success, paraphrase top-1 and neighbours kept, less the text change, and keeps the best "
+        "for the model in $KN_EDIT_CACHE/layers/MODEL.json: later edits of that model by that method use it when "
+        "no layer is given (their details say so). save=false only reports.",
+    )
+    parser.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
+                        help="YAML config(s), e.g. configs/layers/gemma3_rome.yaml, applied in order")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="settings, e.g. method=kn-subject 'layers=[3,5,7]' data.max_facts=12 save=false")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run_choose_layer)
+
+
+def run_choose_layer(args: argparse.Namespace) -> int:
+    from ..evaluation.layer_sweep import SCORED, TEXT, LayerSweepConfig, sweep_layers
+    from ..progress import default_reporter
+    from ..storage.config import load_config
+    from .evaluate import _quiet_lightning
+
+    _quiet_lightning()
+    config = load_config(LayerSweepConfig, args.config, args.overrides).check()
+    sweep = sweep_layers(config, reporter=default_reporter(args.quiet))
+    out = console()
+    columns = ["layer"] + [label for _, label in SCORED] + [TEXT[1], "refused", "score"]
+    rows = [[",".join(map(str, r["layers"]))] + [r[key] for key, _ in SCORED] + [r[TEXT[0]], r["refused"], r["score"]]
+            for r in sweep.rows]  # fmt: skip
+    facts = next(iter(sweep.comparison.results.values())).summary.get("facts_edited")
+    out.print(table(f"{config.method} on {config.model}: {facts} facts at each layer", columns, rows))
+    chosen = ",".join(map(str, sweep.chosen["layers"]))
+    where = f"kept in {sweep.saved_to}" if sweep.saved_to else "not kept (save=false)"
+    out.print(f"chosen: layer {chosen} (score {sweep.chosen['score']:.3f}); {where}")
+    if sweep.comparison.run_dir is not None:
+        out.print(f"every layer's metrics: {sweep.comparison.run_dir}/")
+    return 0
