@@ -117,3 +117,38 @@ def test_the_sweep_keeps_the_best_scoring_layer(tiny_factory, tmp_path, cache):
     kept = json.loads(choices_path(km.name).read_text())
     assert kept["methods"]["rome"]["layers"] == [sweep.chosen["layer"]] and len(kept["methods"]["rome"]["sweep"]) == 3
     assert measured_layers(km, "rome").layers == (sweep.chosen["layer"],)
+
+
+def test_choose_layer_command(tiny_factory, tmp_path, cache, capsys):
+    from helpers import write_capital_facts
+    from kn_edit.cli import main
+
+    model, folder = tiny_factory("llama", n_layers=4), tmp_path / "model"
+    model.save(folder)
+    facts = write_capital_facts(tmp_path / "facts.jsonl", [("France", "Paris"), ("Italy", "Rome"), ("Japan", "Tokyo")])
+    settings = ", ".join(f"{k}: {v}" for k, v in (item.split("=", 1) for item in _quick(tmp_path)))
+    config = tmp_path / "layers.yaml"
+    config.write_text(f"""
+name: cli
+model: {folder}
+method: rome
+layers: [1, 2]
+settings: {{{settings}}}
+data: {{source: jsonl, path: {facts}, only_known: false, neighbours: 1}}
+text: {{source: none}}
+fluency: {{enabled: false}}
+probe: {{enabled: false}}
+trainer: {{accelerator: cpu}}
+output_dir: {tmp_path / "runs"}
+""")
+    assert main(["choose-layer", "--quiet", "--config", str(config), "run_name=one"]) == 0
+    out = capsys.readouterr().out
+    assert "chosen: layer" in out and "kept in" in out and (tmp_path / "runs" / "one" / "report.md").exists()
+    table_lines = out[: out.index("chosen: layer")].splitlines()
+    assert "paraphr." in out and max(len(line) for line in table_lines) <= 80  # the table fits a screen
+    kept = json.loads(next((cache / "layers").glob("*.json")).read_text())
+    assert kept["methods"]["rome"]["layers"][0] in (1, 2) and kept["architecture"][1] == 4
+    for bad, message in ((["method=ft"], "method must be one of"), (["layers=[1,9]"], "do not exist"),
+                         (["settings={layer: 2}"], "leave out layer")):  # fmt: skip
+        assert main(["choose-layer", "--quiet", "--config", str(config), "run_name=bad"] + bad) == 2
+        assert message in capsys.readouterr().err

@@ -34,14 +34,27 @@ def run_choose_layer(args: argparse.Namespace) -> int:
     config = load_config(LayerSweepConfig, args.config, args.overrides).check()
     sweep = sweep_layers(config, reporter=default_reporter(args.quiet))
     out = console()
-    columns = ["layer"] + [label for _, label in SCORED] + [TEXT[1], "refused", "score"]
-    rows = [[",".join(map(str, r["layers"]))] + [r[key] for key, _ in SCORED] + [r[TEXT[0]], r["refused"], r["score"]]
-            for r in sweep.rows]  # fmt: skip
+    # short headers and percentages: the table fits 80 columns (labels in kn_edit.evaluation.layer_sweep.SCORED)
+    columns = ["layer", "edit", "paraphr.", "same obj.", "other rel.", "text", "refused", "score"]
+    rows = [[",".join(map(str, r["layers"]))] + [_percent(r[key]) for key, _ in SCORED]
+            + [_percent(r[TEXT[0]], signed=True), _count(r["refused"]), f"{r['score']:.3f}"] for r in sweep.rows]  # fmt: skip
     facts = next(iter(sweep.comparison.results.values())).summary.get("facts_edited")
     out.print(table(f"{config.method} on {config.model}: {facts} facts at each layer", columns, rows))
+    out.print("edit, paraphr.: top-1 on the edit prompts / held-out paraphrases; same obj., other rel.: other "
+              "subjects' facts with the same object / of other relations kept; text: mean perplexity change")
     chosen = ",".join(map(str, sweep.chosen["layers"]))
     where = f"kept in {sweep.saved_to}" if sweep.saved_to else "not kept (save=false)"
     out.print(f"chosen: layer {chosen} (score {sweep.chosen['score']:.3f}); {where}")
     if sweep.comparison.run_dir is not None:
         out.print(f"every layer's metrics: {sweep.comparison.run_dir}/")
     return 0
+
+
+def _percent(value, signed: bool = False) -> str:
+    if value is None or value != value:  # NaN: nothing of that kind measured
+        return "-"
+    return f"{100 * value:+.2f} %" if signed else f"{100 * value:.0f} %"
+
+
+def _count(value) -> str:
+    return "-" if value is None or value != value else str(int(value))
