@@ -13,7 +13,6 @@ import torch
 
 from ..errors import EditError
 from ..models.neurons import Neuron
-from ..models.replay import keeping, replaying
 from ..progress import NullReporter, Reporter, track
 from .base import Edit, Editor, EditRequest
 from .filters import GENERIC_PROMPTS, drop_generic, drop_relation_shared, shared_by, slot_activations
@@ -26,10 +25,6 @@ from .sensitivity import least_norm_step, step_value_gradients
 from .settings import EraseSettings, LocateSettings, RelationEraseSettings, UpdateSettings, with_overrides
 from .targets import UpdateTarget, embedding, margins, require_predicted, update_target
 from .values import checked, value_changes, value_vectors
-
-# The least-change solve's first try keeps its passes' block outputs within this much memory (the edit prompts:
-# a few MB on smollm2-135m).
-_REPLAY_BYTES = 64 * 1024**2
 
 if TYPE_CHECKING:
     from ..models.model import KnModel
@@ -381,21 +376,16 @@ class KnowledgeNeuronEditor(_NeuronEditor):
         if projector is not None:
             metric = None  # the projection takes the metric's place: least norm within the null space
         trial_neurons = prior_neurons + neurons
-        # Every try changes value vectors of the neurons' layers only: the blocks below the lowest of them compute
-        # the same in every try, so the first try's passes keep their outputs and later tries replay them.
-        below, kept = min(n.layer for n in trial_neurons), []
         for it in track(self.reporter, range(s.solve_steps + 1), f"least change for {what}: steps"):
             trial = commit(km, "trial", [], value_changes(km, trial_neurons, torch.cat([prior_deltas, change]), True))
             try:
-                with replaying(km, kept[0], below) if kept else keeping(km, _REPLAY_BYTES) as passes:
-                    margin, rival = margins(km, steps, with_rivals=True)
-                    if float(margin.min()) >= s.margin:
-                        return change, float(change.norm()) / size, True
-                    if it == s.solve_steps:
-                        break
-                    low = [j for j in range(len(steps)) if hold or margin[j] < s.margin]
-                    grads = step_value_gradients(km, [steps[j] for j in low], neurons, [int(rival[j]) for j in low])
-                kept = kept or [passes]
+                margin, rival = margins(km, steps, with_rivals=True)
+                if float(margin.min()) >= s.margin:
+                    return change, float(change.norm()) / size, True
+                if it == s.solve_steps:
+                    break
+                low = [j for j in range(len(steps)) if hold or margin[j] < s.margin]
+                grads = step_value_gradients(km, [steps[j] for j in low], neurons, [int(rival[j]) for j in low])
             finally:
                 trial.revert()
             gain = (s.margin + 0.5 - margin[low]).clamp(min=0.0)
