@@ -23,7 +23,7 @@ __all__ = ["DEFAULT_LAYERS", "KeyFit", "KeyText", "RomeSettings", "default_layer
 # keeps fewer same-object neighbours, layer 8 generalizes less); the others by the rule below
 # (see configs/methods/rome.yaml).
 DEFAULT_LAYERS: dict[tuple[str, int, int], int] = {
-    ("llama", 30, 576): 5,  # smollm2-135m
+    ("llama", 30, 576): 5,  # smollm2-135m (also kn-edit choose-layer, layers 2-10 on 7 facts: results/layers_smollm2_rome)
     ("gemma3", 18, 640): 3,  # gemma3-270m: kn-edit choose-layer, layers 2-8 on 7 facts (results/layers_gemma3_rome)
     ("gpt2", 12, 768): 4,  # gpt2 (rule: a third of the depth, as ROME's choices for the larger GPT-2s)
     ("gpt2", 24, 1024): 8,  # gpt2-medium (ROME)
