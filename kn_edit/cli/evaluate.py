@@ -7,8 +7,9 @@ import argparse
 from .ui import console, table
 
 
-def _run_arguments(parser: argparse.ArgumentParser, config_example: str, overrides_example: str) -> None:
-    parser.add_argument("--config", "-c", action="append", default=[], metavar="FILE", required=True,
+def _run_arguments(parser: argparse.ArgumentParser, config_example: str, overrides_example: str,
+                   config_required: bool = True) -> None:
+    parser.add_argument("--config", "-c", action="append", default=[], metavar="FILE", required=config_required,
                         help=f"YAML config(s), e.g. {config_example}, applied in order")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"settings, e.g. {overrides_example}")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .evaluate import _quiet_lightning, _run_arguments
 from .ui import console, table
 
 
@@ -16,11 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "for the model in $KN_EDIT_CACHE/layers/MODEL.json: later edits of that model by that method use it when "
         "no layer is given (their details say so). save=false only reports.",
     )
-    parser.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
-                        help="YAML config(s), e.g. configs/layers/gemma3_rome.yaml, applied in order")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="settings, e.g. method=kn-subject 'layers=[3,5,7]' data.max_facts=12 save=false")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    _run_arguments(parser, "configs/layers/gemma3_rome.yaml",
+                   "method=kn-subject 'layers=[3,5,7]' data.max_facts=12 save=false", config_required=False)
     parser.set_defaults(func=run_choose_layer)
 
 
@@ -28,7 +26,6 @@ def run_choose_layer(args: argparse.Namespace) -> int:
     from ..evaluation.layer_sweep import SCORED, TEXT, LayerSweepConfig, sweep_layers
     from ..progress import default_reporter
     from ..storage.config import load_config
-    from .evaluate import _quiet_lightning
 
     _quiet_lightning()
     config = load_config(LayerSweepConfig, args.config, args.overrides).check()

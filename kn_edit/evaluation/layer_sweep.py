@@ -117,10 +117,9 @@ def sweep_layers(config: LayerSweepConfig, km: KnModel | None = None, reporter: 
     compare.name = f"{config.name}_{config.method}"
     result = compare_methods(compare, km=km, facts=facts, passages=passages, reporter=reporter, write=write)
     rows = []
-    for x in layers:
-        metrics = result.results[f"layer{x}"].metrics
-        settings = layer_settings(config, x)
-        row = {"layer": x, "layers": settings.get("layers", [x]),
+    for x, entry in zip(layers, compare.methods):
+        metrics = result.results[entry.title].metrics
+        row = {"layer": x, "layers": entry.settings.get("layers", [x]),
                **{key: metrics.get(key) for key, _ in SCORED}, TEXT[0]: metrics.get(TEXT[0]),
                "refused": metrics.get("run/edit_errors"), "score": score(metrics)}
         rows.append(row)

@@ -62,12 +62,12 @@ def _size(output) -> int:
 
 
 def _inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(input ids, attention mask or None) of a forward call; None without input ids (embeddings given)."""
+    """(input ids, attention mask or None) of a forward call, as given; None without input ids (embeddings given)."""
     ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None)
     if not isinstance(ids, torch.Tensor):
         return None
-    return ids.detach().clone(), mask.detach().clone() if isinstance(mask, torch.Tensor) else None
+    return ids, mask if isinstance(mask, torch.Tensor) else None
 
 
 def _equal(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -92,8 +92,8 @@ def keeping(km: KnModel, max_bytes: int) -> Iterator[KeptPasses]:
         inputs = _inputs(args, kwargs)
         if kept.outputs is not None and inputs is None:
             kept.outputs = None
-        if kept.outputs is not None:
-            kept.inputs.append(inputs)
+        if kept.outputs is not None:  # copies: the caller may reuse its input tensors
+            kept.inputs.append(tuple(t.detach().clone() if t is not None else None for t in inputs))
             kept.outputs.append([None] * len(blocks))
 
     def keep(i: int):
