@@ -17,6 +17,7 @@ from kn_edit.cli import main
 from kn_edit.editing.registry import make_editor
 from kn_edit.evaluation import evaluate
 from kn_edit.evaluation.compare import compare_methods, parts_dir
+from kn_edit.errors import ConfigError
 from kn_edit.evaluation.config import CompareConfig, MethodEntry, Mode
 from kn_edit.evaluation.datamodule import FactDataModule
 from kn_edit.evaluation.report import fmt
@@ -147,6 +148,28 @@ def test_batch_ways_are_kept_and_resumed_as_parts(tiny_factory, tmp_path):
     again = compare_methods(config, km=km, facts=tiny_facts(), passages=PASSAGES)
     assert again.reused == ["vv/batch", "vv/single"]
     assert again.flat_metrics() == pytest.approx(first.flat_metrics(), rel=0, abs=0, nan_ok=True)
+
+
+def test_batch_ways_batch_only_measures_the_batch_way_alone(tiny_factory, tmp_path):
+    """batch_ways=[batch] (a sweep of batch settings): only the batch way runs, with the very metrics it has beside
+    the single way, and resume keys it the same."""
+    km = tiny_factory("llama")
+    both = compare_methods(batch_config(tmp_path / "both", [VV], max_facts=2), km=km, facts=tiny_facts(), passages=PASSAGES)
+    config = batch_config(tmp_path / "one", [VV], max_facts=2)
+    config.batch_ways = ["batch"]
+    alone = compare_methods(config, km=km, facts=tiny_facts(), passages=PASSAGES)
+    assert list(alone.results) == ["vv/batch"]
+    assert sorted(p.name for p in parts_dir(config).glob("*.json")) == ["vv_batch.json"]
+    got, want = (_without_clock(r.results["vv/batch"].metrics) for r in (alone, both))
+    assert got.keys() == want.keys() and got == pytest.approx(want, rel=0, abs=0, nan_ok=True)
+
+
+@pytest.mark.parametrize("ways", [[], ["single", "single"], ["batched"]])
+def test_batch_ways_must_name_each_way_once(tmp_path, ways):
+    config = batch_config(tmp_path, [VV])
+    config.batch_ways = ways
+    with pytest.raises(ConfigError, match="batch_ways"):
+        config.check()
 
 
 def test_evaluate_mode_batch_is_the_batch_way(tiny_factory, tmp_path):

@@ -76,9 +76,11 @@ def eval_config_for(config: CompareConfig, entry, mode: Mode | None = None) -> E
 
 def ways(config: CompareConfig, title: str) -> list[tuple[str, Mode | None]]:
     """(title, mode) of each evaluation a method gets: mode=batch measures the N facts edited in one edit
-    (``TITLE/batch``) beside the same facts edited one by one (``TITLE/single``); other modes, one evaluation."""
+    (``TITLE/batch``) beside the same facts edited one by one (``TITLE/single``), those of ``batch_ways``; other
+    modes, one evaluation."""
     if config.mode == Mode.batch:
-        return [(f"{title}/batch", Mode.batch), (f"{title}/single", Mode.single)]
+        both = [(f"{title}/batch", Mode.batch), (f"{title}/single", Mode.single)]
+        return [(t, m) for t, m in both if m.value in config.batch_ways]
     return [(title, None)]
 
 

@@ -211,11 +211,17 @@ class CompareConfig(RunConfig):
     # Each finished method is kept in OUTPUT_DIR/.NAME.parts; resume=true reuses those made with the very same
     # settings, model, cases and text (a stopped comparison, or runs of a few methods each joined into one).
     resume: bool = False
+    # mode=batch: which ways each method is measured ("batch": the N facts in one edit; "single": one edit per
+    # fact). A sweep of batch-only settings (MEMIT's λ) lists ["batch"] and skips N single edits per entry.
+    batch_ways: list[str] = field(default_factory=lambda: ["batch", "single"])
 
     def check(self) -> "CompareConfig":
         super().check()
         if not self.methods:
             raise ConfigError("methods: list at least one editing method")
+        ways = [str(w) for w in self.batch_ways]
+        if not ways or len(set(ways)) != len(ways) or not set(ways) <= {"batch", "single"}:
+            raise ConfigError(f"batch_ways: a list of 'batch' and/or 'single', each once, got {ways}")
         titles = [m.title for m in self.methods]
         if len(set(titles)) != len(titles):
             raise ConfigError(f"methods: labels must differ, got {titles} (set label: for repeated methods)")
