@@ -1,5 +1,5 @@
 """The default update rule and erasure on the real smollm2-135m. To stay within a CI budget, attribution is
-cheap here (m = 4 steps, layers 15-29 only); evaluations/edit_rules.py measures the rules at full size."""
+cheap here (m = 4 steps, layers 15-29 only); configs/compare/edit_rules_smollm2.yaml measures the rules at full size."""
 
 from __future__ import annotations
 

@@ -241,7 +241,7 @@ def test_requests_are_edited_one_after_another(tiny_factory, tmp_path, family):
 
 def test_the_value_optimisation_lowers_the_objective(tiny_factory, tmp_path):
     # Random tiny models can hardly be made to answer anything through one position (their attention dilutes it),
-    # so whether the edit succeeds is measured on smollm2 (evaluations/rome_check.py); here: the v* objective falls.
+    # so whether the edit succeeds is measured on smollm2 (configs/compare/rome_layers_smollm2.yaml); here: the v* objective falls.
     km = tiny_factory("llama", n_layers=3)
     edit = editor(tmp_path, steps=10).apply(km, [REQUEST])
     details = edit.report.details.requests[0]

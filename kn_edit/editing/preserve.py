@@ -6,7 +6,7 @@ C = mean over X of a(x)·a(x)ᵀ (the neurons' co-activation). The gradient rule
 (c̄ the mean of C's diagonal, ρ the ridge), so the edit is carried by the neurons that fire on the fact's
 prompts but not on X. X: every token of the editor's generic prompts (kn_edit.editing.filters.GENERIC_PROMPTS).
 (Adding the edit prompts with the subject swapped for other subjects did not keep more of the other facts on
-smollm2: 84.4 % against 86.4 %, evaluations/edit_rules.py, so it is not done.)
+smollm2: 84.4 % against 86.4 %, measured with the former evaluations/edit_rules.py, so it is not done.)
 """
 
 from __future__ import annotations
