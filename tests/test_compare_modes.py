@@ -162,6 +162,10 @@ def test_batch_ways_batch_only_measures_the_batch_way_alone(tiny_factory, tmp_pa
     assert sorted(p.name for p in parts_dir(config).glob("*.json")) == ["vv_batch.json"]
     got, want = (_without_clock(r.results["vv/batch"].metrics) for r in (alone, both))
     assert got.keys() == want.keys() and got == pytest.approx(want, rel=0, abs=0, nan_ok=True)
+    # batch_ways is not part of a kept method's key: a batch-only run resumes the both-ways run's batch part
+    config.output_dir, config.resume, config.run_name = str(tmp_path / "both"), True, "again"
+    again = compare_methods(config, km=km, facts=tiny_facts(), passages=PASSAGES)
+    assert again.reused == ["vv/batch"]
 
 
 @pytest.mark.parametrize("ways", [[], ["single", "single"], ["batched"]])
