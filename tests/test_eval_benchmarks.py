@@ -158,3 +158,50 @@ def test_a_benchmark_file_built_from_pararel_runs_through_its_reader_into_evalua
     assert [r["benchmark"]["case_id"] for r in rows] == [c.case_id for c in cases]
     first = TABLES[kind][0][0]
     assert f"{kind}/{first}" in result.metrics
+
+
+@pytest.mark.parametrize("batch_facts, fluency", [(1, True), (2, False), (64, True)])
+def test_benchmark_continuations_equal_each_edit_applied_alone(tiny_factory, tmp_path, monkeypatch, batch_facts,
+                                                              fluency):
+    """The greedy continuations the evaluation hands to generation-based accuracy, before and after each case's
+    edit (while other facts' fluency generations wait for their batch, or with fluency off), equal a plain loop
+    per case (measure, generate; apply the edit, generate, revert). Three sources, cases with two requests in one
+    edit (MQuAKE), one case the editor refuses (after = before)."""
+    import kn_edit.evaluation.module as module
+    from kn_edit.evaluation.benchmark import generate, measure
+    from kn_edit.evaluation.benchmark_metrics import groups_of
+
+    km = tiny_factory("llama")
+    km.model.double()
+    cases = [c for source in ("counterfact", "mquake", "zsre") for c in benchmark_cases()[source]]
+    seen = []
+    real = module.case_scores
+
+    def spy(*args, **kwargs):
+        seen.append((args[-2], args[-1]))  # the continuations before and after the edit
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "case_scores", spy)
+    editor = ValueVectorEditor(scale=5.0, fail_on=["Japan"])
+    config = bench_config(tmp_path, "counterfact", **{"benchmark.generation": True})
+    config.fluency.batch_facts, config.fluency.enabled = batch_facts, fluency
+    evaluate(config, km=km, editor=editor, cases=cases, passages=PASSAGES, write=False)
+    assert len(seen) == len(cases)
+    extra = config.benchmark.generation_extra_tokens
+    moved = refused = 0
+    for case, (got_before, got_after) in zip(cases, seen):
+        groups = groups_of(case)
+        before = generate(km, groups, measure(km, groups), extra)
+        try:
+            edit = editor.apply(km, list(case.requests))
+        except Exception:  # refused: after = before
+            after, refused = before, refused + 1
+        else:
+            try:
+                after = generate(km, groups, measure(km, groups), extra)
+            finally:
+                edit.revert()
+        assert got_before == before, case.case_id
+        assert got_after == after, case.case_id
+        moved += after != before
+    assert moved and refused  # edits moved some continuations; a refused case kept its own
