@@ -176,6 +176,16 @@ def test_batch_ways_must_name_each_way_once(tmp_path, ways):
         config.check()
 
 
+@pytest.mark.parametrize("mode", ["single", "sequential"])
+def test_batch_ways_outside_mode_batch_is_an_error_not_ignored(tmp_path, mode):
+    config = batch_config(tmp_path, [VV])
+    config.mode, config.batch_ways = mode, ["batch"]
+    with pytest.raises(ConfigError, match="mode=batch only"):
+        config.check()
+    config.batch_ways = ["batch", "single"]  # the default: nothing to ignore
+    config.check()
+
+
 def test_evaluate_mode_batch_is_the_batch_way(tiny_factory, tmp_path):
     km = tiny_factory("llama")
     config = tiny_config(tmp_path, **{"probe.enabled": False, "data.max_facts": 3})

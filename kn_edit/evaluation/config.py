@@ -222,6 +222,9 @@ class CompareConfig(RunConfig):
         ways = [str(w) for w in self.batch_ways]
         if not ways or len(set(ways)) != len(ways) or not set(ways) <= {"batch", "single"}:
             raise ConfigError(f"batch_ways: a list of 'batch' and/or 'single', each once, got {ways}")
+        if self.mode != Mode.batch and ways != ["batch", "single"]:  # it would be ignored: say so instead
+            raise ConfigError(f"batch_ways applies to mode=batch only (mode is {Mode(self.mode).value}); "
+                              "leave it out or set mode=batch")
         titles = [m.title for m in self.methods]
         if len(set(titles)) != len(titles):
             raise ConfigError(f"methods: labels must differ, got {titles} (set label: for repeated methods)")
