@@ -183,6 +183,23 @@ def test_every_committed_comparison_config_loads(path):
         method_config(entry.method, overrides=dict(entry.settings))  # unknown methods or settings raise
 
 
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs" / "compare").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_gated_comparison_config_has_its_baseline(path):
+    """A config that gates (regression.baseline set, as the CI gates are) names a committed baseline that holds
+    every metric it has a tolerance for, each of a known direction: otherwise the gate would stop CI at its end."""
+    from kn_edit.evaluation.regression import compare as compare_to_baseline, load_metrics
+    from kn_edit.storage.config import load_config
+
+    config = load_config(CompareConfig, [path]).check()
+    if not config.regression.baseline:
+        pytest.skip("not a gate")
+    baseline = load_metrics(Path(__file__).resolve().parents[1] / config.regression.baseline)
+    tolerances = dict(config.regression.tolerances)
+    assert tolerances and set(tolerances) <= set(baseline)
+    assert compare_to_baseline(baseline, baseline, tolerances) == []  # directions known, the baseline passes itself
+
+
 # ----- kept parts are checked before reuse: digest, fields, and metrics against the per-fact rows -------------
 @pytest.fixture(scope="module")
 def kept_parts(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
