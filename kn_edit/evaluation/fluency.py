@@ -11,7 +11,6 @@ lists (e.g. token ids) are used as given.
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 from collections import Counter
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Hashable, Sequence, Union
 import torch
 
 from ..errors import ConfigError, UnsupportedArchitectureError
+from ..models.forward_args import cache_keyword, keeps_last_logits
 from ..models.prompts import encode_prompt_only
 from ..models.row_changes import rows_carry
 
@@ -153,11 +153,10 @@ def _generate(km: KnModel, sequences: Sequence[torch.Tensor], max_new_tokens: in
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt's first token at position 0
     done = torch.zeros(len(sequences), dtype=torch.bool, device=dev)
     tokens: list[torch.Tensor] = []
-    # transformers >= 5 names the KV cache ``cache`` (``past_key_values`` before, now deprecated)
-    key = "cache" if "cache" in inspect.signature(km.model.forward).parameters else "past_key_values"
+    key = cache_keyword(km.model) or "past_key_values"
     # Only the last position's logits are read: logits_to_keep spares the vocabulary projection of every prompt
     # token (a fifth of smollm2's compute per token, most of gemma3's with its 262k-word head).
-    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(km.model.forward).parameters else {}
+    keep_last = {"logits_to_keep": 1} if keeps_last_logits(km.model) else {}
     out = km.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep_last)
     for step in range(max_new_tokens):
         nxt = out.logits[:, -1].argmax(dim=-1)  # [batch]

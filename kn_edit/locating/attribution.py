@@ -34,7 +34,6 @@ attributed at its own position and the scores are averaged over the target's tok
 from __future__ import annotations
 
 import copy
-import inspect
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -44,6 +43,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..models.adapters import first_submodule
+from ..models.forward_args import cache_keyword, keeps_last_logits
 from ..errors import ConfigError, PromptError
 from ..models.hooks import value_input_hooks
 from ..models.prompts import AnswerStep
@@ -162,7 +162,7 @@ def attribute_steps(
         if prefix_cache:
             raise ConfigError("prefix_cache=True scores the answer position only; leave it unset with positions")
         prefix_cache = False
-    cache_kw = _cache_keyword(km.model)
+    cache_kw = cache_keyword(km.model)
     use_cache = (not km.is_masked_lm and cache_kw is not None) if prefix_cache is None else prefix_cache
     if use_cache and cache_kw is None:
         raise ConfigError(f"{type(km.model).__name__}.forward takes no KV cache; use prefix_cache=False")
@@ -183,15 +183,6 @@ def attribute_steps(
             _attribute_group(km, group, torch.tensor(members), layers, steps, rows, cache_kw if cached else None, scores,
                              at)
     return (scores / steps).cpu()
-
-
-def _cache_keyword(model) -> str | None:
-    """The forward argument that takes a KV cache: ``cache`` (transformers 5) or ``past_key_values``."""
-    params = inspect.signature(model.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in params:
-            return name
-    return None
 
 
 def _output_cache(out):
@@ -350,7 +341,7 @@ def _attribute_group(
     device = km.device
     ids = torch.stack([s.input_ids for s in group]).to(device)  # [G, seq]
     pos = torch.tensor([s.position for s in group], device=device)  # [G]
-    keep_last = not km.is_masked_lm and "logits_to_keep" in inspect.signature(km.model.forward).parameters
+    keep_last = not km.is_masked_lm and keeps_last_logits(km.model)
     prefix = None
     if cache_kw is not None:
         with torch.no_grad():

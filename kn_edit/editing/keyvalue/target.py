@@ -41,7 +41,6 @@ time than before these, MEMIT 2.6× (``evaluations/bench_value_step.py``, evalua
 from __future__ import annotations
 
 import copy
-import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -50,6 +49,7 @@ import torch
 
 from ...errors import EditError
 from ...models.adapters import first_submodule
+from ...models.forward_args import cache_keyword
 from ...progress import NullReporter, Reporter
 from .keys import prompt_text, subject_end, token_at, with_prefix
 
@@ -142,11 +142,6 @@ class _Group:
     cache: object | None  # the model's past_key_values for ids[:, :start]; None when start == 0
 
 
-def _cache_keyword(model) -> str:
-    """The forward's keyword for past keys/values: ``cache`` in recent transformers, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _groups(km: KnModel, rows: Sequence[Row]) -> list[_Group]:
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, r in enumerate(rows):
@@ -236,7 +231,7 @@ def _suffix_logits(km: KnModel, module: torch.nn.Module, group: _Group, delta: t
     # A fresh copy each step: the forward appends to the cache.
     cache = copy.deepcopy(group.cache) if group.cache is not None else None
     with _head_at(km, select) as reduced, added_output(module, rows, at, delta), skipped(below):
-        extra = {_cache_keyword(km.model): cache} if cache is not None else {}
+        extra = {cache_keyword(km.model) or "past_key_values": cache} if cache is not None else {}
         logits = km.model(input_ids=group.ids[:, group.start :], use_cache=cache is not None, **extra).logits
     if select is None:
         return logits
@@ -431,7 +426,7 @@ def _padded_logits(km: KnModel, module: torch.nn.Module, plan: _Padded, delta: t
     token; only those positions reach the output head. ``below``: the blocks below the edited layer skipped."""
     cache = copy.deepcopy(plan.cache) if plan.cache is not None else None  # the forward appends to it
     with _head_at(km, select) as reduced, added_output(module, *plan.at(km.device), delta), skipped(below):
-        extra = {_cache_keyword(km.model): cache} if cache is not None else {}
+        extra = {cache_keyword(km.model) or "past_key_values": cache} if cache is not None else {}
         logits = km.model(input_ids=plan.ids, attention_mask=plan.mask, position_ids=plan.positions,
                           use_cache=cache is not None, **extra).logits  # fmt: skip
     return logits[:, 0] if reduced else logits[select[0], select[1]]
