@@ -3,6 +3,7 @@ the default one draws rich progress bars on stderr, ``NullReporter`` stays silen
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Protocol, TypeVar
 
@@ -63,4 +64,7 @@ def track(reporter: Reporter, items: Iterable[T], description: str, total: float
 
 
 def default_reporter(quiet: bool = False) -> Reporter:
-    return NullReporter() if quiet else RichReporter()
+    """Rich progress bars; none when ``quiet`` or in a process a distributed launcher started for another rank
+    (Lightning's DDP sets LOCAL_RANK / NODE_RANK there): process 0's bars are the run's."""
+    other_rank = any(os.environ.get(name, "0") not in ("", "0") for name in ("LOCAL_RANK", "NODE_RANK"))
+    return NullReporter() if quiet or other_rank else RichReporter()

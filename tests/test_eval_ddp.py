@@ -82,3 +82,71 @@ def test_ddp_benchmark_cases_split_over_processes_give_the_one_process_table(tin
     assert {"counterfact/ES", "counterfact/GE", "counterfact/RS"} <= set(table)
     for got in ranks:  # every process gathers every case's row, so every process has the whole table
         assert {k: v for k, v in got["metrics"].items() if k.startswith("counterfact/")} == pytest.approx(table, abs=1e-6)
+
+
+def _compare_worker(rank: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
+    torch.set_num_threads(1)
+    from pathlib import Path
+
+    from kn_edit.evaluation.compare import compare_methods
+    from test_compare import tiny_compare_config
+
+    shards = []
+    own = FactDataModule.test_dataloader
+
+    def recorded(self):  # how many cases this process edits, per method
+        shards.append(len(self.local_cases))
+        return own(self)
+
+    FactDataModule.test_dataloader = recorded
+    config = tiny_compare_config(Path(tmp) / "ddp")
+    config.trainer.devices, config.trainer.strategy = 2, "ddp"
+    model, tokenizer = build_model("llama")
+    km = kn_edit.wrap(model, tokenizer, name="tiny-llama")
+    before = snapshot(km)
+    result = compare_methods(config, km=km, facts=tiny_facts(), passages=PASSAGES)
+    assert_same(km, before)
+    torch.save({"metrics": result.flat_metrics(), "run_dir": result.run_dir, "shards": shards,
+                "facts": {t: [r["fact_id"] for r in res.rows] for t, res in result.results.items()}},
+               os.path.join(tmp, f"compare{rank}.pt"))  # fmt: skip
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def test_compare_under_ddp_splits_the_facts_and_process_zero_alone_writes(tmp_path):
+    from test_compare import tiny_compare_config
+
+    from kn_edit.evaluation.compare import compare_methods
+
+    single = compare_methods(tiny_compare_config(tmp_path / "one"), km=kn_edit.wrap(*build_model("llama"), name="tiny-llama"),
+                             facts=tiny_facts(), passages=PASSAGES)  # fmt: skip
+    mp.spawn(_compare_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"compare{r}.pt", weights_only=False) for r in range(2)]
+    # the cases were set up before the processes existed; each process still edits only its own half, per method
+    assert [r["shards"] for r in ranks] == [[5, 5], [5, 5]]
+    timing = ("seconds", "memory")
+    expected = {k: v for k, v in single.flat_metrics().items() if not any(t in k for t in timing)}
+    for got in ranks:  # every process ends with every fact's row and the one-process numbers
+        assert got["facts"] == {t: [r["fact_id"] for r in res.rows] for t, res in single.results.items()}
+        ours = {k: v for k, v in got["metrics"].items() if not any(t in k for t in timing)}
+        assert ours == pytest.approx(expected, rel=1e-6, abs=1e-6, nan_ok=True)
+    # process 0 kept each method's part and wrote the report; process 1 wrote nothing
+    assert ranks[0]["run_dir"] is not None and (ranks[0]["run_dir"] / "metrics.json").is_file()
+    assert ranks[1]["run_dir"] is None
+    parts = sorted(p.name for p in (tmp_path / "ddp" / ".tiny.parts").iterdir())
+    assert parts == ["kn-unscaled.json", "value-vector.json"]
+
+
+@pytest.mark.parametrize("env, rich", [({}, True), ({"LOCAL_RANK": "0"}, True), ({"LOCAL_RANK": "1"}, False),
+                                       ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False)])
+def test_only_process_zero_draws_progress_bars(monkeypatch, env, rich):
+    from kn_edit.progress import NullReporter, RichReporter, default_reporter
+
+    for name in ("LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert isinstance(default_reporter(), RichReporter if rich else NullReporter)
+    assert isinstance(default_reporter(quiet=True), NullReporter)

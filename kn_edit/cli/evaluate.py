@@ -112,6 +112,8 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.progress:
         return _compare_progress(config, args)
     result = compare_methods(config, reporter=default_reporter(args.quiet))
+    if result.run_dir is None:  # not process 0 of a distributed run
+        return 0
     out = console()
     first = next(iter(result.results.values())).summary
     # one row per metric, one column per method: stays readable in 80 columns for a handful of methods

@@ -90,7 +90,7 @@ def compare_methods(config: CompareConfig, km: KnModel | None = None, facts: Fac
     """Run every method of ``config`` on the same requests; write one report (``write``). ``cases``: benchmark
     records that replace reading ``data.path`` (data.source a benchmark)."""
     from ..models.loading import load
-    from .datamodule import FactDataModule
+    from .datamodule import FactDataModule, process_rank_and_world
 
     config.check()
     reporter = reporter or NullReporter()
@@ -130,13 +130,15 @@ def compare_methods(config: CompareConfig, km: KnModel | None = None, facts: Fac
                 results[title] = evaluate(eval_config_for(config, entry, mode), km=km, editor=editor, passages=passages,
                                           reporter=reporter, write=False, datamodule=datamodule,
                                           before_cache=before, progress_path=progress)  # fmt: skip
-            if write:  # an interrupted comparison resumes from here with resume=true
+            # Under DDP (trainer.devices > 1) every process runs this loop (each evaluation ends with every
+            # process's rows); process 0 alone, known only once the first evaluation started the processes, writes.
+            if write and process_rank_and_world()[0] == 0:  # an interrupted comparison resumes from here (resume=true)
                 save_part(parts / f"{_safe(title)}.json", key, results[title])
     result = CompareResult(results, config, reused=reused)
     if config.regression.baseline:
         baseline = load_metrics(config.regression.baseline)
         result.regressions = compare_metrics(result.flat_metrics(), baseline, config.regression.tolerances)
-    if target is not None:
+    if target is not None and process_rank_and_world()[0] == 0:
         result.run_dir = write_comparison(config, km, result, target, provenance)
     return result
 

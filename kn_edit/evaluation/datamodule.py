@@ -112,7 +112,8 @@ def _interleave(groups: Sequence[Sequence[FactRecord]]) -> list[FactRecord]:
     return out
 
 
-def _distributed() -> tuple[int, int]:
+def process_rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes) in a distributed run; (0, 1) outside one."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -122,7 +123,7 @@ def _gathered_known(km: KnModel, chunk: list[FactRecord], config: DataConfig,
                     cache: KnownCache | None = None) -> list[bool]:
     """known_mask over the chunk, split across processes and gathered (identical on every process); flags found
     in ``cache`` are not recomputed, and the computed ones are added to it."""
-    rank, world = _distributed()
+    rank, world = process_rank_and_world()
     cached = cache.lookup(chunk, config.known_min_share) if cache is not None else [None] * len(chunk)
     if world > 1 and cache is not None:  # every process must check the same facts: rank 0's view of the cache
         shared = [cached]
@@ -225,6 +226,9 @@ class FactDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.cases is not None:
+            # Set up before the run's processes existed (``compare`` shares one set of cases across methods):
+            # each process's slice is taken again now that this one knows its rank.
+            self._shard()
             return
         if self.trainer is not None:
             # The top-1 check runs here, before Lightning moves the model; put it on this process's device now.
@@ -274,12 +278,16 @@ class FactDataModule(pl.LightningDataModule):
         }
 
     def _keep(self, cases: list[EditCase], skipped: list[SkippedFact]) -> None:
-        rank, world = _distributed()
-        if len(cases) < world:
-            raise DataError(f"{len(cases)} facts to edit cannot be split over {world} processes; use fewer devices")
         self.cases = cases
-        self.local_cases = cases[rank::world]
         self.skipped = skipped
+        self._shard()
+
+    def _shard(self) -> None:
+        """This process's slice of the cases, ``cases[rank::world]``."""
+        rank, world = process_rank_and_world()
+        if len(self.cases) < world:
+            raise DataError(f"{len(self.cases)} facts to edit cannot be split over {world} processes; use fewer devices")
+        self.local_cases = self.cases[rank::world]
 
     def _setup_benchmark(self) -> None:
         """Benchmark records in file order: those whose prompts and targets this model can encode and (only_known)
