@@ -84,7 +84,7 @@ def test_ddp_benchmark_cases_split_over_processes_give_the_one_process_table(tin
         assert {k: v for k, v in got["metrics"].items() if k.startswith("counterfact/")} == pytest.approx(table, abs=1e-6)
 
 
-def _compare_worker(rank: int, port: int, tmp: str) -> None:
+def _compare_worker(rank: int, port: int, tmp: str, mode: str = "single") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
     torch.set_num_threads(1)
@@ -103,6 +103,7 @@ def _compare_worker(rank: int, port: int, tmp: str) -> None:
     FactDataModule.test_dataloader = recorded
     config = tiny_compare_config(Path(tmp) / "ddp")
     config.trainer.devices, config.trainer.strategy = 2, "ddp"
+    config.mode = mode
     model, tokenizer = build_model("llama")
     km = kn_edit.wrap(model, tokenizer, name="tiny-llama")
     before = snapshot(km)
@@ -110,7 +111,7 @@ def _compare_worker(rank: int, port: int, tmp: str) -> None:
     assert_same(km, before)
     torch.save({"metrics": result.flat_metrics(), "run_dir": result.run_dir, "shards": shards,
                 "facts": {t: [r["fact_id"] for r in res.rows] for t, res in result.results.items()}},
-               os.path.join(tmp, f"compare{rank}.pt"))  # fmt: skip
+               os.path.join(tmp, f"compare-{mode}{rank}.pt"))  # fmt: skip
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -123,7 +124,7 @@ def test_compare_under_ddp_splits_the_facts_and_process_zero_alone_writes(tmp_pa
     single = compare_methods(tiny_compare_config(tmp_path / "one"), km=kn_edit.wrap(*build_model("llama"), name="tiny-llama"),
                              facts=tiny_facts(), passages=PASSAGES)  # fmt: skip
     mp.spawn(_compare_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"compare{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(tmp_path / f"compare-single{r}.pt", weights_only=False) for r in range(2)]
     # the cases were set up before the processes existed; each process still edits only its own half, per method
     assert [r["shards"] for r in ranks] == [[5, 5], [5, 5]]
     timing = ("seconds", "memory")
@@ -137,6 +138,28 @@ def test_compare_under_ddp_splits_the_facts_and_process_zero_alone_writes(tmp_pa
     assert ranks[1]["run_dir"] is None
     parts = sorted(p.name for p in (tmp_path / "ddp" / ".tiny.parts").iterdir())
     assert parts == ["kn-unscaled.json", "value-vector.json"]
+
+
+def test_a_batch_comparison_under_ddp_gives_the_one_process_rows(tmp_path):
+    """mode=batch: the single-edit way is split over the processes; the one edit of every fact runs in one
+    process's trainer, whole in each process once they exist (the same rows), process 0 alone writing."""
+    from test_compare import tiny_compare_config
+
+    from kn_edit.evaluation.compare import compare_methods
+
+    config = tiny_compare_config(tmp_path / "one")
+    config.mode = "batch"
+    single = compare_methods(config, km=kn_edit.wrap(*build_model("llama"), name="tiny-llama"), facts=tiny_facts(),
+                             passages=PASSAGES)  # fmt: skip
+    mp.spawn(_compare_worker, args=(_free_port(), str(tmp_path), "batch"), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"compare-batch{r}.pt", weights_only=False) for r in range(2)]
+    timing = ("seconds", "memory")
+    expected = {k: v for k, v in single.flat_metrics().items() if not any(t in k for t in timing)}
+    for got in ranks:
+        assert got["facts"] == {t: [r["fact_id"] for r in res.rows] for t, res in single.results.items()}
+        ours = {k: v for k, v in got["metrics"].items() if not any(t in k for t in timing)}
+        assert ours == pytest.approx(expected, rel=1e-6, abs=1e-6, nan_ok=True)
+    assert ranks[0]["run_dir"] is not None and ranks[1]["run_dir"] is None
 
 
 @pytest.mark.parametrize("env, rich", [({}, True), ({"LOCAL_RANK": "0"}, True), ({"LOCAL_RANK": "1"}, False),
