@@ -155,6 +155,62 @@ def _count_sampling(monkeypatch) -> list[int]:
     return calls
 
 
+def _with_added_tokens():
+    """A tiny LLaMA whose tokenizer has an added control token that is not marked special (as Gemma 3's
+    ``<start_of_image>``) and an added whitespace token (as its ``"\\n\\n"``), and whose head has 3 rows past the
+    tokenizer's vocabulary (padding): (KnModel, control id, whitespace id)."""
+    import copy
+
+    model, tok = build_model("llama")
+    tok = copy.deepcopy(tok)  # the tiny tokenizer is shared between tests
+    tok.add_tokens(["<start_of_image>", "\n\n"])
+    model.resize_token_embeddings(len(tok) + 3)
+    return kn_edit.wrap(model, tok, name="tiny-llama-added"), tok.convert_tokens_to_ids("<start_of_image>"), \
+        tok.convert_tokens_to_ids("\n\n")
+
+
+def test_control_tokens_are_the_special_added_and_padding_ids():
+    km, control, whitespace = _with_added_tokens()
+    vocab = km.model.get_output_embeddings().weight.shape[0]
+    banned = keys_module.control_tokens(km.tokenizer, vocab).tolist()
+    special = km.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert banned == sorted([special, control, vocab - 3, vocab - 2, vocab - 1])
+    assert whitespace not in banned
+
+
+def test_context_prefixes_never_hold_a_control_token(monkeypatch):
+    """Where the control tokens are the model's most likely next tokens, the prefixes are the ones sampled from
+    the same model with those tokens' logits at −∞ (the plain computation), and none of them holds one."""
+    km, control, _ = _with_added_tokens()
+    head = km.model.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    special = km.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    favoured = torch.tensor([special, control, vocab - 1])
+
+    def set_to(value: float):
+        def hook(_module, _args, out):
+            out = out.clone()
+            out[..., favoured] = value
+            return out
+        return head.register_forward_hook(hook)
+
+    handle = set_to(1e4)
+    try:
+        got = sample_prefixes(km, 4, 5)
+    finally:
+        handle.remove()
+    # the plain computation: the same sampling loop where those tokens can never be drawn
+    monkeypatch.setattr(keys_module, "control_tokens", lambda tokenizer, n: torch.zeros(0, dtype=torch.long))
+    handle = set_to(-float("inf"))
+    try:
+        reference = sample_prefixes(km, 4, 5)
+    finally:
+        handle.remove()
+    assert got == reference and len(got) == 5 and got[0] == ""
+    assert all(text and "<start_of_image>" not in text for text in got[1:])
+    assert all(control not in km.tokenizer(text)["input_ids"] for text in got)
+
+
 def test_context_prefixes_are_kept_until_the_weights_change(tiny_factory, tmp_path, monkeypatch):
     km = tiny_factory("llama")
     calls = _count_sampling(monkeypatch)

@@ -2,8 +2,8 @@
 last token, averaged over the subject preceded by short context prefixes (Meng et al. 2022, eq. 3).
 
 Context prefixes (the paper's "context templates"): ``n`` texts of ``length`` tokens sampled from the model
-itself, starting from its BOS (or EOS) token, each next token drawn from the top-k with a seeded generator,
-plus the empty prefix. A prefix is joined to a text as ``"{prefix}. {text}"``. They depend on the model only, not
+itself, starting from its BOS (or EOS) token, each next token drawn from the top-k of the text tokens (no
+special or added control token: :func:`control_tokens`) with a seeded generator, plus the empty prefix. A prefix is joined to a text as ``"{prefix}. {text}"``. They depend on the model only, not
 on the edit, so they are kept on the model per sampling settings while its weights stay the same
 (kn_edit.editing.ledger.weights_state): an evaluation that edits, measures and reverts fact after fact samples
 them once; an edit or a patch applied (or any other write to the weights) samples them again.
@@ -55,13 +55,29 @@ def sample_prefixes(km: KnModel, n: int, length: int, top_k: int = 5, seed: int 
         raise EditError("the tokenizer has neither a BOS nor an EOS token to sample context prefixes from")
     generator = torch.Generator().manual_seed(seed)
     ids = torch.full((n, 1), int(start), dtype=torch.long)
+    banned = None
     for _ in range(length):
         logits = km.model(input_ids=ids.to(km.device)).logits[:, -1].float().cpu()  # [n, vocab]
+        if banned is None:
+            banned = control_tokens(tok, logits.shape[-1])
+        logits[:, banned] = -math.inf
         top = logits.topk(min(top_k, logits.shape[-1]))
         pick = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=generator)  # [n, 1]
         ids = torch.cat([ids, top.indices.gather(1, pick)], dim=1)
     texts = [" ".join(tok.decode(row[1:], skip_special_tokens=True).split()) for row in ids]
     return [""] + texts
+
+
+def control_tokens(tokenizer, vocab: int) -> torch.Tensor:
+    """Ids [k] a context prefix may not contain: the special tokens, every added token that is not whitespace
+    (Gemma 3's ``<start_of_image>`` is added but not marked special: sampled after its BOS, it went into prefixes
+    as text, and encoding the prefixed prompt turned it back into the image token), and the ids past the
+    tokenizer's vocabulary (the head's padding rows, which decode to nothing)."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids = set(getattr(tokenizer, "all_special_ids", None) or [])
+    ids |= {int(i) for i, token in added.items() if str(getattr(token, "content", token)).strip()}
+    ids |= set(range(len(tokenizer), vocab))
+    return torch.tensor(sorted(i for i in ids if 0 <= i < vocab), dtype=torch.long)
 
 
 def with_prefix(prefix: str, text: str) -> str:
