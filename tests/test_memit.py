@@ -34,7 +34,8 @@ COMMON = dict(n_prefixes=2, prefix_length=3, steps=4, lr=0.5, clamp_norm_factor=
 
 def memit(tmp_path, **overrides) -> MemitEditor:
     """MEMIT as in the paper (one solve: ``refit=None``) unless ``overrides`` ask for the refit."""
-    return MemitEditor(key_texts=CORPUS, **{**COMMON, "refit": None, "cache_dir": str(tmp_path / "cache"), **overrides})
+    return MemitEditor(key_texts=CORPUS, **{**COMMON, "refit": None, "retarget": 0, "cache_dir": str(tmp_path / "cache"),
+                                            **overrides})
 
 
 
@@ -222,7 +223,8 @@ def test_bad_input_leaves_the_model_unchanged(tiny_factory, tmp_path):
     assert same(km, original)
     for overrides, key in ([("layers=[2,1]"), "ascending"], ["layers=[]", "at least one"], ["mom2_update_weight=-1", "mom2"],
                            ["null_space_threshold=0", "null_space_threshold"], ["null_space_ridge=0", "null_space_ridge"],
-                           ["steps=0", "steps"], ["key_text=middle", "key_text"], ["refit=all", "refit"]):
+                           ["steps=0", "steps"], ["key_text=middle", "key_text"], ["refit=all", "refit"],
+                           ["retarget=-1", "retarget"], ["retarget=1.5", "retarget"], ["retarget=true", "retarget"]):
         with pytest.raises(ConfigError, match=key):
             make_editor("memit", overrides=[overrides])
 
@@ -305,8 +307,9 @@ def test_refit_solves_the_short_requests_again_with_their_own_keys(tiny_factory,
     refitted = {l: plain_weight(km, l) for l in (0, 1)}
     edit.revert()
     assert all(np.array_equal(plain_weight(km, l), before[l]) for l in (0, 1))
-    # the default is this refit: MEMIT's settings left alone give the very same edit
-    default = MemitEditor(key_texts=CORPUS, **{**COMMON, "cache_dir": str(tmp_path / "cache"), **settings}).apply(km, requests)
+    # the default is this refit: MEMIT's settings left alone (but the re-targeting after it) give the very same edit
+    default = MemitEditor(key_texts=CORPUS, **{**COMMON, "cache_dir": str(tmp_path / "cache"), "retarget": 0,
+                                               **settings}).apply(km, requests)
     assert default.report.details.refitted == [0, 1] and default.report.details.settings["refit"] == "prompts"
     assert all(np.array_equal(plain_weight(km, l), refitted[l]) for l in (0, 1))
     default.revert()
@@ -341,3 +344,57 @@ def test_refit_changes_only_the_short_requests_keys(tiny_factory, tmp_path, monk
             assert np.allclose(change @ k, residual, rtol=1e-3, atol=1e-4 * np.abs(residual).max())
     edit.revert()
     assert np.array_equal(plain_weight(km, 0), before)
+
+
+def test_retarget_aims_a_short_request_at_a_target_optimised_on_the_edited_model(tiny_factory, tmp_path, monkeypatch):
+    """retarget with request 1 (Japan) short after the first solve, one layer at λ = 0: its δ is optimised again
+    on the model the first solve edited (z' = h^L there + δ', recomputed here with the plain objective), and the
+    final solve maps its key exactly to z' − h^L before the edit; France's target is untouched. With none short
+    the edit is the one-solve edit, bit for bit."""
+    from kn_edit.editing.keyvalue.target import kl_row, optimise_value
+    from kn_edit.editing.memit.hidden import hidden_at_subject
+
+    km = tiny_factory("llama", n_layers=2)
+    requests = [FRANCE, JAPAN]
+    settings = dict(layers=[0], mom2_update_weight=0.0)
+    before = plain_weight(km, 0)
+    # Japan's rewrite rows, with the prefixes of the unedited model (the edit's)
+    prefixes = context_prefixes(km, COMMON["n_prefixes"], COMMON["prefix_length"])
+    rows = rewrite_rows(km, JAPAN.prompts, JAPAN.subject, JAPAN.new, prefixes)
+    first = memit(tmp_path, **settings).apply(km, requests)
+    one_solve = plain_weight(km, 0)
+    # the plain target on the edited model: h^L of Japan's rows now + the δ' its objective finds now
+    key = first.report.details.updates[0].keys[1].float()  # Japan's prefix-averaged key on the unedited model
+    output = torch.from_numpy(before @ key.double().numpy()).float()
+    found = optimise_value(km, 0, rows, kl_row(km, JAPAN.subject), float(output.norm()), lr=COMMON["lr"],
+                           steps=COMMON["steps"], stop_loss=0.05, kl_factor=0.0625, weight_decay=0.0,
+                           clamp_norm_factor=COMMON["clamp_norm_factor"])
+    z = hidden_at_subject(km, 0, rows).mean(dim=0).double() + found.delta.double()
+    first.revert()
+    assert np.array_equal(plain_weight(km, 0), before)
+
+    calls = []
+    monkeypatch.setattr(MemitEditor, "_short", staticmethod(lambda km, requests, changes: calls.append(1) or
+                                                            ([1] if len(calls) == 1 else [])))
+    edit = memit(tmp_path, retarget=2, **settings).apply(km, requests)
+    details = edit.report.details
+    assert len(calls) == 2  # the second round found none short and stopped
+    assert [r.retargeted for r in details.requests] == [0, 1]
+    assert torch.equal(details.requests[0].delta, first.report.details.requests[0].delta)
+    # Japan's target is z' in the frame of the unedited model (δ = z' − h^L before the edit) ...
+    expected = z - first.report.details.requests[1].hidden
+    assert torch.allclose(details.requests[1].delta, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    # ... and the final solve maps Japan's key exactly to it (one layer, λ = 0), France's to its unchanged δ
+    change = plain_weight(km, 0) - before
+    for i, want in ((1, expected), (0, details.requests[0].delta)):
+        got = change @ details.updates[0].keys[i].double().numpy()
+        assert np.allclose(got, want.numpy(), rtol=1e-3, atol=1e-4 * float(want.abs().max()))
+    assert not np.array_equal(plain_weight(km, 0), one_solve)
+    edit.revert()
+    assert np.array_equal(plain_weight(km, 0), before)
+
+    monkeypatch.setattr(MemitEditor, "_short", staticmethod(lambda km, requests, changes: []))
+    none_short = memit(tmp_path, retarget=1, **settings).apply(km, requests)
+    assert np.array_equal(plain_weight(km, 0), one_solve)
+    assert [r.retargeted for r in none_short.report.details.requests] == [0, 0]
+    none_short.revert()

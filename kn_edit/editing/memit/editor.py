@@ -10,7 +10,12 @@ For a batch of requests, over critical layers R = l_1 < ... < L:
    value-projection input at the subject's last token, averaged over context prefixes as ROME's k*), the residual
    still missing z_i − h_i^L spread over the layers left, R_l = (z_i − h_i^L) / (L − l + 1), and the update
    ΔW_l = R_l K_lᵀ (λ C_l + K_l K_lᵀ)⁻¹ (kn_edit.editing.memit.solve), or with ``null_space`` AlphaEdit's
-   projected update (kn_edit.editing.nullspace).
+   projected update (kn_edit.editing.nullspace);
+3. (not in the paper; ``refit`` and ``retarget``) requests the solve leaves short (the new object not top-1 on
+   every edit prompt with the edit applied) are solved again with their prompts' own keys, and, where still short,
+   their δ_i is optimised again on the edited model (z_i' = h_i^L there + δ_i'), and every layer is solved again
+   from the targets: in one edit of many facts the others' updates also move a request's prompt at tokens other
+   than its subject's, which its first z_i, optimised on the unedited model, did not see.
 
 One edit: one whole-parameter change per layer of R. The key statistics C_l are the unedited model's: read (or
 computed and cached on disk, shared with ROME) the first time the editor edits a model, and kept for that model
@@ -68,6 +73,7 @@ class MemitRequestDetails:
     fit: str  # the keys its update was solved for (``fit``, or ``refit`` when the first solve left it short)
     delta: torch.Tensor = field(repr=False)
     hidden: torch.Tensor = field(repr=False)  # h^L before the edit [d_model]
+    retargeted: int = 0  # rounds in which its δ was optimised again on the edited model (``retarget``)
 
 
 @dataclass
@@ -168,6 +174,14 @@ class MemitEditor(Editor):
                 fits = [s.refit if i in refitted else f for i, f in enumerate(fits)]
                 with self.timer("refit"):
                     changes, updates = self._solve(km, layers, stats, requests, texts, prefixes, rows, targets, fits)
+        for _ in range(s.retarget):
+            with self.timer("retarget"):
+                short = self._short(km, requests, changes)
+                if not short:
+                    break
+                self._retarget(km, last, requests, texts, rows, targets, changes, short)
+            with self.timer("solve"):
+                changes, updates = self._solve(km, layers, stats, requests, texts, prefixes, rows, targets, fits)
         for target, fit in zip(targets, fits):
             target.fit = str(fit)
         weights = sum(float(km.value_weight(l).detach().double().norm()) ** 2 for l in layers) ** 0.5
@@ -208,6 +222,25 @@ class MemitEditor(Editor):
         for target, miss in zip(targets, remaining):
             target.remaining = float(miss.norm()) / max(float(target.delta.norm()), 1e-12)
         return changes, updates
+
+    def _retarget(self, km: KnModel, last: int, requests: list[EditRequest], texts: list, rows: list,
+                  targets: list[MemitRequestDetails], changes: list, short: list[int]) -> None:
+        """With ``changes`` applied (as a trial, reverted before returning), each short request's δ' optimised
+        again on the edited model; its target becomes z' = h^L there + δ', kept as δ = z' − h^L before the edit
+        (the frame ``_solve`` works in), so the next solve aims every layer at z'."""
+        trial = commit(km, "trial", [], list(changes))
+        try:
+            found = {i: self._target(km, last, requests[i], texts[i], rows[i]) for i in short}
+        finally:
+            trial.revert()
+        for i, again in found.items():
+            target = targets[i]
+            target.delta = again.hidden + again.delta - target.hidden
+            target.target_norm = float(target.delta.norm())
+            target.steps += again.steps
+            target.clamped, target.stopped_early = again.clamped, again.stopped_early
+            target.nll_last, target.kl_last = again.nll_last, again.kl_last
+            target.retargeted += 1
 
     @staticmethod
     def _short(km: KnModel, requests: list[EditRequest], changes: list) -> list[int]:
