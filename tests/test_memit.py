@@ -393,8 +393,13 @@ def test_retarget_aims_a_short_request_at_a_target_optimised_on_the_edited_model
     edit.revert()
     assert np.array_equal(plain_weight(km, 0), before)
 
-    monkeypatch.setattr(MemitEditor, "_short", staticmethod(lambda km, requests, changes: []))
+    checks = []
+    monkeypatch.setattr(MemitEditor, "_short", staticmethod(lambda km, requests, changes: checks.append(1) or []))
     none_short = memit(tmp_path, retarget=1, **settings).apply(km, requests)
-    assert np.array_equal(plain_weight(km, 0), one_solve)
+    assert np.array_equal(plain_weight(km, 0), one_solve) and len(checks) == 1
     assert [r.retargeted for r in none_short.report.details.requests] == [0, 0]
     none_short.revert()
+    # with the refit, its check serves both: none short, nothing checked again
+    refit = memit(tmp_path, retarget=1, fit="mean", refit="prompts", **settings).apply(km, requests)
+    assert np.array_equal(plain_weight(km, 0), one_solve) and len(checks) == 2
+    refit.revert()

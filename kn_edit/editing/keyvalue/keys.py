@@ -3,10 +3,11 @@ last token, averaged over the subject preceded by short context prefixes (Meng e
 
 Context prefixes (the paper's "context templates"): ``n`` texts of ``length`` tokens sampled from the model
 itself, starting from its BOS (or EOS) token, each next token drawn from the top-k of the text tokens (no
-special or added control token: :func:`control_tokens`) with a seeded generator, plus the empty prefix. A prefix is joined to a text as ``"{prefix}. {text}"``. They depend on the model only, not
-on the edit, so they are kept on the model per sampling settings while its weights stay the same
-(kn_edit.editing.ledger.weights_state): an evaluation that edits, measures and reverts fact after fact samples
-them once; an edit or a patch applied (or any other write to the weights) samples them again.
+special or added control token: :func:`control_tokens`) with a seeded generator, plus the empty prefix. A prefix
+is joined to a text as ``"{prefix}. {text}"``. They depend on the model only, not on the edit, so they are kept
+on the model per sampling settings while its weights stay the same (kn_edit.editing.ledger.weights_state): an
+evaluation that edits, measures and reverts fact after fact samples them once; an edit or a patch applied (or any
+other write to the weights) samples them again.
 """
 
 from __future__ import annotations

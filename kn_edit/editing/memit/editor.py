@@ -174,7 +174,9 @@ class MemitEditor(Editor):
                 fits = [s.refit if i in refitted else f for i, f in enumerate(fits)]
                 with self.timer("refit"):
                     changes, updates = self._solve(km, layers, stats, requests, texts, prefixes, rows, targets, fits)
-        for _ in range(s.retarget):
+        # the refit's check already found none short: nothing to re-target (and no second check of the same edit)
+        none_short = s.refit is not None and s.refit != s.fit and not refitted
+        for _ in range(0 if none_short else s.retarget):
             with self.timer("retarget"):
                 short = self._short(km, requests, changes)
                 if not short:

@@ -65,9 +65,10 @@ class MemitSettings(KeyValueSettings):
     mom2_update_weight: float = 15.0
     # rounds of re-targeting: requests the edit (after the refit) still leaves short get their δ optimised again on
     # the edited model (z' = h^L there + δ', so the other requests' updates are part of what it corrects for), and
-    # every layer is solved again from the targets; a round ends the rounds when no request is short. 0: never (the
-    # paper). Not in the paper: in one edit of many facts, requests whose targets the solve reaches (‖z − h^L‖ a
-    # few % of δ) can still fall short because the other requests' updates move their prompts' other tokens.
+    # every layer is solved again from the targets; the rounds stop once no request is short. 0: never (the paper).
+    # In one edit of many facts, requests whose targets the solve reaches (‖z − h^L‖ a few % of δ) can still fall
+    # short because the other requests' updates move their prompts' other tokens. On smollm2: 95 facts in one edit
+    # 92.6 → 100 %, 64 one at a time 95.8 → 100 %, neighbours kept as before (evaluations/README.md)
     retarget: int = 1
 
     def check(self) -> "MemitSettings":
