@@ -34,10 +34,12 @@ GUARD = ["The capital of France is Paris.", "Rome is located in Italy."]
 def editor(tmp_path, **overrides) -> SubjectNeuronEditor:
     # Tiny random models: tiny FFN outputs need a loose norm bound; their key statistics are ill-conditioned,
     # so a small ridge keeps the solve well posed. Widening is tested on its own (below): off here, so the
-    # tests of the solve edit exactly ``neurons`` neurons.
+    # tests of the solve edit exactly ``neurons`` neurons. The metric is C alone (the subject metric, cov_subjects:
+    # tests/test_subject_metric.py).
     settings = dict(layer=0, neurons=8, attribution_steps=3, n_prefixes=2, prefix_length=3, steps=4, lr=0.5,
                     clamp_norm_factor=1e4, weight_decay=0.0, cov_ridge=1e-3, cache_dir=str(tmp_path / "cache"),
-                    max_text_change=None, widen_above=None, fit_subject_start=False)  # start key: test_subject_start.py
+                    max_text_change=None, widen_above=None, fit_subject_start=False,  # start key: test_subject_start.py
+                    cov_subjects=0.0)
     extras = {"preserve_subjects": overrides.pop("preserve_subjects", ()), "guard_texts": overrides.pop("guard_texts", GUARD)}
     settings.update(overrides)
     return SubjectNeuronEditor(key_texts=CORPUS, **extras, **settings)

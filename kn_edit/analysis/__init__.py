@@ -7,4 +7,5 @@
 * :mod:`.top_text`: top- and bottom-activating text of neurons, a streaming scan with an early-stopped forward.
 * :mod:`.tracing`: causal tracing (Meng et al. 2022); :mod:`.where`: tracing over a data set (Lightning loop)
   compared with the layers of the knowledge neurons.
+* :mod:`.reach`: where one edit moves other prompts' tokens at the edited layer (shares of its δ).
 """

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -77,12 +78,42 @@ def wiki_passages(n: int, path: str | Path | None = None, download: bool = True)
     return heldout[:n]
 
 
-def wiki_key_passages(path: str | Path | None = None, download: bool = True) -> list[str]:
-    """Every extract outside the held-out slice, in the key slice's fixed order (see the module docstring)."""
+def _key_slice(path: str | Path | None, download: bool) -> tuple[list[str], dict]:
+    """(the key slice's titles in its fixed order, {title: {"extract": ...}})."""
     titles, data = _wiki_extracts(path, download)
     keep = [t for i, t in enumerate(titles) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
     random.Random(KEY_SLICE_SEED).shuffle(keep)
+    return keep, data
+
+
+def wiki_key_passages(path: str | Path | None = None, download: bool = True) -> list[str]:
+    """Every extract outside the held-out slice, in the key slice's fixed order (see the module docstring)."""
+    keep, data = _key_slice(path, download)
     return [p for p in (data[t]["extract"].strip() for t in keep) if p]
+
+
+def wiki_key_names(path: str | Path | None = None, download: bool = True) -> list[str]:
+    """The titles of the key slice's articles in its fixed order, as names ("Mercury (planet)" → "Mercury"):
+    things text names (people, places, works, ideas), whose keys the subject metric is taken over
+    (kn_edit.editing.keyvalue.statistics). Never the held-out slice's."""
+    keep, _ = _key_slice(path, download)
+    names = (re.sub(r"\s*\([^()]*\)$", "", t).strip() for t in keep)
+    return [n for n in names if n]
+
+
+def text_file_names(path: str | Path) -> list[str]:
+    """One name per non-empty line of a UTF-8 text file (whitespace collapsed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"names file not found: {path}")
+    try:
+        names = [normalize(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    names = [n for n in names if n]
+    if not names:
+        raise DataError(f"{path}: no names (one per line)")
+    return names
 
 
 def _raw_paragraphs(path: Path) -> Iterator[str]:

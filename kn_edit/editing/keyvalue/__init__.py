@@ -3,7 +3,9 @@ FFN value projection read as a memory from keys (its inputs at the subject's las
 
 - settings: the shared settings (:class:`KeyValueSettings`: keys, v*, key statistics, null space);
 - keys: the subject's key k* (averaged over context prefixes) and the keys an update is fitted to;
-- statistics: C = E[k kᵀ] over general text, cached on disk by a digest of the weights it depends on;
+- statistics: C = E[k kᵀ] over general text, cached on disk by a digest of the weights it depends on, and the
+  keys of many other subjects (names), for the optional subject metric;
+- nearest: the other subjects an update for a subject's key would move most, for kn-subject to hold still;
 - target: v*, the value that makes the new object the answer (Adam with the paper's KL, decay and clamp);
 - solve: the one least-change solve, exact (ROME, kn-subject) or soft (MEMIT).
 """

@@ -11,6 +11,11 @@ they are also kept on the model while its weights stay the same (kn_edit.editing
 evaluation that edits and reverts fact after fact neither hashes the weights nor reads the file again, and the
 factorization of C each solve needs (``KeyStatistics.memo``) is made once.
 
+Other subjects' keys (:func:`subject_statistics`, off unless asked for): the key at the last token of each of many
+names (``wikipedia``: the key slice's article titles; or a file of names) after each context prefix, as k* is taken,
+kept as their second moment C_subjects (the metric C + β·C_subjects, ``cov_subjects`` β) and as each name's mean key
+(kn_edit.editing.keyvalue.nearest). Cached beside the key statistics, the file named by the prefixes' digest too.
+
 Corpus ``wikipedia``: the key slice of the Wikipedia extracts (kn_edit/data/text.py), disjoint from the
 held-out passages perplexity is measured on. Passages are cut at ``max_length`` tokens and taken in order
 until ``n_tokens`` tokens are reached (the last one cut to fit).
@@ -42,6 +47,7 @@ if TYPE_CHECKING:
 
 WIKIPEDIA = "wikipedia"
 _FORMAT = 1  # bump when the file layout or the way statistics are taken changes
+_SUBJECTS_FORMAT = 2  # the same for the subjects' keys (2: each name's mean key kept too)
 
 
 # Where the model keeps statistics read or computed: {(layer, corpus, tokens, length, folder): (weights state, them)}.
@@ -196,10 +202,119 @@ def key_statistics(km: KnModel, layer: int, texts: Sequence[str] | None = None, 
     return stats
 
 
+def subject_names(source: str, count: int) -> list[str]:
+    """The first ``count`` names of ``source``: ``wikipedia`` (the key slice's article titles,
+    kn_edit.data.text.wiki_key_names) or a UTF-8 file with one name per line."""
+    from ...data.text import text_file_names, wiki_key_names
+
+    return (wiki_key_names() if source == WIKIPEDIA else text_file_names(source))[:count]
+
+
+@torch.no_grad()
+def subject_moment(km: KnModel, layer: int, names: Sequence[str], prefixes: Sequence[str], batch_size: int = 64,
+                   reporter: Reporter | None = None) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(Σ k kᵀ [d_ff, d_ff] float64, n, each name's mean key [len(names), d_ff] float64): k the layer's key at the
+    last token of each name after each prefix ("{prefix}. {name}"; the empty prefix: the name alone), the texts k*
+    is averaged over for a subject."""
+    from .keys import keys_at, subject_texts
+
+    texts = [(i, t) for i, name in enumerate(names) for t in subject_texts(km, name, [], prefixes, whole_subject=True)]
+    texts.sort(key=lambda it: len(it[1].input_ids))  # batches of equal lengths: little padding
+    d = km.d_ff
+    sums = torch.zeros(d, d, dtype=torch.float64)
+    means = torch.zeros(len(names), d, dtype=torch.float64)
+    reporter = reporter or NullReporter()
+    with reporter.task(f"subject keys of layer {layer}", total=len(texts)) as task:
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start : start + batch_size]
+            keys = keys_at(km, layer, [t for _, t in chunk], batch_size).to(torch.float64)
+            sums += keys.T @ keys
+            means.index_add_(0, torch.tensor([i for i, _ in chunk]), keys / len(prefixes))
+            task.advance(len(keys))
+    return sums, len(texts), means
+
+
+@dataclass(frozen=True)
+class SubjectStatistics:
+    """What other subjects' keys give the key-value editors (:func:`subject_statistics`)."""
+
+    names: tuple[str, ...]
+    moment: torch.Tensor  # C_subjects = E[k kᵀ] over every name after every prefix [d_ff, d_ff] float32
+    keys: torch.Tensor  # each name's key averaged over the prefixes, as k* is [len(names), d_ff] float32
+
+
+def subject_statistics(km: KnModel, layer: int, source: str, count: int, prefixes: Sequence[str], *,
+                       cache: bool = True, cache_dir: str | Path | None = None,
+                       reporter: Reporter | None = None) -> SubjectStatistics:
+    """The keys of ``count`` names of ``source`` after each of ``prefixes`` (:func:`subject_moment`), cached like
+    the key statistics (the file name holds the prefixes' digest: they are sampled from the whole model, which the
+    weights digest of the layers below does not cover)."""
+    start = time.perf_counter()
+    if source != WIKIPEDIA and not Path(source).is_file():
+        raise DataError(f"names file not found: {source} (cov_subject_names: 'wikipedia' or a file, one name a line)")
+    source_id = "names-" + corpus_id(source, None).replace("wikipedia-keyslice", "wikipedia-titles")
+    prefix_digest = hashlib.sha256("\n\x00".join(prefixes).encode()).hexdigest()[:12]
+    held = km.model.__dict__.setdefault(_STATISTICS_ATTR, {}) if cache else {}
+    key, state = ("subjects", layer, source_id, count, prefix_digest, str(cache_dir)), weights_state(km)
+    if key in held and held[key][0] == state:
+        return held[key][1]
+    names = tuple(subject_names(source, count))
+    path = None
+    if cache:
+        folder = cache_path(km, layer, source_id, count, 0, cache_dir).parent
+        path = folder / f"layer{layer}-subjects-{source_id}-{count}-p{prefix_digest}-v{_SUBJECTS_FORMAT}.safetensors"
+    if path is not None and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            moment, keys = f.get_tensor("mom2"), f.get_tensor("keys")
+    else:
+        sums, n, means = subject_moment(km, layer, names, prefixes, reporter=reporter)
+        # float32 before use, so a first run and a cached rerun edit identically
+        moment, keys = (sums / n).float(), means.float()
+        if path is not None:
+            from safetensors.torch import save_file
+
+            meta = {"n_keys": str(n), "n_names": str(len(names)), "layer": str(layer), "names": source_id,
+                    "model": str(km.name), "prefixes": prefix_digest, "format": str(_SUBJECTS_FORMAT),
+                    "seconds": f"{time.perf_counter() - start:.1f}"}
+            with atomic_file(path, overwrite=True) as tmp:
+                save_file({"mom2": moment.contiguous(), "keys": keys.contiguous()}, str(tmp), metadata=meta)
+    found = SubjectStatistics(names, moment, keys)
+    held[key] = (state, found)
+    return found
+
+
+def subjects_for(km: KnModel, layer: int, settings, reporter: Reporter | None = None) -> SubjectStatistics:
+    """:func:`subject_statistics` as a key-value editor's settings ask for them (cov_subject_*, prefixes, cache)."""
+    from .keys import context_prefixes
+
+    s = settings
+    prefixes = context_prefixes(km, s.n_prefixes, s.prefix_length, s.prefix_top_k, s.prefix_seed)
+    return subject_statistics(km, layer, s.cov_subject_names, s.cov_subject_count, prefixes, cache=s.cache,
+                              cache_dir=s.cache_dir, reporter=reporter)
+
+
 def statistics_for(km: KnModel, layer: int, settings, key_texts: Sequence[str] | None = None,
                    reporter: Reporter | None = None) -> KeyStatistics:
     """:func:`key_statistics` of ``layer`` as a key-value editor's settings (KeyValueSettings' cov_* and cache
-    fields) ask for them; ``key_texts`` replace the corpus (tests, benchmarks)."""
+    fields) ask for them; ``key_texts`` replace the corpus (tests, benchmarks). With ``cov_subjects`` β > 0 the
+    metric is C + β·C_subjects (:func:`subject_statistics`), held with its own memo of factorizations."""
     s = settings
-    return key_statistics(km, layer, key_texts, corpus=s.cov_corpus, n_tokens=s.cov_tokens, max_length=s.cov_max_length,
-                          batch_size=s.cov_batch_size, cache=s.cache, cache_dir=s.cache_dir, reporter=reporter)
+    stats = key_statistics(km, layer, key_texts, corpus=s.cov_corpus, n_tokens=s.cov_tokens,
+                           max_length=s.cov_max_length, batch_size=s.cov_batch_size, cache=s.cache,
+                           cache_dir=s.cache_dir, reporter=reporter)
+    beta = getattr(s, "cov_subjects", 0.0)
+    if not beta:
+        return stats
+    start = time.perf_counter()
+    subjects = subjects_for(km, layer, s, reporter).moment
+    held = km.model.__dict__.setdefault(_STATISTICS_ATTR, {}) if s.cache else {}
+    key = ("with subjects", layer, stats.corpus, s.cov_tokens, s.cov_max_length, str(s.cache_dir),
+           s.cov_subject_names, s.cov_subject_count, float(beta))
+    state = weights_state(km)  # (the prefixes, and so the subjects' keys, change only with it)
+    if key not in held or held[key][0] != state:  # summed once, so its factorizations (memo) serve every edit
+        held[key] = (state, dataclasses.replace(stats, mom2=stats.mom2 + float(beta) * subjects, memo={},
+                                                corpus=f"{stats.corpus} + {float(beta):g}·subjects"))
+    return dataclasses.replace(held[key][1], from_cache=stats.from_cache,
+                               seconds=stats.seconds + time.perf_counter() - start)
