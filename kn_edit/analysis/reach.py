@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from ..errors import EditError
 from ..models.prompts import encode_prompt_only
 
 if TYPE_CHECKING:
@@ -59,8 +60,6 @@ def edit_reach(km: KnModel, editor: Editor, request: EditRequest, prompts: Seque
     """Measure ``prompts`` on the unedited model, apply ``editor``'s edit of ``request`` (one edited layer: ROME,
     kn-subject), measure them again, and return the edit (still applied: the caller reverts it) with each prompt's
     reach."""
-    from ..errors import EditError
-
     choose = getattr(editor.settings, "choice_for", None)
     layers = choose(km).layers if choose is not None else ()
     if len(layers) != 1:

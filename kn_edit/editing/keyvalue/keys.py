@@ -23,7 +23,7 @@ from ...models.hooks import run_until, value_input_hooks
 from ...models.prompts import causal_prompt
 from ..ledger import weights_state
 from .settings import KeyFit
-from .solve import least_change
+from .solve import exact_direction
 
 if TYPE_CHECKING:
     from ...models.model import KnModel
@@ -227,7 +227,7 @@ def start_cost(mom2: torch.Tensor, keys: torch.Tensor, factors: dict | None = No
     so that the start key is left out rather than its cost guessed."""
 
     def size(k: torch.Tensor) -> float:
-        w = least_change(mom2, k, torch.ones(len(k), 1, dtype=torch.float64), check_exact=False, factors=factors)[0]
+        w = exact_direction(mom2, k, factors=factors)
         return float(w @ (mom2.to(torch.float64) @ w))
 
     try:

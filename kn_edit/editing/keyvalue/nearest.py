@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from .keys import keys_at, prompt_text, start_text, subject_end, subject_texts
-from .solve import least_change
+from .solve import exact_direction
 from .statistics import SubjectStatistics
 
 if TYPE_CHECKING:
@@ -49,9 +49,7 @@ def overlaps(name: str, subject: str) -> bool:
 def shares(mom2: torch.Tensor, key: torch.Tensor, keys: torch.Tensor, ridge: float = 0.0,
            factors: dict | None = None) -> torch.Tensor:
     """[n] float64: wᵀk_j for each row k_j of ``keys``, w the least-change direction of ``key`` in C (``mom2``)."""
-    one = torch.ones(1, 1, dtype=torch.float64)
-    w = least_change(mom2, key[None], one, ridge, check_exact=False, factors=factors)[0]  # [d_ff]
-    return keys.to(torch.float64) @ w
+    return keys.to(torch.float64) @ exact_direction(mom2, key[None], ridge, factors)
 
 
 def swapped(prompt: str, subject: str, name: str) -> str:

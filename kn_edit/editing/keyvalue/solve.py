@@ -67,6 +67,16 @@ def least_change(mom2: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, 
     return out
 
 
+def exact_direction(mom2: torch.Tensor, keys: torch.Tensor, ridge: float = 0.0, factors: dict | None = None) -> torch.Tensor:
+    """w [d_ff] float64 of least wᵀCw with wᵀk_j = 1 for every row k_j of ``keys`` [m, d_ff]
+    (kn_edit/editing/rome/update.py derives it): :func:`least_change` with every target 1. One key:
+    C⁻¹k / (kᵀC⁻¹k), the ROME paper's direction; another key k' gets the share wᵀk' of an update δ wᵀ.
+    factors: C's factorization memo (``KeyStatistics.memo``)."""
+    ones = torch.ones(len(keys), 1, dtype=torch.float64)
+    # check_exact off: the pseudo-inverse's least-squares answer is the update even where keys nearly coincide
+    return least_change(mom2, keys, ones, ridge, check_exact=False, factors=factors)[0]
+
+
 def _ridged(mom2: torch.Tensor, ridge: float) -> torch.Tensor:
     """C + ridge · mean(diag C) · I, float64 on the CPU."""
     c = mom2.to(torch.float64).cpu()

@@ -304,7 +304,7 @@ def statistics_for(km: KnModel, layer: int, settings, key_texts: Sequence[str] |
     stats = key_statistics(km, layer, key_texts, corpus=s.cov_corpus, n_tokens=s.cov_tokens,
                            max_length=s.cov_max_length, batch_size=s.cov_batch_size, cache=s.cache,
                            cache_dir=s.cache_dir, reporter=reporter)
-    beta = getattr(s, "cov_subjects", 0.0)
+    beta = s.cov_subjects
     if not beta:
         return stats
     start = time.perf_counter()

@@ -21,7 +21,8 @@ from ..values import value_location, whole_change
 from ..keyvalue.statistics import KeyStatistics, statistics_for
 from ..keyvalue.keys import check_causal_requests, context_prefixes, fitted_keys, keys_at, prompt_text, subject_texts
 from .settings import KeyText, RomeSettings
-from .update import exact_direction, weight_change
+from ..keyvalue.solve import exact_direction
+from .update import weight_change
 from ..keyvalue.target import kl_row, optimise_value, rewrite_rows
 
 if TYPE_CHECKING:

@@ -16,7 +16,8 @@ added at the subject's last token of every rewrite row, but the paper's update g
 wᵀk_row of δ; on smollm2 (no BOS token) the bare prompts, whose subject starts the text, got about half of it
 and a quarter of the edits failed on them (evaluations/results/rome_check.md). With ``fit_subject_start`` K also
 holds the key of the subject alone at the start of a text (kn_edit.editing.keyvalue.keys.start_text), the key of
-every prompt that begins with the subject.
+every prompt that begins with the subject. The direction is computed by kn_edit.editing.keyvalue.solve.exact_direction,
+shared with the start key's cost and the nearest names' shares.
 """
 
 from __future__ import annotations
@@ -25,21 +26,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..keyvalue.solve import least_change
-
 if TYPE_CHECKING:
     from ...models.model import KnModel
 
 
-
-
-def exact_direction(mom2: torch.Tensor, keys: torch.Tensor, ridge: float = 0.0, factors: dict | None = None) -> torch.Tensor:
-    """w [d_ff] float64 of least wᵀCw with wᵀk_j = 1 for every row k_j of ``keys`` [m, d_ff] (see the module
-    docstring): the shared least-change solve (kn_edit.editing.keyvalue.solve) with every target 1. One key:
-    C⁻¹k / (kᵀC⁻¹k), the paper's direction. factors: C's factorization memo (``KeyStatistics.memo``)."""
-    ones = torch.ones(len(keys), 1, dtype=torch.float64)
-    # check_exact off: the pseudo-inverse's least-squares answer is the update even where keys nearly coincide
-    return least_change(mom2, keys, ones, ridge, check_exact=False, factors=factors)[0]
 
 
 def weight_change(km: KnModel, delta: torch.Tensor) -> torch.Tensor:
