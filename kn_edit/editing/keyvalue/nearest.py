@@ -52,12 +52,29 @@ def shares(mom2: torch.Tensor, key: torch.Tensor, keys: torch.Tensor, ridge: flo
     return keys.to(torch.float64) @ exact_direction(mom2, key[None], ridge, factors)
 
 
-def swapped(prompt: str, subject: str, name: str) -> str:
-    """``prompt`` (as kn-edit encodes it) cut after its subject's last occurrence, the subject replaced by ``name``:
-    the text in which ``name``'s key shares the edit prompt's context ("The native language of Maurice Faure")."""
+def substituted(prompt: str, subject: str, name: str) -> str:
+    """``prompt`` (as kn-edit encodes it) with its subject's last occurrence replaced by ``name``: the same question
+    about another subject ("The native language of Maurice Faure is")."""
     text = prompt_text(prompt)
     end = subject_end(text, subject)
-    return text[: end - len(subject.strip())] + name
+    return text[: end - len(subject.strip())] + name + text[end:]
+
+
+def swapped(prompt: str, subject: str, name: str) -> str:
+    """:func:`substituted` cut after ``name``: the text in which ``name``'s key shares the edit prompt's context
+    ("The native language of Maurice Faure")."""
+    text = prompt_text(prompt)
+    return substituted(text, subject, name)[: subject_end(text, subject) - len(subject.strip()) + len(name)]
+
+
+def ranked_names(names: Sequence[str], share: torch.Tensor, subject: str, count: int,
+                 max_share: float | None = MAX_SHARE) -> list[int]:
+    """Indices of the ``count`` names (at most) with the largest ``share``, leaving out names overlapping
+    ``subject``, shares under MIN_SHARE and, given ``max_share``, shares of it or more."""
+    allowed = torch.tensor([not overlaps(n, subject) for n in names], dtype=torch.bool) & (share >= MIN_SHARE)
+    if max_share is not None:
+        allowed &= share < max_share
+    return [int(i) for i in torch.argsort(share, descending=True) if allowed[i]][:count]
 
 
 def held_keys(km: KnModel, layer: int, names: Sequence[str], subject: str, prompts: Sequence[str],
@@ -80,8 +97,6 @@ def nearest_subjects(km: KnModel, layer: int, subject: str, prefixes: Sequence[s
     MAX_SHARE or more or under MIN_SHARE (see the module docstring)."""
     key = keys_at(km, layer, subject_texts(km, subject, [], prefixes, whole_subject=True)).mean(dim=0)
     share = shares(mom2, key, found.keys, ridge, factors)
-    allowed = torch.tensor([not overlaps(n, subject) for n in found.names], dtype=torch.bool)
-    allowed &= (share < MAX_SHARE) & (share >= MIN_SHARE)
-    order = [int(i) for i in torch.argsort(share, descending=True) if allowed[i]][:count]
+    order = ranked_names(found.names, share, subject, count)
     return Nearest(subject, tuple(found.names[i] for i in order), tuple(float(share[i]) for i in order),
                    found.keys[order] if order else torch.zeros(0, found.keys.shape[1]))

@@ -8,6 +8,10 @@ optimised with Adam on
     + kl_factor · KL(P_edited ‖ P_original) of the next token after "{subject} is a"
     + weight_decay · ‖δ‖² / ‖W k*‖²
 
+    + neighbour_factor · KL(P_original ‖ P_edited) of other subjects' answers, the update's share of δ added at
+      each of their tokens (``neighbours``, kn_edit.editing.keyvalue.neighbours; kn-subject's nearest_kl, off
+      by default)
+
 with ‖δ‖ clamped to ``clamp_norm_factor · ‖W k*‖`` after every step (the paper's norm constraint). It stops
 after ``steps`` evaluations, or as soon as the NLL term is below ``stop_loss``; δ is the last one evaluated.
 
@@ -52,6 +56,7 @@ from ...models.adapters import first_submodule
 from ...models.forward_args import cache_keyword
 from ...progress import NullReporter, Reporter
 from .keys import prompt_text, subject_end, token_at, with_prefix
+from .neighbours import NeighbourRows, neighbour_kl, spread_output
 
 if TYPE_CHECKING:
     from ...models.model import KnModel
@@ -113,6 +118,7 @@ class ValueResult:
     losses: list[float] = field(default_factory=list)  # total loss at each evaluation
     nll: list[float] = field(default_factory=list)
     kl: list[float] = field(default_factory=list)
+    neighbour_kl: list[float] = field(default_factory=list)  # KL of the neighbours' answers at each evaluation
     stopped_early: bool = False
     clamped: bool = False  # the norm constraint was active at the end
 
@@ -432,6 +438,15 @@ def _padded_logits(km: KnModel, module: torch.nn.Module, plan: _Padded, delta: t
     return logits[:, 0] if reduced else logits[select[0], select[1]]
 
 
+def neighbour_logits(km: KnModel, module: torch.nn.Module, rows: NeighbourRows, delta: torch.Tensor) -> torch.Tensor:
+    """[n, vocab]: each neighbour row's answer logits with its tokens' shares of δ added to ``module``'s output
+    (kn_edit.editing.keyvalue.neighbours); only the answer positions reach the output head."""
+    select = (torch.arange(len(rows.last), device=km.device), rows.last.to(km.device))
+    with _head_at(km, select) as reduced, spread_output(module, rows.shares, delta):
+        logits = km.model(input_ids=rows.input_ids, attention_mask=rows.mask).logits
+    return logits[:, 0] if reduced else logits[select[0], select[1]]
+
+
 class _Steps:
     """The logits a step needs, at ``wanted`` (row, absolute position) pairs, in that order: one packed forward (or
     padded, with ``packed`` False or where packing is ruled out) when the cache layout allows it, else one forward
@@ -506,10 +521,12 @@ class _Steps:
 
 def optimise_value(km: KnModel, layer: int, rows: Sequence[Row], kl: Row, init_norm: float, *, lr: float, steps: int,
                    stop_loss: float, kl_factor: float, weight_decay: float, clamp_norm_factor: float,
-                   reporter: Reporter | None = None, padded: bool = True, upper: bool = True) -> ValueResult:
+                   reporter: Reporter | None = None, padded: bool = True, upper: bool = True,
+                   neighbours: NeighbourRows | None = None, neighbour_factor: float = 0.0) -> ValueResult:
     """δ for ``rows`` (see the module docstring). init_norm: ‖W k*‖, the scale of the norm terms. ``padded``:
     every row in one forward per step (False: one forward per group of rows of one shape). ``upper``: steps run
-    the blocks from ``layer`` up only (False: every block)."""
+    the blocks from ``layer`` up only (False: every block). ``neighbours``: other prompts whose answers are kept
+    (one more forward per step, through every block), weighed by ``neighbour_factor``."""
     reporter = reporter or NullReporter()
     device = km.device
     everything = list(rows) + [kl]
@@ -520,6 +537,7 @@ def optimise_value(km: KnModel, layer: int, rows: Sequence[Row], kl: Row, init_n
     token_rows = torch.tensor([i for i, r in enumerate(rows) for _ in r.answer], device=device)
     token_ids = torch.tensor([t for r in rows for t in r.targets], device=device)
     reference = None  # log P_original after "{subject} is a": the first step's (δ = 0 there)
+    near_reference = None  # log P_original at the neighbours' answer positions
 
     delta = torch.zeros(km.d_model, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=lr)
@@ -535,6 +553,13 @@ def optimise_value(km: KnModel, layer: int, rows: Sequence[Row], kl: Row, init_n
             nll, kl_term = objective(answer_logits, token_ids, token_rows, len(rows), kl_logits, reference)
             decay = weight_decay * delta.pow(2).sum() / max(init_norm, 1e-12) ** 2
             loss = nll + kl_factor * kl_term + decay
+            if neighbours is not None and neighbour_factor:
+                near = neighbour_logits(km, module, neighbours, delta)
+                if near_reference is None:
+                    near_reference = torch.log_softmax(near.detach().float(), dim=-1)
+                near_term = neighbour_kl(near, near_reference)
+                result.neighbour_kl.append(float(near_term.detach()))
+                loss = loss + neighbour_factor * near_term
             result.losses.append(float(loss.detach()))
             result.nll.append(float(nll.detach()))
             result.kl.append(float(kl_term.detach()))
