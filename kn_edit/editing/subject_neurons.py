@@ -125,7 +125,7 @@ class SubjectSettings(RomeSettings):
     # keep the answers of the edit prompts about this many names (of cov_subject_names) that the update would
     # reach most, in v*'s objective with the update's reach simulated (kn_edit.editing.keyvalue.neighbours), weighed
     # by nearest_kl_factor. 0: none (the default: on gemma3-270m's 40 Known 1000 facts, 8 names kept 83.3 % of
-    # same-object neighbours against 76.7 %, 90.0 % of other-object ones against 92.0 %, and took 2.75× the time)
+    # same-object neighbours against 76.7 %, 90.0 % of other-object ones against 92.0 %, and took 2.5× the time)
     nearest_kl: int = 0
     nearest_kl_factor: float = 1.0
 
