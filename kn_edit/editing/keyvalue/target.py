@@ -7,7 +7,6 @@ optimised with Adam on
     mean over rows (each edit prompt after each context prefix) of the mean NLL of new's tokens (teacher-forced)
     + kl_factor · KL(P_edited ‖ P_original) of the next token after "{subject} is a"
     + weight_decay · ‖δ‖² / ‖W k*‖²
-
     + neighbour_factor · KL(P_original ‖ P_edited) of other subjects' answers, the update's share of δ added at
       each of their tokens (``neighbours``, kn_edit.editing.keyvalue.neighbours; kn-subject's nearest_kl, off
       by default)
