@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from ..models.hooks import value_input_hooks
+from ..models.hooks import run_until, value_input_hooks
 from ..models.neurons import Neuron
 from ..models.prompts import encode_prompt_only
 from .filters import with_slot
@@ -40,22 +40,23 @@ def token_activations(km: KnModel, prompts: Sequence[str], neurons: Sequence[Neu
         ids, mask = km.pad([encode_prompt_only(km.tokenizer, with_slot(km, p), km.is_masked_lm)[0] for p in prompts])
         if not stored and int(mask.sum()) * km.n_layers * km.d_ff * 4 <= _MEMO_BYTES:
             missing = list(range(km.n_layers))
-        stored.update(_layer_token_activations(km, ids, mask, missing))
+        stored.update(layer_token_activations(km, ids, mask, missing))
     return torch.stack([stored[n.layer][:, n.index] for n in neurons], dim=1)
 
 
 @torch.no_grad()
-def _layer_token_activations(km: KnModel, ids: torch.Tensor, mask: torch.Tensor,
-                             layers: Sequence[int]) -> dict[int, torch.Tensor]:
+def layer_token_activations(km: KnModel, ids: torch.Tensor, mask: torch.Tensor,
+                            layers: Sequence[int]) -> dict[int, torch.Tensor]:
     """{layer: [n_tokens, d_ff]}: the value-projection input at every token of the padded batch ``ids`` [B, seq]
-    (padding left out by ``mask``), one forward."""
+    (padding left out by ``mask``, tokens in row-major order), one forward that stops once the highest of
+    ``layers`` has its input (nothing above it is computed)."""
     captured: dict[int, torch.Tensor] = {}
 
     def capture(layer: int, act: torch.Tensor) -> None:
         captured[layer] = act[mask.bool()].float().cpu()  # [n_tokens, d_ff]; padding left out
 
     with value_input_hooks(km.value_projs(list(layers)), capture):
-        km.model(input_ids=ids, attention_mask=mask)
+        run_until(km.model, km.value_proj(max(layers)), input_ids=ids, attention_mask=mask)
     return captured
 
 

@@ -375,11 +375,9 @@ class SubjectNeuronEditor(Editor):
         for n in counts:
             at = [dataclasses.replace(f, index=strongest(f.scores, n)) for f in found]
             index = torch.tensor(list(dict.fromkeys(int(i) for f in at for i in f.index)), dtype=torch.long)
-            keys = torch.cat([f.moved for f in at] + [preserved])[:, index]
-            targets = torch.cat([f.targets for f in at] + [torch.zeros(len(preserved), km.d_model)])
             with self.timer("solve"):
-                d = least_change(mom2[index][:, index], keys, targets, s.cov_ridge, self._penalty(index, earlier),
-                                 hint=EDIT_MORE_NEURONS)
+                d = self._least_change(mom2, index, torch.cat([f.moved for f in at]), torch.cat([f.targets for f in at]),
+                                       preserved, earlier)
             if len(counts) == 1:
                 return at, index, d, tried
             with self.timer("widen"):  # the guard's measure of each count tried
@@ -393,6 +391,16 @@ class SubjectNeuronEditor(Editor):
         if best is None:  # every count wrecked the sample (NaN): the widest, for the guard to refuse
             best = (at, index, d, tried[-1][1])
         return best[0], best[1], best[2], tried
+
+    def _least_change(self, mom2: torch.Tensor, index: torch.Tensor, moved: torch.Tensor, targets: torch.Tensor,
+                      preserved: torch.Tensor, earlier: torch.Tensor | None, check_exact: bool = True) -> torch.Tensor:
+        """D [targets' width, |S|]: the least change of neurons S = ``index`` (C's block for them, earlier edits'
+        keys weighed in) that moves the ``moved`` keys [m, d_ff] by ``targets`` [m, ·] and the preserved keys by
+        nothing: the edit's solve, and with unit targets the direction nearest_kl simulates."""
+        keys = torch.cat([moved, preserved])[:, index]
+        targets = torch.cat([targets, targets.new_zeros(len(preserved), targets.shape[1])])
+        return least_change(mom2[index][:, index], keys, targets, self.settings.cov_ridge, self._penalty(index, earlier),
+                            check_exact=check_exact, hint=EDIT_MORE_NEURONS)
 
     def _penalty(self, index: torch.Tensor, earlier: torch.Tensor | None) -> torch.Tensor | None:
         """keep_edits · Σ k_e,S k_e,Sᵀ [|S|, |S|] float64 over the earlier edits' keys, or None without any."""
@@ -458,11 +466,9 @@ class SubjectNeuronEditor(Editor):
         preserved keys none, earlier edits' keys weighed in) on its first neurons ``index``, w [d_ff] zero
         elsewhere: exact unless widening takes more neurons, or a joint batch adds other subjects' constraints."""
         s = self.settings
-        held = torch.cat([moved, preserved])[:, index]
-        ones = torch.cat([torch.ones(len(moved), 1), torch.zeros(len(preserved), 1)])
         direction = torch.zeros(km.d_ff, dtype=torch.float64)
-        direction[index] = least_change(mom2[index][:, index], held, ones, s.cov_ridge, self._penalty(index, earlier),
-                                        check_exact=False, hint=EDIT_MORE_NEURONS)[0]
+        direction[index] = self._least_change(mom2, index, moved, torch.ones(len(moved), 1), preserved, earlier,
+                                              check_exact=False)[0]
         found = subjects_for(km, layer, s, self.reporter)
         prompts = list(dict.fromkeys(p for r in requests for p in r.prompts))
         return nearest_answer_rows(km, layer, found, direction, requests[0].subject, prompts, s.nearest_kl)

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
-from ...models.hooks import run_until, value_input_hooks
 from ...models.prompts import encode_prompt_only
+from ..preserve import layer_token_activations
 from .nearest import ranked_names, substituted
 from .statistics import SubjectStatistics
 
@@ -40,26 +40,14 @@ class NeighbourRows:
     last: torch.Tensor
 
 
-@torch.no_grad()
-def token_keys(km: KnModel, layer: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[n, seq, d_ff] float32 CPU: the layer's value-projection input at every token."""
-    got: dict[str, torch.Tensor] = {}
-
-    def capture(_layer: int, act: torch.Tensor) -> None:
-        got["k"] = act.float().cpu()
-
-    with value_input_hooks({layer: km.value_proj(layer)}, capture):
-        run_until(km.model, km.value_proj(layer), input_ids=ids, attention_mask=mask)
-    return got["k"]
-
-
 def neighbour_rows(km: KnModel, layer: int, texts: Sequence[str], direction: torch.Tensor) -> NeighbourRows:
     """``texts`` as rows whose every token's output gets the share wᵀk_t of δ, w = ``direction`` [d_ff] (zero
     outside the edited neurons)."""
     encoded = [encode_prompt_only(km.tokenizer, t, km.is_masked_lm) for t in texts]
     ids, mask = km.pad([ids for ids, _ in encoded])
-    keys = token_keys(km, layer, ids, mask)  # [n, seq, d_ff]
-    shares = (keys.to(torch.float64) @ direction.to(torch.float64)).float() * mask.cpu().float()
+    keys = layer_token_activations(km, ids, mask, [layer])[layer]  # [real tokens, d_ff]
+    shares = torch.zeros(mask.shape)  # 0 on padding
+    shares[mask.cpu().bool()] = (keys.to(torch.float64) @ direction.to(torch.float64)).float()
     last = torch.tensor([position for _, position in encoded], dtype=torch.long)
     return NeighbourRows(tuple(texts), ids, mask, shares.to(km.device), last.to(km.device))
 
